@@ -1,0 +1,124 @@
+//! The one mapping from failures to HTTP responses.
+//!
+//! Every error body has the same shape, `{"error": {"code": "...", "message": "..."}}`,
+//! including bad JSON, unknown routes and wrong methods. Client mistakes say precisely
+//! what is wrong; internal failures are logged and answered with a generic message.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::model::InvalidInput;
+use crate::rentals::{ReleaseError, RentError};
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON, or not the JSON we expect.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A field is well-formed JSON but not an acceptable value.
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("no alive, free worker is available; try again later")]
+    NoFreeWorker,
+    /// A worker failed to provision the account.
+    #[error("{0}")]
+    Provisioning(String),
+    /// The database is down or overloaded.
+    #[error("the service is temporarily unavailable; try again later")]
+    Unavailable(#[source] StoreError),
+    #[error("internal error")]
+    Unexpected(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::NoFreeWorker => (StatusCode::SERVICE_UNAVAILABLE, "no_free_worker"),
+            ApiError::Provisioning(_) => (StatusCode::BAD_GATEWAY, "provisioning_failed"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Unexpected(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl ApiError {
+    /// A body that could not be read: too large (413) or cut off (400).
+    pub fn from_body_rejection(rejection: &axum::extract::rejection::BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(super::BODY_LIMIT)
+        } else {
+            ApiError::BadRequest(format!(
+                "cannot read the request body: {}",
+                rejection.body_text()
+            ))
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        match &self {
+            ApiError::Unexpected(e) => tracing::error!(error = format!("{e:#}"), "request failed"),
+            ApiError::Unavailable(e) => {
+                tracing::warn!(error = %e, "request refused: store unavailable")
+            }
+            _ => {}
+        }
+        let mut error = json!({ "code": code, "message": self.to_string() });
+        if let ApiError::Invalid(invalid) = &self {
+            error["field"] = json!(invalid.field);
+        }
+        (status, Json(json!({ "error": error }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => ApiError::Unavailable(e),
+            StoreError::UsernameTaken(_) => ApiError::Conflict(e.to_string()),
+            other => ApiError::Unexpected(other.into()),
+        }
+    }
+}
+
+impl From<RentError> for ApiError {
+    fn from(e: RentError) -> Self {
+        match e {
+            RentError::NoFreeWorker => ApiError::NoFreeWorker,
+            RentError::UsernameTaken(e) => ApiError::Conflict(e.to_string()),
+            RentError::Provisioning { worker, .. } => ApiError::Provisioning(format!(
+                "the account could not be created on worker {worker}; nothing was kept, try again"
+            )),
+            RentError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<ReleaseError> for ApiError {
+    fn from(e: ReleaseError) -> Self {
+        match e {
+            ReleaseError::NotFound => ApiError::NotFound("no such rental".into()),
+            ReleaseError::NotReleasable(_) => ApiError::Conflict(e.to_string()),
+            ReleaseError::Store(e) => e.into(),
+        }
+    }
+}

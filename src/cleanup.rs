@@ -1,0 +1,63 @@
+//! The cleanup loop: removes tenant accounts left on workers by rentals that no longer
+//! live there (released while the worker was down, failed mid-provisioning, moved away),
+//! and only then frees the worker. A worker is never offered to a new tenant while an old
+//! tenant's account may still be on it.
+
+use std::future::Future;
+
+use anyhow::Context as _;
+
+use crate::context::Context;
+use crate::health::target_of;
+use crate::playbook::{Playbook, Vars};
+use crate::store::Cleanup;
+
+/// Name of this loop in logs and on the status endpoint.
+pub const LOOP: &str = "cleanup";
+
+/// One pass: every stale placement on an alive worker gets `delete_user`. Returns how
+/// many accounts were removed; an account whose worker fails is retried next pass.
+pub async fn cleanup_pass(ctx: &Context) -> anyhow::Result<usize> {
+    let pending = ctx
+        .store
+        .pending_cleanups()
+        .await
+        .context("Failed to list leftover accounts")?;
+    let mut removed = 0;
+    for cleanup in pending {
+        match remove_account(ctx, &cleanup).await {
+            Ok(()) => removed += 1,
+            Err(e) => tracing::warn!(worker = %cleanup.worker.name, rental_id = %cleanup.rental_id,
+                error = format!("{e:#}"), "could not remove a leftover account; will retry"),
+        }
+    }
+    Ok(removed)
+}
+
+async fn remove_account(ctx: &Context, cleanup: &Cleanup) -> anyhow::Result<()> {
+    let vars = Vars {
+        username: cleanup.username.clone(),
+        public_key: None,
+        password_hash: None,
+    };
+    ctx.executor
+        .run(Playbook::DeleteUser, &vars, &target_of(&cleanup.worker))
+        .await?;
+    ctx.store
+        .finish_cleanup(cleanup)
+        .await
+        .context("Failed to record a cleanup")?;
+    tracing::info!(worker = %cleanup.worker.name, rental_id = %cleanup.rental_id,
+        "leftover account removed; worker free");
+    Ok(())
+}
+
+/// Runs cleanup passes every `cleanup.interval` until `shutdown` resolves.
+pub async fn run(ctx: Context, shutdown: impl Future<Output = ()>) {
+    let interval = ctx.config.cleanup.interval;
+    crate::telemetry::run_loop(LOOP, &ctx.loops.clone(), interval, shutdown, || {
+        let ctx = ctx.clone();
+        async move { cleanup_pass(&ctx).await.map(|_| ()) }
+    })
+    .await;
+}

@@ -1,0 +1,326 @@
+//! Orion's configuration: one documented struct, read from a TOML file and then from
+//! `ORION_*` environment variables (nested keys joined by `__`, for example
+//! `ORION_DATABASE__URL` or `ORION_HEALTH__INTERVAL=5s`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+/// Everything `orion serve` needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP API listens on. Behind Caddy this is only reachable on the
+    /// control-plane network.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Path of the static inventory (TOML). Relative paths are taken from the directory
+    /// `orion` runs in.
+    #[serde(default = "default_inventory")]
+    pub inventory: PathBuf,
+    /// Directory holding the playbook templates (`create_user.sh.j2`, `delete_user.sh.j2`).
+    #[serde(default = "default_playbooks")]
+    pub playbooks: PathBuf,
+    pub database: DatabaseConfig,
+    pub ssh: SshConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub cleanup: CleanupConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// sqlx URL of the MariaDB database, e.g. `mysql://orion:secret@mariadb:3306/orion`.
+    pub url: String,
+    /// Upper bound on open connections: a burst of requests queues for a connection
+    /// instead of exhausting the server.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// How long a request waits for a connection before it is answered 503. Kept short so
+    /// that a database outage is reported quickly instead of piling up requests.
+    #[serde(default = "default_acquire_timeout", with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfig {
+    /// Orion's private key (OpenSSH format). Its public half must be in the workers'
+    /// `/root/.ssh/authorized_keys`.
+    pub key: PathBuf,
+    /// The account Orion logs in as to provision tenants; it must be able to create users.
+    #[serde(default = "default_ssh_user")]
+    pub user: String,
+    /// Bound on TCP connect + SSH handshake + authentication.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Bound on one playbook run on a worker.
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Bound on SSH sessions open at once, probes and playbooks together, so a burst of
+    /// work queues instead of exhausting file descriptors or the workers' `MaxStartups`.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Time between two probe rounds over the whole inventory.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Bound on one probe (connect, authenticate, run `true`). A worker that does not
+    /// answer within it counts one failure.
+    #[serde(default = "default_probe_timeout", with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// Consecutive failed probes before a worker is declared dead. Above one, a single
+    /// slow answer or an sshd restart never moves a tenant.
+    #[serde(default = "default_dead_after")]
+    pub dead_after: u32,
+    /// Consecutive successful probes before a dead worker is declared alive again.
+    #[serde(default = "default_alive_after")]
+    pub alive_after: u32,
+    /// Pause between the confirmation probes of one round, after a failure.
+    #[serde(default = "default_retry_delay", with = "humantime_serde")]
+    pub retry_delay: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CleanupConfig {
+    /// Time between two passes that remove leftover tenant accounts from workers.
+    #[serde(default = "default_cleanup_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log collectors.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `orion=debug,info`; `RUST_LOG` wins if set.
+    #[serde(default = "default_log_filter")]
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: default_health_interval(),
+            probe_timeout: default_probe_timeout(),
+            dead_after: default_dead_after(),
+            alive_after: default_alive_after(),
+            retry_delay: default_retry_delay(),
+        }
+    }
+}
+
+impl Default for CleanupConfig {
+    fn default() -> Self {
+        Self {
+            interval: default_cleanup_interval(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            filter: default_log_filter(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+fn default_inventory() -> PathBuf {
+    PathBuf::from("inventory/local.toml")
+}
+fn default_playbooks() -> PathBuf {
+    PathBuf::from("playbooks")
+}
+fn default_max_connections() -> u32 {
+    20
+}
+fn default_acquire_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_ssh_user() -> String {
+    "root".to_owned()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_sessions() -> usize {
+    256
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_probe_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_dead_after() -> u32 {
+    3
+}
+fn default_alive_after() -> u32 {
+    2
+}
+fn default_retry_delay() -> Duration {
+    Duration::from_millis(300)
+}
+fn default_cleanup_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_log_filter() -> String {
+    "info".to_owned()
+}
+
+/// A configuration that cannot be used, with the file and the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads `path`, then applies `ORION_*` environment overrides, then checks values that
+    /// the types alone do not rule out.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::Missing(path.to_owned()));
+        }
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed("ORION_").split("__"));
+        Self::from_figment(figment)
+    }
+
+    /// Reads a configuration from TOML text alone (tests, `orion check`).
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(text)))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(|errors| {
+            // figment names the key and the file (or environment variable) it came from.
+            let all: Vec<String> = errors.into_iter().map(|e| e.to_string()).collect();
+            ConfigError::Invalid(all.join("; "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &str, why: &str| Err(ConfigError::Invalid(format!("`{field}` {why}")));
+        if self.health.dead_after == 0 {
+            return bad("health.dead_after", "must be at least 1");
+        }
+        if self.health.alive_after == 0 {
+            return bad("health.alive_after", "must be at least 1");
+        }
+        if self.health.interval.is_zero() {
+            return bad("health.interval", "must be longer than zero");
+        }
+        if self.cleanup.interval.is_zero() {
+            return bad("cleanup.interval", "must be longer than zero");
+        }
+        if self.ssh.max_sessions == 0 {
+            return bad("ssh.max_sessions", "must be at least 1");
+        }
+        if self.database.max_connections == 0 {
+            return bad("database.max_connections", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [database]
+        url = "mysql://root@127.0.0.1/orion"
+        [ssh]
+        key = "/etc/orion/id_ed25519"
+    "#;
+
+    #[test]
+    fn a_minimal_config_gets_the_documented_defaults() {
+        let config = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(config.health.interval, Duration::from_secs(30));
+        assert_eq!(config.cleanup.interval, Duration::from_secs(10));
+        assert_eq!(config.ssh.user, "root");
+        assert_eq!(config.listen.port(), 8080);
+    }
+
+    #[test]
+    fn durations_are_read_in_human_form() {
+        let text = format!("{MINIMAL}\n[health]\ninterval = \"5s\"\nprobe_timeout = \"750ms\"\n");
+        let config = Config::from_toml_str(&text).unwrap();
+        assert_eq!(config.health.interval, Duration::from_secs(5));
+        assert_eq!(config.health.probe_timeout, Duration::from_millis(750));
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_field() {
+        let text = format!("{MINIMAL}\n[health]\ndead_after = \"three\"\n");
+        let err = Config::from_toml_str(&text).unwrap_err().to_string();
+        assert!(err.contains("dead_after"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_by_name() {
+        let text = format!("{MINIMAL}\n[health]\nintervall = \"5s\"\n");
+        let err = Config::from_toml_str(&text).unwrap_err().to_string();
+        assert!(err.contains("intervall"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_section_is_named() {
+        let err = Config::from_toml_str("[ssh]\nkey = \"k\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database"), "{err}");
+    }
+
+    #[test]
+    fn zero_thresholds_are_refused() {
+        let text = format!("{MINIMAL}\n[health]\ndead_after = 0\n");
+        let err = Config::from_toml_str(&text).unwrap_err().to_string();
+        assert!(err.contains("health.dead_after"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let err = Config::load(Path::new("/nonexistent/orion.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/orion.toml"), "{err}");
+    }
+}

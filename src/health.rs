@@ -1,0 +1,333 @@
+//! The probe loop: every `health.interval`, probe **every** worker (rented or not)
+//! over SSH, concurrently, and record what it concluded.
+//!
+//! A probe is connect + authenticate + `true`, bounded by `health.probe_timeout`. Status
+//! changes go through hysteresis ([`observe`]): an alive worker is declared dead only after
+//! `dead_after` failures in a row (confirmed within the same round, `retry_delay` apart),
+//! and a dead one alive again only after `alive_after` successful rounds, so one slow
+//! answer or an sshd restart never moves a tenant.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::task::JoinSet;
+
+use crate::context::Context;
+use crate::model::WorkerStatus;
+use crate::ssh::{self, SshError, Target};
+use crate::store::{ProbeRecord, Worker};
+
+/// Name of this loop in logs and on the status endpoint.
+pub const LOOP: &str = "health";
+
+/// Hysteresis thresholds, from [`crate::config::HealthConfig`].
+#[derive(Debug, Clone, Copy)]
+pub struct Thresholds {
+    pub dead_after: u32,
+    pub alive_after: u32,
+}
+
+/// A worker's health as the state machine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    pub status: WorkerStatus,
+    pub consecutive_failures: u32,
+    pub consecutive_successes: u32,
+}
+
+/// Folds one probe outcome into a worker's health.
+///
+/// - `unknown` becomes `alive` on its first success (a fresh worker is usable at once) and
+///   `dead` after `dead_after` failures;
+/// - `alive` becomes `dead` after `dead_after` failures in a row;
+/// - `dead` becomes `alive` after `alive_after` successes in a row.
+pub fn observe(health: Health, success: bool, t: Thresholds) -> Health {
+    if success {
+        let successes = health.consecutive_successes.saturating_add(1);
+        let status = match health.status {
+            WorkerStatus::Unknown | WorkerStatus::Alive => WorkerStatus::Alive,
+            WorkerStatus::Dead if successes >= t.alive_after => WorkerStatus::Alive,
+            WorkerStatus::Dead => WorkerStatus::Dead,
+        };
+        Health {
+            status,
+            consecutive_failures: 0,
+            consecutive_successes: successes,
+        }
+    } else {
+        let failures = health.consecutive_failures.saturating_add(1);
+        let status = if failures >= t.dead_after {
+            WorkerStatus::Dead
+        } else {
+            health.status
+        };
+        Health {
+            status,
+            consecutive_failures: failures,
+            consecutive_successes: 0,
+        }
+    }
+}
+
+/// What one round saw, for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoundSummary {
+    pub probed: usize,
+    pub alive: usize,
+    pub dead: usize,
+    pub unknown: usize,
+}
+
+/// One probe round over every non-retired worker. Each worker is probed in its own task,
+/// so a hung worker costs only its own timeout.
+pub async fn probe_round(ctx: &Context) -> anyhow::Result<RoundSummary> {
+    let workers = ctx
+        .store
+        .probe_targets()
+        .await
+        .context("Failed to list the workers to probe")?;
+    let mut tasks = JoinSet::new();
+    for worker in workers {
+        let ctx = ctx.clone();
+        tasks.spawn(async move { probe_worker(&ctx, worker).await });
+    }
+    let mut summary = RoundSummary::default();
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined.context("A probe task panicked")? {
+            Ok(status) => {
+                summary.probed += 1;
+                match status {
+                    WorkerStatus::Alive => summary.alive += 1,
+                    WorkerStatus::Dead => summary.dead += 1,
+                    WorkerStatus::Unknown => summary.unknown += 1,
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        // Probing worked but recording failed (the database): the round failed.
+        Some(e) => Err(e),
+        None => Ok(summary),
+    }
+}
+
+/// Probes one worker, confirming a failure with quick retries, and records the result.
+/// Returns the worker's status after the round.
+pub async fn probe_worker(ctx: &Context, worker: Worker) -> anyhow::Result<WorkerStatus> {
+    let cfg = &ctx.config.health;
+    let thresholds = Thresholds {
+        dead_after: cfg.dead_after,
+        alive_after: cfg.alive_after,
+    };
+    let mut health = Health {
+        status: worker.status,
+        consecutive_failures: worker.consecutive_failures,
+        consecutive_successes: worker.consecutive_successes,
+    };
+    let target = target_of(&worker);
+    // An alive (or new) worker that fails is re-probed at once, up to `dead_after` times,
+    // so a real death is confirmed in this round rather than the next one.
+    let attempts = if worker.status == WorkerStatus::Dead {
+        1
+    } else {
+        cfg.dead_after
+    };
+    let mut outcome;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        outcome = ctx.ssh.probe(&target, cfg.probe_timeout).await;
+        health = observe(health, outcome.is_ok(), thresholds);
+        if outcome.is_ok() || attempt >= attempts || health.status == WorkerStatus::Dead {
+            break;
+        }
+        tokio::time::sleep(cfg.retry_delay).await;
+    }
+
+    let (latency_ms, error) = match &outcome {
+        Ok(probe) => {
+            if target.host_key.is_none() {
+                trust_on_first_use(ctx, &worker, &probe.host_key).await?;
+            }
+            (Some(duration_ms(probe.latency)), None)
+        }
+        Err(e) => {
+            if let SshError::HostKeyMismatch { .. } = e {
+                let reason = format!("host key changed: {e}");
+                tracing::error!(worker = %worker.name, "{reason}; worker quarantined");
+                ctx.store
+                    .quarantine(&worker, &reason)
+                    .await
+                    .context("Failed to quarantine a worker")?;
+            } else {
+                tracing::debug!(worker = %worker.name, error = %e, "probe failed");
+            }
+            (None, Some(e.to_string()))
+        }
+    };
+    if health.status != worker.status {
+        tracing::info!(worker = %worker.name, from = %worker.status, to = %health.status,
+            "worker status changed");
+    }
+    let record = ProbeRecord {
+        status: health.status,
+        consecutive_failures: health.consecutive_failures,
+        consecutive_successes: health.consecutive_successes,
+        reached: outcome.is_ok(),
+        latency_ms,
+        error,
+    };
+    ctx.store
+        .record_probe(&worker, &record)
+        .await
+        .with_context(|| format!("Failed to record the probe of {}", worker.name))?;
+    Ok(health.status)
+}
+
+async fn trust_on_first_use(
+    ctx: &Context,
+    worker: &Worker,
+    key: &russh::keys::PublicKey,
+) -> anyhow::Result<()> {
+    let line = ssh::host_key_line(key);
+    let recorded = ctx
+        .store
+        .trust_host_key(worker, &line)
+        .await
+        .context("Failed to record a host key")?;
+    if recorded {
+        tracing::info!(worker = %worker.name, "host key trusted on first use");
+        return Ok(());
+    }
+    // Someone recorded a key between our read and our write: it must be the same one.
+    let current = ctx
+        .store
+        .worker_by_name(&worker.name)
+        .await
+        .context("Failed to re-read a worker")?;
+    let stored = current.and_then(|w| w.known_host_key);
+    if stored.as_deref() != Some(line.as_str()) {
+        let reason = "host key changed between two first connections".to_owned();
+        ctx.store
+            .quarantine(worker, &reason)
+            .await
+            .context("Failed to quarantine a worker")?;
+    }
+    Ok(())
+}
+
+/// The SSH target of a worker, with the host key it must present.
+pub fn target_of(worker: &Worker) -> Target {
+    Target {
+        name: worker.name.clone(),
+        host: worker.ssh_host.clone(),
+        port: worker.ssh_port,
+        host_key: worker.expected_host_key().and_then(ssh::parse_host_key),
+    }
+}
+
+fn duration_ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// Runs probe rounds every `health.interval` until `shutdown` resolves. A failing round
+/// is logged once when it starts failing, retried with a capped back-off, and reported on
+/// the status endpoint; the loop itself never stops on an error.
+pub async fn run(ctx: Context, shutdown: impl Future<Output = ()>) {
+    let interval = ctx.config.health.interval;
+    crate::telemetry::run_loop(LOOP, &ctx.loops.clone(), interval, shutdown, || {
+        let ctx = ctx.clone();
+        async move {
+            let summary = probe_round(&ctx).await?;
+            tracing::debug!(?summary, "probe round done");
+            Ok(())
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Thresholds = Thresholds {
+        dead_after: 3,
+        alive_after: 2,
+    };
+
+    fn start(status: WorkerStatus) -> Health {
+        Health {
+            status,
+            consecutive_failures: 0,
+            consecutive_successes: 0,
+        }
+    }
+
+    fn fold(mut h: Health, outcomes: &[bool]) -> Health {
+        for &ok in outcomes {
+            h = observe(h, ok, T);
+        }
+        h
+    }
+
+    #[test]
+    fn a_new_worker_is_alive_at_its_first_success() {
+        assert_eq!(
+            fold(start(WorkerStatus::Unknown), &[true]).status,
+            WorkerStatus::Alive
+        );
+    }
+
+    #[test]
+    fn an_alive_worker_survives_fewer_failures_than_the_threshold() {
+        let h = fold(start(WorkerStatus::Alive), &[false, false]);
+        assert_eq!(h.status, WorkerStatus::Alive);
+        assert_eq!(h.consecutive_failures, 2);
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_count() {
+        let h = fold(
+            start(WorkerStatus::Alive),
+            &[false, false, true, false, false],
+        );
+        assert_eq!(h.status, WorkerStatus::Alive);
+    }
+
+    #[test]
+    fn an_alive_worker_dies_at_the_threshold() {
+        let h = fold(start(WorkerStatus::Alive), &[false, false, false]);
+        assert_eq!(h.status, WorkerStatus::Dead);
+    }
+
+    #[test]
+    fn a_dead_worker_needs_enough_successes_in_a_row_to_come_back() {
+        let dead = fold(start(WorkerStatus::Alive), &[false, false, false]);
+        assert_eq!(fold(dead, &[true]).status, WorkerStatus::Dead);
+        assert_eq!(fold(dead, &[true, false, true]).status, WorkerStatus::Dead);
+        assert_eq!(fold(dead, &[true, true]).status, WorkerStatus::Alive);
+    }
+
+    #[test]
+    fn an_unknown_worker_that_never_answers_becomes_dead() {
+        let h = fold(start(WorkerStatus::Unknown), &[false, false]);
+        assert_eq!(h.status, WorkerStatus::Unknown);
+        assert_eq!(fold(h, &[false]).status, WorkerStatus::Dead);
+    }
+
+    #[test]
+    fn with_a_threshold_of_one_a_single_failure_kills() {
+        let t = Thresholds {
+            dead_after: 1,
+            alive_after: 1,
+        };
+        let h = observe(start(WorkerStatus::Alive), false, t);
+        assert_eq!(h.status, WorkerStatus::Dead);
+        assert_eq!(observe(h, true, t).status, WorkerStatus::Alive);
+    }
+}

@@ -1,0 +1,42 @@
+//! Orion: an SSH-driven, agentless orchestrator for a static inventory of workers.
+//!
+//! A client rents a worker through the HTTP API; Orion picks a healthy free worker,
+//! provisions the tenant's account on it over SSH with a templated playbook, and hands back
+//! connection details. A scheduler probes every worker over SSH and keeps the database's
+//! view of the fleet current.
+//!
+//! # Layout
+//!
+//! - [`context`]: the handles shared by the API and the loops.
+//! - [`telemetry`]: logging setup and the status of each control loop.
+//! - [`config`]: the one configuration struct, read from TOML with `ORION_*` overrides.
+//! - [`inventory`]: the static inventory file (`inventory/*.toml`), parsed and validated
+//!   with errors that name the file, line and field.
+//! - [`model`]: the words of the domain (worker status, rental status, usernames, keys,
+//!   passwords) and the validation of what clients send.
+//! - [`store`]: MariaDB through sqlx: schema migrations, workers, rentals, placements and
+//!   the append-only events log.
+//! - [`ssh`]: the russh client: Orion's key, host-key verification, timeouts, running a
+//!   script on a worker with its body on stdin.
+//! - [`playbook`]: playbook templates (minijinja, every value shell-quoted by the
+//!   formatter) and the executor that runs them on a worker.
+//! - [`rentals`]: the rent and release operations shared by the API and the loops.
+//! - [`health`]: the probe loop: probe every worker, apply hysteresis, record status.
+//! - [`cleanup`]: the loop that removes leftover tenant accounts from workers before they
+//!   are offered again.
+//! - [`api`]: the axum router, its handlers and the single error-to-response mapping.
+//! - [`startup`]: builds the application from a config and runs it until shutdown.
+
+pub mod api;
+pub mod cleanup;
+pub mod config;
+pub mod context;
+pub mod health;
+pub mod inventory;
+pub mod model;
+pub mod playbook;
+pub mod rentals;
+pub mod ssh;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

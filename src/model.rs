@@ -1,0 +1,366 @@
+//! The words of the domain and the validation of what clients send.
+//!
+//! Everything a client hands over that later reaches a worker (a username, a public key)
+//! is checked here, before anything is written or run, so that a bad value gets a precise
+//! message and changes nothing.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rand::Rng;
+use rand::distributions::Alphanumeric;
+use serde::Serialize;
+
+/// What the probes last concluded about a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerStatus {
+    /// Never probed since it entered the inventory: not offered to anyone.
+    Unknown,
+    /// Answered `alive_after` probes in a row: may be rented.
+    Alive,
+    /// Failed `dead_after` probes in a row: its rentals must move elsewhere.
+    Dead,
+}
+
+/// Where a rental is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RentalStatus {
+    /// A worker is claimed and the tenant's account is being created on it.
+    Provisioning,
+    /// The account exists on the current worker; the client can log in.
+    Active,
+    /// The client asked for release; the account is being removed.
+    Releasing,
+    /// Over: the worker was given back. Kept for the record.
+    Released,
+    /// Provisioning failed at rent time; the client got an error. Kept for the record.
+    Failed,
+}
+
+/// The part a worker plays for one rental, recorded in the placement history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementState {
+    /// The tenant's account is being created on the worker.
+    Provisioning,
+    /// The worker serves the rental.
+    Active,
+    /// The rental has left (released, failed or moved) but its account may still be on
+    /// the worker: the worker is not offered again until the account is removed.
+    Stale,
+    /// The account is gone from the worker; the placement is history.
+    Released,
+}
+
+macro_rules! string_enum {
+    ($ty:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $ty {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+        impl FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(format!("unknown {} `{other}`", stringify!($ty))),
+                }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(WorkerStatus { Unknown => "unknown", Alive => "alive", Dead => "dead" });
+string_enum!(RentalStatus {
+    Provisioning => "provisioning",
+    Active => "active",
+    Releasing => "releasing",
+    Released => "released",
+    Failed => "failed",
+});
+string_enum!(PlacementState {
+    Provisioning => "provisioning",
+    Active => "active",
+    Stale => "stale",
+    Released => "released",
+});
+
+/// A client value that cannot be used, with a message saying what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidInput {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl InvalidInput {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// Accounts that exist on every Debian system or that a tenant must never take over.
+const RESERVED_USERNAMES: &[&str] = &[
+    "root",
+    "daemon",
+    "bin",
+    "sys",
+    "sync",
+    "games",
+    "man",
+    "lp",
+    "mail",
+    "news",
+    "uucp",
+    "proxy",
+    "www-data",
+    "backup",
+    "list",
+    "irc",
+    "gnats",
+    "nobody",
+    "systemd-network",
+    "systemd-resolve",
+    "systemd-timesync",
+    "messagebus",
+    "sshd",
+    "_apt",
+    "admin",
+    "operator",
+    "ubuntu",
+    "debian",
+    "orion",
+    "mysql",
+    "postgres",
+    "ansible",
+    "adm",
+    "staff",
+    "sudo",
+    "shadow",
+    "utmp",
+    "tty",
+    "disk",
+    "kmem",
+    "wheel",
+    "users",
+    "nogroup",
+];
+
+/// A tenant's login name on a worker: a safe POSIX subset, never a system account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Username(String);
+
+impl Username {
+    /// Lowercase letter first, then lowercase letters, digits, `_` or `-`; at most 32
+    /// characters (the Linux limit), and not a reserved name.
+    pub fn parse(value: &str) -> Result<Self, InvalidInput> {
+        let bad = |m: String| Err(InvalidInput::new("username", m));
+        if value.is_empty() || value.len() > 32 {
+            return bad(format!(
+                "must be 1 to 32 characters long (got {})",
+                value.chars().count()
+            ));
+        }
+        if !value.starts_with(|c: char| c.is_ascii_lowercase()) {
+            return bad("must start with a lowercase letter".into());
+        }
+        if let Some(c) = value
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '-'))
+        {
+            return bad(format!(
+                "may only hold lowercase letters, digits, `_` and `-` (found {c:?})"
+            ));
+        }
+        if RESERVED_USERNAMES.contains(&value) {
+            return bad(format!("`{value}` is reserved for the system"));
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    /// A fresh name for a rental that did not ask for one: `t` and 8 random characters.
+    pub fn generate() -> Self {
+        let suffix: String = rand::thread_rng()
+            .sample_iter(&Alphanumeric)
+            .map(|b| (b as char).to_ascii_lowercase())
+            .take(8)
+            .collect();
+        Self(format!("t{suffix}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Username {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A tenant's SSH public key: exactly one key, parsed, without options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantKey(String);
+
+impl TenantKey {
+    /// Accepts one OpenSSH public key line (`type base64 [comment]`). The key is parsed
+    /// and written back in canonical form, so what reaches `authorized_keys` is only a key:
+    /// no `command=` options, no second line, no comment.
+    pub fn parse(value: &str) -> Result<Self, InvalidInput> {
+        let bad = |m: &str| Err(InvalidInput::new("ssh_public_key", m));
+        let trimmed = value.trim_end_matches(['\n', '\r']);
+        if trimmed.contains(['\n', '\r']) {
+            return bad("must be a single line holding a single key");
+        }
+        if trimmed.len() > 16 * 1024 {
+            return bad("is longer than 16 KiB");
+        }
+        if trimmed.chars().any(|c| c.is_control()) {
+            return bad("must not contain control characters");
+        }
+        let mut key = russh::keys::PublicKey::from_openssh(trimmed.trim()).map_err(|_| {
+            InvalidInput::new(
+                "ssh_public_key",
+                "is not an OpenSSH public key (expected `ssh-ed25519 AAAA…`, no options)",
+            )
+        })?;
+        key.set_comment("");
+        let canonical = key
+            .to_openssh()
+            .map_err(|_| InvalidInput::new("ssh_public_key", "cannot be encoded"))?;
+        Ok(Self(canonical))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Generates the password handed to a tenant who gave no key: 24 random alphanumerics
+/// (about 143 bits).
+pub fn generate_password() -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .map(char::from)
+        .take(24)
+        .collect()
+}
+
+/// Hashes a password as SHA-512 crypt (`$6$…`), the form `/etc/shadow` understands, so the
+/// same hash can be applied on any worker the rental moves to without keeping the password.
+pub fn hash_password(password: &str) -> String {
+    let params =
+        sha_crypt::Sha512Params::new(sha_crypt::ROUNDS_DEFAULT).expect("default rounds are valid");
+    sha_crypt::sha512_simple(password, &params).expect("hashing a password cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinary_usernames_are_accepted() {
+        for name in ["alice", "bob_2", "ci-runner", "a"] {
+            assert!(Username::parse(name).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn hostile_usernames_are_refused_with_a_reason() {
+        for name in [
+            "",
+            "Alice",
+            "1abc",
+            "a;rm -rf /",
+            "a b",
+            "a\nb",
+            "$(id)",
+            "a'b",
+            "-x",
+            "abcdefghijklmnopqrstuvwxyz0123456789",
+            "root",
+            "sshd",
+            "é",
+        ] {
+            let err = Username::parse(name).unwrap_err();
+            assert_eq!(err.field, "username");
+            assert!(!err.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn generated_usernames_are_valid() {
+        for _ in 0..100 {
+            let name = Username::generate();
+            assert_eq!(Username::parse(name.as_str()).unwrap(), name);
+        }
+    }
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPGmoeQtEFLPvpG1nEm0qOGCMmviF+bRgDjkt8J0nQ+b";
+
+    #[test]
+    fn a_key_loses_its_comment_and_trailing_newline() {
+        let key = TenantKey::parse(&format!("{KEY} alice@laptop\n")).unwrap();
+        assert_eq!(key.as_str(), KEY);
+    }
+
+    #[test]
+    fn keys_with_options_newlines_or_garbage_are_refused() {
+        for bad in [
+            format!("command=\"/bin/sh\" {KEY}"),
+            format!("{KEY}\n{KEY}"),
+            format!("{KEY}\rx"),
+            "ssh-ed25519 not-base64".to_owned(),
+            "hello".to_owned(),
+            String::new(),
+            format!("{KEY} \u{7}bell"),
+        ] {
+            assert!(TenantKey::parse(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_password_hash_verifies_and_never_contains_the_password() {
+        let password = generate_password();
+        assert_eq!(password.len(), 24);
+        let hash = hash_password(&password);
+        assert!(hash.starts_with("$6$"));
+        assert!(!hash.contains(&password));
+        assert!(sha_crypt::sha512_check(&password, &hash).is_ok());
+    }
+
+    #[test]
+    fn statuses_round_trip_through_their_names() {
+        for s in [
+            WorkerStatus::Unknown,
+            WorkerStatus::Alive,
+            WorkerStatus::Dead,
+        ] {
+            assert_eq!(s.as_str().parse::<WorkerStatus>().unwrap(), s);
+        }
+        for s in [
+            RentalStatus::Provisioning,
+            RentalStatus::Active,
+            RentalStatus::Releasing,
+            RentalStatus::Released,
+            RentalStatus::Failed,
+        ] {
+            assert_eq!(s.as_str().parse::<RentalStatus>().unwrap(), s);
+        }
+        assert!("zombie".parse::<WorkerStatus>().is_err());
+    }
+}

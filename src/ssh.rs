@@ -1,0 +1,493 @@
+//! Orion's SSH client (russh): its own ed25519 key, verified host keys, a timeout on every
+//! step, and a bound on sessions open at once.
+//!
+//! Host keys: a connection states the key it expects (pinned in the inventory, or trusted
+//! on first use). A different key refuses the connection with
+//! [`SshError::HostKeyMismatch`]; no key expected means the presented one is accepted and
+//! reported back in [`Session::host_key`] so the caller can record it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use russh::client::{self, Handle};
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use russh::{ChannelMsg, Disconnect};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Where to connect and which host key to insist on.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Worker name, for messages.
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// `None`: trust on first use.
+    pub host_key: Option<PublicKey>,
+}
+
+impl Target {
+    fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// How to authenticate.
+#[derive(Clone)]
+pub enum Auth {
+    Key(Arc<PrivateKey>),
+    Password(String),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a secret, even in debug output.
+        match self {
+            Auth::Key(k) => write!(f, "Key({})", k.public_key().fingerprint(HashAlg::Sha256)),
+            Auth::Password(_) => f.write_str("Password(<redacted>)"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("cannot read Orion's SSH key {path}: {message}")]
+    Key { path: PathBuf, message: String },
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr}: no answer within {after:?} during {stage}")]
+    Timeout {
+        addr: String,
+        stage: &'static str,
+        after: Duration,
+    },
+    #[error("{addr}: host key mismatch: expected {expected}, presented {presented}")]
+    HostKeyMismatch {
+        addr: String,
+        expected: String,
+        presented: String,
+    },
+    #[error("{addr}: authentication as `{user}` was refused")]
+    AuthRejected { addr: String, user: String },
+    #[error("{addr}: ssh protocol error: {source}")]
+    Protocol {
+        addr: String,
+        #[source]
+        source: russh::Error,
+    },
+}
+
+impl SshError {
+    /// A failure that says the worker is not reachable or not answering (as opposed to a
+    /// worker that answers but must not be trusted).
+    pub fn is_host_key_mismatch(&self) -> bool {
+        matches!(self, SshError::HostKeyMismatch { .. })
+    }
+}
+
+/// Output of a command run on a worker.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    /// `None` when the server closed the channel without an exit status (killed).
+    pub exit_status: Option<u32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.exit_status == Some(0)
+    }
+}
+
+/// Orion's SSH client, shared by the probe loop and provisioning. Cheap to clone.
+#[derive(Clone)]
+pub struct SshClient {
+    key: Arc<PrivateKey>,
+    user: String,
+    config: Arc<client::Config>,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    sessions: Arc<Semaphore>,
+}
+
+/// Most output kept from one command: enough for an error message, bounded in memory.
+const MAX_CAPTURE: usize = 64 * 1024;
+
+impl SshClient {
+    /// Reads Orion's private key, refusing one that other users of the machine can read.
+    pub fn new(
+        key_path: &Path,
+        user: &str,
+        connect_timeout: Duration,
+        command_timeout: Duration,
+        max_sessions: usize,
+    ) -> Result<Self, SshError> {
+        let key = load_private_key(key_path)?;
+        Ok(Self::with_key(
+            Arc::new(key),
+            user,
+            connect_timeout,
+            command_timeout,
+            max_sessions,
+        ))
+    }
+
+    pub fn with_key(
+        key: Arc<PrivateKey>,
+        user: &str,
+        connect_timeout: Duration,
+        command_timeout: Duration,
+        max_sessions: usize,
+    ) -> Self {
+        let config = client::Config {
+            // A session is only open for the length of one probe or playbook.
+            inactivity_timeout: Some(command_timeout + connect_timeout),
+            nodelay: true,
+            ..Default::default()
+        };
+        Self {
+            key,
+            user: user.to_owned(),
+            config: Arc::new(config),
+            connect_timeout,
+            command_timeout,
+            sessions: Arc::new(Semaphore::new(max_sessions)),
+        }
+    }
+
+    /// Orion's public key, as it must appear in the workers' `authorized_keys`.
+    pub fn public_key(&self) -> PublicKey {
+        self.key.public_key().clone()
+    }
+
+    pub fn command_timeout(&self) -> Duration {
+        self.command_timeout
+    }
+
+    /// Opens an authenticated session to `target` as Orion's user with Orion's key.
+    pub async fn connect(&self, target: &Target) -> Result<Session, SshError> {
+        self.connect_as(target, &self.user, Auth::Key(self.key.clone()))
+            .await
+    }
+
+    /// Opens an authenticated session as any user (tests log in as tenants with this).
+    pub async fn connect_as(
+        &self,
+        target: &Target,
+        user: &str,
+        auth: Auth,
+    ) -> Result<Session, SshError> {
+        let permit = self
+            .sessions
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the session semaphore is never closed");
+        let addr = target.addr();
+        let presented = Arc::new(Mutex::new(None));
+        let verifier = Verifier {
+            expected: target.host_key.clone(),
+            presented: presented.clone(),
+        };
+        let handshake = async {
+            let stream = tokio::net::TcpStream::connect(&addr)
+                .await
+                .map_err(|source| SshError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            stream.set_nodelay(true).ok();
+            let mut handle = client::connect_stream(self.config.clone(), stream, verifier)
+                .await
+                .map_err(|source| {
+                    mismatch_or(
+                        &presented,
+                        target,
+                        &addr,
+                        SshError::Protocol {
+                            addr: addr.clone(),
+                            source,
+                        },
+                    )
+                })?;
+            let result = match auth {
+                Auth::Key(key) => {
+                    let hash = handle
+                        .best_supported_rsa_hash()
+                        .await
+                        .ok()
+                        .flatten()
+                        .flatten();
+                    handle
+                        .authenticate_publickey(user, PrivateKeyWithHashAlg::new(key, hash))
+                        .await
+                }
+                Auth::Password(password) => handle.authenticate_password(user, password).await,
+            }
+            .map_err(|source| SshError::Protocol {
+                addr: addr.clone(),
+                source,
+            })?;
+            if !result.success() {
+                return Err(SshError::AuthRejected {
+                    addr: addr.clone(),
+                    user: user.to_owned(),
+                });
+            }
+            Ok(handle)
+        };
+        let handle = tokio::time::timeout(self.connect_timeout, handshake)
+            .await
+            .map_err(|_| SshError::Timeout {
+                addr: addr.clone(),
+                stage: "connect",
+                after: self.connect_timeout,
+            })??;
+        let host_key = presented
+            .lock()
+            .expect("host key slot poisoned")
+            .clone()
+            .expect("a server that completed the handshake presented a key");
+        Ok(Session {
+            handle,
+            addr,
+            host_key,
+            command_timeout: self.command_timeout,
+            _permit: permit,
+        })
+    }
+
+    /// One health probe: connect, authenticate, run `true`. Returns the session's host key
+    /// and how long the whole round trip took.
+    pub async fn probe(&self, target: &Target, timeout: Duration) -> Result<Probe, SshError> {
+        let started = Instant::now();
+        let work = async {
+            let session = self.connect(target).await?;
+            let out = session.exec("true", None).await?;
+            session.close().await;
+            Ok::<_, SshError>((session.host_key.clone(), out))
+        };
+        let (host_key, out) =
+            tokio::time::timeout(timeout, work)
+                .await
+                .map_err(|_| SshError::Timeout {
+                    addr: target.addr(),
+                    stage: "probe",
+                    after: timeout,
+                })??;
+        if !out.success() {
+            return Err(SshError::Protocol {
+                addr: target.addr(),
+                source: russh::Error::Disconnect,
+            });
+        }
+        Ok(Probe {
+            host_key,
+            latency: started.elapsed(),
+        })
+    }
+}
+
+/// What a successful probe saw.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub host_key: PublicKey,
+    pub latency: Duration,
+}
+
+fn mismatch_or(
+    presented: &Mutex<Option<PublicKey>>,
+    target: &Target,
+    addr: &str,
+    otherwise: SshError,
+) -> SshError {
+    let seen = presented.lock().expect("host key slot poisoned").clone();
+    match (seen, &target.host_key) {
+        (Some(seen), Some(expected)) if seen.key_data() != expected.key_data() => {
+            SshError::HostKeyMismatch {
+                addr: addr.to_owned(),
+                expected: expected.fingerprint(HashAlg::Sha256).to_string(),
+                presented: seen.fingerprint(HashAlg::Sha256).to_string(),
+            }
+        }
+        _ => otherwise,
+    }
+}
+
+/// An authenticated SSH connection to one worker. Closing it (or dropping it) frees its
+/// slot in the client's session bound.
+pub struct Session {
+    handle: Handle<Verifier>,
+    addr: String,
+    /// The host key the server presented (already checked against the expected one).
+    pub host_key: PublicKey,
+    command_timeout: Duration,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Session {
+    /// Runs `command`, feeding it `stdin` then end-of-file, and collects its output.
+    /// Secrets travel in `stdin`, never in `command`, which other users can see in `ps`.
+    pub async fn exec(&self, command: &str, stdin: Option<&[u8]>) -> Result<Output, SshError> {
+        let protocol = |source| SshError::Protocol {
+            addr: self.addr.clone(),
+            source,
+        };
+        let work = async {
+            let mut channel = self.handle.channel_open_session().await.map_err(protocol)?;
+            channel.exec(true, command).await.map_err(protocol)?;
+            if let Some(input) = stdin {
+                channel.data(input).await.map_err(protocol)?;
+            }
+            channel.eof().await.map_err(protocol)?;
+            let mut out = Output::default();
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            while let Some(msg) = channel.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => append_capped(&mut stdout, &data),
+                    ChannelMsg::ExtendedData { data, .. } => append_capped(&mut stderr, &data),
+                    ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
+                    _ => {}
+                }
+            }
+            out.stdout = String::from_utf8_lossy(&stdout).into_owned();
+            out.stderr = String::from_utf8_lossy(&stderr).into_owned();
+            Ok(out)
+        };
+        tokio::time::timeout(self.command_timeout, work)
+            .await
+            .map_err(|_| SshError::Timeout {
+                addr: self.addr.clone(),
+                stage: "command",
+                after: self.command_timeout,
+            })?
+    }
+
+    /// Says goodbye politely; errors are irrelevant at this point.
+    pub async fn close(&self) {
+        let _ = self
+            .handle
+            .disconnect(Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
+
+fn append_capped(buf: &mut Vec<u8>, data: &[u8]) {
+    let room = MAX_CAPTURE.saturating_sub(buf.len());
+    buf.extend_from_slice(&data[..data.len().min(room)]);
+}
+
+/// russh callback that checks the server's host key against the expected one and keeps
+/// the presented key for the caller.
+struct Verifier {
+    expected: Option<PublicKey>,
+    presented: Arc<Mutex<Option<PublicKey>>>,
+}
+
+impl client::Handler for Verifier {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_public_key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = server_public_key else {
+            // Host certificates are not part of Orion's trust model.
+            return Ok(false);
+        };
+        *self.presented.lock().expect("host key slot poisoned") = Some(key.clone());
+        Ok(match &self.expected {
+            Some(expected) => expected.key_data() == key.key_data(),
+            None => true,
+        })
+    }
+}
+
+/// Reads an OpenSSH private key, refusing a file that every user can read: Orion's key
+/// opens a root shell on every worker.
+pub fn load_private_key(path: &Path) -> Result<PrivateKey, SshError> {
+    let fail = |message: String| SshError::Key {
+        path: path.to_owned(),
+        message,
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+        let mode = meta.permissions().mode();
+        if mode & 0o007 != 0 {
+            return Err(fail(format!(
+                "permissions {:o} let other users read it; run `chmod 600 {}`",
+                mode & 0o777,
+                path.display()
+            )));
+        }
+    }
+    russh::keys::load_secret_key(path, None).map_err(|e| fail(e.to_string()))
+}
+
+/// A fresh ed25519 key pair (Orion's own key, tenants' keys in tests).
+pub fn generate_ed25519() -> PrivateKey {
+    let seed: [u8; 32] = rand::random();
+    PrivateKey::from(russh::keys::ssh_key::private::Ed25519Keypair::from_seed(
+        &seed,
+    ))
+}
+
+/// Parses a host key stored as one OpenSSH line.
+pub fn parse_host_key(line: &str) -> Option<PublicKey> {
+    PublicKey::from_openssh(line.trim()).ok()
+}
+
+/// A host key in the one-line form stored in the database (no comment).
+pub fn host_key_line(key: &PublicKey) -> String {
+    let mut key = key.clone();
+    key.set_comment("");
+    key.to_openssh().expect("a parsed key can be encoded")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_world_readable_key_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("id_ed25519");
+        let key = generate_ed25519();
+        std::fs::write(
+            &path,
+            key.to_openssh(russh::keys::ssh_key::LineEnding::LF)
+                .unwrap(),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load_private_key(&path).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let loaded = load_private_key(&path).unwrap();
+        assert_eq!(loaded.public_key().key_data(), key.public_key().key_data());
+    }
+
+    #[test]
+    fn host_key_lines_round_trip_without_comment() {
+        let key = generate_ed25519();
+        let mut public = key.public_key().clone();
+        public.set_comment("root@worker");
+        let line = host_key_line(&public);
+        assert!(!line.contains("root@worker"));
+        assert_eq!(parse_host_key(&line).unwrap().key_data(), public.key_data());
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_password() {
+        let shown = format!("{:?}", Auth::Password("hunter2".into()));
+        assert!(!shown.contains("hunter2"));
+    }
+}

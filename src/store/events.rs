@@ -1,0 +1,80 @@
+//! The append-only events log: what happened, when, to which worker and rental.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::mysql::MySqlRow;
+use sqlx::{MySql, Row, Transaction};
+
+use super::{Store, StoreError};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub id: u64,
+    pub at: DateTime<Utc>,
+    /// Dotted name: `worker.dead`, `rental.provisioned`, …
+    pub kind: String,
+    pub worker: Option<String>,
+    pub rental_id: Option<String>,
+    pub message: String,
+}
+
+/// Appends an event inside a transaction, so it is written if and only if the change it
+/// describes is.
+pub(super) async fn append_in(
+    tx: &mut Transaction<'_, MySql>,
+    kind: &str,
+    worker: Option<&str>,
+    rental_id: Option<&str>,
+    message: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO events (at, kind, worker, rental_id, message) \
+         VALUES (UTC_TIMESTAMP(6), ?, ?, ?, ?)",
+    )
+    .bind(kind)
+    .bind(worker)
+    .bind(rental_id)
+    .bind(message)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Appends an event on its own (for facts that change no other row, such as a failed
+    /// provisioning attempt).
+    pub async fn append_event(
+        &self,
+        kind: &str,
+        worker: Option<&str>,
+        rental_id: Option<&str>,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        append_in(&mut tx, kind, worker, rental_id, message).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Events with an id above `after`, oldest first, at most `limit`.
+    pub async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        Ok(sqlx::query(
+            "SELECT id, at, kind, worker, rental_id, message FROM events \
+             WHERE id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(after)
+        .bind(limit)
+        .try_map(|r: MySqlRow| {
+            Ok(Event {
+                id: r.try_get("id")?,
+                at: r.try_get("at")?,
+                kind: r.try_get("kind")?,
+                worker: r.try_get("worker")?,
+                rental_id: r.try_get("rental_id")?,
+                message: r.try_get("message")?,
+            })
+        })
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

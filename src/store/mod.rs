@@ -1,0 +1,131 @@
+//! MariaDB through sqlx: the one place Orion's state lives.
+//!
+//! The API and the loops only talk to the database through [`Store`]. Each method is one
+//! short transaction, so that two Orion tasks (or two Orion processes) can never both
+//! believe they hold the same worker.
+
+mod events;
+mod rentals;
+mod workers;
+
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::{Connection, Executor};
+
+pub use events::Event;
+pub use rentals::{NewRental, PlacementRecord, RentalRecord, RentalView};
+pub use workers::{Cleanup, ProbeRecord, Worker, WorkerCounts};
+
+/// Failures of the store, split by what a caller can do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or is overloaded: retry later, answer 503.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// A live rental already uses this username.
+    #[error("username `{0}` is already used by another rental")]
+    UsernameTaken(String),
+    /// Anything else: a bug or a schema mismatch.
+    #[error("database error: {0}")]
+    Query(#[source] sqlx::Error),
+    #[error("schema migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            sqlx::Error::Database(ref db)
+                if db
+                    .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                    .is_some_and(|e| is_transient(e.number())) =>
+            {
+                StoreError::Unavailable(e)
+            }
+            other => StoreError::Query(other),
+        }
+    }
+}
+
+/// MariaDB error numbers that mean "try again", not "you are wrong": too many
+/// connections (1040), server shutting down (1053), lock wait timeout (1205), deadlock
+/// (1213), read-only during failover (1290).
+fn is_transient(number: u16) -> bool {
+    matches!(number, 1040 | 1053 | 1205 | 1213 | 1290)
+}
+
+/// Whether an error is a deadlock or lock wait timeout, worth retrying the transaction.
+fn is_retryable(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .is_some_and(|e| matches!(e.number(), 1205 | 1213)))
+}
+
+/// Handle on the database, cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: MySqlPool,
+}
+
+/// Name of the MariaDB advisory lock held while migrating, so that only one `orion`
+/// process changes the schema at a time.
+const MIGRATION_LOCK: &str = "orion.schema_migration";
+
+impl Store {
+    /// Opens a bounded pool. Connections are made on demand, so a database that is down
+    /// at this moment is not an error here; the first query reports it.
+    pub fn connect_lazy(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let options: MySqlConnectOptions = url.parse().map_err(StoreError::Query)?;
+        let options = options.timezone(Some("+00:00".to_owned()));
+        let pool = MySqlPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(acquire_timeout)
+            .test_before_acquire(true)
+            .connect_lazy_with(options);
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    /// Applies the schema in `migrations/` under a MariaDB advisory lock (sqlx's own
+    /// migration lock does not hold on MariaDB, so Orion takes its own).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 60)")
+            .bind(MIGRATION_LOCK)
+            .fetch_one(&mut *conn)
+            .await?;
+        if got != Some(1) {
+            return Err(StoreError::Query(sqlx::Error::Protocol(
+                "timed out waiting for the schema migration lock".into(),
+            )));
+        }
+        let mut migrator = sqlx::migrate!("./migrations");
+        migrator.set_locking(false);
+        let result = migrator.run(&mut *conn).await;
+        conn.execute(sqlx::query("DO RELEASE_LOCK(?)").bind(MIGRATION_LOCK))
+            .await?;
+        result.map_err(StoreError::from)
+    }
+
+    /// True when a trivial query succeeds: the database is reachable and answering.
+    pub async fn ping(&self) -> bool {
+        match self.pool.acquire().await {
+            Ok(mut conn) => conn.ping().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}

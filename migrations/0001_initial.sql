@@ -32,7 +32,7 @@ CREATE TABLE workers (
     UNIQUE KEY workers_name (name),
     KEY workers_rental (rental_id),
     KEY workers_free (status, rental_id)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci;
 
 CREATE TABLE rentals (
     id            CHAR(36)     NOT NULL PRIMARY KEY,
@@ -53,7 +53,7 @@ CREATE TABLE rentals (
     UNIQUE KEY rentals_live_username (live_username),
     KEY rentals_status (status),
     KEY rentals_worker (worker_id)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci;
 
 -- Every worker a rental has lived on, in order.
 CREATE TABLE placements (
@@ -66,7 +66,7 @@ CREATE TABLE placements (
     ended_at   DATETIME(6)     NULL,
     KEY placements_rental (rental_id),
     KEY placements_worker (worker_id, state)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci;
 
 -- Append-only log of what happened: probe state changes, provisions, releases, failures.
 CREATE TABLE events (
@@ -79,4 +79,4 @@ CREATE TABLE events (
     KEY events_at (at),
     KEY events_rental (rental_id),
     KEY events_worker (worker)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci;

@@ -1,0 +1,93 @@
+use orion::model::WorkerStatus;
+use serde_json::Value;
+
+use crate::helpers::spawn_app;
+
+async fn status_of(app: &crate::helpers::TestApp, name: &str) -> WorkerStatus {
+    app.ctx
+        .store
+        .worker_by_name(name)
+        .await
+        .unwrap()
+        .unwrap()
+        .status
+}
+
+#[tokio::test]
+async fn workers_are_alive_after_the_first_probe_with_their_host_key_recorded() {
+    let app = spawn_app(2).await;
+    for name in ["worker_1", "worker_2"] {
+        let w = app.ctx.store.worker_by_name(name).await.unwrap().unwrap();
+        assert_eq!(w.status, WorkerStatus::Alive);
+        assert!(w.last_checked.is_some() && w.last_seen_alive.is_some());
+        assert!(w.probe_latency_ms.is_some());
+        let key = w.known_host_key.expect("host key trusted on first use");
+        assert!(key.starts_with("ssh-"), "{key}");
+    }
+    let (status, health) = app.get_json("/health").await;
+    assert_eq!(status, 200);
+    assert_eq!(health["database"], "up");
+    assert_eq!(health["workers"]["alive"], 2);
+    assert_eq!(health["workers"]["dead"], 0);
+    assert!(
+        health["loops"]["health"]["last_success"].is_string(),
+        "{health}"
+    );
+}
+
+#[tokio::test]
+async fn a_stopped_worker_is_dead_at_the_next_probe_and_alive_once_started() {
+    let app = spawn_app(2).await;
+    let worker = app.worker("worker_1");
+    worker.stop();
+    let summary = orion::health::probe_round(&app.ctx).await.unwrap();
+    assert_eq!(summary.dead, 1);
+    assert_eq!(status_of(&app, "worker_1").await, WorkerStatus::Dead);
+    assert_eq!(status_of(&app, "worker_2").await, WorkerStatus::Alive);
+    let (_, workers) = app.get_json("/api/workers").await;
+    let w1 = &workers["workers"][0];
+    assert_eq!(w1["name"], "worker_1");
+    assert_eq!(w1["status"], "dead");
+    assert!(w1["last_checked"].is_string());
+    let (_, health) = app.get_json("/health").await;
+    assert_eq!(health["workers"]["dead"], 1);
+
+    worker.start();
+    orion::health::probe_round(&app.ctx).await.unwrap();
+    assert_eq!(status_of(&app, "worker_1").await, WorkerStatus::Alive);
+    let kinds: Vec<String> = sqlx::query_scalar(
+        "SELECT kind FROM events WHERE worker = 'worker_1' AND kind IN ('worker.dead', 'worker.alive') ORDER BY id",
+    )
+    .fetch_all(app.ctx.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(kinds, ["worker.alive", "worker.dead", "worker.alive"]);
+}
+
+#[tokio::test]
+async fn a_worker_whose_host_key_changed_is_refused_quarantined_and_never_rented() {
+    let app = spawn_app(1).await;
+    let worker = app.worker("worker_1");
+    worker.rotate_host_keys();
+    orion::health::probe_round(&app.ctx).await.unwrap();
+    let w = app
+        .ctx
+        .store
+        .worker_by_name("worker_1")
+        .await
+        .unwrap()
+        .unwrap();
+    let reason = w.quarantine_reason.expect("the worker is quarantined");
+    assert!(reason.contains("host key"), "{reason}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'worker.quarantined'")
+            .await,
+        1
+    );
+    let resp = app.rent(serde_json::json!({})).await;
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "no_free_worker");
+    let (_, health) = app.get_json("/health").await;
+    assert_eq!(health["workers"]["quarantined"], 1);
+}

@@ -1,0 +1,87 @@
+use orion::startup::Application;
+
+use crate::helpers::{create_database, test_config, write_private_key};
+
+#[tokio::test]
+async fn a_bad_inventory_stops_orion_naming_the_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id_ed25519");
+    write_private_key(&orion::ssh::generate_ed25519(), &key);
+    let inventory = dir.path().join("bad.toml");
+    std::fs::write(
+        &inventory,
+        "[[workers]]\nname = \"w1\"\nhost = \"127.0.0.1\"\nport = 0\n",
+    )
+    .unwrap();
+    let database = create_database().await;
+    let config = test_config(&database, &inventory, &key);
+    let err = Application::build(config)
+        .await
+        .err()
+        .expect("a bad inventory is refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains(&format!("{}:4: workers[0].port", inventory.display())),
+        "{msg}"
+    );
+    // Nothing was written: the schema was not even applied.
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE()",
+    )
+    .fetch_one(
+        &mut <sqlx::MySqlConnection as sqlx::Connection>::connect(&database)
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(tables, 0);
+}
+
+#[tokio::test]
+async fn a_world_readable_key_stops_orion() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id_ed25519");
+    write_private_key(&orion::ssh::generate_ed25519(), &key);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let inventory = dir.path().join("inventory.toml");
+    std::fs::write(
+        &inventory,
+        "[[workers]]\nname = \"w1\"\nhost = \"127.0.0.1\"\nport = 2\n",
+    )
+    .unwrap();
+    let config = test_config("mysql://unused@127.0.0.1:1/none", &inventory, &key);
+    let err = Application::build(config)
+        .await
+        .err()
+        .expect("a readable key is refused");
+    assert!(format!("{err:#}").contains("chmod 600"), "{err:#}");
+}
+
+#[tokio::test]
+async fn the_inventory_is_synced_and_removed_workers_are_retired() {
+    let app = crate::helpers::spawn_app(2).await;
+    let inventory = app.dir.path().join("inventory.toml");
+    // Drop worker_2 from the inventory and sync again.
+    let only_first = crate::helpers::inventory_for(&app.workers[..1]);
+    std::fs::write(&inventory, &only_first).unwrap();
+    let inv = orion::inventory::Inventory::load(&inventory).unwrap();
+    let changes = app.ctx.store.sync_inventory(&inv).await.unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    let w2 = app
+        .ctx
+        .store
+        .worker_by_name("worker_2")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(w2.retired);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM workers").await,
+        2,
+        "retired, not deleted"
+    );
+    let summary = orion::health::probe_round(&app.ctx).await.unwrap();
+    assert_eq!(summary.probed, 1, "retired workers are not probed");
+}

@@ -317,6 +317,29 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid_and_shows_the_defaults() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/orion.example.toml"))
+                .unwrap();
+        let example = Config::from_toml_str(&text).unwrap();
+        let defaults = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(example.health.interval, defaults.health.interval);
+        assert_eq!(example.health.dead_after, defaults.health.dead_after);
+        assert_eq!(example.health.alive_after, defaults.health.alive_after);
+        assert_eq!(example.health.probe_timeout, defaults.health.probe_timeout);
+        assert_eq!(example.health.retry_delay, defaults.health.retry_delay);
+        assert_eq!(example.cleanup.interval, defaults.cleanup.interval);
+        assert_eq!(example.ssh.connect_timeout, defaults.ssh.connect_timeout);
+        assert_eq!(example.ssh.command_timeout, defaults.ssh.command_timeout);
+        assert_eq!(example.ssh.max_sessions, defaults.ssh.max_sessions);
+        assert_eq!(
+            example.database.max_connections,
+            defaults.database.max_connections
+        );
+        assert_eq!(example.listen, defaults.listen);
+    }
+
+    #[test]
     fn a_missing_file_is_named() {
         let err = Config::load(Path::new("/nonexistent/orion.toml"))
             .unwrap_err()

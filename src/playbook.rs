@@ -68,7 +68,7 @@ pub enum PlaybookError {
         playbook: &'static str,
         worker: String,
         #[source]
-        source: SshError,
+        source: Box<SshError>,
     },
     #[error("playbook {playbook} on {worker} failed (exit {status}): {stderr}")]
     Failed {
@@ -196,7 +196,7 @@ impl Executor {
         let ssh_error = |source| PlaybookError::Ssh {
             playbook: playbook.name(),
             worker: target.name.clone(),
-            source,
+            source: Box::new(source),
         };
         let session = self.ssh.connect(target).await.map_err(ssh_error)?;
         let result = session.exec("sh -s", Some(script.as_bytes())).await;

@@ -152,10 +152,8 @@ async fn quarantine_on_mismatch(
     worker: &Worker,
     result: &Result<(), PlaybookError>,
 ) {
-    if let Err(PlaybookError::Ssh {
-        source: e @ SshError::HostKeyMismatch { .. },
-        ..
-    }) = result
+    if let Err(PlaybookError::Ssh { source: e, .. }) = result
+        && let SshError::HostKeyMismatch { .. } = **e
     {
         let reason = format!("host key changed: {e}");
         if let Err(err) = ctx.store.quarantine(worker, &reason).await {

@@ -147,11 +147,11 @@ impl Store {
         .bind(worker.id)
         .execute(&mut *tx)
         .await;
-        if let Err(sqlx::Error::Database(db)) = &inserted {
-            if db.is_unique_violation() {
-                tx.rollback().await?;
-                return Err(StoreError::UsernameTaken(rental.username.clone()));
-            }
+        if let Err(sqlx::Error::Database(db)) = &inserted
+            && db.is_unique_violation()
+        {
+            tx.rollback().await?;
+            return Err(StoreError::UsernameTaken(rental.username.clone()));
         }
         inserted?;
         sqlx::query(

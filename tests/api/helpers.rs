@@ -142,7 +142,7 @@ impl Worker {
 
     /// Gives the worker new host keys, as a reinstalled (or impersonated) machine would.
     pub fn rotate_host_keys(&self) {
-        self.exec("rm -f /etc/ssh/ssh_host_* && ssh-keygen -A >/dev/null && kill -HUP 1");
+        self.exec("orion-rotate-host-keys >/dev/null");
         std::thread::sleep(Duration::from_millis(300));
         self.wait_for_sshd();
     }
@@ -174,7 +174,6 @@ pub struct TestApp {
     pub http: reqwest::Client,
     /// SSH client with a throwaway key, for logging in as tenants.
     pub tenant_ssh: SshClient,
-    pub database_url: String,
     pub dir: tempfile::TempDir,
     shutdown: CancellationToken,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -238,7 +237,6 @@ pub async fn spawn_app_with(n: usize, tweak: Tweak) -> TestApp {
         workers,
         http: reqwest::Client::new(),
         tenant_ssh,
-        database_url,
         dir,
         shutdown,
         server: Some(server),
@@ -383,8 +381,8 @@ impl TestApp {
             .unwrap()
     }
 
-    /// Stops Orion gracefully and waits for it.
-    pub async fn stop(mut self) {
+    /// Stops Orion gracefully and waits for it; the workers and database stay.
+    pub async fn stop(&mut self) {
         self.shutdown.cancel();
         if let Some(server) = self.server.take() {
             server.await.unwrap().unwrap();

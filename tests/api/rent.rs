@@ -357,3 +357,38 @@ async fn releasing_a_rental_on_a_dead_worker_frees_it_only_after_cleanup() {
     assert!(!worker.has_user("erin"));
     assert_eq!(app.rent(json!({})).await.status(), 201);
 }
+
+#[tokio::test]
+async fn a_shutdown_during_a_rent_lets_it_finish() {
+    let mut app = spawn_app(1).await;
+    let http = app.http.clone();
+    let url = app.url("/api/rent");
+    let rent = tokio::spawn(async move {
+        http.post(url)
+            .json(&json!({ "username": "heidi" }))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    // Wait until the rent is in flight (the worker is claimed), then ask Orion to stop.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while app.count("SELECT COUNT(*) FROM rentals").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rent never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    app.stop().await;
+    let status = rent
+        .await
+        .unwrap()
+        .expect("the in-flight rent got an answer");
+    assert_eq!(status, 201, "graceful shutdown lets the rent complete");
+    let state: String = sqlx::query_scalar("SELECT status FROM rentals")
+        .fetch_one(app.ctx.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(state, "active");
+    assert!(app.worker("worker_1").has_user("heidi"));
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Orion's whole test suite, from a fresh clone: builds the images that are missing
+# (debootstrap base, sshd worker, MariaDB), starts MariaDB, runs the unit and
+# integration tests against it and real worker containers, then cleans up.
+#
+#   scripts/test.sh                 everything
+#   scripts/test.sh rent::          only tests whose name matches (nextest filter)
+#
+# Env: ORION_TEST_KEEP=1  leave MariaDB running afterwards (faster re-runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v docker >/dev/null || { echo "test.sh: docker is required" >&2; exit 1; }
+docker info >/dev/null 2>&1 || { echo "test.sh: the Docker engine is not reachable" >&2; exit 1; }
+
+cleanup() {
+  if [[ "${ORION_TEST_KEEP:-0}" != 1 ]]; then
+    scripts/test-infra.sh down >/dev/null 2>&1 || true
+  else
+    # Workers started by tests are removed by the tests; catch any left by a crash.
+    ids=$(docker ps -aq --filter label=orion.test=1)
+    [[ -z "$ids" ]] || docker rm -f -v $ids >/dev/null 2>&1 || true
+  fi
+}
+trap cleanup EXIT
+
+# Exports ORION_TEST_DATABASE_URL and ORION_TEST_WORKER_IMAGE.
+env_lines=$(scripts/test-infra.sh up)
+while IFS= read -r line; do export "$line"; done <<<"$env_lines"
+
+if cargo nextest --version >/dev/null 2>&1; then
+  profile=default
+  [[ "${CI:-}" == true ]] && profile=ci
+  cargo nextest run --profile "$profile" "$@"
+else
+  cargo test "$@"
+fi

@@ -30,6 +30,8 @@ pub struct Config {
     #[serde(default)]
     pub health: HealthConfig,
     #[serde(default)]
+    pub migration: MigrationConfig,
+    #[serde(default)]
     pub cleanup: CleanupConfig,
     #[serde(default)]
     pub log: LogConfig,
@@ -91,6 +93,35 @@ pub struct HealthConfig {
     /// Pause between the confirmation probes of one round, after a failure.
     #[serde(default = "default_retry_delay", with = "humantime_serde")]
     pub retry_delay: Duration,
+    /// Keep one idle SSH session open per worker, so that a worker closing it (stopped,
+    /// crashed, sshd gone) is re-probed at once instead of at the next round.
+    #[serde(default = "default_true")]
+    pub watch: bool,
+    /// How often a watch session checks that a silent worker still answers.
+    #[serde(default = "default_keepalive_interval", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// Unanswered keepalives before a watch session counts as dropped.
+    #[serde(default = "default_keepalive_max")]
+    pub keepalive_max: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    /// Time between two passes that move rentals off dead workers. A worker declared
+    /// dead also wakes the loop at once; this is the bound when nothing does.
+    #[serde(default = "default_migration_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// When more than this fraction of the (3 or more) workers is dead at once, Orion
+    /// is more likely cut off than the workers dead: it moves nothing and waits.
+    #[serde(default = "default_max_dead_fraction")]
+    pub max_dead_fraction: f64,
+    /// Attempts to deliver a rental's `notify_url` notification, 1 s, 2 s, 4 s… apart.
+    #[serde(default = "default_notify_attempts")]
+    pub notify_attempts: u32,
+    /// Bound on one notification attempt.
+    #[serde(default = "default_notify_timeout", with = "humantime_serde")]
+    pub notify_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -128,6 +159,20 @@ impl Default for HealthConfig {
             dead_after: default_dead_after(),
             alive_after: default_alive_after(),
             retry_delay: default_retry_delay(),
+            watch: true,
+            keepalive_interval: default_keepalive_interval(),
+            keepalive_max: default_keepalive_max(),
+        }
+    }
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        Self {
+            interval: default_migration_interval(),
+            max_dead_fraction: default_max_dead_fraction(),
+            notify_attempts: default_notify_attempts(),
+            notify_timeout: default_notify_timeout(),
         }
     }
 }
@@ -191,12 +236,46 @@ fn default_alive_after() -> u32 {
 fn default_retry_delay() -> Duration {
     Duration::from_millis(300)
 }
+fn default_true() -> bool {
+    true
+}
+fn default_keepalive_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_keepalive_max() -> usize {
+    3
+}
+fn default_migration_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_dead_fraction() -> f64 {
+    0.5
+}
+fn default_notify_attempts() -> u32 {
+    4
+}
+fn default_notify_timeout() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_cleanup_interval() -> Duration {
     Duration::from_secs(10)
 }
 fn default_log_filter() -> String {
     "info".to_owned()
 }
+
+/// The top-level keys of [`Config`], for picking configuration out of the environment.
+const TOP_LEVEL_FIELDS: &[&str] = &[
+    "listen",
+    "inventory",
+    "playbooks",
+    "database",
+    "ssh",
+    "health",
+    "migration",
+    "cleanup",
+    "log",
+];
 
 /// A configuration that cannot be used, with the file and the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -216,8 +295,17 @@ impl Config {
         }
         let figment = Figment::new()
             .merge(Toml::file_exact(path))
-            .merge(Env::prefixed("ORION_").split("__"));
+            .merge(Self::environment());
         Self::from_figment(figment)
+    }
+
+    /// `ORION_*` variables that name a configuration field. Others (`ORION_CONFIG`, the
+    /// test harness's `ORION_TEST_*`) are not configuration and are left alone.
+    fn environment() -> Env {
+        Env::prefixed("ORION_").split("__").filter(|key| {
+            let top = key.as_str().split('.').next().unwrap_or_default();
+            TOP_LEVEL_FIELDS.contains(&top)
+        })
     }
 
     /// Reads a configuration from TOML text alone (tests, `orion check`).
@@ -245,6 +333,15 @@ impl Config {
         }
         if self.health.interval.is_zero() {
             return bad("health.interval", "must be longer than zero");
+        }
+        if self.migration.interval.is_zero() {
+            return bad("migration.interval", "must be longer than zero");
+        }
+        if !(0.0..=1.0).contains(&self.migration.max_dead_fraction) {
+            return bad("migration.max_dead_fraction", "must be between 0 and 1");
+        }
+        if self.health.keepalive_interval.is_zero() {
+            return bad("health.keepalive_interval", "must be longer than zero");
         }
         if self.cleanup.interval.is_zero() {
             return bad("cleanup.interval", "must be longer than zero");
@@ -329,6 +426,25 @@ mod tests {
         assert_eq!(example.health.probe_timeout, defaults.health.probe_timeout);
         assert_eq!(example.health.retry_delay, defaults.health.retry_delay);
         assert_eq!(example.cleanup.interval, defaults.cleanup.interval);
+        assert_eq!(example.health.watch, defaults.health.watch);
+        assert_eq!(
+            example.health.keepalive_interval,
+            defaults.health.keepalive_interval
+        );
+        assert_eq!(example.health.keepalive_max, defaults.health.keepalive_max);
+        assert_eq!(example.migration.interval, defaults.migration.interval);
+        assert_eq!(
+            example.migration.max_dead_fraction,
+            defaults.migration.max_dead_fraction
+        );
+        assert_eq!(
+            example.migration.notify_attempts,
+            defaults.migration.notify_attempts
+        );
+        assert_eq!(
+            example.migration.notify_timeout,
+            defaults.migration.notify_timeout
+        );
         assert_eq!(example.ssh.connect_timeout, defaults.ssh.connect_timeout);
         assert_eq!(example.ssh.command_timeout, defaults.ssh.command_timeout);
         assert_eq!(example.ssh.max_sessions, defaults.ssh.max_sessions);

@@ -1,6 +1,9 @@
 //! The shared handles every part of Orion works with, built once at start.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::playbook::Executor;
@@ -13,7 +16,7 @@ use crate::telemetry::LoopRegistry;
 pub struct Context {
     /// The database: the only shared state between tasks and between Orion processes.
     pub store: Store,
-    /// Orion's SSH client (probes, and the native playbook executor underneath).
+    /// Orion's SSH client (probes, watches, and the native playbook executor).
     pub ssh: SshClient,
     /// Runs playbooks on workers.
     pub executor: Executor,
@@ -21,4 +24,32 @@ pub struct Context {
     pub config: Arc<Config>,
     /// Last success and last error of each control loop, for the status endpoint.
     pub loops: Arc<LoopRegistry>,
+    /// Serialises the probes of one worker (a round's probe and a watch-triggered one),
+    /// so that each reads the counts the previous one wrote.
+    pub probe_locks: Arc<KeyedLocks>,
+    /// Wakes the migration loop at once when a worker is declared dead, instead of
+    /// waiting for its next tick.
+    pub migrate_now: Arc<Notify>,
+    /// Whether the last migration pass held all moves (too many workers dead at once),
+    /// so the condition is logged when it starts and when it clears, not every pass.
+    pub migration_held: Arc<std::sync::atomic::AtomicBool>,
+    /// HTTP client for rental notifications (`notify_url`).
+    pub http: reqwest::Client,
+}
+
+/// One async mutex per key, made on first use.
+#[derive(Debug, Default)]
+pub struct KeyedLocks {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    pub fn get(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .expect("keyed locks poisoned")
+            .entry(key.to_owned())
+            .or_default()
+            .clone()
+    }
 }

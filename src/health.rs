@@ -117,8 +117,18 @@ pub async fn probe_round(ctx: &Context) -> anyhow::Result<RoundSummary> {
 }
 
 /// Probes one worker, confirming a failure with quick retries, and records the result.
-/// Returns the worker's status after the round.
+/// Returns the worker's status after the probe. Probes of one worker never overlap: each
+/// starts from the counts the previous one wrote. A worker declared dead wakes the
+/// migration loop.
 pub async fn probe_worker(ctx: &Context, worker: Worker) -> anyhow::Result<WorkerStatus> {
+    let lock = ctx.probe_locks.get(&worker.name);
+    let _guard = lock.lock().await;
+    let worker = ctx
+        .store
+        .worker_by_id(worker.id)
+        .await
+        .context("Failed to re-read a worker")?
+        .unwrap_or(worker);
     let cfg = &ctx.config.health;
     let thresholds = Thresholds {
         dead_after: cfg.dead_after,
@@ -170,6 +180,7 @@ pub async fn probe_worker(ctx: &Context, worker: Worker) -> anyhow::Result<Worke
             (None, Some(e.to_string()))
         }
     };
+    let died = health.status == WorkerStatus::Dead && worker.status != WorkerStatus::Dead;
     if health.status != worker.status {
         tracing::info!(worker = %worker.name, from = %worker.status, to = %health.status,
             "worker status changed");
@@ -186,6 +197,9 @@ pub async fn probe_worker(ctx: &Context, worker: Worker) -> anyhow::Result<Worke
         .record_probe(&worker, &record)
         .await
         .with_context(|| format!("Failed to record the probe of {}", worker.name))?;
+    if died || matches!(&outcome, Err(SshError::HostKeyMismatch { .. })) {
+        ctx.migrate_now.notify_one();
+    }
     Ok(health.status)
 }
 

@@ -2,8 +2,8 @@
 //!
 //! A client rents a worker through the HTTP API; Orion picks a healthy free worker,
 //! provisions the tenant's account on it over SSH with a templated playbook, and hands back
-//! connection details. A scheduler probes every worker over SSH and keeps the database's
-//! view of the fleet current.
+//! connection details. A scheduler probes every worker over SSH; when a rented worker
+//! dies, it moves the rental to a healthy worker with the same credentials.
 //!
 //! # Layout
 //!
@@ -22,6 +22,9 @@
 //!   formatter) and the executor that runs them on a worker.
 //! - [`rentals`]: the rent and release operations shared by the API and the loops.
 //! - [`health`]: the probe loop: probe every worker, apply hysteresis, record status.
+//! - [`watch`]: one idle SSH session per worker, so a worker that goes away is re-probed
+//!   within milliseconds.
+//! - [`migration`]: the loop that moves rentals off dead workers, same credentials.
 //! - [`cleanup`]: the loop that removes leftover tenant accounts from workers before they
 //!   are offered again.
 //! - [`api`]: the axum router, its handlers and the single error-to-response mapping.
@@ -33,6 +36,7 @@ pub mod config;
 pub mod context;
 pub mod health;
 pub mod inventory;
+pub mod migration;
 pub mod model;
 pub mod playbook;
 pub mod rentals;
@@ -40,3 +44,4 @@ pub mod ssh;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod watch;

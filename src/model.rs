@@ -31,6 +31,12 @@ pub enum RentalStatus {
     Provisioning,
     /// The account exists on the current worker; the client can log in.
     Active,
+    /// The worker died; the account is being created on a new worker, with the same
+    /// username and credentials.
+    Migrating,
+    /// The worker died and no other is free: the rental has no placement and is moved as
+    /// soon as a worker frees up.
+    Waiting,
     /// The client asked for release; the account is being removed.
     Releasing,
     /// Over: the worker was given back. Kept for the record.
@@ -82,6 +88,8 @@ string_enum!(WorkerStatus { Unknown => "unknown", Alive => "alive", Dead => "dea
 string_enum!(RentalStatus {
     Provisioning => "provisioning",
     Active => "active",
+    Migrating => "migrating",
+    Waiting => "waiting",
     Releasing => "releasing",
     Released => "released",
     Failed => "failed",
@@ -249,6 +257,37 @@ impl TenantKey {
     }
 }
 
+/// Where Orion POSTs a rental's new connection details after a migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifyUrl(String);
+
+impl NotifyUrl {
+    /// An absolute `http` or `https` URL with a host, without credentials, at most 2 KiB.
+    pub fn parse(value: &str) -> Result<Self, InvalidInput> {
+        let bad = |m: &str| Err(InvalidInput::new("notify_url", m));
+        if value.len() > 2048 {
+            return bad("is longer than 2048 characters");
+        }
+        let Ok(url) = url::Url::parse(value) else {
+            return bad("is not an absolute URL");
+        };
+        if !matches!(url.scheme(), "http" | "https") {
+            return bad("must be an http or https URL");
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return bad("must name a host");
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return bad("must not carry credentials");
+        }
+        Ok(Self(url.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Generates the password handed to a tenant who gave no key: 24 random alphanumerics
 /// (about 143 bits).
 pub fn generate_password() -> String {
@@ -334,6 +373,23 @@ mod tests {
     }
 
     #[test]
+    fn notify_urls_must_be_http_or_https_with_a_host() {
+        assert!(NotifyUrl::parse("https://client.example/hooks/orion").is_ok());
+        assert!(NotifyUrl::parse("http://127.0.0.1:9000/x").is_ok());
+        for bad in [
+            "ftp://x/y",
+            "file:///etc/passwd",
+            "/relative",
+            "javascript:alert(1)",
+            "http://user:pw@host/",
+            "",
+        ] {
+            let err = NotifyUrl::parse(bad).unwrap_err();
+            assert_eq!(err.field, "notify_url", "{bad}");
+        }
+    }
+
+    #[test]
     fn a_password_hash_verifies_and_never_contains_the_password() {
         let password = generate_password();
         assert_eq!(password.len(), 24);
@@ -355,6 +411,8 @@ mod tests {
         for s in [
             RentalStatus::Provisioning,
             RentalStatus::Active,
+            RentalStatus::Migrating,
+            RentalStatus::Waiting,
             RentalStatus::Releasing,
             RentalStatus::Released,
             RentalStatus::Failed,

@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use crate::context::Context;
 use crate::health::target_of;
-use crate::model::{self, RentalStatus, TenantKey, Username};
+use crate::model::{self, NotifyUrl, RentalStatus, TenantKey, Username};
 use crate::playbook::{Playbook, PlaybookError, Vars};
 use crate::ssh::SshError;
 use crate::store::{NewRental, RentalRecord, RentalView, StoreError, Worker};
@@ -24,6 +24,8 @@ pub struct RentRequest {
     pub username: Option<Username>,
     /// The tenant's public key; with none, a password is generated.
     pub public_key: Option<TenantKey>,
+    /// Where to POST the new connection details after a migration.
+    pub notify_url: Option<NotifyUrl>,
 }
 
 /// A rental just made.
@@ -84,6 +86,7 @@ async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Re
         username: username.to_string(),
         public_key: request.public_key.map(|k| k.as_str().to_owned()),
         password_hash: password.as_deref().map(model::hash_password),
+        notify_url: request.notify_url.map(|u| u.as_str().to_owned()),
     };
     let Some((record, worker)) = ctx.store.claim_worker_for(&new).await? else {
         tracing::info!("no free worker");
@@ -104,7 +107,9 @@ async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Re
             reason,
         });
     }
-    ctx.store.activate(&record.id, &worker).await?;
+    ctx.store
+        .activate(&record.id, &worker, RentalStatus::Provisioning)
+        .await?;
     tracing::info!("rental active");
     let rental = ctx
         .store

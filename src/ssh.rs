@@ -110,9 +110,25 @@ pub struct SshClient {
     key: Arc<PrivateKey>,
     user: String,
     config: Arc<client::Config>,
+    /// Config of watch sessions: no inactivity timeout, keepalives to notice a silent peer.
+    watch_config: Arc<client::Config>,
     connect_timeout: Duration,
     command_timeout: Duration,
     sessions: Arc<Semaphore>,
+}
+
+/// Keepalive period of watch sessions unless [`SshClient::set_keepalive`] says otherwise.
+const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// Config of watch sessions: never idle-timed out, keepalives to notice a silent peer.
+fn watch_config(keepalive: Duration, max: usize) -> client::Config {
+    client::Config {
+        inactivity_timeout: None,
+        keepalive_interval: Some(keepalive),
+        keepalive_max: max,
+        nodelay: true,
+        ..Default::default()
+    }
 }
 
 /// Most output kept from one command: enough for an error message, bounded in memory.
@@ -154,10 +170,45 @@ impl SshClient {
             key,
             user: user.to_owned(),
             config: Arc::new(config),
+            watch_config: Arc::new(watch_config(DEFAULT_KEEPALIVE, 3)),
             connect_timeout,
             command_timeout,
             sessions: Arc::new(Semaphore::new(max_sessions)),
         }
+    }
+
+    /// Sets how often a watch session checks that the worker still answers, and after how
+    /// many unanswered checks it gives up: a worker that hangs without closing its
+    /// connection is noticed after about `interval × (max + 1)`.
+    pub fn set_keepalive(&mut self, interval: Duration, max: usize) {
+        self.watch_config = Arc::new(watch_config(interval, max));
+    }
+
+    /// Opens a long-lived session to `target` that [`Watch::closed`] resolves on when the
+    /// connection drops. Watches do not count against the session bound: they are one per
+    /// worker and idle.
+    pub async fn watch(&self, target: &Target) -> Result<Watch, SshError> {
+        let (handle, host_key) = self
+            .handshake(
+                target,
+                &self.user,
+                Auth::Key(self.key.clone()),
+                &self.watch_config,
+            )
+            .await?;
+        let addr = target.addr();
+        let channel = handle
+            .channel_open_session()
+            .await
+            .map_err(|source| SshError::Protocol {
+                addr: addr.clone(),
+                source,
+            })?;
+        Ok(Watch {
+            _handle: handle,
+            channel,
+            host_key,
+        })
     }
 
     /// Orion's public key, as it must appear in the workers' `authorized_keys`.
@@ -188,6 +239,25 @@ impl SshClient {
             .acquire_owned()
             .await
             .expect("the session semaphore is never closed");
+        let (handle, host_key) = self.handshake(target, user, auth, &self.config).await?;
+        Ok(Session {
+            handle,
+            addr: target.addr(),
+            host_key,
+            command_timeout: self.command_timeout,
+            _permit: permit,
+        })
+    }
+
+    /// TCP connect, SSH handshake with host-key check, authentication; all under
+    /// `connect_timeout`.
+    async fn handshake(
+        &self,
+        target: &Target,
+        user: &str,
+        auth: Auth,
+        config: &Arc<client::Config>,
+    ) -> Result<(Handle<Verifier>, PublicKey), SshError> {
         let addr = target.addr();
         let presented = Arc::new(Mutex::new(None));
         let verifier = Verifier {
@@ -202,7 +272,7 @@ impl SshClient {
                     source,
                 })?;
             stream.set_nodelay(true).ok();
-            let mut handle = client::connect_stream(self.config.clone(), stream, verifier)
+            let mut handle = client::connect_stream(config.clone(), stream, verifier)
                 .await
                 .map_err(|source| {
                     mismatch_or(
@@ -253,13 +323,7 @@ impl SshClient {
             .expect("host key slot poisoned")
             .clone()
             .expect("a server that completed the handshake presented a key");
-        Ok(Session {
-            handle,
-            addr,
-            host_key,
-            command_timeout: self.command_timeout,
-            _permit: permit,
-        })
+        Ok((handle, host_key))
     }
 
     /// One health probe: connect, authenticate, run `true`. Returns the session's host key
@@ -316,6 +380,27 @@ fn mismatch_or(
             }
         }
         _ => otherwise,
+    }
+}
+
+/// A long-lived, idle session to a worker, whose only job is to notice that the worker
+/// went away: the worker closing the connection (sshd stopped, container stopped) or not
+/// answering keepalives.
+pub struct Watch {
+    _handle: Handle<Verifier>,
+    channel: russh::Channel<client::Msg>,
+    /// The host key the worker presented.
+    pub host_key: PublicKey,
+}
+
+impl Watch {
+    /// Resolves when the connection is gone.
+    pub async fn closed(&mut self) {
+        while let Some(msg) = self.channel.wait().await {
+            if matches!(msg, ChannelMsg::Close | ChannelMsg::Eof) {
+                return;
+            }
+        }
     }
 }
 

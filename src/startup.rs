@@ -14,7 +14,7 @@ use crate::playbook::{Executor, Playbooks};
 use crate::ssh::SshClient;
 use crate::store::Store;
 use crate::telemetry::LoopRegistry;
-use crate::{api, cleanup, health, rentals};
+use crate::{api, cleanup, health, migration, rentals, watch};
 
 /// How long Orion waits for MariaDB at start before giving up (compose may start Orion
 /// while the database is still initialising).
@@ -36,13 +36,17 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let inventory = Inventory::load(&config.inventory)?;
         let playbooks = Playbooks::load(&config.playbooks)?;
-        let ssh = SshClient::new(
+        let mut ssh = SshClient::new(
             &config.ssh.key,
             &config.ssh.user,
             config.ssh.connect_timeout,
             config.ssh.command_timeout,
             config.ssh.max_sessions,
         )?;
+        ssh.set_keepalive(
+            config.health.keepalive_interval,
+            config.health.keepalive_max,
+        );
         let store = Store::connect_lazy(
             &config.database.url,
             config.database.max_connections,
@@ -63,6 +67,13 @@ impl Application {
             executor,
             config: Arc::new(config),
             loops: Arc::new(LoopRegistry::default()),
+            probe_locks: Arc::default(),
+            migrate_now: Arc::default(),
+            migration_held: Arc::default(),
+            http: reqwest::Client::builder()
+                .user_agent(concat!("orion/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .context("Failed to build the HTTP client")?,
         };
         let recovered = rentals::recover(&ctx)
             .await
@@ -95,10 +106,17 @@ impl Application {
         tracing::info!(listen = %self.listener.local_addr()?, "orion serving");
         let mut loops = tokio::task::JoinSet::new();
         loops.spawn(health::run(ctx.clone(), shutdown.clone().cancelled_owned()));
+        loops.spawn(migration::run(
+            ctx.clone(),
+            shutdown.clone().cancelled_owned(),
+        ));
         loops.spawn(cleanup::run(
             ctx.clone(),
             shutdown.clone().cancelled_owned(),
         ));
+        if ctx.config.health.watch {
+            loops.spawn(watch::run(ctx.clone(), shutdown.clone()));
+        }
 
         let server = axum::serve(self.listener, api::app(ctx))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());

@@ -85,6 +85,21 @@ pub async fn run_loop<F, Fut>(
     loops: &LoopRegistry,
     interval: Duration,
     shutdown: impl std::future::Future<Output = ()>,
+    pass: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    run_loop_woken(name, loops, interval, None, shutdown, pass).await;
+}
+
+/// [`run_loop`], and a pass also starts as soon as `wake` is notified.
+pub async fn run_loop_woken<F, Fut>(
+    name: &'static str,
+    loops: &LoopRegistry,
+    interval: Duration,
+    wake: Option<std::sync::Arc<tokio::sync::Notify>>,
+    shutdown: impl std::future::Future<Output = ()>,
     mut pass: F,
 ) where
     F: FnMut() -> Fut,
@@ -120,8 +135,15 @@ pub async fn run_loop<F, Fut>(
                 errors
             }
         };
+        let woken = async {
+            match &wake {
+                Some(notify) => notify.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(backoff(interval, errors)) => {}
+            _ = woken => tracing::debug!(loop_name = name, "woken early"),
             _ = &mut shutdown => break,
         }
     }

@@ -28,7 +28,7 @@ use tower_http::trace::TraceLayer;
 pub use error::ApiError;
 
 use crate::context::Context;
-use crate::model::{RentalStatus, TenantKey, Username};
+use crate::model::{NotifyUrl, RentalStatus, TenantKey, Username};
 use crate::rentals::{self, RentRequest};
 
 /// Largest request body accepted; a rent request is a few hundred bytes.
@@ -69,6 +69,8 @@ struct RentBody {
     ssh_public_key: Option<String>,
     /// Login name wanted on the worker; generated if absent.
     username: Option<String>,
+    /// Where to POST the new connection details when the rental moves.
+    notify_url: Option<String>,
 }
 
 async fn rent(
@@ -84,12 +86,18 @@ async fn rent(
         .as_deref()
         .map(TenantKey::parse)
         .transpose()?;
+    let notify_url = body
+        .notify_url
+        .as_deref()
+        .map(NotifyUrl::parse)
+        .transpose()?;
     let rented = rentals::rent(
         &ctx,
         RentRequest {
             tenant: DEFAULT_TENANT.to_owned(),
             username,
             public_key,
+            notify_url,
         },
     )
     .await?;
@@ -127,6 +135,8 @@ async fn list_rentals(State(ctx): State<Context>) -> Result<Response, ApiError> 
     for status in [
         RentalStatus::Provisioning,
         RentalStatus::Active,
+        RentalStatus::Migrating,
+        RentalStatus::Waiting,
         RentalStatus::Releasing,
     ] {
         for r in ctx.store.rentals_in(status).await? {

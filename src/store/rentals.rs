@@ -17,6 +17,7 @@ pub struct NewRental {
     pub username: String,
     pub public_key: Option<String>,
     pub password_hash: Option<String>,
+    pub notify_url: Option<String>,
 }
 
 /// A rental row. The password hash is kept for provisioning and never serialised.
@@ -27,6 +28,7 @@ pub struct RentalRecord {
     pub username: String,
     pub public_key: Option<String>,
     pub password_hash: Option<String>,
+    pub notify_url: Option<String>,
     pub status: RentalStatus,
     pub worker_id: Option<u64>,
     pub created_at: DateTime<Utc>,
@@ -34,8 +36,8 @@ pub struct RentalRecord {
     pub ended_at: Option<DateTime<Utc>>,
 }
 
-const RENTAL_COLUMNS: &str = "id, tenant, username, public_key, password_hash, status, \
-    worker_id, created_at, updated_at, ended_at";
+const RENTAL_COLUMNS: &str = "id, tenant, username, public_key, password_hash, notify_url, \
+    status, worker_id, created_at, updated_at, ended_at";
 
 impl RentalRecord {
     fn from_row(row: &MySqlRow) -> Result<Self, sqlx::Error> {
@@ -46,6 +48,7 @@ impl RentalRecord {
             username: row.try_get("username")?,
             public_key: row.try_get("public_key")?,
             password_hash: row.try_get("password_hash")?,
+            notify_url: row.try_get("notify_url")?,
             status: status
                 .parse()
                 .map_err(|e: String| sqlx::Error::Decode(e.into()))?,
@@ -114,36 +117,21 @@ impl Store {
         rental: &NewRental,
     ) -> Result<Option<(RentalRecord, Worker)>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query(
-            "UPDATE workers SET rental_id = ?, updated_at = UTC_TIMESTAMP(6) \
-             WHERE rental_id IS NULL AND status = 'alive' AND quarantine_reason IS NULL \
-             AND retired = FALSE ORDER BY probe_latency_ms, name LIMIT 1",
-        )
-        .bind(&rental.id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if claimed == 0 {
+        let Some(worker) = claim_free_worker(&mut tx, &rental.id).await? else {
             tx.rollback().await?;
             return Ok(None);
-        }
-        let worker = sqlx::query(&format!(
-            "SELECT {WORKER_COLUMNS} FROM workers WHERE rental_id = ?"
-        ))
-        .bind(&rental.id)
-        .try_map(|r: MySqlRow| Worker::from_row(&r))
-        .fetch_one(&mut *tx)
-        .await?;
+        };
         let inserted = sqlx::query(
-            "INSERT INTO rentals (id, tenant, username, public_key, password_hash, status, \
-             worker_id, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, 'provisioning', ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+            "INSERT INTO rentals (id, tenant, username, public_key, password_hash, notify_url, \
+             status, worker_id, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, 'provisioning', ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
         )
         .bind(&rental.id)
         .bind(&rental.tenant)
         .bind(&rental.username)
         .bind(&rental.public_key)
         .bind(&rental.password_hash)
+        .bind(&rental.notify_url)
         .bind(worker.id)
         .execute(&mut *tx)
         .await;
@@ -170,16 +158,30 @@ impl Store {
     }
 
     /// The tenant's account exists on `worker`: the rental and its placement are active.
-    pub async fn activate(&self, rental_id: &str, worker: &Worker) -> Result<(), StoreError> {
+    /// `from` is the state the rental must still be in (`provisioning` after a rent,
+    /// `migrating` after a move); returns false, changing nothing, if it no longer is
+    /// (released meanwhile), and the caller must remove the account it just made.
+    pub async fn activate(
+        &self,
+        rental_id: &str,
+        worker: &Worker,
+        from: RentalStatus,
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE rentals SET status = 'active', worker_id = ?, updated_at = UTC_TIMESTAMP(6) \
-             WHERE id = ?",
+        let updated = sqlx::query(
+            "UPDATE rentals SET status = 'active', updated_at = UTC_TIMESTAMP(6) \
+             WHERE id = ? AND status = ? AND worker_id = ?",
         )
-        .bind(worker.id)
         .bind(rental_id)
+        .bind(from.as_str())
+        .bind(worker.id)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         sqlx::query(
             "UPDATE placements SET state = 'active' \
              WHERE rental_id = ? AND worker_id = ? AND state = 'provisioning'",
@@ -188,15 +190,203 @@ impl Store {
         .bind(worker.id)
         .execute(&mut *tx)
         .await?;
-        let msg = format!("provisioned on {}", worker.name);
+        let (kind, msg) = if from == RentalStatus::Migrating {
+            ("rental.migrated", format!("now active on {}", worker.name))
+        } else {
+            (
+                "rental.provisioned",
+                format!("provisioned on {}", worker.name),
+            )
+        };
+        events::append_in(&mut tx, kind, Some(&worker.name), Some(rental_id), &msg).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Rentals that must move: active on a worker that is dead, quarantined or retired;
+    /// waiting for a worker; or caught mid-move by a crash.
+    pub async fn rentals_to_migrate(&self) -> Result<Vec<RentalRecord>, StoreError> {
+        let columns: String = RENTAL_COLUMNS
+            .split(", ")
+            .map(|c| format!("r.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(sqlx::query(&format!(
+            "SELECT {columns} FROM rentals r LEFT JOIN workers w ON w.id = r.worker_id \
+             WHERE r.status IN ('waiting', 'migrating') \
+             OR (r.status = 'active' AND (w.id IS NULL OR w.status = 'dead' \
+                 OR w.quarantine_reason IS NOT NULL OR w.retired)) \
+             ORDER BY r.created_at"
+        ))
+        .try_map(|r: MySqlRow| RentalRecord::from_row(&r))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// First step of a move, recorded before anything runs on a worker: the rental's
+    /// current placement becomes stale (its account is removed when that worker answers
+    /// again), and a new worker is claimed and recorded as `migrating`. With no worker
+    /// free the rental is `waiting`. Returns the new worker, or `None` if the rental is
+    /// waiting or no longer needs to move.
+    pub async fn begin_migration(&self, rental_id: &str) -> Result<Option<Worker>, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match self.try_begin_migration(rental_id).await {
+                Err(StoreError::Unavailable(e)) | Err(StoreError::Query(e))
+                    if is_retryable(&e) && attempt < DEADLOCK_RETRIES =>
+                {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_begin_migration(&self, rental_id: &str) -> Result<Option<Worker>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
+            return Ok(None);
+        };
+        let current = match rental.worker_id {
+            Some(id) => {
+                sqlx::query(&format!(
+                    "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?"
+                ))
+                .bind(id)
+                .try_map(|r: MySqlRow| Worker::from_row(&r))
+                .fetch_optional(&mut *tx)
+                .await?
+            }
+            None => None,
+        };
+        let healthy = |w: &Worker| {
+            w.status == crate::model::WorkerStatus::Alive
+                && w.quarantine_reason.is_none()
+                && !w.retired
+        };
+        if rental.status == RentalStatus::Migrating
+            && let Some(w) = current.as_ref().filter(|w| healthy(w))
+        {
+            // A move interrupted after its claim: resume it on the worker it claimed.
+            let worker = w.clone();
+            tx.commit().await?;
+            return Ok(Some(worker));
+        }
+        let must_move = match rental.status {
+            RentalStatus::Waiting => true,
+            RentalStatus::Active | RentalStatus::Migrating => {
+                !current.as_ref().is_some_and(healthy)
+            }
+            _ => false,
+        };
+        if !must_move {
+            return Ok(None);
+        }
+        if let Some(old) = &current {
+            stale_live_placement(&mut tx, rental_id, old.id).await?;
+        }
+        let claimed = claim_free_worker(&mut tx, rental_id).await?;
+        match &claimed {
+            Some(new) => {
+                sqlx::query(
+                    "UPDATE rentals SET status = 'migrating', worker_id = ?, \
+                     updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+                )
+                .bind(new.id)
+                .bind(rental_id)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO placements (rental_id, worker_id, state, started_at) \
+                     VALUES (?, ?, 'provisioning', UTC_TIMESTAMP(6))",
+                )
+                .bind(rental_id)
+                .bind(new.id)
+                .execute(&mut *tx)
+                .await?;
+                let msg = match &current {
+                    Some(old) => format!("moving from {} ({}) to {}", old.name, why(old), new.name),
+                    None => format!("moving to {}", new.name),
+                };
+                events::append_in(
+                    &mut tx,
+                    "rental.migrating",
+                    Some(&new.name),
+                    Some(rental_id),
+                    &msg,
+                )
+                .await?;
+            }
+            None => {
+                sqlx::query(
+                    "UPDATE rentals SET status = 'waiting', worker_id = NULL, \
+                     updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+                )
+                .bind(rental_id)
+                .execute(&mut *tx)
+                .await?;
+                if rental.status != RentalStatus::Waiting {
+                    let msg = match &current {
+                        Some(old) => format!(
+                            "{} is {}; no free worker to move to, waiting for one",
+                            old.name,
+                            why(old)
+                        ),
+                        None => "no free worker to move to, waiting for one".to_owned(),
+                    };
+                    events::append_in(
+                        &mut tx,
+                        "rental.waiting",
+                        current.as_ref().map(|w| w.name.as_str()),
+                        Some(rental_id),
+                        &msg,
+                    )
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    /// A move failed on the new worker: its placement becomes stale (the cleanup loop
+    /// removes whatever was made) and the rental waits for the next pass.
+    pub async fn abort_migration(
+        &self,
+        rental_id: &str,
+        worker: &Worker,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        stale_live_placement(&mut tx, rental_id, worker.id).await?;
+        sqlx::query(
+            "UPDATE rentals SET status = 'waiting', worker_id = NULL, \
+             updated_at = UTC_TIMESTAMP(6) WHERE id = ? AND status = 'migrating'",
+        )
+        .bind(rental_id)
+        .execute(&mut *tx)
+        .await?;
         events::append_in(
             &mut tx,
-            "rental.provisioned",
+            "rental.migration_failed",
             Some(&worker.name),
             Some(rental_id),
-            &msg,
+            reason,
         )
         .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// An account was made on `worker` for a rental that was released meanwhile: the
+    /// placement becomes stale so the cleanup loop removes the account.
+    pub async fn orphan_placement(
+        &self,
+        rental_id: &str,
+        worker: &Worker,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        stale_live_placement(&mut tx, rental_id, worker.id).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -246,7 +436,7 @@ impl Store {
             return Ok(None);
         }
         let mut rental = rental;
-        if rental.status == RentalStatus::Active {
+        if matches!(rental.status, RentalStatus::Active | RentalStatus::Waiting) {
             sqlx::query(
                 "UPDATE rentals SET status = 'releasing', updated_at = UTC_TIMESTAMP(6) \
                  WHERE id = ?",
@@ -395,6 +585,35 @@ impl Store {
     }
 }
 
+/// Claims one alive, free, trusted worker for `rental_id` inside `tx`. Rows another
+/// transaction is claiming are skipped rather than waited for, so concurrent claims
+/// neither block nor deadlock, and never get the same worker. The order is the primary
+/// key's, which InnoDB reads without sorting: with a sort it would lock every candidate
+/// row before returning the first, and concurrent claims would skip them all.
+async fn claim_free_worker(
+    tx: &mut Transaction<'_, MySql>,
+    rental_id: &str,
+) -> Result<Option<Worker>, sqlx::Error> {
+    let candidate = sqlx::query(&format!(
+        "SELECT {WORKER_COLUMNS} FROM workers \
+         WHERE rental_id IS NULL AND status = 'alive' AND quarantine_reason IS NULL \
+         AND retired = FALSE ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+    ))
+    .try_map(|r: MySqlRow| Worker::from_row(&r))
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(mut worker) = candidate else {
+        return Ok(None);
+    };
+    sqlx::query("UPDATE workers SET rental_id = ?, updated_at = UTC_TIMESTAMP(6) WHERE id = ?")
+        .bind(rental_id)
+        .bind(worker.id)
+        .execute(&mut **tx)
+        .await?;
+    worker.rental_id = Some(rental_id.to_owned());
+    Ok(Some(worker))
+}
+
 async fn fetch_rental(
     tx: &mut Transaction<'_, MySql>,
     id: &str,
@@ -421,6 +640,34 @@ async fn fetch_rental_for_update(
     .await
 }
 
+/// Why a worker can no longer serve a rental, for event messages.
+fn why(worker: &Worker) -> &'static str {
+    if worker.quarantine_reason.is_some() {
+        "quarantined"
+    } else if worker.retired {
+        "retired"
+    } else {
+        "dead"
+    }
+}
+
+/// Marks the rental's live placement on a worker stale: the account may still be there.
+async fn stale_live_placement(
+    tx: &mut Transaction<'_, MySql>,
+    rental_id: &str,
+    worker_id: u64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE placements SET state = 'stale', ended_at = UTC_TIMESTAMP(6) \
+         WHERE rental_id = ? AND worker_id = ? AND state IN ('provisioning', 'active')",
+    )
+    .bind(rental_id)
+    .bind(worker_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// Ends the rental's live placement on a worker: released (and the worker freed) when its
 /// account is gone, stale when the account may still be there.
 async fn end_placement(
@@ -443,12 +690,6 @@ async fn end_placement(
     if account_removed {
         release_placement(tx, placement_id, worker_id, rental_id).await
     } else {
-        sqlx::query(
-            "UPDATE placements SET state = 'stale', ended_at = UTC_TIMESTAMP(6) WHERE id = ?",
-        )
-        .bind(placement_id)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
+        stale_live_placement(tx, rental_id, worker_id).await
     }
 }

@@ -43,7 +43,7 @@ fn worker_image() -> String {
     image
 }
 
-fn docker(args: &[&str]) -> String {
+pub fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")
         .args(args)
         .output()
@@ -288,6 +288,8 @@ pub fn test_config(
         dead_after = 2
         alive_after = 1
         retry_delay = "100ms"
+        [migration]
+        interval = "1h"
         [cleanup]
         interval = "1h"
         "#,

@@ -1,0 +1,305 @@
+//! The migration loop: moves every rental off a dead (or quarantined, or retired) worker
+//! to an alive free one, with the same username and credentials.
+//!
+//! A pass runs every `migration.interval`, and at once when a worker is declared dead.
+//! Each move is recorded before it is taken ([`crate::store::Store::begin_migration`]:
+//! old placement stale, new worker claimed, rental `migrating`), so a process killed in
+//! the middle resumes it at the next pass. The old worker keeps the tenant's account
+//! until it answers again; the cleanup loop removes it there before the worker is offered
+//! to anyone (fencing). With no free worker the rental waits and is retried every pass.
+//!
+//! If most workers look dead at the same moment, Orion is probably the one cut off: the
+//! pass moves nothing and says so, like Kubernetes' unhealthy-zone rule.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use serde_json::json;
+use tracing::Instrument;
+
+use crate::context::Context;
+use crate::model::RentalStatus;
+use crate::rentals;
+use crate::store::{RentalRecord, WorkerCounts};
+
+/// Name of this loop in logs and on the status endpoint.
+pub const LOOP: &str = "migration";
+
+/// Moves performed at once in one pass; each is a few SSH round trips.
+const CONCURRENT_MOVES: usize = 16;
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassSummary {
+    /// Rentals now active on a new worker.
+    pub moved: usize,
+    /// Rentals left waiting for a free worker.
+    pub waiting: usize,
+    /// Moves that failed on the new worker (retried next pass).
+    pub failed: usize,
+    /// True when the pass moved nothing because too many workers look dead.
+    pub held: bool,
+}
+
+/// Whether to hold all moves: with at least 3 workers, more than `max_fraction` dead.
+pub fn should_hold(counts: &WorkerCounts, max_fraction: f64) -> bool {
+    counts.total >= 3 && (counts.dead as f64) > max_fraction * counts.total as f64
+}
+
+/// One pass over every rental that must move.
+pub async fn migration_pass(ctx: &Context) -> anyhow::Result<PassSummary> {
+    let counts = ctx
+        .store
+        .worker_counts()
+        .await
+        .context("Failed to count workers")?;
+    let hold = should_hold(&counts, ctx.config.migration.max_dead_fraction);
+    let was_held = ctx.migration_held.swap(hold, Ordering::Relaxed);
+    if hold && was_held {
+        return Ok(PassSummary {
+            held: true,
+            ..PassSummary::default()
+        });
+    }
+    if !hold && was_held {
+        tracing::info!("enough workers answer again; migrations resume");
+        ctx.store
+            .append_event(
+                "migration.resumed",
+                None,
+                None,
+                "enough workers answer again",
+            )
+            .await
+            .ok();
+    }
+    if hold {
+        tracing::warn!(
+            dead = counts.dead,
+            total = counts.total,
+            "most workers look dead at once: Orion is probably cut off; holding migrations"
+        );
+        ctx.store
+            .append_event(
+                "migration.held",
+                None,
+                None,
+                &format!(
+                    "{} of {} workers look dead at once; no rental is moved until this clears",
+                    counts.dead, counts.total
+                ),
+            )
+            .await
+            .ok();
+        return Ok(PassSummary {
+            held: true,
+            ..PassSummary::default()
+        });
+    }
+    let rentals = ctx
+        .store
+        .rentals_to_migrate()
+        .await
+        .context("Failed to list rentals to move")?;
+    let mut summary = PassSummary::default();
+    let outcomes: Vec<anyhow::Result<Outcome>> = futures::stream::iter(rentals)
+        .map(|rental| {
+            let ctx = ctx.clone();
+            async move { migrate(&ctx, rental).await }
+        })
+        .buffer_unordered(CONCURRENT_MOVES)
+        .collect()
+        .await;
+    let mut first_error = None;
+    for outcome in outcomes {
+        match outcome {
+            Ok(Outcome::Moved) => summary.moved += 1,
+            Ok(Outcome::Waiting) => summary.waiting += 1,
+            Ok(Outcome::Failed) => summary.failed += 1,
+            Ok(Outcome::Nothing) => {}
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(summary),
+    }
+}
+
+enum Outcome {
+    Moved,
+    Waiting,
+    Failed,
+    Nothing,
+}
+
+/// Moves one rental: claim (recorded), provision with the same credentials, activate.
+async fn migrate(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Outcome> {
+    let span =
+        tracing::info_span!("migrate", rental_id = %rental.id, worker = tracing::field::Empty);
+    migrate_inner(ctx, rental).instrument(span).await
+}
+
+async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Outcome> {
+    let started = tokio::time::Instant::now();
+    let Some(worker) = ctx
+        .store
+        .begin_migration(&rental.id)
+        .await
+        .context("Failed to record the start of a move")?
+    else {
+        return Ok(match ctx.store.rental(&rental.id).await? {
+            Some(r) if r.status == RentalStatus::Waiting => Outcome::Waiting,
+            _ => Outcome::Nothing,
+        });
+    };
+    tracing::Span::current().record("worker", worker.name.as_str());
+    match rentals::provision(ctx, &rental, &worker).await {
+        Ok(()) => {
+            let activated = ctx
+                .store
+                .activate(&rental.id, &worker, RentalStatus::Migrating)
+                .await
+                .context("Failed to record a finished move")?;
+            if !activated {
+                // Released while it was being moved: the new account must go too.
+                ctx.store.orphan_placement(&rental.id, &worker).await?;
+                return Ok(Outcome::Nothing);
+            }
+            tracing::info!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "rental moved"
+            );
+            if let Some(url) = rental.notify_url.clone() {
+                tokio::spawn(notify(ctx.clone(), rental.id.clone(), url));
+            }
+            Ok(Outcome::Moved)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "move failed; will retry");
+            ctx.store
+                .abort_migration(&rental.id, &worker, &e.to_string())
+                .await
+                .context("Failed to record a failed move")?;
+            Ok(Outcome::Failed)
+        }
+    }
+}
+
+/// POSTs the rental's new placement to its `notify_url`, retrying with back-off; never
+/// blocks the loop (it runs in its own task) and records the outcome as an event.
+async fn notify(ctx: Context, rental_id: String, url: String) {
+    let cfg = &ctx.config.migration;
+    let Ok(Some(view)) = ctx.store.rental_view(&rental_id).await else {
+        return;
+    };
+    let body = json!({ "event": "rental.migrated", "rental": view });
+    let mut last_error = String::new();
+    for attempt in 0..cfg.notify_attempts {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(1 << (attempt - 1).min(6))).await;
+        }
+        match ctx
+            .http
+            .post(&url)
+            .timeout(cfg.notify_timeout)
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(resp) if resp.status().is_success() => {
+                let _ = ctx
+                    .store
+                    .append_event(
+                        "rental.notified",
+                        None,
+                        Some(&rental_id),
+                        &format!("POST {url}"),
+                    )
+                    .await;
+                return;
+            }
+            Ok(resp) => last_error = format!("answered {}", resp.status()),
+            Err(e) => last_error = e.without_url().to_string(),
+        }
+    }
+    tracing::warn!(rental_id, error = %last_error, "notification not delivered");
+    let _ = ctx
+        .store
+        .append_event(
+            "rental.notify_failed",
+            None,
+            Some(&rental_id),
+            &format!(
+                "POST {url}: {last_error} after {} attempts",
+                cfg.notify_attempts
+            ),
+        )
+        .await;
+}
+
+/// Runs migration passes every `migration.interval`, and at once when woken by a worker
+/// declared dead, until `shutdown` resolves.
+pub async fn run(ctx: Context, shutdown: impl Future<Output = ()>) {
+    let interval = ctx.config.migration.interval;
+    let wake = Arc::clone(&ctx.migrate_now);
+    crate::telemetry::run_loop_woken(
+        LOOP,
+        &ctx.loops.clone(),
+        interval,
+        Some(wake),
+        shutdown,
+        || {
+            let ctx = ctx.clone();
+            async move {
+                let summary = migration_pass(&ctx).await?;
+                if summary != PassSummary::default() {
+                    tracing::info!(?summary, "migration pass");
+                }
+                Ok(())
+            }
+        },
+    )
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(total: i64, dead: i64) -> WorkerCounts {
+        WorkerCounts {
+            total,
+            dead,
+            ..WorkerCounts::default()
+        }
+    }
+
+    #[test]
+    fn one_dead_worker_out_of_three_is_moved() {
+        assert!(!should_hold(&counts(3, 1), 0.5));
+    }
+
+    #[test]
+    fn most_workers_dead_at_once_holds_all_moves() {
+        assert!(should_hold(&counts(3, 2), 0.5));
+        assert!(should_hold(&counts(10, 6), 0.5));
+    }
+
+    #[test]
+    fn exactly_the_threshold_still_moves() {
+        assert!(!should_hold(&counts(10, 5), 0.5));
+    }
+
+    #[test]
+    fn tiny_fleets_are_never_held() {
+        assert!(!should_hold(&counts(2, 2), 0.5));
+        assert!(!should_hold(&counts(1, 1), 0.5));
+    }
+}

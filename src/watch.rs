@@ -1,0 +1,104 @@
+//! Watches: one idle SSH session per alive worker, so that a worker that goes away is
+//! noticed within milliseconds rather than at the next probe round.
+//!
+//! When a watched worker closes the connection (container stopped, machine crashed,
+//! sshd killed) the worker is probed at once, with the usual confirmation retries and
+//! hysteresis ([`crate::health::probe_worker`]): a restarted sshd answers the
+//! confirmation probe and nothing happens; a dead worker fails it and is declared dead
+//! in about `(dead_after - 1) × retry_delay`, which wakes the migration loop. A worker
+//! that hangs without closing the connection stops answering keepalives and is treated
+//! the same way after `keepalive_interval × (keepalive_max + 1)`; the probe rounds stay
+//! the bound for anything slower.
+
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::Context;
+use crate::health::{probe_worker, target_of};
+use crate::model::WorkerStatus;
+
+/// How long a watcher waits before looking again at a worker it cannot watch (dead,
+/// quarantined, or refusing the session).
+const IDLE_RECHECK: Duration = Duration::from_secs(2);
+
+/// A watch that drops sooner than this after opening is not reopened before this long.
+const MIN_WATCH: Duration = Duration::from_secs(1);
+
+/// Watches every worker of the inventory until `shutdown` is cancelled.
+pub async fn run(ctx: Context, shutdown: CancellationToken) {
+    let names = loop {
+        match ctx.store.probe_targets().await {
+            Ok(workers) => break workers.into_iter().map(|w| w.name).collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::warn!(error = %e, "watch: cannot list workers yet");
+                tokio::select! {
+                    () = tokio::time::sleep(IDLE_RECHECK) => continue,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        }
+    };
+    let mut watchers = JoinSet::new();
+    for name in names {
+        watchers.spawn(watch_worker(ctx.clone(), name, shutdown.clone()));
+    }
+    while watchers.join_next().await.is_some() {}
+}
+
+/// Keeps a watch session open on one worker and probes it whenever the session drops.
+async fn watch_worker(ctx: Context, name: String, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let worker = match ctx.store.worker_by_name(&name).await {
+            Ok(Some(w)) if w.retired => return,
+            Ok(Some(w)) => w,
+            Ok(None) => return,
+            Err(_) => {
+                // The database is down; the loops report it. Look again shortly.
+                pause(&shutdown, IDLE_RECHECK).await;
+                continue;
+            }
+        };
+        if worker.status != WorkerStatus::Alive || worker.quarantine_reason.is_some() {
+            pause(&shutdown, IDLE_RECHECK).await;
+            continue;
+        }
+        let target = target_of(&worker);
+        let opened = tokio::time::Instant::now();
+        match ctx.ssh.watch(&target).await {
+            Ok(mut watch) => {
+                tracing::debug!(worker = %name, "watching");
+                tokio::select! {
+                    () = watch.closed() => {
+                        tracing::info!(worker = %name, "watch session dropped; probing now");
+                    }
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            Err(e) => {
+                tracing::debug!(worker = %name, error = %e, "cannot open a watch session; probing now");
+            }
+        }
+        // Either the session dropped or it could not be opened: let a probe decide.
+        match probe_worker(&ctx, worker).await {
+            // Alive after all: watch again, but never spin on a session that keeps dropping.
+            Ok(WorkerStatus::Alive) if opened.elapsed() < MIN_WATCH => {
+                pause(&shutdown, MIN_WATCH).await;
+            }
+            Ok(WorkerStatus::Alive) => {}
+            Ok(_) => pause(&shutdown, IDLE_RECHECK).await,
+            Err(e) => {
+                tracing::warn!(worker = %name, error = format!("{e:#}"), "watch-triggered probe failed");
+                pause(&shutdown, IDLE_RECHECK).await;
+            }
+        }
+    }
+}
+
+async fn pause(shutdown: &CancellationToken, d: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(d) => {}
+        () = shutdown.cancelled() => {}
+    }
+}

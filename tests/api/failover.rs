@@ -1,0 +1,262 @@
+//! Failover drills against real worker containers: a rented worker dies, the rental
+//! comes back elsewhere with the same credentials.
+
+use std::time::{Duration, Instant};
+
+use orion::ssh::Auth;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, spawn_app, spawn_app_with, tenant_key};
+
+/// Polls the rental until `pred` holds, or fails the test after `timeout`.
+async fn wait_rental(
+    app: &TestApp,
+    id: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, rental) = app.get_json(&format!("/api/rentals/{id}")).await;
+        if pred(&rental) {
+            return rental;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rental never reached the expected state: {rental}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A tiny HTTP server that records the JSON bodies POSTed to it.
+async fn notification_sink() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let tx = tx.clone();
+            async move {
+                tx.send(body).ok();
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, rx)
+}
+
+#[tokio::test]
+async fn the_stop_the_worker_drill_moves_the_rental_with_the_same_key_and_fences_the_old_worker() {
+    // Default detection settings: this is the drill users run.
+    let app = spawn_app_with(
+        2,
+        Box::new(|c| {
+            c.health.dead_after = 3;
+            c.health.retry_delay = Duration::from_millis(300);
+        }),
+    )
+    .await;
+    let (key, public) = tenant_key();
+    let (hook, mut notifications) = notification_sink().await;
+    let body: Value = app
+        .rent(json!({ "ssh_public_key": public, "username": "ivan", "notify_url": hook }))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = body["id"].as_str().unwrap().to_owned();
+    let first = body["worker"].as_str().unwrap().to_owned();
+
+    let stopped = Instant::now();
+    app.worker(&first).stop();
+    let moved = wait_rental(&app, &id, Duration::from_secs(30), |r| {
+        r["status"] == "active" && r["worker"] != first.as_str()
+    })
+    .await;
+    let port = moved["port"].as_u64().unwrap() as u16;
+    let whoami = loop {
+        match app
+            .tenant_whoami("127.0.0.1", port, "ivan", Auth::Key(key.clone()))
+            .await
+        {
+            Ok(who) => break who,
+            Err(e) => assert!(stopped.elapsed() < Duration::from_secs(30), "{e}"),
+        }
+    };
+    println!(
+        "stop-to-working-login: {} ms",
+        stopped.elapsed().as_millis()
+    );
+    assert_eq!(whoami, "ivan");
+
+    let placements = moved["placements"].as_array().unwrap();
+    assert_eq!(placements.len(), 2, "{moved}");
+    assert_eq!(placements[0]["worker"], first.as_str());
+    assert_eq!(placements[0]["state"], "stale");
+    assert_eq!(placements[1]["state"], "active");
+
+    let note = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+        .await
+        .expect("a notification within 10 s")
+        .unwrap();
+    assert_eq!(note["event"], "rental.migrated");
+    assert_eq!(note["rental"]["worker"], moved["worker"]);
+    assert_eq!(note["rental"]["port"], moved["port"]);
+
+    // The old worker comes back: the tenant's account is removed before it is free.
+    let old = app.worker(&first);
+    old.start();
+    assert!(
+        old.has_user("ivan"),
+        "the account is still there before fencing"
+    );
+    orion::health::probe_round(&app.ctx).await.unwrap();
+    orion::cleanup::cleanup_pass(&app.ctx).await.unwrap();
+    assert!(!old.has_user("ivan"), "fencing removed the moved tenant");
+    let w = app.ctx.store.worker_by_name(&first).await.unwrap().unwrap();
+    assert!(!w.allocated(), "the old worker is free again");
+    let (_, rental) = app.get_json(&format!("/api/rentals/{id}")).await;
+    assert_eq!(rental["placements"][0]["state"], "released");
+    assert_eq!(
+        app.count(&format!(
+            "SELECT COUNT(*) FROM placements WHERE rental_id = '{id}' AND state = 'active'"
+        ))
+        .await,
+        1,
+        "never active on two workers"
+    );
+    let again: Value = app.rent(json!({})).await.json().await.unwrap();
+    assert_eq!(again["worker"], first.as_str());
+}
+
+#[tokio::test]
+async fn a_briefly_paused_worker_moves_nothing() {
+    let app = spawn_app(2).await;
+    let body: Value = app
+        .rent(json!({ "username": "judy" }))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = body["id"].as_str().unwrap().to_owned();
+    let worker = body["worker"].as_str().unwrap().to_owned();
+    let container = app.worker(&worker).container.clone();
+
+    crate::helpers::docker(&["pause", &container]);
+    let round = {
+        let ctx = app.ctx.clone();
+        tokio::spawn(async move { orion::health::probe_round(&ctx).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    crate::helpers::docker(&["unpause", &container]);
+    round.await.unwrap().unwrap();
+    orion::migration::migration_pass(&app.ctx).await.unwrap();
+
+    let (_, rental) = app.get_json(&format!("/api/rentals/{id}")).await;
+    assert_eq!(rental["status"], "active");
+    assert_eq!(rental["worker"], worker.as_str());
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind LIKE 'rental.migrat%'")
+            .await,
+        0
+    );
+    let w = app
+        .ctx
+        .store
+        .worker_by_name(&worker)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(w.status, orion::model::WorkerStatus::Alive);
+}
+
+#[tokio::test]
+async fn with_no_free_worker_the_rental_waits_then_moves_when_one_frees() {
+    let app = spawn_app(2).await;
+    let a: Value = app
+        .rent(json!({ "username": "kate" }))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let b: Value = app
+        .rent(json!({ "username": "leo" }))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let a_id = a["id"].as_str().unwrap().to_owned();
+    let password = a["password"].as_str().unwrap().to_owned();
+    app.worker(a["worker"].as_str().unwrap()).stop();
+
+    wait_rental(&app, &a_id, Duration::from_secs(30), |r| {
+        r["status"] == "waiting"
+    })
+    .await;
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'rental.waiting'")
+            .await,
+        1
+    );
+
+    let resp = app
+        .http
+        .delete(app.url(&format!("/api/rentals/{}", b["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    orion::migration::migration_pass(&app.ctx).await.unwrap();
+    let moved = wait_rental(&app, &a_id, Duration::from_secs(10), |r| {
+        r["status"] == "active"
+    })
+    .await;
+    assert_eq!(moved["worker"], b["worker"]);
+    let port = moved["port"].as_u64().unwrap() as u16;
+    let who = app
+        .tenant_whoami("127.0.0.1", port, "kate", Auth::Password(password))
+        .await
+        .expect("the same password works on the new worker");
+    assert_eq!(who, "kate");
+}
+
+#[tokio::test]
+async fn most_workers_dead_at_once_holds_migrations_until_it_clears() {
+    let app = spawn_app_with(3, Box::new(|c| c.health.watch = false)).await;
+    let body: Value = app
+        .rent(json!({ "username": "mona" }))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = body["id"].as_str().unwrap().to_owned();
+    let rented = body["worker"].as_str().unwrap().to_owned();
+    let other = app
+        .workers
+        .iter()
+        .find(|w| w.name != rented)
+        .unwrap()
+        .name
+        .clone();
+    app.worker(&rented).stop();
+    app.worker(&other).stop();
+    orion::health::probe_round(&app.ctx).await.unwrap();
+    let summary = orion::migration::migration_pass(&app.ctx).await.unwrap();
+    assert!(summary.held, "{summary:?}");
+    let (_, rental) = app.get_json(&format!("/api/rentals/{id}")).await;
+    assert_eq!(rental["status"], "active");
+    assert_eq!(rental["worker"], rented.as_str());
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'migration.held'")
+            .await,
+        1
+    );
+
+    app.worker(&other).start();
+    orion::health::probe_round(&app.ctx).await.unwrap();
+    let summary = orion::migration::migration_pass(&app.ctx).await.unwrap();
+    assert_eq!(summary.moved, 1, "{summary:?}");
+}

@@ -156,6 +156,13 @@ pub async fn probe_worker(ctx: &Context, worker: Worker) -> anyhow::Result<Worke
         if outcome.is_ok() || attempt >= attempts || health.status == WorkerStatus::Dead {
             break;
         }
+        // Record the failure before confirming it: while confirmations run, the migration
+        // loop sees this worker as failing, so a fault hitting most workers at once is
+        // recognised as one even though their deaths are declared one by one.
+        ctx.store
+            .record_failing(&worker, health.consecutive_failures)
+            .await
+            .context("Failed to record a failed probe")?;
         tokio::time::sleep(cfg.retry_delay).await;
     }
 

@@ -45,9 +45,11 @@ pub struct PassSummary {
     pub held: bool,
 }
 
-/// Whether to hold all moves: with at least 3 workers, more than `max_fraction` dead.
+/// Whether to hold all moves: with at least 3 workers, more than `max_fraction` of them
+/// dead or failing their probes at the same moment.
 pub fn should_hold(counts: &WorkerCounts, max_fraction: f64) -> bool {
-    counts.total >= 3 && (counts.dead as f64) > max_fraction * counts.total as f64
+    let unhealthy = counts.dead + counts.failing;
+    counts.total >= 3 && (unhealthy as f64) > max_fraction * counts.total as f64
 }
 
 /// One pass over every rental that must move.
@@ -90,7 +92,8 @@ pub async fn migration_pass(ctx: &Context) -> anyhow::Result<PassSummary> {
                 None,
                 &format!(
                     "{} of {} workers look dead at once; no rental is moved until this clears",
-                    counts.dead, counts.total
+                    counts.dead + counts.failing,
+                    counts.total
                 ),
             )
             .await
@@ -290,6 +293,17 @@ mod tests {
     fn most_workers_dead_at_once_holds_all_moves() {
         assert!(should_hold(&counts(3, 2), 0.5));
         assert!(should_hold(&counts(10, 6), 0.5));
+    }
+
+    #[test]
+    fn workers_still_failing_their_confirmation_count_as_unhealthy() {
+        let c = WorkerCounts {
+            total: 3,
+            dead: 1,
+            failing: 1,
+            ..WorkerCounts::default()
+        };
+        assert!(should_hold(&c, 0.5));
     }
 
     #[test]

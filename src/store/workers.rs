@@ -108,6 +108,8 @@ pub struct WorkerCounts {
     pub total: i64,
     pub alive: i64,
     pub dead: i64,
+    /// Not (yet) dead, but their last probe failed.
+    pub failing: i64,
     pub unknown: i64,
     pub allocated: i64,
     pub free: i64,
@@ -303,6 +305,19 @@ impl Store {
         Ok(())
     }
 
+    /// Records failed probes that have not (yet) made the worker dead.
+    pub async fn record_failing(&self, worker: &Worker, failures: u32) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE workers SET consecutive_failures = ?, consecutive_successes = 0, \
+             last_checked = UTC_TIMESTAMP(6), updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+        )
+        .bind(failures)
+        .bind(worker.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Records a host key trusted on first use. Returns false if another key was recorded
     /// meanwhile (the caller then treats the connection as a mismatch).
     pub async fn trust_host_key(&self, worker: &Worker, key: &str) -> Result<bool, StoreError> {
@@ -365,6 +380,8 @@ impl Store {
             "SELECT COUNT(*) AS total, \
              CAST(COALESCE(SUM(status = 'alive'), 0) AS SIGNED) AS alive, \
              CAST(COALESCE(SUM(status = 'dead'), 0) AS SIGNED) AS dead, \
+             CAST(COALESCE(SUM(status <> 'dead' AND consecutive_failures > 0), 0) AS SIGNED) \
+                 AS failing, \
              CAST(COALESCE(SUM(status = 'unknown'), 0) AS SIGNED) AS unknown, \
              CAST(COALESCE(SUM(rental_id IS NOT NULL), 0) AS SIGNED) AS allocated, \
              CAST(COALESCE(SUM(rental_id IS NULL AND status = 'alive' \
@@ -378,6 +395,7 @@ impl Store {
             total: row.try_get("total")?,
             alive: row.try_get("alive")?,
             dead: row.try_get("dead")?,
+            failing: row.try_get("failing")?,
             unknown: row.try_get("unknown")?,
             allocated: row.try_get("allocated")?,
             free: row.try_get("free")?,

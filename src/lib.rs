@@ -28,6 +28,8 @@
 //! - [`cleanup`]: the loop that removes leftover tenant accounts from workers before they
 //!   are offered again.
 //! - [`api`]: the axum router, its handlers and the single error-to-response mapping.
+//! - [`testkit`]: the harness of the integration tests and benchmarks (Docker workers,
+//!   per-test databases); not used by `orion serve`.
 //! - [`startup`]: builds the application from a config and runs it until shutdown.
 
 pub mod api;
@@ -44,4 +46,5 @@ pub mod ssh;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod testkit;
 pub mod watch;

@@ -1,0 +1,169 @@
+//! `orion-bench`: benchmarks against real sshd worker containers and MariaDB.
+//! Run through `scripts/bench.sh`, which starts what they need.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+use orion::config::{HealthConfig, MigrationConfig};
+use orion::ssh::Auth;
+use orion::testkit::{spawn_app_with, tenant_key};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(
+    name = "orion-bench",
+    about = "Orion benchmarks on the local Docker setup"
+)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// The stop-the-worker drill, N times, with Orion's default settings: time from
+    /// `docker stop` to the worker declared dead, to the rental active elsewhere, and to
+    /// a working SSH login there with the same key.
+    Failover {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Workers in the fleet.
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        match cli.bench {
+            Bench::Failover { runs, workers } => failover(runs, workers).await,
+        }
+    })
+}
+
+async fn failover(runs: usize, workers: usize) -> anyhow::Result<()> {
+    if workers < 2 {
+        bail!("the drill needs at least 2 workers");
+    }
+    // Orion's defaults for detection and migration: what a user gets.
+    let app = spawn_app_with(
+        workers,
+        Box::new(|c| {
+            c.health = HealthConfig::default();
+            c.migration = MigrationConfig::default();
+        }),
+    )
+    .await;
+    println!(
+        "failover drill: {runs} runs, {workers} workers, default settings \
+         (dead_after {}, retry_delay {:?}, keepalive {:?} x {})",
+        app.ctx.config.health.dead_after,
+        app.ctx.config.health.retry_delay,
+        app.ctx.config.health.keepalive_interval,
+        app.ctx.config.health.keepalive_max,
+    );
+    let (key, public) = tenant_key();
+    let (mut detect, mut moved, mut login) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=runs {
+        let resp = app
+            .rent(json!({ "ssh_public_key": public, "username": format!("bench{run}") }))
+            .await;
+        if resp.status() != 201 {
+            bail!("rent failed: {}", resp.text().await.unwrap_or_default());
+        }
+        let body: Value = resp.json().await?;
+        let id = body["id"].as_str().context("rental id")?.to_owned();
+        let first = body["worker"].as_str().context("worker")?.to_owned();
+        let worker = app.worker(&first);
+
+        let stopped_at = Utc::now();
+        let stopped = Instant::now();
+        worker.stop();
+        let (port, t_moved) = loop {
+            let (_, r) = app.get_json(&format!("/api/rentals/{id}")).await;
+            if r["status"] == "active" && r["worker"] != first.as_str() {
+                break (
+                    r["port"].as_u64().context("port")? as u16,
+                    stopped.elapsed(),
+                );
+            }
+            if stopped.elapsed() > Duration::from_secs(60) {
+                bail!("run {run}: the rental did not move within 60 s: {r}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let username = format!("bench{run}");
+        let t_login = loop {
+            if app
+                .tenant_whoami("127.0.0.1", port, &username, Auth::Key(key.clone()))
+                .await
+                .is_ok_and(|who| who == username)
+            {
+                break stopped.elapsed();
+            }
+            if stopped.elapsed() > Duration::from_secs(60) {
+                bail!("run {run}: no working login within 60 s");
+            }
+        };
+        let dead_at: chrono::DateTime<Utc> = sqlx::query_scalar(
+            "SELECT at FROM events WHERE kind = 'worker.dead' AND worker = ? AND at >= ? \
+             ORDER BY id LIMIT 1",
+        )
+        .bind(&first)
+        .bind(stopped_at)
+        .fetch_one(app.ctx.store.pool())
+        .await
+        .context("no worker.dead event")?;
+        let t_detect = (dead_at - stopped_at).to_std().unwrap_or_default();
+        println!(
+            "run {run:>2}: {first} stopped → dead {:>5} ms, moved {:>5} ms, login {:>5} ms",
+            t_detect.as_millis(),
+            t_moved.as_millis(),
+            t_login.as_millis()
+        );
+        detect.push(t_detect);
+        moved.push(t_moved);
+        login.push(t_login);
+
+        // Put the fleet back: the worker returns, is fenced, and the rental ends.
+        worker.start();
+        for _ in 0..app.ctx.config.health.alive_after {
+            orion::health::probe_round(&app.ctx).await?;
+        }
+        orion::cleanup::cleanup_pass(&app.ctx).await?;
+        let resp = app
+            .http
+            .delete(app.url(&format!("/api/rentals/{id}")))
+            .send()
+            .await?;
+        if resp.status() != 204 {
+            bail!("release failed: {}", resp.status());
+        }
+    }
+    println!();
+    report("stop → declared dead", &mut detect);
+    report("stop → rental active elsewhere", &mut moved);
+    report("stop → working login (same key)", &mut login);
+    Ok(())
+}
+
+fn report(what: &str, samples: &mut [Duration]) {
+    samples.sort();
+    let ms = |d: Duration| d.as_millis();
+    println!(
+        "{what:<34} min {:>5} ms   median {:>5} ms   max {:>5} ms   (n={})",
+        ms(samples[0]),
+        ms(samples[samples.len() / 2]),
+        ms(samples[samples.len() - 1]),
+        samples.len()
+    );
+}

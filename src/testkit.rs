@@ -1,0 +1,408 @@
+//! The harness shared by the integration tests and the benchmarks: real MariaDB, real
+//! sshd worker containers, the real application on port 0. `scripts/test.sh` starts
+//! MariaDB and builds the worker image; every test gets its own database and its own
+//! worker containers. Failures panic with a message saying what is missing: this is
+//! harness code, never used by `orion serve`.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::context::Context;
+use crate::ssh::{Auth, SshClient, Target};
+use crate::startup::Application;
+use russh::keys::PrivateKey;
+use russh::keys::ssh_key::LineEnding;
+use serde_json::Value;
+use sqlx::Connection;
+use tokio_util::sync::CancellationToken;
+
+/// The MariaDB server the tests use; `scripts/test.sh` starts it and sets this.
+fn database_server_url() -> String {
+    std::env::var("ORION_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "ORION_TEST_DATABASE_URL is not set: these tests need a running MariaDB. \
+             Run them with `scripts/test.sh`, which starts one in Docker."
+        )
+    })
+}
+
+fn worker_image() -> String {
+    let image =
+        std::env::var("ORION_TEST_WORKER_IMAGE").unwrap_or_else(|_| "orion/worker:latest".into());
+    let found = Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", &image])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `docker` ({e}): these tests need Docker"));
+    assert!(
+        found.status.success(),
+        "worker image {image} is missing: build it with `scripts/images.sh` \
+         (or run the tests with `scripts/test.sh`)"
+    );
+    image
+}
+
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("cannot run docker");
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..10].to_owned()
+}
+
+/// One sshd worker container, published on a fixed loopback port so that a stop and a
+/// start keep its address. Removed when dropped.
+pub struct Worker {
+    pub name: String,
+    pub container: String,
+    pub port: u16,
+}
+
+impl Worker {
+    pub fn start_new(name: &str, orion_public_key: &str) -> Self {
+        let image = worker_image();
+        let container = format!("orion-test-{}-{name}", short_id());
+        let port = free_port();
+        docker(&[
+            "run",
+            "-d",
+            "--name",
+            &container,
+            "--label",
+            "orion.test=1",
+            "-p",
+            &format!("127.0.0.1:{port}:22"),
+            "-e",
+            &format!("ORION_AUTHORIZED_KEY={orion_public_key}"),
+            &image,
+        ]);
+        let worker = Self {
+            name: name.to_owned(),
+            container,
+            port,
+        };
+        worker.wait_for_sshd();
+        worker
+    }
+
+    /// Waits until sshd sends its banner on the published port.
+    pub fn wait_for_sshd(&self) {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+                let mut banner = [0u8; 4];
+                if s.read_exact(&mut banner).is_ok() && &banner == b"SSH-" {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "worker {} did not start sshd on port {} within 30 s: {}",
+                self.container,
+                self.port,
+                docker(&["logs", "--tail", "20", &self.container])
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn stop(&self) {
+        docker(&["stop", "-t", "1", &self.container]);
+    }
+
+    pub fn start(&self) {
+        docker(&["start", &self.container]);
+        self.wait_for_sshd();
+    }
+
+    /// Runs a shell command inside the container as root and returns its stdout.
+    pub fn exec(&self, script: &str) -> String {
+        docker(&["exec", &self.container, "sh", "-c", script])
+    }
+
+    /// Gives the worker new host keys, as a reinstalled (or impersonated) machine would.
+    pub fn rotate_host_keys(&self) {
+        self.exec("orion-rotate-host-keys >/dev/null");
+        std::thread::sleep(Duration::from_millis(300));
+        self.wait_for_sshd();
+    }
+
+    /// Whether a login exists on the worker.
+    pub fn has_user(&self, user: &str) -> bool {
+        self.exec(&format!(
+            "getent passwd {user} >/dev/null && echo yes || echo no"
+        )) == "yes"
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", "-v", &self.container])
+            .output();
+    }
+}
+
+/// Tweaks to the test configuration.
+pub type Tweak = Box<dyn FnOnce(&mut Config)>;
+
+/// A running Orion with its own database and workers.
+pub struct TestApp {
+    pub address: String,
+    pub ctx: Context,
+    pub workers: Vec<Worker>,
+    pub http: reqwest::Client,
+    /// SSH client with a throwaway key, for logging in as tenants.
+    pub tenant_ssh: SshClient,
+    pub dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Starts `n` workers and Orion in front of them, and waits for the first probe round.
+pub async fn spawn_app(n: usize) -> TestApp {
+    spawn_app_with(n, Box::new(|_| {})).await
+}
+
+pub async fn spawn_app_with(n: usize, tweak: Tweak) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let key = crate::ssh::generate_ed25519();
+    let key_path = dir.path().join("id_ed25519");
+    write_private_key(&key, &key_path);
+    let public = crate::ssh::host_key_line(key.public_key());
+
+    let workers: Vec<Worker> = (1..=n)
+        .map(|i| Worker::start_new(&format!("worker_{i}"), &public))
+        .collect();
+    let inventory_path = dir.path().join("inventory.toml");
+    std::fs::write(&inventory_path, inventory_for(&workers)).unwrap();
+
+    let database_url = create_database().await;
+    let mut config = test_config(&database_url, &inventory_path, &key_path);
+    tweak(&mut config);
+
+    let app = Application::build(config)
+        .await
+        .expect("orion failed to build");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let ctx = app.context().clone();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+
+    // The loops run a first pass at start; wait for it so tests begin from a probed fleet.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while ctx
+        .loops
+        .snapshot()
+        .get("health")
+        .is_none_or(|s| s.passes == 0)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first probe round never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let tenant_ssh = SshClient::with_key(
+        Arc::new(crate::ssh::generate_ed25519()),
+        "nobody",
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+        64,
+    );
+    TestApp {
+        address,
+        ctx,
+        workers,
+        http: reqwest::Client::new(),
+        tenant_ssh,
+        dir,
+        shutdown,
+        server: Some(server),
+    }
+}
+
+pub fn write_private_key(key: &PrivateKey, path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, key.to_openssh(LineEnding::LF).unwrap().as_bytes()).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Inventory text for workers published on loopback.
+pub fn inventory_for(workers: &[Worker]) -> String {
+    workers
+        .iter()
+        .map(|w| {
+            format!(
+                "[[workers]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nsite = \"test\"\n\n",
+                w.name, w.port
+            )
+        })
+        .collect()
+}
+
+/// A configuration whose loops wait an hour between passes: tests drive rounds
+/// themselves, by calling a loop's pass directly.
+pub fn test_config(
+    database_url: &str,
+    inventory: &std::path::Path,
+    key: &std::path::Path,
+) -> Config {
+    let text = format!(
+        r#"
+        listen = "127.0.0.1:0"
+        inventory = "{inventory}"
+        playbooks = "{playbooks}"
+        [database]
+        url = "{database_url}"
+        max_connections = 20
+        acquire_timeout = "3s"
+        [ssh]
+        key = "{key}"
+        connect_timeout = "3s"
+        command_timeout = "20s"
+        [health]
+        interval = "1h"
+        probe_timeout = "3s"
+        dead_after = 2
+        alive_after = 1
+        retry_delay = "100ms"
+        [migration]
+        interval = "1h"
+        [cleanup]
+        interval = "1h"
+        "#,
+        inventory = inventory.display(),
+        playbooks = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("playbooks")
+            .display(),
+        key = key.display(),
+    );
+    Config::from_toml_str(&text).expect("test config is valid")
+}
+
+/// Creates a fresh database for one test and returns its URL.
+pub async fn create_database() -> String {
+    let server = database_server_url();
+    let name = format!("orion_test_{}", short_id());
+    let mut conn = sqlx::MySqlConnection::connect(&server)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to MariaDB at ORION_TEST_DATABASE_URL ({e}); \
+             is it running? `scripts/test.sh` starts it"
+            )
+        });
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    format!("{}/{name}", server.trim_end_matches('/'))
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn rent(&self, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/api/rent"))
+            .json(&body)
+            .send()
+            .await
+            .expect("rent request failed")
+    }
+
+    pub async fn get_json(&self, path: &str) -> (reqwest::StatusCode, Value) {
+        let resp = self.http.get(self.url(path)).send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub fn worker(&self, name: &str) -> &Worker {
+        self.workers
+            .iter()
+            .find(|w| w.name == name)
+            .unwrap_or_else(|| panic!("no test worker named {name}"))
+    }
+
+    /// Logs in to `host:port` as a tenant and runs `whoami`.
+    pub async fn tenant_whoami(
+        &self,
+        host: &str,
+        port: u16,
+        user: &str,
+        auth: Auth,
+    ) -> Result<String, String> {
+        let target = Target {
+            name: format!("{host}:{port}"),
+            host: host.to_owned(),
+            port,
+            host_key: None,
+        };
+        let session = self
+            .tenant_ssh
+            .connect_as(&target, user, auth)
+            .await
+            .map_err(|e| e.to_string())?;
+        let out = session
+            .exec("whoami", None)
+            .await
+            .map_err(|e| e.to_string())?;
+        session.close().await;
+        Ok(out.stdout.trim().to_owned())
+    }
+
+    /// Counts rows of a table in this test's database.
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(self.ctx.store.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Stops Orion gracefully and waits for it; the workers and database stay.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A tenant key pair and its public line.
+pub fn tenant_key() -> (Arc<PrivateKey>, String) {
+    let key = crate::ssh::generate_ed25519();
+    let public = crate::ssh::host_key_line(key.public_key());
+    (Arc::new(key), public)
+}

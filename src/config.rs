@@ -302,10 +302,12 @@ impl Config {
     /// `ORION_*` variables that name a configuration field. Others (`ORION_CONFIG`, the
     /// test harness's `ORION_TEST_*`) are not configuration and are left alone.
     fn environment() -> Env {
-        Env::prefixed("ORION_").split("__").filter(|key| {
-            let top = key.as_str().split('.').next().unwrap_or_default();
-            TOP_LEVEL_FIELDS.contains(&top)
-        })
+        Env::prefixed("ORION_")
+            .filter(|key| {
+                let top = key.as_str().split("__").next().unwrap_or_default();
+                TOP_LEVEL_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(top))
+            })
+            .split("__")
     }
 
     /// Reads a configuration from TOML text alone (tests, `orion check`).
@@ -453,6 +455,21 @@ mod tests {
             defaults.database.max_connections
         );
         assert_eq!(example.listen, defaults.listen);
+    }
+
+    #[test]
+    fn environment_variables_override_the_file_and_others_are_ignored() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("orion.toml", MINIMAL)?;
+            jail.set_env("ORION_DATABASE__URL", "mysql://orion:s3cret@db:3306/orion");
+            jail.set_env("ORION_HEALTH__INTERVAL", "7s");
+            jail.set_env("ORION_CONFIG", "/somewhere/else.toml");
+            jail.set_env("ORION_TEST_DATABASE_URL", "mysql://root@127.0.0.1");
+            let config = Config::load(Path::new("orion.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(config.database.url, "mysql://orion:s3cret@db:3306/orion");
+            assert_eq!(config.health.interval, Duration::from_secs(7));
+            Ok(())
+        });
     }
 
     #[test]

@@ -39,11 +39,10 @@ pub struct Inventory {
 /// What is wrong with an inventory, and where.
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
-    #[error("cannot read inventory {path}: {source}")]
+    #[error("cannot read inventory {path}: {cause}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}:{line}: {field}: {message}")]
     Invalid {
@@ -88,9 +87,9 @@ pub const DEFAULT_SITE: &str = "default";
 impl Inventory {
     /// Reads and validates the inventory at `path`.
     pub fn load(path: &Path) -> Result<Self, InventoryError> {
-        let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| InventoryError::Read {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         Self::parse(&text, path)
     }

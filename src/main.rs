@@ -39,6 +39,8 @@ enum Command {
     Migrate,
     /// Validate the configuration, the inventory and the playbooks, and exit.
     Check,
+    /// Ask the local `orion serve` for its health; exit 0 if healthy (container checks).
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
             Command::Check => check(&config),
+            Command::Healthcheck => healthcheck(&config).await,
         }
     });
     match result {
@@ -87,6 +90,21 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
     )?;
     store.migrate().await?;
     println!("schema up to date");
+    Ok(())
+}
+
+async fn healthcheck(config: &Config) -> anyhow::Result<()> {
+    let url = format!("http://127.0.0.1:{}/health", config.listen.port());
+    let resp = reqwest::Client::new()
+        .get(&url)
+        .timeout(std::time::Duration::from_secs(2))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "{url} answered {}",
+        resp.status()
+    );
     Ok(())
 }
 

@@ -51,24 +51,21 @@ pub struct Vars {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlaybookError {
-    #[error("cannot read playbook {path}: {source}")]
+    #[error("cannot read playbook {path}: {cause}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("playbook {name}: {source}")]
+    #[error("playbook {name}: {cause}")]
     Template {
         name: String,
-        #[source]
-        source: minijinja::Error,
+        cause: minijinja::Error,
     },
-    #[error("playbook {playbook} on {worker}: {source}")]
+    #[error("playbook {playbook} on {worker}: {cause}")]
     Ssh {
         playbook: &'static str,
         worker: String,
-        #[source]
-        source: Box<SshError>,
+        cause: Box<SshError>,
     },
     #[error("playbook {playbook} on {worker} failed (exit {status}): {stderr}")]
     Failed {
@@ -108,12 +105,12 @@ impl Playbooks {
         for playbook in Playbook::ALL {
             let name = playbook.template();
             let path = dir.join(&name);
-            let source = std::fs::read_to_string(&path).map_err(|source| PlaybookError::Read {
+            let text = std::fs::read_to_string(&path).map_err(|cause| PlaybookError::Read {
                 path: path.clone(),
-                source,
+                cause,
             })?;
-            env.add_template_owned(name.clone(), source)
-                .map_err(|source| PlaybookError::Template { name, source })?;
+            env.add_template_owned(name.clone(), text)
+                .map_err(|cause| PlaybookError::Template { name, cause })?;
         }
         Ok(Self {
             env,
@@ -124,9 +121,9 @@ impl Playbooks {
     /// Renders a playbook into the shell script that will run on the worker.
     pub fn render(&self, playbook: Playbook, vars: &Vars) -> Result<String, PlaybookError> {
         let name = playbook.template();
-        let template_error = |source| PlaybookError::Template {
+        let template_error = |cause| PlaybookError::Template {
             name: name.clone(),
-            source,
+            cause,
         };
         self.env
             .get_template(&name)
@@ -193,10 +190,10 @@ impl Executor {
         target: &Target,
     ) -> Result<(), PlaybookError> {
         let script = self.playbooks.render(playbook, vars)?;
-        let ssh_error = |source| PlaybookError::Ssh {
+        let ssh_error = |cause| PlaybookError::Ssh {
             playbook: playbook.name(),
             worker: target.name.clone(),
-            source: Box::new(source),
+            cause: Box::new(cause),
         };
         let session = self.ssh.connect(target).await.map_err(ssh_error)?;
         let result = session.exec("sh -s", Some(script.as_bytes())).await;

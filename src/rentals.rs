@@ -157,7 +157,7 @@ async fn quarantine_on_mismatch(
     worker: &Worker,
     result: &Result<(), PlaybookError>,
 ) {
-    if let Err(PlaybookError::Ssh { source: e, .. }) = result
+    if let Err(PlaybookError::Ssh { cause: e, .. }) = result
         && let SshError::HostKeyMismatch { .. } = **e
     {
         let reason = format!("host key changed: {e}");

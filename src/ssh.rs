@@ -53,12 +53,8 @@ impl std::fmt::Debug for Auth {
 pub enum SshError {
     #[error("cannot read Orion's SSH key {path}: {message}")]
     Key { path: PathBuf, message: String },
-    #[error("cannot connect to {addr}: {source}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot connect to {addr}: {cause}")]
+    Connect { addr: String, cause: std::io::Error },
     #[error("{addr}: no answer within {after:?} during {stage}")]
     Timeout {
         addr: String,
@@ -73,12 +69,8 @@ pub enum SshError {
     },
     #[error("{addr}: authentication as `{user}` was refused")]
     AuthRejected { addr: String, user: String },
-    #[error("{addr}: ssh protocol error: {source}")]
-    Protocol {
-        addr: String,
-        #[source]
-        source: russh::Error,
-    },
+    #[error("{addr}: ssh protocol error: {cause}")]
+    Protocol { addr: String, cause: russh::Error },
 }
 
 impl SshError {
@@ -200,9 +192,9 @@ impl SshClient {
         let channel = handle
             .channel_open_session()
             .await
-            .map_err(|source| SshError::Protocol {
+            .map_err(|cause| SshError::Protocol {
                 addr: addr.clone(),
-                source,
+                cause,
             })?;
         Ok(Watch {
             _handle: handle,
@@ -267,21 +259,21 @@ impl SshClient {
         let handshake = async {
             let stream = tokio::net::TcpStream::connect(&addr)
                 .await
-                .map_err(|source| SshError::Connect {
+                .map_err(|cause| SshError::Connect {
                     addr: addr.clone(),
-                    source,
+                    cause,
                 })?;
             stream.set_nodelay(true).ok();
             let mut handle = client::connect_stream(config.clone(), stream, verifier)
                 .await
-                .map_err(|source| {
+                .map_err(|cause| {
                     mismatch_or(
                         &presented,
                         target,
                         &addr,
                         SshError::Protocol {
                             addr: addr.clone(),
-                            source,
+                            cause,
                         },
                     )
                 })?;
@@ -299,9 +291,9 @@ impl SshClient {
                 }
                 Auth::Password(password) => handle.authenticate_password(user, password).await,
             }
-            .map_err(|source| SshError::Protocol {
+            .map_err(|cause| SshError::Protocol {
                 addr: addr.clone(),
-                source,
+                cause,
             })?;
             if !result.success() {
                 return Err(SshError::AuthRejected {
@@ -347,7 +339,7 @@ impl SshClient {
         if !out.success() {
             return Err(SshError::Protocol {
                 addr: target.addr(),
-                source: russh::Error::Disconnect,
+                cause: russh::Error::Disconnect,
             });
         }
         Ok(Probe {
@@ -419,9 +411,9 @@ impl Session {
     /// Runs `command`, feeding it `stdin` then end-of-file, and collects its output.
     /// Secrets travel in `stdin`, never in `command`, which other users can see in `ps`.
     pub async fn exec(&self, command: &str, stdin: Option<&[u8]>) -> Result<Output, SshError> {
-        let protocol = |source| SshError::Protocol {
+        let protocol = |cause| SshError::Protocol {
             addr: self.addr.clone(),
-            source,
+            cause,
         };
         let work = async {
             let mut channel = self.handle.channel_open_session().await.map_err(protocol)?;

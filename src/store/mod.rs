@@ -22,13 +22,13 @@ pub use workers::{Cleanup, ProbeRecord, Worker, WorkerCounts};
 pub enum StoreError {
     /// The database cannot be reached or is overloaded: retry later, answer 503.
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(sqlx::Error),
     /// A live rental already uses this username.
     #[error("username `{0}` is already used by another rental")]
     UsernameTaken(String),
     /// Anything else: a bug or a schema mismatch.
     #[error("database error: {0}")]
-    Query(#[source] sqlx::Error),
+    Query(sqlx::Error),
     #[error("schema migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Orion's data plane: N sshd worker containers on the Docker host.
+#
+#   scripts/workers.sh up N     start worker_1..worker_N (sshd on host ports 22221..),
+#                               with Orion's public key, and write the matching inventory
+#   scripts/workers.sh stop     stop them, keeping their identity (host keys) and accounts
+#   scripts/workers.sh down     remove them
+#   scripts/workers.sh status   list them
+#
+# Containers are named worker_1… so the failure drill is literally `docker stop worker_1`.
+# Env: ORION_PROJECT (default orion): state lives in .platform/$ORION_PROJECT
+#      ORION_WORKER_PREFIX (default empty): prefix of container names
+#      ORION_WORKER_BASE_PORT (default 22220): worker i listens on base + i
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+project=${ORION_PROJECT:-orion}
+dir=.platform/$project
+prefix=${ORION_WORKER_PREFIX:-}
+base=${ORION_WORKER_BASE_PORT:-22220}
+image=orion/worker:latest
+
+log() { echo "workers: $*" >&2; }
+die() { echo "workers: ERROR: $*" >&2; exit 1; }
+
+up() {
+  local n=${1:-3}
+  [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive number (got '$n')"
+  local pub=$dir/orion_ed25519.pub
+  [[ -s "$pub" ]] || die "no Orion public key at $pub: run scripts/platform.sh up (it makes one)"
+  docker image inspect "$image" >/dev/null 2>&1 || die "image $image is missing: run scripts/images.sh"
+  local key; key=$(cat "$pub")
+  for ((i = 1; i <= n; i++)); do
+    local name="${prefix}worker_$i" port=$((base + i))
+    if docker container inspect "$name" >/dev/null 2>&1; then
+      local bound
+      bound=$(docker inspect -f '{{range (index .HostConfig.PortBindings "22/tcp")}}{{.HostPort}}{{end}}' "$name")
+      [[ "$bound" == "$port" ]] || die "$name exists but publishes port '$bound', not $port: remove it (docker rm -f $name)"
+      if [[ "$(docker inspect -f '{{.State.Running}}' "$name")" != true ]]; then
+        log "starting $name"
+        docker start "$name" >/dev/null
+      fi
+    else
+      log "creating $name on port $port"
+      # --restart no: a stopped worker stays stopped, that is the failure drill.
+      docker run -d --name "$name" --hostname "$name" --restart no \
+        --label "orion.platform=$project" -p "$port:22" \
+        -e ORION_AUTHORIZED_KEY="$key" "$image" >/dev/null
+    fi
+  done
+  write_inventory "$n"
+}
+
+write_inventory() {
+  local n=$1 file=$dir/inventory.toml
+  {
+    echo "# Written by scripts/workers.sh up $n: worker_1..worker_$n on the Docker host."
+    echo "# Orion (in a container) reaches them through host.docker.internal; clients"
+    echo "# on the host use localhost. Format: see inventory/compose.toml."
+    echo
+    echo "[defaults]"
+    echo "site = \"local\""
+    echo "public_host = \"localhost\""
+    for ((i = 1; i <= n; i++)); do
+      echo
+      echo "[[workers]]"
+      echo "name = \"worker_$i\""
+      echo "host = \"host.docker.internal\""
+      echo "port = $((base + i))"
+    done
+  } >"$file"
+  # Read by orion's unprivileged user in its container; holds no secret.
+  chmod 644 "$file"
+  log "inventory of $n workers written to $file"
+}
+
+down() {
+  local ids
+  ids=$(docker ps -aq --filter "label=orion.platform=$project")
+  if [[ -n "$ids" ]]; then
+    # shellcheck disable=SC2086
+    docker rm -f $ids >/dev/null
+    log "removed $(wc -w <<<"$ids") worker(s)"
+  fi
+}
+
+stop() {
+  local ids
+  ids=$(docker ps -q --filter "label=orion.platform=$project")
+  if [[ -n "$ids" ]]; then
+    # shellcheck disable=SC2086
+    docker stop $ids >/dev/null
+    log "stopped $(wc -w <<<"$ids") worker(s)"
+  fi
+}
+
+status() {
+  docker ps -a --filter "label=orion.platform=$project" \
+    --format 'table {{.Names}}\t{{.Status}}\t{{.Ports}}'
+}
+
+case "${1:-}" in
+  up) shift; up "$@" ;;
+  stop) stop ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up N | stop | down | status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,283 @@
+//! End to end, exactly the README's walk: the docker-compose platform started by
+//! `scripts/platform.sh up`, a rent through Caddy over HTTPS, an SSH login, `docker stop`
+//! of the rented worker, the same login on the new worker, a MariaDB outage answered
+//! with 503 JSON through Caddy, and a `down`/`up` that keeps the rentals.
+//!
+//! It runs its own platform (project `orion-e2e`, its own ports and worker names), so
+//! it never touches a platform a developer has running.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use orion::ssh::{Auth, SshClient, Target};
+use orion::testkit::{docker, tenant_key};
+use serde_json::{Value, json};
+
+const PROJECT: &str = "orion-e2e";
+const PREFIX: &str = "orion-e2e-";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A free block of `n` consecutive ports after a base, for the workers.
+fn free_port_block(n: u16) -> u16 {
+    'base: for base in (24000..30000).step_by(50) {
+        for i in 1..=n {
+            if std::net::TcpListener::bind(("0.0.0.0", base + i)).is_err() {
+                continue 'base;
+            }
+        }
+        return base;
+    }
+    panic!("no free block of {n} ports for the workers");
+}
+
+struct Platform {
+    https_port: u16,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Platform {
+    fn script(&self, args: &[&str]) -> bool {
+        Command::new(repo().join("scripts/platform.sh"))
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .status()
+            .expect("cannot run scripts/platform.sh")
+            .success()
+    }
+
+    fn container(&self, service: &str) -> String {
+        let id = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.compose.project={PROJECT}"),
+            "--filter",
+            &format!("label=com.docker.compose.service={service}"),
+        ]);
+        assert!(
+            !id.is_empty(),
+            "no {service} container in project {PROJECT}"
+        );
+        id
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        self.script(&["down", "--volumes"]);
+    }
+}
+
+/// A client that trusts the platform's Caddy CA (saved by `platform.sh up`).
+fn https_client() -> reqwest::Client {
+    let cert = std::fs::read(repo().join(format!(".platform/{PROJECT}/caddy-root.crt")))
+        .expect("platform.sh saves Caddy's root certificate");
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&cert).unwrap())
+        .build()
+        .unwrap()
+}
+
+async fn tenant_login(
+    port: u16,
+    user: &str,
+    key: Arc<russh::keys::PrivateKey>,
+) -> Result<String, String> {
+    let ssh = SshClient::with_key(
+        Arc::new(orion::ssh::generate_ed25519()),
+        "x",
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+        4,
+    );
+    let target = Target {
+        name: "w".into(),
+        host: "localhost".into(),
+        port,
+        host_key: None,
+    };
+    let session = ssh
+        .connect_as(&target, user, Auth::Key(key))
+        .await
+        .map_err(|e| e.to_string())?;
+    let out = session
+        .exec("whoami", None)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(out.stdout.trim().to_owned())
+}
+
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_readme_walk_through_caddy_over_https() {
+    let https_port = free_port();
+    let worker_base = free_port_block(3);
+    let platform = Platform {
+        https_port,
+        env: vec![
+            ("ORION_PROJECT", PROJECT.into()),
+            ("ORION_HTTPS_PORT", https_port.to_string()),
+            ("ORION_WORKER_PREFIX", PREFIX.into()),
+            ("ORION_WORKER_BASE_PORT", worker_base.to_string()),
+            ("ORION_BINARY", env!("CARGO_BIN_EXE_orion").into()),
+        ],
+    };
+    // A previous run killed mid-way may have left its platform: start clean.
+    platform.script(&["down", "--volumes"]);
+    assert!(
+        platform.script(&["up", "3"]),
+        "scripts/platform.sh up failed"
+    );
+
+    let http = https_client();
+    let base = format!("https://localhost:{}", platform.https_port);
+
+    // Bad input is refused with the JSON error shape, through Caddy.
+    let resp = http
+        .post(format!("{base}/api/rent"))
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "bad_request");
+
+    // Rent with a key, log in.
+    let (key, public) = tenant_key();
+    let resp = http
+        .post(format!("{base}/api/rent"))
+        .json(&json!({ "ssh_public_key": public, "username": "olga" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let rental: Value = resp.json().await.unwrap();
+    let id = rental["id"].as_str().unwrap().to_owned();
+    let first = rental["worker"].as_str().unwrap().to_owned();
+    assert_eq!(rental["host"], "localhost");
+    let port = rental["port"].as_u64().unwrap() as u16;
+    assert_eq!(
+        tenant_login(port, "olga", key.clone()).await.unwrap(),
+        "olga"
+    );
+
+    // The drill: docker stop the rented worker; the rental moves; the same key works.
+    docker(&["stop", &format!("{PREFIX}{first}")]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let moved = loop {
+        if let Ok(resp) = http.get(format!("{base}/api/rentals/{id}")).send().await
+            && let Ok(r) = resp.json::<Value>().await
+            && r["status"] == "active"
+            && r["worker"] != first.as_str()
+        {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rental did not move within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let new_port = moved["port"].as_u64().unwrap() as u16;
+    assert_ne!(new_port, port);
+    assert_eq!(
+        tenant_login(new_port, "olga", key.clone()).await.unwrap(),
+        "olga"
+    );
+
+    // MariaDB goes away: 503 JSON through Caddy, the tenant keeps working; it comes back.
+    let mariadb = platform.container("mariadb");
+    docker(&["stop", &mariadb]);
+    let resp = http
+        .get(format!("{base}/api/workers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "unavailable");
+    assert_eq!(
+        tenant_login(new_port, "olga", key.clone()).await.unwrap(),
+        "olga"
+    );
+    docker(&["start", &mariadb]);
+    wait_for("the API to answer again", Duration::from_secs(90), || {
+        let http = http.clone();
+        let url = format!("{base}/api/rentals/{id}");
+        async move { http.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+
+    // down, then up: the rental and the workers' state survive in the volume.
+    assert!(platform.script(&["down"]), "platform.sh down failed");
+    assert!(
+        platform.script(&["up", "3"]),
+        "platform.sh up (again) failed"
+    );
+    // New connections: the old ones went with the old Caddy.
+    let http = https_client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after: Value = loop {
+        match http.get(format!("{base}/api/rentals/{id}")).send().await {
+            Ok(resp) if resp.status() == 200 => break resp.json().await.unwrap(),
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no rental after the restart: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(after["worker"], moved["worker"]);
+    assert_eq!(after["placements"].as_array().unwrap().len(), 2);
+    // Probing resumed: every worker has been checked since the restart.
+    let restarted = chrono::Utc::now() - chrono::Duration::seconds(120);
+    wait_for("probes after the restart", Duration::from_secs(60), || {
+        let http = http.clone();
+        let url = format!("{base}/api/workers");
+        async move {
+            let Ok(resp) = http.get(url).send().await else {
+                return false;
+            };
+            let Ok(w) = resp.json::<Value>().await else {
+                return false;
+            };
+            w["workers"].as_array().is_some_and(|ws| {
+                ws.iter().all(|w| {
+                    w["last_checked"]
+                        .as_str()
+                        .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+                        .is_some_and(|t| t > restarted)
+                })
+            })
+        }
+    })
+    .await;
+    assert_eq!(tenant_login(new_port, "olga", key).await.unwrap(), "olga");
+}

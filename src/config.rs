@@ -458,6 +458,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's own error type
     fn environment_variables_override_the_file_and_others_are_ignored() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("orion.toml", MINIMAL)?;

@@ -33,8 +33,34 @@ pub struct Config {
     pub migration: MigrationConfig,
     #[serde(default)]
     pub cleanup: CleanupConfig,
+    pub auth: AuthConfig,
     #[serde(default)]
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The admin's bearer token (at least 24 characters): may do everything, including
+    /// making tenant tokens. Best given as `ORION_AUTH__ADMIN_TOKEN` from a secret.
+    pub admin_token: Secret,
+}
+
+/// A configuration value that must never be printed.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -274,6 +300,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "health",
     "migration",
     "cleanup",
+    "auth",
     "log",
 ];
 
@@ -327,6 +354,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field: &str, why: &str| Err(ConfigError::Invalid(format!("`{field}` {why}")));
+        if self.auth.admin_token.expose().len() < 24 {
+            return bad("auth.admin_token", "must be at least 24 characters");
+        }
         if self.health.dead_after == 0 {
             return bad("health.dead_after", "must be at least 1");
         }
@@ -367,6 +397,8 @@ mod tests {
         url = "mysql://root@127.0.0.1/orion"
         [ssh]
         key = "/etc/orion/id_ed25519"
+        [auth]
+        admin_token = "0123456789abcdefghijklmnop"
     "#;
 
     #[test]
@@ -402,9 +434,11 @@ mod tests {
 
     #[test]
     fn a_missing_section_is_named() {
-        let err = Config::from_toml_str("[ssh]\nkey = \"k\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_toml_str(
+            "[ssh]\nkey = \"k\"\n[auth]\nadmin_token = \"0123456789abcdefghijklmnop\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("database"), "{err}");
     }
 
@@ -461,7 +495,9 @@ mod tests {
     #[allow(clippy::result_large_err)] // figment::Jail's own error type
     fn environment_variables_override_the_file_and_others_are_ignored() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("orion.toml", MINIMAL)?;
+            let without_auth = MINIMAL.replace("[auth]", "").replace("admin_token", "# ");
+            jail.create_file("orion.toml", &without_auth)?;
+            jail.set_env("ORION_AUTH__ADMIN_TOKEN", "from-the-environment-0123456789");
             jail.set_env("ORION_DATABASE__URL", "mysql://orion:s3cret@db:3306/orion");
             jail.set_env("ORION_HEALTH__INTERVAL", "7s");
             jail.set_env("ORION_CONFIG", "/somewhere/else.toml");
@@ -469,8 +505,21 @@ mod tests {
             let config = Config::load(Path::new("orion.toml")).map_err(|e| e.to_string())?;
             assert_eq!(config.database.url, "mysql://orion:s3cret@db:3306/orion");
             assert_eq!(config.health.interval, Duration::from_secs(7));
+            assert_eq!(
+                config.auth.admin_token.expose(),
+                "from-the-environment-0123456789"
+            );
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_short_admin_token_is_refused_and_the_token_never_printed() {
+        let text = MINIMAL.replace("0123456789abcdefghijklmnop", "short");
+        let err = Config::from_toml_str(&text).unwrap_err().to_string();
+        assert!(err.contains("auth.admin_token"), "{err}");
+        let config = Config::from_toml_str(MINIMAL).unwrap();
+        assert!(!format!("{config:?}").contains("0123456789abcdefghijklmnop"));
     }
 
     #[test]

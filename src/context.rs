@@ -33,6 +33,8 @@ pub struct Context {
     /// Whether the last migration pass held all moves (too many workers dead at once),
     /// so the condition is logged when it starts and when it clears, not every pass.
     pub migration_held: Arc<std::sync::atomic::AtomicBool>,
+    /// SHA-256 of the admin token, compared with the hash of each request's token.
+    pub admin_token_hash: String,
     /// HTTP client for rental notifications (`notify_url`).
     pub http: reqwest::Client,
 }

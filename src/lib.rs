@@ -27,12 +27,14 @@
 //! - [`migration`]: the loop that moves rentals off dead workers, same credentials.
 //! - [`cleanup`]: the loop that removes leftover tenant accounts from workers before they
 //!   are offered again.
+//! - [`auth`]: bearer tokens: the admin's from the configuration, tenants' from the DB.
 //! - [`api`]: the axum router, its handlers and the single error-to-response mapping.
 //! - [`testkit`]: the harness of the integration tests and benchmarks (Docker workers,
 //!   per-test databases); not used by `orion serve`.
 //! - [`startup`]: builds the application from a config and runs it until shutdown.
 
 pub mod api;
+pub mod auth;
 pub mod cleanup;
 pub mod config;
 pub mod context;

@@ -257,6 +257,29 @@ impl TenantKey {
     }
 }
 
+/// A tenant's name, as given to `POST /api/tokens`.
+pub fn parse_tenant(value: &str) -> Result<String, InvalidInput> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !ok {
+        return Err(InvalidInput::new(
+            "tenant",
+            "must be 1 to 64 letters, digits, `_`, `-` or `.`, starting with a letter or digit",
+        ));
+    }
+    if value.eq_ignore_ascii_case(crate::auth::ADMIN_TENANT) {
+        return Err(InvalidInput::new(
+            "tenant",
+            "`admin` is reserved for the admin token",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
 /// Where Orion POSTs a rental's new connection details after a migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotifyUrl(String);

@@ -61,6 +61,7 @@ impl Application {
             tracing::info!("inventory: {change}");
         }
         let executor = Executor::new(Arc::new(playbooks), ssh.clone());
+        let admin_token_hash = crate::auth::token_hash(config.auth.admin_token.expose());
         let ctx = Context {
             store,
             ssh,
@@ -70,6 +71,7 @@ impl Application {
             probe_locks: Arc::default(),
             migrate_now: Arc::default(),
             migration_held: Arc::default(),
+            admin_token_hash,
             http: reqwest::Client::builder()
                 .user_agent(concat!("orion/", env!("CARGO_PKG_VERSION")))
                 .build()

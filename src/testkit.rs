@@ -165,6 +165,24 @@ impl Drop for Worker {
     }
 }
 
+/// The admin token of test configurations.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// An HTTP client that sends `token` as a bearer token on every request.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}")
+            .parse()
+            .expect("a token is a valid header"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
+}
+
 /// Tweaks to the test configuration.
 pub type Tweak = Box<dyn FnOnce(&mut Config)>;
 
@@ -173,6 +191,7 @@ pub struct TestApp {
     pub address: String,
     pub ctx: Context,
     pub workers: Vec<Worker>,
+    /// HTTP client carrying the admin token.
     pub http: reqwest::Client,
     /// SSH client with a throwaway key, for logging in as tenants.
     pub tenant_ssh: SshClient,
@@ -237,7 +256,7 @@ pub async fn spawn_app_with(n: usize, tweak: Tweak) -> TestApp {
         address,
         ctx,
         workers,
-        http: reqwest::Client::new(),
+        http: client_with_token(ADMIN_TOKEN),
         tenant_ssh,
         dir,
         shutdown,
@@ -290,6 +309,8 @@ pub fn test_config(
         dead_after = 2
         alive_after = 1
         retry_delay = "100ms"
+        [auth]
+        admin_token = "{admin_token}"
         [migration]
         interval = "1h"
         [cleanup]
@@ -300,6 +321,7 @@ pub fn test_config(
             .join("playbooks")
             .display(),
         key = key.display(),
+        admin_token = ADMIN_TOKEN,
     );
     Config::from_toml_str(&text).expect("test config is valid")
 }

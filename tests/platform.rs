@@ -81,11 +81,23 @@ impl Drop for Platform {
     }
 }
 
-/// A client that trusts the platform's Caddy CA (saved by `platform.sh up`).
+/// A client that trusts the platform's Caddy CA (saved by `platform.sh up`) and sends the
+/// admin token from the generated `.env`.
 fn https_client() -> reqwest::Client {
     let cert = std::fs::read(repo().join(format!(".platform/{PROJECT}/caddy-root.crt")))
         .expect("platform.sh saves Caddy's root certificate");
+    let env = std::fs::read_to_string(repo().join(format!(".platform/{PROJECT}/.env"))).unwrap();
+    let token = env
+        .lines()
+        .find_map(|l| l.strip_prefix("ORION_ADMIN_TOKEN="))
+        .expect("the admin token is in .env");
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
     reqwest::Client::builder()
+        .default_headers(headers)
         .add_root_certificate(reqwest::Certificate::from_pem(&cert).unwrap())
         .build()
         .unwrap()

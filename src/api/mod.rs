@@ -7,7 +7,14 @@
 //! | `GET /api/rentals/{id}` | one rental: status, current placement, history |
 //! | `DELETE /api/rentals/{id}` | release: remove the account, free the worker, 204 |
 //! | `GET /api/workers` | every worker with status, allocation, last probe |
+//! | `POST /api/tokens` | admin: make a tenant token (shown once) |
+//! | `GET /api/tokens` | admin: list tokens (never the tokens themselves) |
+//! | `DELETE /api/tokens/{id}` | admin: revoke a token |
 //! | `GET /health` | database reachability, fleet counts, loop status; 503 if the DB is down |
+//!
+//! Every `/api/*` route needs `Authorization: Bearer <token>`: the admin token from the
+//! configuration, or a tenant token. A tenant sees only its own rentals (another's answers
+//! 404) and no admin route (403). `/health` is open.
 
 mod error;
 
@@ -27,6 +34,8 @@ use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 
+use crate::auth::{self, Caller};
+
 use crate::context::Context;
 use crate::model::{NotifyUrl, RentalStatus, TenantKey, Username};
 use crate::rentals::{self, RentRequest};
@@ -34,8 +43,40 @@ use crate::rentals::{self, RentRequest};
 /// Largest request body accepted; a rent request is a few hundred bytes.
 const BODY_LIMIT: usize = 64 * 1024;
 
-/// Tenant of rentals made without authentication.
-pub const DEFAULT_TENANT: &str = "default";
+impl axum::extract::FromRequestParts<Context> for Caller {
+    type Rejection = ApiError;
+
+    /// The admin token (compared by hash) or a live tenant token; anything else is 401.
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        ctx: &Context,
+    ) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| {
+                ApiError::Unauthorized("missing `Authorization: Bearer <token>`".into())
+            })?;
+        let token = header.to_str().ok().and_then(auth::bearer).ok_or_else(|| {
+            ApiError::Unauthorized("expected `Authorization: Bearer <token>`".into())
+        })?;
+        let hash = auth::token_hash(token);
+        if hash == ctx.admin_token_hash {
+            return Ok(Caller::Admin);
+        }
+        match ctx.store.tenant_of_token(&hash).await? {
+            Some(tenant) => Ok(Caller::Tenant(tenant)),
+            None => Err(ApiError::Unauthorized("unknown or revoked token".into())),
+        }
+    }
+}
+
+fn require_admin(caller: &Caller) -> Result<(), ApiError> {
+    match caller {
+        Caller::Admin => Ok(()),
+        Caller::Tenant(_) => Err(ApiError::Forbidden("this needs the admin token".into())),
+    }
+}
 
 /// The router, with its state; tests call this directly.
 pub fn app(ctx: Context) -> Router {
@@ -49,6 +90,8 @@ pub fn app(ctx: Context) -> Router {
         .route("/api/rentals", get(list_rentals))
         .route("/api/rentals/{id}", get(get_rental).delete(release_rental))
         .route("/api/workers", get(list_workers))
+        .route("/api/tokens", get(list_tokens).post(create_token))
+        .route("/api/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/health", get(health))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -75,6 +118,7 @@ struct RentBody {
 
 async fn rent(
     State(ctx): State<Context>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| ApiError::from_body_rejection(&e))?;
@@ -94,7 +138,7 @@ async fn rent(
     let rented = rentals::rent(
         &ctx,
         RentRequest {
-            tenant: DEFAULT_TENANT.to_owned(),
+            tenant: caller.tenant().to_owned(),
             username,
             public_key,
             notify_url,
@@ -120,17 +164,20 @@ fn parse_json<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, 
 
 async fn get_rental(
     State(ctx): State<Context>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    // Another tenant's rental is answered exactly like a missing one.
     let view = ctx
         .store
         .rental_view(&id)
         .await?
+        .filter(|v| caller.scope().is_none_or(|t| t == v.tenant))
         .ok_or_else(|| ApiError::NotFound("no such rental".into()))?;
     Ok(Json(view).into_response())
 }
 
-async fn list_rentals(State(ctx): State<Context>) -> Result<Response, ApiError> {
+async fn list_rentals(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
     let mut views = Vec::new();
     for status in [
         RentalStatus::Provisioning,
@@ -140,6 +187,9 @@ async fn list_rentals(State(ctx): State<Context>) -> Result<Response, ApiError> 
         RentalStatus::Releasing,
     ] {
         for r in ctx.store.rentals_in(status).await? {
+            if caller.scope().is_some_and(|t| t != r.tenant) {
+                continue;
+            }
             if let Some(view) = ctx.store.rental_view(&r.id).await? {
                 views.push(view);
             }
@@ -150,13 +200,15 @@ async fn list_rentals(State(ctx): State<Context>) -> Result<Response, ApiError> 
 
 async fn release_rental(
     State(ctx): State<Context>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    rentals::release(&ctx, &id, None).await?;
+    rentals::release(&ctx, &id, caller.scope()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_workers(State(ctx): State<Context>) -> Result<Response, ApiError> {
+async fn list_workers(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
+    require_admin(&caller)?;
     let workers = ctx.store.list_workers().await?;
     let list: Vec<_> = workers
         .iter()
@@ -167,6 +219,54 @@ async fn list_workers(State(ctx): State<Context>) -> Result<Response, ApiError> 
         })
         .collect();
     Ok(Json(json!({ "workers": list })).into_response())
+}
+
+/// Body of `POST /api/tokens`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    tenant: Option<String>,
+}
+
+async fn create_token(
+    State(ctx): State<Context>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    require_admin(&caller)?;
+    let body = body.map_err(|e| ApiError::from_body_rejection(&e))?;
+    let body: TokenBody = parse_json(&body)?;
+    let tenant = body
+        .tenant
+        .as_deref()
+        .ok_or_else(|| crate::model::InvalidInput::new("tenant", "is required"))
+        .and_then(crate::model::parse_tenant)?;
+    let token = auth::generate_token();
+    let record = ctx
+        .store
+        .create_token(&tenant, &auth::token_hash(&token))
+        .await?;
+    let mut body = serde_json::to_value(&record).map_err(|e| ApiError::Unexpected(e.into()))?;
+    body["token"] = json!(token);
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn list_tokens(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
+    require_admin(&caller)?;
+    Ok(Json(json!({ "tokens": ctx.store.list_tokens().await? })).into_response())
+}
+
+async fn revoke_token(
+    State(ctx): State<Context>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    require_admin(&caller)?;
+    if ctx.store.revoke_token(&id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound("no such live token".into()))
+    }
 }
 
 async fn health(State(ctx): State<Context>) -> Response {
@@ -180,7 +280,7 @@ async fn health(State(ctx): State<Context>) -> Response {
         }))
         .into_response(),
         Err(e) => {
-            tracing::warn!(error = %e, "health: database unreachable");
+            tracing::debug!(error = %e, "health: database unreachable");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({

@@ -6,6 +6,7 @@
 
 mod events;
 mod rentals;
+mod tokens;
 mod workers;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use sqlx::{Connection, Executor};
 
 pub use events::Event;
 pub use rentals::{NewRental, PlacementRecord, RentalRecord, RentalView};
+pub use tokens::TokenRecord;
 pub use workers::{Cleanup, ProbeRecord, Worker, WorkerCounts};
 
 /// Failures of the store, split by what a caller can do about them.

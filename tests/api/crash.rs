@@ -69,16 +69,18 @@ async fn orion_killed_mid_migration_completes_it_after_a_restart() {
         format!(
             "listen = \"127.0.0.1:{port}\"\ninventory = \"{}\"\nplaybooks = \"{}/playbooks\"\n\
              [database]\nurl = \"{database}\"\n[ssh]\nkey = \"{}\"\n\
+             [auth]\nadmin_token = \"{}\"\n\
              [health]\ndead_after = 2\nretry_delay = \"100ms\"\nalive_after = 1\n",
             inventory.display(),
             env!("CARGO_MANIFEST_DIR"),
-            key_path.display()
+            key_path.display(),
+            crate::helpers::ADMIN_TOKEN,
         ),
     )
     .unwrap();
     let log = dir.path().join("orion.log");
     let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
+    let http = crate::helpers::client_with_token(crate::helpers::ADMIN_TOKEN);
 
     let mut orion = Orion::start(&config, &log);
     let deadline = Instant::now() + Duration::from_secs(60);

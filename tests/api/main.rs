@@ -1,9 +1,12 @@
 //! Integration tests against real MariaDB and real sshd worker containers.
 //! Run them with `scripts/test.sh`, which starts what they need.
 
+mod auth;
 mod crash;
 mod failover;
+mod fuzz;
 mod helpers;
+mod outage;
 mod playbooks;
 mod probe;
 mod rent;

@@ -392,3 +392,21 @@ async fn a_shutdown_during_a_rent_lets_it_finish() {
     assert_eq!(state, "active");
     assert!(app.worker("worker_1").has_user("heidi"));
 }
+
+#[tokio::test]
+async fn an_oversized_body_gets_413_in_the_json_error_shape() {
+    let app = spawn_app(1).await;
+    let huge = format!("{{\"username\": \"{}\"}}", "a".repeat(200 * 1024));
+    let resp = app
+        .http
+        .post(app.url("/api/rent"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "too_large");
+    assert_eq!(app.count("SELECT COUNT(*) FROM rentals").await, 0);
+}

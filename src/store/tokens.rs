@@ -1,0 +1,107 @@
+//! Tenant API tokens, kept as hashes.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::mysql::MySqlRow;
+
+use super::{Store, StoreError, events};
+
+/// A token as listed to the admin: never the token itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub tenant: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl TokenRecord {
+    fn from_row(r: &MySqlRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: r.try_get("id")?,
+            tenant: r.try_get("tenant")?,
+            created_at: r.try_get("created_at")?,
+            revoked_at: r.try_get("revoked_at")?,
+        })
+    }
+}
+
+impl Store {
+    /// Records a token for `tenant` by its hash.
+    pub async fn create_token(&self, tenant: &str, hash: &str) -> Result<TokenRecord, StoreError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO tokens (id, tenant, token_hash, created_at) \
+             VALUES (?, ?, ?, UTC_TIMESTAMP(6))",
+        )
+        .bind(&id)
+        .bind(tenant)
+        .bind(hash)
+        .execute(&mut *tx)
+        .await?;
+        events::append_in(
+            &mut tx,
+            "token.created",
+            None,
+            None,
+            &format!("token {id} for tenant {tenant}"),
+        )
+        .await?;
+        let record =
+            sqlx::query("SELECT id, tenant, created_at, revoked_at FROM tokens WHERE id = ?")
+                .bind(&id)
+                .try_map(|r: MySqlRow| TokenRecord::from_row(&r))
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    /// Revokes a token; false if there is no such live token.
+    pub async fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE tokens SET revoked_at = UTC_TIMESTAMP(6) WHERE id = ? AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if done {
+            events::append_in(
+                &mut tx,
+                "token.revoked",
+                None,
+                None,
+                &format!("token {id} revoked"),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        Ok(
+            sqlx::query(
+                "SELECT id, tenant, created_at, revoked_at FROM tokens ORDER BY created_at",
+            )
+            .try_map(|r: MySqlRow| TokenRecord::from_row(&r))
+            .fetch_all(&self.pool)
+            .await?,
+        )
+    }
+
+    /// The tenant of a live token, by the token's hash.
+    pub async fn tenant_of_token(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT tenant FROM tokens WHERE token_hash = ? AND revoked_at IS NULL",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+}

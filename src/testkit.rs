@@ -245,13 +245,7 @@ pub async fn spawn_app_with(n: usize, tweak: Tweak) -> TestApp {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let tenant_ssh = SshClient::with_key(
-        Arc::new(crate::ssh::generate_ed25519()),
-        "nobody",
-        Duration::from_secs(5),
-        Duration::from_secs(10),
-        64,
-    );
+    let tenant_ssh = tenant_ssh_client();
     TestApp {
         address,
         ctx,
@@ -380,23 +374,7 @@ impl TestApp {
         user: &str,
         auth: Auth,
     ) -> Result<String, String> {
-        let target = Target {
-            name: format!("{host}:{port}"),
-            host: host.to_owned(),
-            port,
-            host_key: None,
-        };
-        let session = self
-            .tenant_ssh
-            .connect_as(&target, user, auth)
-            .await
-            .map_err(|e| e.to_string())?;
-        let out = session
-            .exec("whoami", None)
-            .await
-            .map_err(|e| e.to_string())?;
-        session.close().await;
-        Ok(out.stdout.trim().to_owned())
+        whoami(&self.tenant_ssh, host, port, user, auth).await
     }
 
     /// Counts rows of a table in this test's database.
@@ -420,6 +398,43 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Logs in to `host:port` as `user` with `ssh` (any host key accepted) and runs `whoami`.
+pub async fn whoami(
+    ssh: &SshClient,
+    host: &str,
+    port: u16,
+    user: &str,
+    auth: Auth,
+) -> Result<String, String> {
+    let target = Target {
+        name: format!("{host}:{port}"),
+        host: host.to_owned(),
+        port,
+        host_key: None,
+    };
+    let session = ssh
+        .connect_as(&target, user, auth)
+        .await
+        .map_err(|e| e.to_string())?;
+    let out = session
+        .exec("whoami", None)
+        .await
+        .map_err(|e| e.to_string())?;
+    session.close().await;
+    Ok(out.stdout.trim().to_owned())
+}
+
+/// An SSH client with a throwaway key, for logging in as tenants.
+pub fn tenant_ssh_client() -> SshClient {
+    SshClient::with_key(
+        Arc::new(crate::ssh::generate_ed25519()),
+        "nobody",
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+        64,
+    )
 }
 
 /// A tenant key pair and its public line.

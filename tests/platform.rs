@@ -11,8 +11,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use orion::ssh::{Auth, SshClient, Target};
-use orion::testkit::{docker, tenant_key};
+use orion::ssh::Auth;
+use orion::testkit::{docker, tenant_key, tenant_ssh_client, whoami};
 use serde_json::{Value, json};
 
 const PROJECT: &str = "orion-e2e";
@@ -108,28 +108,14 @@ async fn tenant_login(
     user: &str,
     key: Arc<russh::keys::PrivateKey>,
 ) -> Result<String, String> {
-    let ssh = SshClient::with_key(
-        Arc::new(orion::ssh::generate_ed25519()),
-        "x",
-        Duration::from_secs(5),
-        Duration::from_secs(10),
-        4,
-    );
-    let target = Target {
-        name: "w".into(),
-        host: "localhost".into(),
+    whoami(
+        &tenant_ssh_client(),
+        "localhost",
         port,
-        host_key: None,
-    };
-    let session = ssh
-        .connect_as(&target, user, Auth::Key(key))
-        .await
-        .map_err(|e| e.to_string())?;
-    let out = session
-        .exec("whoami", None)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(out.stdout.trim().to_owned())
+        user,
+        Auth::Key(key),
+    )
+    .await
 }
 
 async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)

@@ -247,18 +247,7 @@ impl Store {
         let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
             return Ok(None);
         };
-        let current = match rental.worker_id {
-            Some(id) => {
-                sqlx::query(&format!(
-                    "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?"
-                ))
-                .bind(id)
-                .try_map(|r: MySqlRow| Worker::from_row(&r))
-                .fetch_optional(&mut *tx)
-                .await?
-            }
-            None => None,
-        };
+        let current = fetch_worker(&mut *tx, rental.worker_id).await?;
         let healthy = |w: &Worker| {
             w.status == crate::model::WorkerStatus::Alive
                 && w.quarantine_reason.is_none()
@@ -446,18 +435,7 @@ impl Store {
             .await?;
             rental.status = RentalStatus::Releasing;
         }
-        let worker = match rental.worker_id {
-            Some(id) => {
-                sqlx::query(&format!(
-                    "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?"
-                ))
-                .bind(id)
-                .try_map(|r: MySqlRow| Worker::from_row(&r))
-                .fetch_optional(&mut *tx)
-                .await?
-            }
-            None => None,
-        };
+        let worker = fetch_worker(&mut *tx, rental.worker_id).await?;
         tx.commit().await?;
         Ok(Some((rental, worker)))
     }
@@ -530,18 +508,7 @@ impl Store {
         let Some(r) = self.rental(id).await? else {
             return Ok(None);
         };
-        let worker = match r.worker_id {
-            Some(wid) => {
-                sqlx::query(&format!(
-                    "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?"
-                ))
-                .bind(wid)
-                .try_map(|row: MySqlRow| Worker::from_row(&row))
-                .fetch_optional(&self.pool)
-                .await?
-            }
-            None => None,
-        };
+        let worker = fetch_worker(&self.pool, r.worker_id).await?;
         let placements = sqlx::query(
             "SELECT w.name, p.state, p.started_at, p.ended_at FROM placements p \
              JOIN workers w ON w.id = p.worker_id WHERE p.rental_id = ? ORDER BY p.id",
@@ -637,6 +604,26 @@ async fn fetch_rental_for_update(
     .bind(id)
     .try_map(|r: MySqlRow| RentalRecord::from_row(&r))
     .fetch_optional(&mut **tx)
+    .await
+}
+
+/// The worker with this id, if any (`None` in, `None` out).
+pub(super) async fn fetch_worker<'e, E>(
+    executor: E,
+    id: Option<u64>,
+) -> Result<Option<Worker>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = MySql>,
+{
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    sqlx::query(&format!(
+        "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?"
+    ))
+    .bind(id)
+    .try_map(|r: MySqlRow| Worker::from_row(&r))
+    .fetch_optional(executor)
     .await
 }
 

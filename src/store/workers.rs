@@ -247,13 +247,7 @@ impl Store {
     }
 
     pub async fn worker_by_id(&self, id: u64) -> Result<Option<Worker>, StoreError> {
-        Ok(sqlx::query(&format!(
-            "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?"
-        ))
-        .bind(id)
-        .try_map(|r: MySqlRow| Worker::from_row(&r))
-        .fetch_optional(&self.pool)
-        .await?)
+        Ok(super::rentals::fetch_worker(&self.pool, Some(id)).await?)
     }
 
     pub async fn worker_by_name(&self, name: &str) -> Result<Option<Worker>, StoreError> {

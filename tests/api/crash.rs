@@ -155,29 +155,18 @@ async fn orion_killed_mid_migration_completes_it_after_a_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(rental["worker"], target.name.as_str());
-    let ssh = orion::ssh::SshClient::with_key(
-        std::sync::Arc::new(orion::ssh::generate_ed25519()),
-        "nobody",
-        Duration::from_secs(5),
-        Duration::from_secs(10),
-        4,
-    );
-    let session = ssh
-        .connect_as(
-            &orion::ssh::Target {
-                name: "t".into(),
-                host: "127.0.0.1".into(),
-                port: target.port,
-                host_key: None,
-            },
-            "nina",
-            Auth::Key(tenant),
-        )
-        .await
-        .expect("the tenant logs in on the new worker");
+    let who = crate::helpers::whoami(
+        &crate::helpers::tenant_ssh_client(),
+        "127.0.0.1",
+        target.port,
+        "nina",
+        Auth::Key(tenant),
+    )
+    .await;
     assert_eq!(
-        session.exec("whoami", None).await.unwrap().stdout.trim(),
-        "nina"
+        who.as_deref(),
+        Ok("nina"),
+        "the tenant logs in on the new worker"
     );
     let active: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM placements WHERE rental_id = ? AND state IN ('active', 'provisioning')",

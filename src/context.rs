@@ -35,6 +35,9 @@ pub struct Context {
     pub migration_held: Arc<std::sync::atomic::AtomicBool>,
     /// SHA-256 of the admin token, compared with the hash of each request's token.
     pub admin_token_hash: String,
+    /// Cancelled when Orion starts shutting down, so that long-lived responses (the event
+    /// stream) end and the server can drain.
+    pub stopping: tokio_util::sync::CancellationToken,
     /// HTTP client for rental notifications (`notify_url`).
     pub http: reqwest::Client,
 }

@@ -72,6 +72,7 @@ impl Application {
             migrate_now: Arc::default(),
             migration_held: Arc::default(),
             admin_token_hash,
+            stopping: CancellationToken::new(),
             http: reqwest::Client::builder()
                 .user_agent(concat!("orion/", env!("CARGO_PKG_VERSION")))
                 .build()
@@ -106,6 +107,12 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let ctx = self.ctx;
         tracing::info!(listen = %self.listener.local_addr()?, "orion serving");
+        let stopping = ctx.stopping.clone();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            signal.cancelled().await;
+            stopping.cancel();
+        });
         let mut loops = tokio::task::JoinSet::new();
         loops.spawn(health::run(ctx.clone(), shutdown.clone().cancelled_owned()));
         loops.spawn(migration::run(

@@ -10,6 +10,8 @@
 //! | `POST /api/tokens` | admin: make a tenant token (shown once) |
 //! | `GET /api/tokens` | admin: list tokens (never the tokens themselves) |
 //! | `DELETE /api/tokens/{id}` | admin: revoke a token |
+//! | `GET /api/events?after=&limit=` | admin: the events log, oldest first, paged by id |
+//! | `GET /api/events/stream` | admin: the same records live, as Server-Sent Events |
 //! | `GET /health` | database reachability, fleet counts, loop status; 503 if the DB is down |
 //!
 //! Every `/api/*` route needs `Authorization: Bearer <token>`: the admin token from the
@@ -90,6 +92,8 @@ pub fn app(ctx: Context) -> Router {
         .route("/api/rentals", get(list_rentals))
         .route("/api/rentals/{id}", get(get_rental).delete(release_rental))
         .route("/api/workers", get(list_workers))
+        .route("/api/events", get(list_events))
+        .route("/api/events/stream", get(stream_events))
         .route("/api/tokens", get(list_tokens).post(create_token))
         .route("/api/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/health", get(health))
@@ -267,6 +271,83 @@ async fn revoke_token(
     } else {
         Err(ApiError::NotFound("no such live token".into()))
     }
+}
+
+/// Query of `GET /api/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    /// Only events with a larger id (0: from the start).
+    #[serde(default)]
+    after: u64,
+    /// At most this many (1..=1000, default 100).
+    limit: Option<u32>,
+}
+
+async fn list_events(
+    State(ctx): State<Context>,
+    caller: Caller,
+    query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    require_admin(&caller)?;
+    let axum::extract::Query(query) =
+        query.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(crate::model::InvalidInput::new("limit", "must be between 1 and 1000").into());
+    }
+    let events = ctx.store.events_after(query.after, limit).await?;
+    let next = events.last().map_or(query.after, |e| e.id);
+    Ok(Json(json!({ "events": events, "next": next })).into_response())
+}
+
+/// How often the event stream looks for new events. Polling the table (rather than an
+/// in-process channel) shows the events of every Orion process sharing the database.
+const STREAM_POLL: Duration = Duration::from_millis(250);
+
+async fn stream_events(
+    State(ctx): State<Context>,
+    caller: Caller,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    require_admin(&caller)?;
+    // A reconnecting client says where it stopped; a new one starts from now.
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let start = match resume {
+        Some(id) => id,
+        None => ctx.store.last_event_id().await?,
+    };
+    let stopping = ctx.stopping.clone().cancelled_owned();
+    let stream = futures::stream::unfold((ctx, start), |(ctx, after)| async move {
+        loop {
+            match ctx.store.events_after(after, 100).await {
+                Ok(events) if !events.is_empty() => {
+                    let next = events.last().map_or(after, |e| e.id);
+                    let items: Vec<Result<SseEvent, std::convert::Infallible>> = events
+                        .into_iter()
+                        .map(|e| {
+                            Ok(SseEvent::default()
+                                .id(e.id.to_string())
+                                .event(e.kind.clone())
+                                .json_data(&e)
+                                .expect("an event serialises"))
+                        })
+                        .collect();
+                    return Some((futures::stream::iter(items), (ctx, next)));
+                }
+                // Nothing new, or the database is away: look again shortly.
+                _ => tokio::time::sleep(STREAM_POLL).await,
+            }
+        }
+    });
+    use futures::StreamExt;
+    Ok(Sse::new(stream.flatten().take_until(stopping))
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 async fn health(State(ctx): State<Context>) -> Response {

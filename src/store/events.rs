@@ -56,6 +56,14 @@ impl Store {
         Ok(())
     }
 
+    /// Id of the newest event (0 when there is none).
+    pub async fn last_event_id(&self) -> Result<u64, StoreError> {
+        let id: Option<u64> = sqlx::query_scalar("SELECT MAX(id) FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(id.unwrap_or(0))
+    }
+
     /// Events with an id above `after`, oldest first, at most `limit`.
     pub async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
         Ok(sqlx::query(

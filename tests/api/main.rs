@@ -3,6 +3,7 @@
 
 mod auth;
 mod crash;
+mod events;
 mod failover;
 mod fuzz;
 mod helpers;

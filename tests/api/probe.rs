@@ -91,3 +91,34 @@ async fn a_worker_whose_host_key_changed_is_refused_quarantined_and_never_rented
     let (_, health) = app.get_json("/health").await;
     assert_eq!(health["workers"]["quarantined"], 1);
 }
+
+#[tokio::test]
+async fn a_hung_worker_does_not_delay_the_probes_of_the_others() {
+    let app = crate::helpers::spawn_app_with(2, Box::new(|c| c.health.watch = false)).await;
+    let hung = app.worker("worker_1").container.clone();
+    crate::helpers::docker(&["pause", &hung]);
+    let started = chrono::Utc::now();
+    let round = {
+        let ctx = app.ctx.clone();
+        tokio::spawn(async move { orion::health::probe_round(&ctx).await })
+    };
+    // worker_2 is recorded long before worker_1's probe times out (3 s, twice).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let w2 = app
+        .ctx
+        .store
+        .worker_by_name("worker_2")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        w2.last_checked.is_some_and(|t| t > started),
+        "worker_2 waited for worker_1"
+    );
+    assert!(
+        !round.is_finished(),
+        "the hung worker's probe is still running"
+    );
+    crate::helpers::docker(&["unpause", &hung]);
+    round.await.unwrap().unwrap();
+}

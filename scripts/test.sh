@@ -24,6 +24,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The Ansible executor's tests need ansible-playbook (and an ssh client) on this machine.
+if ! command -v ansible-playbook >/dev/null 2>&1; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing ansible-core" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      ansible-core openssh-client >/dev/null
+  else
+    echo "test.sh: ansible-playbook is missing and cannot be installed here (needs root and apt);" \
+      "install ansible-core, or the Ansible tests will fail saying so" >&2
+  fi
+fi
+
 # Exports ORION_TEST_DATABASE_URL and ORION_TEST_WORKER_IMAGE.
 env_lines=$(scripts/test-infra.sh up)
 while IFS= read -r line; do export "$line"; done <<<"$env_lines"

@@ -30,6 +30,8 @@ pub struct Config {
     #[serde(default)]
     pub health: HealthConfig,
     #[serde(default)]
+    pub provisioning: ProvisioningConfig,
+    #[serde(default)]
     pub migration: MigrationConfig,
     #[serde(default)]
     pub cleanup: CleanupConfig,
@@ -129,6 +131,40 @@ pub struct HealthConfig {
     /// Unanswered keepalives before a watch session counts as dropped.
     #[serde(default = "default_keepalive_max")]
     pub keepalive_max: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisioningConfig {
+    /// `native` runs the shell playbooks (`*.sh.j2`) over Orion's own SSH session: the
+    /// fast default. `ansible` runs `create_user.yml` / `delete_user.yml` with
+    /// `ansible-playbook`, for teams that live in Ansible.
+    #[serde(default)]
+    pub executor: ExecutorKind,
+    /// The `ansible-playbook` program, by name on `PATH` or by path.
+    #[serde(default = "default_ansible_playbook")]
+    pub ansible_playbook: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    #[default]
+    Native,
+    Ansible,
+}
+
+impl Default for ProvisioningConfig {
+    fn default() -> Self {
+        Self {
+            executor: ExecutorKind::default(),
+            ansible_playbook: default_ansible_playbook(),
+        }
+    }
+}
+
+fn default_ansible_playbook() -> PathBuf {
+    PathBuf::from("ansible-playbook")
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -298,6 +334,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "database",
     "ssh",
     "health",
+    "provisioning",
     "migration",
     "cleanup",
     "auth",

@@ -67,6 +67,14 @@ pub enum PlaybookError {
         worker: String,
         cause: Box<SshError>,
     },
+    #[error("playbook {playbook}.yml on {worker}: {message}")]
+    Ansible {
+        playbook: &'static str,
+        worker: String,
+        message: String,
+        /// Whether `ansible-playbook` ran at all (it may have changed the worker).
+        ran: bool,
+    },
     #[error("playbook {playbook} on {worker} failed (exit {status}): {stderr}")]
     Failed {
         playbook: &'static str,
@@ -77,9 +85,25 @@ pub enum PlaybookError {
 }
 
 impl PlaybookError {
-    /// The worker could not be reached or did not answer: the run may not have happened.
-    pub fn is_unreachable(&self) -> bool {
-        matches!(self, PlaybookError::Ssh { .. })
+    /// Whether the run may have changed the worker. False when it failed before anything
+    /// reached the worker (template error, no connection, no `ansible-playbook`): then
+    /// there is nothing to undo.
+    pub fn may_have_run(&self) -> bool {
+        match self {
+            PlaybookError::Read { .. } | PlaybookError::Template { .. } => false,
+            PlaybookError::Ssh { cause, .. } => !matches!(
+                **cause,
+                SshError::Connect { .. }
+                    | SshError::HostKeyMismatch { .. }
+                    | SshError::AuthRejected { .. }
+                    | SshError::Timeout {
+                        stage: "connect",
+                        ..
+                    }
+            ),
+            PlaybookError::Ansible { ran, .. } => *ran,
+            PlaybookError::Failed { .. } => true,
+        }
     }
 }
 
@@ -162,19 +186,32 @@ pub fn shell_quote(s: &str) -> String {
     quoted
 }
 
-/// Runs playbooks on workers with Orion's SSH client (the native executor).
+/// Runs playbooks on workers: with Orion's own SSH client (the native executor, the
+/// default) or with `ansible-playbook`.
 #[derive(Clone)]
 pub struct Executor {
     playbooks: Arc<Playbooks>,
     ssh: SshClient,
+    ansible: Option<Arc<Ansible>>,
 }
 
 /// Most stderr quoted back in an error: the tail is where the reason is.
 const STDERR_SUMMARY: usize = 600;
 
 impl Executor {
+    /// The native executor.
     pub fn new(playbooks: Arc<Playbooks>, ssh: SshClient) -> Self {
-        Self { playbooks, ssh }
+        Self {
+            playbooks,
+            ssh,
+            ansible: None,
+        }
+    }
+
+    /// Runs playbooks with `ansible-playbook` instead.
+    pub fn with_ansible(mut self, ansible: Ansible) -> Self {
+        self.ansible = Some(Arc::new(ansible));
+        self
     }
 
     pub fn playbooks(&self) -> &Playbooks {
@@ -189,6 +226,9 @@ impl Executor {
         vars: &Vars,
         target: &Target,
     ) -> Result<(), PlaybookError> {
+        if let Some(ansible) = &self.ansible {
+            return ansible.run(playbook, vars, target).await;
+        }
         let script = self.playbooks.render(playbook, vars)?;
         let ssh_error = |cause| PlaybookError::Ssh {
             playbook: playbook.name(),
@@ -210,6 +250,140 @@ impl Executor {
                 .map_or_else(|| "none".to_owned(), |s| s.to_string()),
             stderr: summarise(&out.stderr),
         })
+    }
+}
+
+/// The Ansible executor: `ansible-playbook` against exactly one worker, checking its host
+/// key against the one Orion recorded (never with host-key checking off), with the
+/// rental's values as extra vars from a private file removed afterwards.
+#[derive(Debug, Clone)]
+pub struct Ansible {
+    /// The `ansible-playbook` program (a name on `PATH`, or a path).
+    pub program: PathBuf,
+    /// Directory of `create_user.yml` and `delete_user.yml`.
+    pub playbooks: PathBuf,
+    /// Orion's private key, for `--private-key`.
+    pub key: PathBuf,
+    pub user: String,
+    /// Bound on one run.
+    pub timeout: std::time::Duration,
+}
+
+impl Ansible {
+    async fn run(
+        &self,
+        playbook: Playbook,
+        vars: &Vars,
+        target: &Target,
+    ) -> Result<(), PlaybookError> {
+        let failed = |message: String, ran: bool| PlaybookError::Ansible {
+            playbook: playbook.name(),
+            worker: target.name.clone(),
+            message,
+            ran,
+        };
+        let fail = |message: String| failed(message, false);
+        let Some(host_key) = &target.host_key else {
+            return Err(fail(
+                "no host key recorded for the worker yet; it must be probed first".into(),
+            ));
+        };
+        // Private scratch directory (mode 700): inventory, known_hosts and the vars file.
+        let dir = tempfile::tempdir()
+            .map_err(|e| fail(format!("cannot make a scratch directory: {e}")))?;
+        let host_pattern = if target.port == 22 {
+            target.host.clone()
+        } else {
+            format!("[{}]:{}", target.host, target.port)
+        };
+        let known_hosts = dir.path().join("known_hosts");
+        let inventory = dir.path().join("inventory.ini");
+        let extra_vars = dir.path().join("vars.json");
+        let write = |path: &Path, text: String| {
+            std::fs::write(path, text)
+                .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))
+        };
+        write(
+            &known_hosts,
+            format!("{host_pattern} {}\n", crate::ssh::host_key_line(host_key)),
+        )?;
+        write(
+            &inventory,
+            format!(
+                "{} ansible_host={} ansible_port={} ansible_user={} ansible_python_interpreter=/usr/bin/python3\n",
+                target.name, target.host, target.port, self.user
+            ),
+        )?;
+        write(
+            &extra_vars,
+            serde_json::to_string(vars).expect("vars serialise"),
+        )?;
+        let playbook_file = self.playbooks.join(format!("{}.yml", playbook.name()));
+        let ssh_args = format!(
+            "-o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes \
+             -o ControlMaster=auto -o ControlPersist=30s",
+            known_hosts.display()
+        );
+        let mut command = tokio::process::Command::new(&self.program);
+        command
+            .arg("-i")
+            .arg(&inventory)
+            .arg("--private-key")
+            .arg(&self.key)
+            .arg("-e")
+            .arg(format!("@{}", extra_vars.display()))
+            .arg(&playbook_file)
+            .env("ANSIBLE_HOST_KEY_CHECKING", "True")
+            .env("ANSIBLE_SSH_ARGS", ssh_args)
+            .env("ANSIBLE_PIPELINING", "True")
+            .env("ANSIBLE_NOCOLOR", "1")
+            .env("ANSIBLE_RETRY_FILES_ENABLED", "False")
+            .env("ANSIBLE_LOCAL_TEMP", dir.path())
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let output = match tokio::time::timeout(self.timeout, command.output()).await {
+            Err(_) => return Err(failed(format!("timed out after {:?}", self.timeout), true)),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(fail(format!(
+                    "`{}` not found: install ansible-core or set provisioning.ansible_playbook",
+                    self.program.display()
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(fail(format!(
+                    "cannot run `{}`: {e}",
+                    self.program.display()
+                )));
+            }
+            Ok(Ok(output)) => output,
+        };
+        drop(dir); // the vars file goes with it
+        if output.status.success() {
+            return Ok(());
+        }
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // Ansible's reasons are on its `fatal:` / `ERROR!` / `UNREACHABLE!` lines.
+        let reasons: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("fatal:") || l.contains("ERROR!") || l.contains("UNREACHABLE!"))
+            .collect();
+        let reason = if reasons.is_empty() {
+            text.trim().to_owned()
+        } else {
+            reasons.join("\n")
+        };
+        Err(fail(format!(
+            "ansible-playbook exited with {}: {}",
+            output
+                .status
+                .code()
+                .map_or("a signal".to_owned(), |c| c.to_string()),
+            summarise(&reason)
+        )))
     }
 }
 

@@ -98,7 +98,9 @@ async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Re
     if let Err(e) = provision(&ctx, &record, &worker).await {
         let reason = e.to_string();
         tracing::warn!(error = %reason, "provisioning failed; rolling back");
-        let removed = deprovision(&ctx, &record, &worker).await.is_ok();
+        // Undo only what may have been done; a run that never reached the worker left
+        // nothing behind, and the worker is free at once.
+        let removed = !e.may_have_run() || deprovision(&ctx, &record, &worker).await.is_ok();
         ctx.store
             .fail_rent(&record.id, &worker, removed, &reason)
             .await?;

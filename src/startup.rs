@@ -8,9 +8,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::config::ExecutorKind;
 use crate::context::Context;
 use crate::inventory::Inventory;
-use crate::playbook::{Executor, Playbooks};
+use crate::playbook::{Ansible, Executor, Playbook, Playbooks};
 use crate::ssh::SshClient;
 use crate::store::Store;
 use crate::telemetry::LoopRegistry;
@@ -60,7 +61,24 @@ impl Application {
         {
             tracing::info!("inventory: {change}");
         }
-        let executor = Executor::new(Arc::new(playbooks), ssh.clone());
+        let mut executor = Executor::new(Arc::new(playbooks), ssh.clone());
+        if config.provisioning.executor == ExecutorKind::Ansible {
+            for playbook in Playbook::ALL {
+                let path = config.playbooks.join(format!("{}.yml", playbook.name()));
+                anyhow::ensure!(
+                    path.is_file(),
+                    "Ansible playbook {} is missing",
+                    path.display()
+                );
+            }
+            executor = executor.with_ansible(Ansible {
+                program: config.provisioning.ansible_playbook.clone(),
+                playbooks: config.playbooks.clone(),
+                key: config.ssh.key.clone(),
+                user: config.ssh.user.clone(),
+                timeout: config.ssh.command_timeout,
+            });
+        }
         let admin_token_hash = crate::auth::token_hash(config.auth.admin_token.expose());
         let ctx = Context {
             store,

@@ -1,6 +1,7 @@
 //! Integration tests against real MariaDB and real sshd worker containers.
 //! Run them with `scripts/test.sh`, which starts what they need.
 
+mod ansible;
 mod auth;
 mod crash;
 mod events;

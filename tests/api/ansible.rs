@@ -1,0 +1,190 @@
+//! The Ansible executor beside the native one: same account either way, clear errors.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use orion::config::ExecutorKind;
+use orion::health::target_of;
+use orion::playbook::{Ansible, Executor, Playbook, Vars};
+use orion::ssh::Auth;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, Worker, spawn_app, spawn_app_with, tenant_key};
+
+fn require_ansible() {
+    let found = std::process::Command::new("ansible-playbook")
+        .arg("--version")
+        .output();
+    assert!(
+        found.is_ok_and(|o| o.status.success()),
+        "ansible-playbook is missing: these tests need ansible-core (scripts/test.sh installs it)"
+    );
+}
+
+fn ansible_executor(app: &TestApp) -> Executor {
+    app.ctx.executor.clone().with_ansible(Ansible {
+        program: PathBuf::from("ansible-playbook"),
+        playbooks: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("playbooks"),
+        key: app.dir.path().join("id_ed25519"),
+        user: "root".into(),
+        timeout: Duration::from_secs(120),
+    })
+}
+
+/// What a user can observe of an account: passwd entry, home owner and mode, key, hash.
+fn account_state(worker: &Worker, user: &str) -> String {
+    worker.exec(&format!(
+        "getent passwd {user}; stat -c '%a %U %G' /home/{user} /home/{user}/.ssh; \
+         cat /home/{user}/.ssh/authorized_keys 2>/dev/null; getent shadow {user} | cut -d: -f2"
+    ))
+}
+
+#[tokio::test]
+async fn both_executors_make_the_same_account_idempotently_and_remove_it() {
+    require_ansible();
+    let app = spawn_app(2).await;
+    let native = app.ctx.executor.clone();
+    let ansible = ansible_executor(&app);
+    let (key, public) = tenant_key();
+    let vars = Vars {
+        username: "rita".into(),
+        public_key: Some(public),
+        password_hash: Some(orion::model::hash_password("rita-pass-123")),
+    };
+    let mut states = Vec::new();
+    for (executor, name) in [(&native, "worker_1"), (&ansible, "worker_2")] {
+        let target = target_of(&app.ctx.store.worker_by_name(name).await.unwrap().unwrap());
+        executor
+            .run(Playbook::CreateUser, &vars, &target)
+            .await
+            .unwrap();
+        let first = account_state(app.worker(name), "rita");
+        executor
+            .run(Playbook::CreateUser, &vars, &target)
+            .await
+            .unwrap();
+        assert_eq!(
+            first,
+            account_state(app.worker(name), "rita"),
+            "{name}: not idempotent"
+        );
+        let port = app.worker(name).port;
+        for auth in [
+            Auth::Key(key.clone()),
+            Auth::Password("rita-pass-123".into()),
+        ] {
+            let who = app.tenant_whoami("127.0.0.1", port, "rita", auth).await;
+            assert_eq!(who.as_deref(), Ok("rita"), "{name}");
+        }
+        states.push(first);
+    }
+    assert_eq!(states[0], states[1], "native and Ansible accounts differ");
+    assert!(states[0].contains("700 rita rita"), "{}", states[0]);
+
+    for (executor, name) in [(&native, "worker_1"), (&ansible, "worker_2")] {
+        let target = target_of(&app.ctx.store.worker_by_name(name).await.unwrap().unwrap());
+        executor
+            .run(Playbook::DeleteUser, &vars, &target)
+            .await
+            .unwrap();
+        executor
+            .run(Playbook::DeleteUser, &vars, &target)
+            .await
+            .unwrap();
+        assert!(!app.worker(name).has_user("rita"), "{name}");
+        assert_eq!(
+            app.worker(name)
+                .exec("ls -d /home/rita 2>/dev/null | wc -l"),
+            "0"
+        );
+    }
+}
+
+#[tokio::test]
+async fn renting_and_releasing_with_the_ansible_executor() {
+    require_ansible();
+    let app = spawn_app_with(
+        1,
+        Box::new(|c| c.provisioning.executor = ExecutorKind::Ansible),
+    )
+    .await;
+    let (key, public) = tenant_key();
+    let resp = app
+        .rent(json!({ "ssh_public_key": public, "username": "sam" }))
+        .await;
+    assert_eq!(resp.status(), 201);
+    let rental: Value = resp.json().await.unwrap();
+    let port = rental["port"].as_u64().unwrap() as u16;
+    let who = app
+        .tenant_whoami("127.0.0.1", port, "sam", Auth::Key(key))
+        .await;
+    assert_eq!(who.as_deref(), Ok("sam"));
+    let id = rental["id"].as_str().unwrap();
+    let resp = app
+        .http
+        .delete(app.url(&format!("/api/rentals/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert!(!app.worker("worker_1").has_user("sam"));
+}
+
+async fn failed_rent_reason(app: &TestApp) -> String {
+    let resp = app.rent(json!({ "username": "tina" })).await;
+    assert_eq!(resp.status(), 502);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "provisioning_failed");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM workers WHERE rental_id IS NOT NULL")
+            .await,
+        0,
+        "the worker is not left allocated"
+    );
+    sqlx::query_scalar("SELECT message FROM events WHERE kind = 'rental.failed'")
+        .fetch_one(app.ctx.store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_missing_ansible_playbook_program_fails_the_rent_saying_so() {
+    let app = spawn_app_with(
+        1,
+        Box::new(|c| {
+            c.provisioning.executor = ExecutorKind::Ansible;
+            c.provisioning.ansible_playbook = "/nonexistent/ansible-playbook".into();
+        }),
+    )
+    .await;
+    let reason = failed_rent_reason(&app).await;
+    assert!(
+        reason.contains("create_user.yml") && reason.contains("not found"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_ansible_playbook_fails_the_rent_with_its_reason_and_no_secret() {
+    require_ansible();
+    let app = spawn_app_with(
+        1,
+        Box::new(|c| c.provisioning.executor = ExecutorKind::Ansible),
+    )
+    .await;
+    app.worker("worker_1").exec("chmod 000 /usr/sbin/useradd");
+    let reason = failed_rent_reason(&app).await;
+    assert!(
+        reason.contains("create_user.yml") && reason.contains("fatal"),
+        "{reason}"
+    );
+    let hash: String = sqlx::query_scalar("SELECT password_hash FROM rentals")
+        .fetch_one(app.ctx.store.pool())
+        .await
+        .unwrap();
+    let salt_and_hash = hash.rsplit('$').next().unwrap();
+    assert!(
+        !reason.contains(salt_and_hash),
+        "the password hash leaked: {reason}"
+    );
+}

@@ -235,7 +235,7 @@ impl Executor {
             worker: target.name.clone(),
             cause: Box::new(cause),
         };
-        let session = self.ssh.connect(target).await.map_err(ssh_error)?;
+        let session = self.ssh.session(target).await.map_err(ssh_error)?;
         let result = session.exec("sh -s", Some(script.as_bytes())).await;
         session.close().await;
         let out = result.map_err(ssh_error)?;

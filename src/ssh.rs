@@ -6,6 +6,7 @@
 //! [`SshError::HostKeyMismatch`]; no key expected means the presented one is accepted and
 //! reported back in [`Session::host_key`] so the caller can record it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -107,7 +108,13 @@ pub struct SshClient {
     connect_timeout: Duration,
     command_timeout: Duration,
     sessions: Arc<Semaphore>,
+    /// Authenticated connections kept open by watches, by worker name: provisioning opens
+    /// a channel on one of these instead of paying a new handshake.
+    shared: Arc<Mutex<HashMap<String, SharedConnection>>>,
 }
+
+/// A watch's authenticated connection and the host key it was verified with.
+type SharedConnection = (Arc<Handle<Verifier>>, PublicKey);
 
 /// Keepalive period of watch sessions unless [`SshClient::set_keepalive`] says otherwise.
 const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
@@ -166,6 +173,7 @@ impl SshClient {
             connect_timeout,
             command_timeout,
             sessions: Arc::new(Semaphore::new(max_sessions)),
+            shared: Arc::default(),
         }
     }
 
@@ -196,11 +204,48 @@ impl SshClient {
                 addr: addr.clone(),
                 cause,
             })?;
+        let handle = Arc::new(handle);
+        self.shared
+            .lock()
+            .expect("shared sessions poisoned")
+            .insert(target.name.clone(), (handle.clone(), host_key.clone()));
         Ok(Watch {
-            _handle: handle,
+            handle,
             channel,
             host_key,
+            name: target.name.clone(),
+            shared: self.shared.clone(),
         })
+    }
+
+    /// A session to run commands on `target`: a channel on the worker's watch connection
+    /// when one is open (no handshake to pay), else a new connection.
+    pub async fn session(&self, target: &Target) -> Result<Session, SshError> {
+        let shared = self
+            .shared
+            .lock()
+            .expect("shared sessions poisoned")
+            .get(&target.name)
+            .filter(|(handle, key)| {
+                // Only a live connection verified with the key expected now.
+                !handle.is_closed()
+                    && target
+                        .host_key
+                        .as_ref()
+                        .is_none_or(|expected| expected.key_data() == key.key_data())
+            })
+            .cloned();
+        match shared {
+            Some((handle, host_key)) => Ok(Session {
+                handle,
+                addr: target.addr(),
+                host_key,
+                command_timeout: self.command_timeout,
+                shared: true,
+                _permit: None,
+            }),
+            None => self.connect(target).await,
+        }
     }
 
     /// Orion's public key, as it must appear in the workers' `authorized_keys`.
@@ -233,11 +278,12 @@ impl SshClient {
             .expect("the session semaphore is never closed");
         let (handle, host_key) = self.handshake(target, user, auth, &self.config).await?;
         Ok(Session {
-            handle,
+            handle: Arc::new(handle),
             addr: target.addr(),
             host_key,
             command_timeout: self.command_timeout,
-            _permit: permit,
+            shared: false,
+            _permit: Some(permit),
         })
     }
 
@@ -379,10 +425,25 @@ fn mismatch_or(
 /// went away: the worker closing the connection (sshd stopped, container stopped) or not
 /// answering keepalives.
 pub struct Watch {
-    _handle: Handle<Verifier>,
+    handle: Arc<Handle<Verifier>>,
     channel: russh::Channel<client::Msg>,
     /// The host key the worker presented.
     pub host_key: PublicKey,
+    name: String,
+    shared: Arc<Mutex<HashMap<String, SharedConnection>>>,
+}
+
+impl Drop for Watch {
+    /// The connection is no longer offered to provisioning once its watch ends.
+    fn drop(&mut self) {
+        let mut shared = self.shared.lock().expect("shared sessions poisoned");
+        if shared
+            .get(&self.name)
+            .is_some_and(|(h, _)| Arc::ptr_eq(h, &self.handle))
+        {
+            shared.remove(&self.name);
+        }
+    }
 }
 
 impl Watch {
@@ -399,12 +460,14 @@ impl Watch {
 /// An authenticated SSH connection to one worker. Closing it (or dropping it) frees its
 /// slot in the client's session bound.
 pub struct Session {
-    handle: Handle<Verifier>,
+    handle: Arc<Handle<Verifier>>,
     addr: String,
     /// The host key the server presented (already checked against the expected one).
     pub host_key: PublicKey,
     command_timeout: Duration,
-    _permit: OwnedSemaphorePermit,
+    /// A channel on a watch's connection: closing the session must not close it.
+    shared: bool,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Session {
@@ -447,6 +510,9 @@ impl Session {
 
     /// Says goodbye politely; errors are irrelevant at this point.
     pub async fn close(&self) {
+        if self.shared {
+            return;
+        }
         let _ = self
             .handle
             .disconnect(Disconnect::ByApplication, "", "en")

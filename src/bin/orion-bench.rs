@@ -33,6 +33,12 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         workers: usize,
     },
+    /// Rent latency, native executor against Ansible on the same workers in the same run:
+    /// `POST /api/rent` until an SSH login with the rented key works, then release.
+    Rent {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +52,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.bench {
             Bench::Failover { runs, workers } => failover(runs, workers).await,
+            Bench::Rent { runs } => rent(runs).await,
         }
     })
 }
@@ -153,6 +160,56 @@ async fn failover(runs: usize, workers: usize) -> anyhow::Result<()> {
     report("stop → declared dead", &mut detect);
     report("stop → rental active elsewhere", &mut moved);
     report("stop → working login (same key)", &mut login);
+    Ok(())
+}
+
+async fn rent(runs: usize) -> anyhow::Result<()> {
+    use orion::config::ExecutorKind;
+    println!("rent latency: {runs} rents per executor, 2 workers, API on loopback");
+    let mut results = Vec::new();
+    for kind in [ExecutorKind::Native, ExecutorKind::Ansible] {
+        let app = spawn_app_with(2, Box::new(move |c| c.provisioning.executor = kind)).await;
+        let (key, public) = tenant_key();
+        let mut samples = Vec::new();
+        let mut answered = Vec::new();
+        for run in 0..runs {
+            let username = format!("lat{run}");
+            let started = Instant::now();
+            let resp = app
+                .rent(json!({ "ssh_public_key": public, "username": username }))
+                .await;
+            if resp.status() != 201 {
+                bail!(
+                    "{kind:?}: rent failed: {}",
+                    resp.text().await.unwrap_or_default()
+                );
+            }
+            answered.push(started.elapsed());
+            let body: Value = resp.json().await?;
+            let port = body["port"].as_u64().context("port")? as u16;
+            let who = app
+                .tenant_whoami("127.0.0.1", port, &username, Auth::Key(key.clone()))
+                .await;
+            if who.as_deref() != Ok(username.as_str()) {
+                bail!("{kind:?}: the rented login does not work: {who:?}");
+            }
+            samples.push(started.elapsed());
+            let id = body["id"].as_str().context("id")?;
+            app.http
+                .delete(app.url(&format!("/api/rentals/{id}")))
+                .send()
+                .await?;
+        }
+        report(&format!("{kind:?}: rent → 201"), &mut answered);
+        report(&format!("{kind:?}: rent → working login"), &mut samples);
+        results.push(samples[samples.len() / 2]);
+    }
+    println!(
+        "\nmedian native {} ms, median Ansible {} ms: native is {:.1}x faster",
+        results[0].as_millis(),
+        results[1].as_millis(),
+        results[1].as_secs_f64() / results[0].as_secs_f64()
+    );
     Ok(())
 }
 

@@ -152,6 +152,11 @@ pub async fn probe_worker(ctx: &Context, worker: Worker) -> anyhow::Result<Worke
     loop {
         attempt += 1;
         outcome = ctx.ssh.probe(&target, cfg.probe_timeout).await;
+        match &outcome {
+            Ok(probe) => metrics::histogram!(crate::metrics::names::PROBE_DURATION)
+                .record(probe.latency.as_secs_f64()),
+            Err(_) => metrics::counter!(crate::metrics::names::PROBE_FAILURES).increment(1),
+        }
         health = observe(health, outcome.is_ok(), thresholds);
         if outcome.is_ok() || attempt >= attempts || health.status == WorkerStatus::Dead {
             break;

@@ -8,6 +8,7 @@
 //! # Layout
 //!
 //! - [`context`]: the handles shared by the API and the loops.
+//! - [`metrics`]: Prometheus metrics, served on `/metrics`.
 //! - [`telemetry`]: logging setup and the status of each control loop.
 //! - [`config`]: the one configuration struct, read from TOML with `ORION_*` overrides.
 //! - [`inventory`]: the static inventory file (`inventory/*.toml`), parsed and validated
@@ -40,6 +41,7 @@ pub mod config;
 pub mod context;
 pub mod health;
 pub mod inventory;
+pub mod metrics;
 pub mod migration;
 pub mod model;
 pub mod playbook;

@@ -175,6 +175,9 @@ async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Ou
                 ctx.store.orphan_placement(&rental.id, &worker).await?;
                 return Ok(Outcome::Nothing);
             }
+            metrics::counter!(crate::metrics::names::MIGRATIONS, "outcome" => "moved").increment(1);
+            metrics::histogram!(crate::metrics::names::MIGRATION_DURATION)
+                .record(started.elapsed().as_secs_f64());
             tracing::info!(
                 took_ms = started.elapsed().as_millis() as u64,
                 "rental moved"
@@ -186,6 +189,8 @@ async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Ou
         }
         Err(e) => {
             tracing::warn!(error = %e, "move failed; will retry");
+            metrics::counter!(crate::metrics::names::MIGRATIONS, "outcome" => "failed")
+                .increment(1);
             ctx.store
                 .abort_migration(&rental.id, &worker, &e.to_string())
                 .await

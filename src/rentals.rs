@@ -68,13 +68,23 @@ pub async fn rent(ctx: &Context, request: RentRequest) -> Result<Rented, RentErr
     let ctx = ctx.clone();
     let id = uuid::Uuid::new_v4().to_string();
     let span = tracing::info_span!("rent", rental_id = %id, worker = tracing::field::Empty);
-    tokio::spawn(rent_inner(ctx, id, request).instrument(span))
+    let started = std::time::Instant::now();
+    let result = tokio::spawn(rent_inner(ctx, id, request).instrument(span))
         .await
         .unwrap_or_else(|e| {
             Err(RentError::Store(StoreError::Query(sqlx::Error::Protocol(
                 format!("rent task failed: {e}"),
             ))))
-        })
+        });
+    let outcome = match &result {
+        Ok(_) => "created",
+        Err(RentError::NoFreeWorker) => "no_free_worker",
+        Err(_) => "failed",
+    };
+    metrics::counter!(crate::metrics::names::RENTS, "outcome" => outcome).increment(1);
+    metrics::histogram!(crate::metrics::names::RENT_DURATION)
+        .record(started.elapsed().as_secs_f64());
+    result
 }
 
 async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Rented, RentError> {

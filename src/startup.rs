@@ -35,6 +35,8 @@ impl Application {
     /// the inventory into the database, finishes work a previous process left half-done,
     /// and binds the listener. Any failure stops here, before anything is served.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // Installed first, so nothing recorded from here on is lost.
+        crate::metrics::handle();
         let inventory = Inventory::load(&config.inventory)?;
         let playbooks = Playbooks::load(&config.playbooks)?;
         let mut ssh = SshClient::new(

@@ -114,6 +114,8 @@ pub async fn run_loop_woken<F, Fut>(
                     tracing::info!(loop_name = name, "loop recovered");
                 }
                 loops.success(name);
+                metrics::gauge!(crate::metrics::names::LOOP_LAST_SUCCESS, "loop" => name)
+                    .set(Utc::now().timestamp() as f64);
                 0
             }
             Err(e) => {

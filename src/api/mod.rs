@@ -12,6 +12,7 @@
 //! | `DELETE /api/tokens/{id}` | admin: revoke a token |
 //! | `GET /api/events?after=&limit=` | admin: the events log, oldest first, paged by id |
 //! | `GET /api/events/stream` | admin: the same records live, as Server-Sent Events |
+//! | `GET /metrics` | admin: Prometheus metrics |
 //! | `GET /health` | database reachability, fleet counts, loop status; 503 if the DB is down |
 //!
 //! Every `/api/*` route needs `Authorization: Bearer <token>`: the admin token from the
@@ -97,6 +98,7 @@ pub fn app(ctx: Context) -> Router {
         .route("/api/tokens", get(list_tokens).post(create_token))
         .route("/api/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/health", get(health))
+        .route("/metrics", get(prometheus_metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -347,6 +349,39 @@ async fn stream_events(
     use futures::StreamExt;
     Ok(Sse::new(stream.flatten().take_until(stopping))
         .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// Prometheus text format. The fleet and rental gauges are read from the database now,
+/// so they are right whichever Orion process made the changes.
+async fn prometheus_metrics(
+    State(ctx): State<Context>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    use crate::metrics::names;
+    require_admin(&caller)?;
+    let handle = crate::metrics::handle();
+    let w = ctx.store.worker_counts().await?;
+    for (status, n) in [
+        ("alive", w.alive),
+        ("dead", w.dead),
+        ("unknown", w.unknown),
+        ("quarantined", w.quarantined),
+        ("free", w.free),
+        ("allocated", w.allocated),
+    ] {
+        metrics::gauge!(names::WORKERS, "status" => status).set(n as f64);
+    }
+    for (status, n) in ctx.store.rental_counts().await? {
+        metrics::gauge!(names::RENTALS, "status" => status).set(n as f64);
+    }
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        handle.render(),
+    )
         .into_response())
 }
 

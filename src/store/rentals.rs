@@ -503,6 +503,15 @@ impl Store {
         .await?)
     }
 
+    /// Rentals by status (for the metrics).
+    pub async fn rental_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT status, COUNT(*) FROM rentals GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
     /// A rental with its current worker and placement history, as the API shows it.
     pub async fn rental_view(&self, id: &str) -> Result<Option<RentalView>, StoreError> {
         let Some(r) = self.rental(id).await? else {

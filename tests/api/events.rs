@@ -52,3 +52,33 @@ async fn the_events_log_is_paged_and_streamed_live() {
     assert!(seen.contains(id), "{seen}");
     assert!(seen.contains("id: "), "{seen}");
 }
+
+#[tokio::test]
+async fn prometheus_metrics_are_served_to_the_admin_only() {
+    let app = spawn_app(1).await;
+    assert_eq!(app.rent(json!({})).await.status(), 201);
+    let resp = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    for needle in [
+        "orion_workers{status=\"alive\"} 1",
+        "orion_workers{status=\"allocated\"} 1",
+        "orion_rentals{status=\"active\"} 1",
+        "orion_rents_total{outcome=\"created\"}",
+        "orion_rent_duration_seconds_bucket",
+        "orion_probe_duration_seconds_bucket",
+        "orion_loop_last_success_timestamp_seconds{loop=\"health\"}",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+    let anonymous = reqwest::Client::new();
+    assert_eq!(
+        anonymous
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+}

@@ -7,6 +7,8 @@
 //! | `GET /api/rentals/{id}` | one rental: status, current placement, history |
 //! | `DELETE /api/rentals/{id}` | release: remove the account, free the worker, 204 |
 //! | `GET /api/workers` | every worker with status, allocation, last probe |
+//! | `POST /api/workers/{name}/drain` | admin: no new rentals there; its tenants move away |
+//! | `POST /api/workers/{name}/undrain` | admin: back in service |
 //! | `POST /api/tokens` | admin: make a tenant token (shown once) |
 //! | `GET /api/tokens` | admin: list tokens (never the tokens themselves) |
 //! | `DELETE /api/tokens/{id}` | admin: revoke a token |
@@ -93,6 +95,8 @@ pub fn app(ctx: Context) -> Router {
         .route("/api/rentals", get(list_rentals))
         .route("/api/rentals/{id}", get(get_rental).delete(release_rental))
         .route("/api/workers", get(list_workers))
+        .route("/api/workers/{name}/drain", post(drain_worker))
+        .route("/api/workers/{name}/undrain", post(undrain_worker))
         .route("/api/events", get(list_events))
         .route("/api/events/stream", get(stream_events))
         .route("/api/tokens", get(list_tokens).post(create_token))
@@ -225,6 +229,46 @@ async fn list_workers(State(ctx): State<Context>, caller: Caller) -> Result<Resp
         })
         .collect();
     Ok(Json(json!({ "workers": list })).into_response())
+}
+
+async fn drain_worker(
+    State(ctx): State<Context>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    set_drained(ctx, caller, name, true).await
+}
+
+async fn undrain_worker(
+    State(ctx): State<Context>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    set_drained(ctx, caller, name, false).await
+}
+
+async fn set_drained(
+    ctx: Context,
+    caller: Caller,
+    name: String,
+    drained: bool,
+) -> Result<Response, ApiError> {
+    require_admin(&caller)?;
+    if !ctx.store.set_drained(&name, drained).await? {
+        return Err(ApiError::NotFound("no such worker".into()));
+    }
+    if drained {
+        // Move its tenants now rather than at the next tick.
+        ctx.migrate_now.notify_one();
+    }
+    let worker = ctx
+        .store
+        .worker_by_name(&name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such worker".into()))?;
+    let mut body = serde_json::to_value(&worker).map_err(|e| ApiError::Unexpected(e.into()))?;
+    body["allocated"] = json!(worker.allocated());
+    Ok(Json(body).into_response())
 }
 
 /// Body of `POST /api/tokens`.

@@ -215,7 +215,7 @@ impl Store {
             "SELECT {columns} FROM rentals r LEFT JOIN workers w ON w.id = r.worker_id \
              WHERE r.status IN ('waiting', 'migrating') \
              OR (r.status = 'active' AND (w.id IS NULL OR w.status = 'dead' \
-                 OR w.quarantine_reason IS NOT NULL OR w.retired)) \
+                 OR w.quarantine_reason IS NOT NULL OR w.retired OR w.drained)) \
              ORDER BY r.created_at"
         ))
         .try_map(|r: MySqlRow| RentalRecord::from_row(&r))
@@ -252,6 +252,7 @@ impl Store {
             w.status == crate::model::WorkerStatus::Alive
                 && w.quarantine_reason.is_none()
                 && !w.retired
+                && !w.drained
         };
         if rental.status == RentalStatus::Migrating
             && let Some(w) = current.as_ref().filter(|w| healthy(w))
@@ -573,7 +574,7 @@ async fn claim_free_worker(
     let candidate = sqlx::query(&format!(
         "SELECT {WORKER_COLUMNS} FROM workers \
          WHERE rental_id IS NULL AND status = 'alive' AND quarantine_reason IS NULL \
-         AND retired = FALSE ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+         AND retired = FALSE AND drained = FALSE ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
     ))
     .try_map(|r: MySqlRow| Worker::from_row(&r))
     .fetch_optional(&mut **tx)
@@ -638,7 +639,9 @@ where
 
 /// Why a worker can no longer serve a rental, for event messages.
 fn why(worker: &Worker) -> &'static str {
-    if worker.quarantine_reason.is_some() {
+    if worker.drained {
+        "drained"
+    } else if worker.quarantine_reason.is_some() {
         "quarantined"
     } else if worker.retired {
         "retired"

@@ -36,6 +36,8 @@ pub struct Worker {
     /// Why the worker must not be used (host key changed), if it must not.
     pub quarantine_reason: Option<String>,
     pub retired: bool,
+    /// In maintenance: no new rentals, and its tenants are moved away.
+    pub drained: bool,
     #[serde(skip)]
     pub rental_id: Option<String>,
     pub last_checked: Option<DateTime<Utc>>,
@@ -76,6 +78,7 @@ impl Worker {
             consecutive_successes: row.try_get("consecutive_successes")?,
             quarantine_reason: row.try_get("quarantine_reason")?,
             retired: row.try_get("retired")?,
+            drained: row.try_get("drained")?,
             rental_id: row.try_get("rental_id")?,
             last_checked: row.try_get("last_checked")?,
             last_seen_alive: row.try_get("last_seen_alive")?,
@@ -87,7 +90,7 @@ impl Worker {
 
 pub(super) const WORKER_COLUMNS: &str = "id, name, site, ssh_host, ssh_port, public_host, \
     public_port, pinned_host_key, known_host_key, status, consecutive_failures, \
-    consecutive_successes, quarantine_reason, retired, rental_id, last_checked, \
+    consecutive_successes, quarantine_reason, retired, drained, rental_id, last_checked, \
     last_seen_alive, probe_latency_ms, last_probe_error";
 
 /// What one probe concluded, ready to be written.
@@ -368,6 +371,39 @@ impl Store {
         Ok(())
     }
 
+    /// Puts a worker in or out of maintenance. False if there is no such worker.
+    pub async fn set_drained(&self, name: &str, drained: bool) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let found: Option<bool> =
+            sqlx::query_scalar("SELECT drained FROM workers WHERE name = ? FOR UPDATE")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(was) = found else {
+            return Ok(false);
+        };
+        if was != drained {
+            sqlx::query(
+                "UPDATE workers SET drained = ?, updated_at = UTC_TIMESTAMP(6) WHERE name = ?",
+            )
+            .bind(drained)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+            let (kind, msg) = if drained {
+                (
+                    "worker.drained",
+                    "drained: no new rentals, its tenants are moved away",
+                )
+            } else {
+                ("worker.undrained", "back in service")
+            };
+            events::append_in(&mut tx, kind, Some(name), None, msg).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
     /// Worker counts by status, for `/health`.
     pub async fn worker_counts(&self) -> Result<WorkerCounts, StoreError> {
         let row = sqlx::query(
@@ -379,7 +415,7 @@ impl Store {
              CAST(COALESCE(SUM(status = 'unknown'), 0) AS SIGNED) AS unknown, \
              CAST(COALESCE(SUM(rental_id IS NOT NULL), 0) AS SIGNED) AS allocated, \
              CAST(COALESCE(SUM(rental_id IS NULL AND status = 'alive' \
-                 AND quarantine_reason IS NULL), 0) AS SIGNED) AS free, \
+                 AND quarantine_reason IS NULL AND NOT drained), 0) AS SIGNED) AS free, \
              CAST(COALESCE(SUM(quarantine_reason IS NOT NULL), 0) AS SIGNED) AS quarantined \
              FROM workers WHERE retired = FALSE",
         )

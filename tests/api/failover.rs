@@ -271,3 +271,58 @@ async fn most_workers_dead_at_once_holds_migrations_until_it_clears() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_drained_worker_hands_its_tenant_over_and_gets_no_new_rentals() {
+    let app = spawn_app(2).await;
+    let (key, public) = tenant_key();
+    let body: Value = app
+        .rent(json!({ "ssh_public_key": public, "username": "uma" }))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = body["id"].as_str().unwrap().to_owned();
+    let first = body["worker"].as_str().unwrap().to_owned();
+
+    let resp = app
+        .http
+        .post(app.url(&format!("/api/workers/{first}/drain")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let worker: Value = resp.json().await.unwrap();
+    assert_eq!(worker["drained"], true);
+    let moved = wait_rental(&app, &id, Duration::from_secs(20), |r| {
+        r["status"] == "active" && r["worker"] != first.as_str()
+    })
+    .await;
+    let port = moved["port"].as_u64().unwrap() as u16;
+    let who = app
+        .tenant_whoami("127.0.0.1", port, "uma", Auth::Key(key))
+        .await;
+    assert_eq!(who.as_deref(), Ok("uma"));
+
+    // Cleaned, but drained: no new rental lands there.
+    orion::cleanup::cleanup_pass(&app.ctx).await.unwrap();
+    assert!(!app.worker(&first).has_user("uma"));
+    assert_eq!(app.rent(json!({})).await.status(), 503);
+    let resp = app
+        .http
+        .post(app.url(&format!("/api/workers/{first}/undrain")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let again: Value = app.rent(json!({})).await.json().await.unwrap();
+    assert_eq!(again["worker"], first.as_str());
+
+    let resp = app
+        .http
+        .post(app.url("/api/workers/no-such-worker/drain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}

@@ -32,11 +32,13 @@
 //! - [`api`]: the axum router, its handlers and the single error-to-response mapping.
 //! - [`testkit`]: the harness of the integration tests and benchmarks (Docker workers,
 //!   per-test databases); not used by `orion serve`.
+//! - [`client`]: the client side of the `orion` command (`rent`, `workers`, `events -f`…).
 //! - [`startup`]: builds the application from a config and runs it until shutdown.
 
 pub mod api;
 pub mod auth;
 pub mod cleanup;
+pub mod client;
 pub mod config;
 pub mod context;
 pub mod health;

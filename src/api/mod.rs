@@ -328,6 +328,8 @@ struct EventsQuery {
     after: u64,
     /// At most this many (1..=1000, default 100).
     limit: Option<u32>,
+    /// Instead of paging from `after`: the latest this many (1..=1000).
+    last: Option<u32>,
 }
 
 async fn list_events(
@@ -342,7 +344,15 @@ async fn list_events(
     if !(1..=1000).contains(&limit) {
         return Err(crate::model::InvalidInput::new("limit", "must be between 1 and 1000").into());
     }
-    let events = ctx.store.events_after(query.after, limit).await?;
+    let events = match query.last {
+        Some(n) if (1..=1000).contains(&n) => ctx.store.latest_events(n).await?,
+        Some(_) => {
+            return Err(
+                crate::model::InvalidInput::new("last", "must be between 1 and 1000").into(),
+            );
+        }
+        None => ctx.store.events_after(query.after, limit).await?,
+    };
     let next = events.last().map_or(query.after, |e| e.id);
     Ok(Json(json!({ "events": events, "next": next })).into_response())
 }

@@ -64,6 +64,17 @@ impl Store {
         Ok(id.unwrap_or(0))
     }
 
+    /// The latest `n` events, oldest first.
+    pub async fn latest_events(&self, n: u32) -> Result<Vec<Event>, StoreError> {
+        let after: Option<u64> = sqlx::query_scalar(
+            "SELECT MIN(id) - 1 FROM (SELECT id FROM events ORDER BY id DESC LIMIT ?) AS latest",
+        )
+        .bind(n)
+        .fetch_one(&self.pool)
+        .await?;
+        self.events_after(after.unwrap_or(0), n).await
+    }
+
     /// Events with an id above `after`, oldest first, at most `limit`.
     pub async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
         Ok(sqlx::query(

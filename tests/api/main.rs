@@ -3,6 +3,7 @@
 
 mod ansible;
 mod auth;
+mod cli;
 mod crash;
 mod events;
 mod failover;

@@ -1,0 +1,92 @@
+//! The `orion` command's client side, run as a real process against a running Orion.
+
+use std::process::{Command, Output};
+
+use crate::helpers::{ADMIN_TOKEN, TestApp, spawn_app, tenant_key};
+
+fn orion(app: &TestApp, token: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orion"));
+    cmd.args(args)
+        .env("ORION_URL", &app.address)
+        .env_remove("ORION_TOKEN");
+    if let Some(t) = token {
+        cmd.env("ORION_TOKEN", t);
+    }
+    cmd.output().expect("cannot run the orion binary")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+// Multi-threaded: the test blocks on the CLI process while the in-process Orion answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_rents_lists_drains_and_releases_with_reliable_exit_codes() {
+    let app = spawn_app(2).await;
+    let (_, public) = tenant_key();
+    let key_file = app.dir.path().join("tenant.pub");
+    std::fs::write(&key_file, format!("{public}\n")).unwrap();
+    let admin = Some(ADMIN_TOKEN);
+
+    let out = orion(&app, admin, &["workers", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let workers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(workers["workers"].as_array().unwrap().len(), 2);
+    let out = orion(&app, admin, &["workers"]);
+    assert!(stdout(&out).starts_with("NAME"), "{}", stdout(&out));
+
+    let out = orion(
+        &app,
+        admin,
+        &[
+            "rent",
+            "--key",
+            key_file.to_str().unwrap(),
+            "--username",
+            "vic",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    assert!(text.contains("vic@127.0.0.1"), "{text}");
+    let id = text.split_whitespace().nth(1).unwrap().to_owned();
+
+    let out = orion(&app, admin, &["rentals"]);
+    assert!(stdout(&out).contains("vic"), "{}", stdout(&out));
+    let out = orion(&app, admin, &["drain", "worker_2"]);
+    assert!(stdout(&out).contains("worker_2: drained"), "{out:?}");
+    let out = orion(&app, admin, &["events", "--last", "5"]);
+    assert!(out.status.success());
+    assert_eq!(stdout(&out).lines().count(), 5, "{}", stdout(&out));
+
+    // Exit codes: 1 refused, 2 usage, 3 unavailable.
+    let out = orion(&app, admin, &["release", "no-such-rental"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such rental"));
+    assert_eq!(
+        orion(&app, None, &["rentals"]).status.code(),
+        Some(1),
+        "no token: 401"
+    );
+    assert_eq!(
+        orion(&app, admin, &["rent", "--key", "/nonexistent.pub"])
+            .status
+            .code(),
+        Some(2)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_orion"))
+        .args([
+            "rentals",
+            "--url",
+            "http://127.0.0.1:1",
+            "--token",
+            ADMIN_TOKEN,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "unreachable");
+
+    let out = orion(&app, admin, &["release", &id]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!app.worker("worker_1").has_user("vic") && !app.worker("worker_2").has_user("vic"));
+}

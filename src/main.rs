@@ -145,7 +145,7 @@ fn server_command(
         match command {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
-            Command::Check => check(&config),
+            Command::Check => check(&config).await,
             Command::Healthcheck => healthcheck(&config).await,
             _ => unreachable!("client commands are handled apart"),
         }
@@ -356,13 +356,95 @@ async fn healthcheck(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check(config: &Config) -> anyhow::Result<()> {
+/// Validates config, inventory, playbooks (rendered with sample values) and key, then
+/// probes every worker over SSH and prints a table. Exits non-zero if anything fails.
+/// Writes nothing anywhere.
+async fn check(config: &Config) -> anyhow::Result<()> {
+    use orion::playbook::{Playbook, Vars};
     let inventory = Inventory::load(&config.inventory)?;
-    Playbooks::load(&config.playbooks)?;
-    orion::ssh::load_private_key(&config.ssh.key)?;
+    let playbooks = Playbooks::load(&config.playbooks)?;
+    let sample = Vars {
+        username: "sample".into(),
+        public_key: Some(orion::ssh::host_key_line(
+            orion::ssh::generate_ed25519().public_key(),
+        )),
+        password_hash: Some(orion::model::hash_password("sample")),
+    };
+    for playbook in Playbook::ALL {
+        playbooks.render(playbook, &sample)?;
+    }
+    let key = std::sync::Arc::new(orion::ssh::load_private_key(&config.ssh.key)?);
     println!(
         "configuration, inventory ({} workers), playbooks and SSH key are valid",
         inventory.workers.len()
+    );
+    let ssh = orion::ssh::SshClient::with_key(
+        key,
+        &config.ssh.user,
+        config.ssh.connect_timeout,
+        config.ssh.command_timeout,
+        config.ssh.max_sessions,
+    );
+    let probes = inventory.workers.iter().map(|w| {
+        let ssh = ssh.clone();
+        let target = orion::ssh::Target {
+            name: w.name.clone(),
+            host: w.ssh_host.clone(),
+            port: w.ssh_port,
+            host_key: w.host_key.as_deref().and_then(orion::ssh::parse_host_key),
+        };
+        let timeout = config.health.probe_timeout;
+        async move { (target.clone(), ssh.probe(&target, timeout).await) }
+    });
+    let results = futures::future::join_all(probes).await;
+    let mut failed = 0;
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|(target, result)| match result {
+            Ok(probe) => vec![
+                target.name.clone(),
+                format!("{}:{}", target.host, target.port),
+                "ok".into(),
+                probe.latency.as_millis().to_string(),
+                format!(
+                    "{}{}",
+                    probe.host_key.fingerprint(russh::keys::HashAlg::Sha256),
+                    if target.host_key.is_some() {
+                        " (pinned)"
+                    } else {
+                        ""
+                    }
+                ),
+            ],
+            Err(e) => {
+                failed += 1;
+                vec![
+                    target.name.clone(),
+                    format!("{}:{}", target.host, target.port),
+                    "FAILED".into(),
+                    "-".into(),
+                    e.to_string(),
+                ]
+            }
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "worker",
+                "address",
+                "probe",
+                "latency_ms",
+                "host key / error"
+            ],
+            &rows
+        )
+    );
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} of {} workers failed their probe",
+        results.len()
     );
     Ok(())
 }

@@ -90,3 +90,42 @@ async fn the_cli_rents_lists_drains_and_releases_with_reliable_exit_codes() {
     assert!(out.status.success(), "{out:?}");
     assert!(!app.worker("worker_1").has_user("vic") && !app.worker("worker_2").has_user("vic"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orion_check_probes_every_worker_and_fails_when_one_does_not_answer() {
+    let app = spawn_app(2).await;
+    let config = app.dir.path().join("check.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "inventory = \"{dir}/inventory.toml\"\nplaybooks = \"{repo}/playbooks\"\n\
+             [database]\nurl = \"mysql://unused@127.0.0.1:1/none\"\n\
+             [ssh]\nkey = \"{dir}/id_ed25519\"\nconnect_timeout = \"2s\"\n\
+             [auth]\nadmin_token = \"{ADMIN_TOKEN}\"\n[health]\nprobe_timeout = \"2s\"\n",
+            dir = app.dir.path().display(),
+            repo = env!("CARGO_MANIFEST_DIR"),
+        ),
+    )
+    .unwrap();
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_orion"))
+            .args(["--config", config.to_str().unwrap(), "check"])
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    assert!(text.contains("WORKER"), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" ok ")).count(),
+        2,
+        "{text}"
+    );
+
+    app.worker("worker_1").stop();
+    let out = check();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stdout(&out).contains("FAILED"), "{}", stdout(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 2 workers failed"));
+}

@@ -353,6 +353,25 @@ impl TestApp {
             .expect("rent request failed")
     }
 
+    /// Rents, insists on 201, and returns the rental.
+    pub async fn rent_ok(&self, body: Value) -> Value {
+        let resp = self.rent(body).await;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert_eq!(status, 201, "rent failed: {text}");
+        serde_json::from_str(&text).expect("a rental is JSON")
+    }
+
+    /// `DELETE /api/rentals/{id}` with the admin token; returns the status.
+    pub async fn release(&self, id: &str) -> reqwest::StatusCode {
+        self.http
+            .delete(self.url(&format!("/api/rentals/{id}")))
+            .send()
+            .await
+            .expect("release request failed")
+            .status()
+    }
+
     pub async fn get_json(&self, path: &str) -> (reqwest::StatusCode, Value) {
         let resp = self.http.get(self.url(path)).send().await.unwrap();
         let status = resp.status();

@@ -120,13 +120,7 @@ async fn renting_and_releasing_with_the_ansible_executor() {
         .await;
     assert_eq!(who.as_deref(), Ok("sam"));
     let id = rental["id"].as_str().unwrap();
-    let resp = app
-        .http
-        .delete(app.url(&format!("/api/rentals/{id}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 204);
+    assert_eq!(app.release(id).await, 204);
     assert!(!app.worker("worker_1").has_user("sam"));
 }
 

@@ -32,12 +32,7 @@ async fn the_events_log_is_paged_and_streamed_live() {
         .unwrap();
     assert_eq!(stream.status(), 200);
     assert_eq!(stream.headers()["content-type"], "text/event-stream");
-    let rental: Value = app
-        .rent(json!({ "username": "quinn" }))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let rental: Value = app.rent_ok(json!({ "username": "quinn" })).await;
     let id = rental["id"].as_str().unwrap();
     let mut seen = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -62,11 +62,8 @@ async fn the_stop_the_worker_drill_moves_the_rental_with_the_same_key_and_fences
     let (key, public) = tenant_key();
     let (hook, mut notifications) = notification_sink().await;
     let body: Value = app
-        .rent(json!({ "ssh_public_key": public, "username": "ivan", "notify_url": hook }))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .rent_ok(json!({ "ssh_public_key": public, "username": "ivan", "notify_url": hook }))
+        .await;
     let id = body["id"].as_str().unwrap().to_owned();
     let first = body["worker"].as_str().unwrap().to_owned();
 
@@ -128,19 +125,14 @@ async fn the_stop_the_worker_drill_moves_the_rental_with_the_same_key_and_fences
         1,
         "never active on two workers"
     );
-    let again: Value = app.rent(json!({})).await.json().await.unwrap();
+    let again: Value = app.rent_ok(json!({})).await;
     assert_eq!(again["worker"], first.as_str());
 }
 
 #[tokio::test]
 async fn a_briefly_paused_worker_moves_nothing() {
     let app = spawn_app(2).await;
-    let body: Value = app
-        .rent(json!({ "username": "judy" }))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let body: Value = app.rent_ok(json!({ "username": "judy" })).await;
     let id = body["id"].as_str().unwrap().to_owned();
     let worker = body["worker"].as_str().unwrap().to_owned();
     let container = app.worker(&worker).container.clone();
@@ -176,18 +168,8 @@ async fn a_briefly_paused_worker_moves_nothing() {
 #[tokio::test]
 async fn with_no_free_worker_the_rental_waits_then_moves_when_one_frees() {
     let app = spawn_app(2).await;
-    let a: Value = app
-        .rent(json!({ "username": "kate" }))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let b: Value = app
-        .rent(json!({ "username": "leo" }))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let a: Value = app.rent_ok(json!({ "username": "kate" })).await;
+    let b: Value = app.rent_ok(json!({ "username": "leo" })).await;
     let a_id = a["id"].as_str().unwrap().to_owned();
     let password = a["password"].as_str().unwrap().to_owned();
     app.worker(a["worker"].as_str().unwrap()).stop();
@@ -226,12 +208,7 @@ async fn with_no_free_worker_the_rental_waits_then_moves_when_one_frees() {
 #[tokio::test]
 async fn most_workers_dead_at_once_holds_migrations_until_it_clears() {
     let app = spawn_app_with(3, Box::new(|c| c.health.watch = false)).await;
-    let body: Value = app
-        .rent(json!({ "username": "mona" }))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let body: Value = app.rent_ok(json!({ "username": "mona" })).await;
     let id = body["id"].as_str().unwrap().to_owned();
     let rented = body["worker"].as_str().unwrap().to_owned();
     let other = app
@@ -277,11 +254,8 @@ async fn a_drained_worker_hands_its_tenant_over_and_gets_no_new_rentals() {
     let app = spawn_app(2).await;
     let (key, public) = tenant_key();
     let body: Value = app
-        .rent(json!({ "ssh_public_key": public, "username": "uma" }))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .rent_ok(json!({ "ssh_public_key": public, "username": "uma" }))
+        .await;
     let id = body["id"].as_str().unwrap().to_owned();
     let first = body["worker"].as_str().unwrap().to_owned();
 
@@ -315,7 +289,7 @@ async fn a_drained_worker_hands_its_tenant_over_and_gets_no_new_rentals() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let again: Value = app.rent(json!({})).await.json().await.unwrap();
+    let again: Value = app.rent_ok(json!({})).await;
     assert_eq!(again["worker"], first.as_str());
 
     let resp = app

@@ -80,11 +80,8 @@ async fn a_database_outage_answers_503_keeps_tenants_and_resumes_without_restart
     let app = spawn_app_with(2, Box::new(move |c| c.database.url = url)).await;
     let (key, public) = tenant_key();
     let rental: Value = app
-        .rent(json!({ "ssh_public_key": public, "username": "pia" }))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .rent_ok(json!({ "ssh_public_key": public, "username": "pia" }))
+        .await;
     let port = rental["port"].as_u64().unwrap() as u16;
 
     docker(&["stop", &db.container]);

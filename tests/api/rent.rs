@@ -35,13 +35,7 @@ async fn a_rent_with_a_key_gives_a_working_login_and_release_removes_it() {
     let (_, workers) = app.get_json("/api/workers").await;
     assert_eq!(workers["workers"][0]["allocated"], true);
 
-    let resp = app
-        .http
-        .delete(app.url(&format!("/api/rentals/{id}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 204);
+    assert_eq!(app.release(&id).await, 204);
 
     let login = app
         .tenant_whoami(&host, port, "alice", Auth::Key(key))
@@ -55,13 +49,7 @@ async fn a_rent_with_a_key_gives_a_working_login_and_release_removes_it() {
     assert_eq!(rental["status"], "released");
 
     // Releasing twice is harmless.
-    let resp = app
-        .http
-        .delete(app.url(&format!("/api/rentals/{id}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 204);
+    assert_eq!(app.release(&id).await, 204);
 }
 
 #[tokio::test]
@@ -260,7 +248,7 @@ async fn a_username_in_use_is_a_conflict_and_the_worker_stays_free() {
 #[tokio::test]
 async fn a_rental_shows_its_placement_and_unknown_ones_are_404() {
     let app = spawn_app(1).await;
-    let body: Value = app.rent(json!({})).await.json().await.unwrap();
+    let body: Value = app.rent_ok(json!({})).await;
     let id = body["id"].as_str().unwrap();
     let (status, rental) = app.get_json(&format!("/api/rentals/{id}")).await;
     assert_eq!(status, 200);
@@ -331,22 +319,11 @@ async fn a_failed_provisioning_leaves_no_worker_allocated_and_says_why() {
 #[tokio::test]
 async fn releasing_a_rental_on_a_dead_worker_frees_it_only_after_cleanup() {
     let app = spawn_app(1).await;
-    let body: Value = app
-        .rent(json!({ "username": "erin" }))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let body: Value = app.rent_ok(json!({ "username": "erin" })).await;
     let id = body["id"].as_str().unwrap();
     let worker = app.worker("worker_1");
     worker.stop();
-    let resp = app
-        .http
-        .delete(app.url(&format!("/api/rentals/{id}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 204);
+    assert_eq!(app.release(id).await, 204);
     orion::health::probe_round(&app.ctx).await.unwrap();
     // The account may still be on the worker: it is not offered to anyone.
     assert_eq!(app.rent(json!({})).await.status(), 503);

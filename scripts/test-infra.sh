@@ -38,6 +38,7 @@ db_matches() {
 }
 
 up() {
+  scripts/docker-engine.sh
   scripts/images.sh >&2   # stdout carries only the env lines
 
   if docker container inspect "$DB_CONTAINER" >/dev/null 2>&1; then

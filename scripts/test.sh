@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Orion's whole test suite, from a fresh clone: builds the images that are missing
-# (debootstrap base, sshd worker, MariaDB), starts MariaDB, runs the unit and
-# integration tests against it and real worker containers, then cleans up.
+# Orion's whole test suite, from a fresh clone: installs the tools that are missing
+# (ansible-core, chromium), builds the images that are missing (debootstrap base, sshd
+# worker, MariaDB), starts MariaDB, runs the unit and integration tests against it and
+# real worker containers, then cleans up.
 #
 #   scripts/test.sh                 everything
 #   scripts/test.sh rent::          only tests whose name matches (nextest filter)
@@ -10,8 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-command -v docker >/dev/null || { echo "test.sh: docker is required" >&2; exit 1; }
-docker info >/dev/null 2>&1 || { echo "test.sh: the Docker engine is not reachable" >&2; exit 1; }
+scripts/docker-engine.sh
 
 cleanup() {
   if [[ "${ORION_TEST_KEEP:-0}" != 1 ]]; then
@@ -34,6 +34,20 @@ if ! command -v ansible-playbook >/dev/null 2>&1; then
   else
     echo "test.sh: ansible-playbook is missing and cannot be installed here (needs root and apt);" \
       "install ansible-core, or the Ansible tests will fail saying so" >&2
+  fi
+fi
+
+# The dashboard's browser test drives Debian's headless Chromium through chromedriver.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing chromium and chromium-driver" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      chromium chromium-driver >/dev/null
+  else
+    echo "test.sh: chromium or chromedriver is missing and cannot be installed here (needs" \
+      "root and apt); install chromium and chromium-driver, or the dashboard test will fail" \
+      "saying so" >&2
   fi
 fi
 

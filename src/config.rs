@@ -131,6 +131,11 @@ pub struct HealthConfig {
     /// Unanswered keepalives before a watch session counts as dropped.
     #[serde(default = "default_keepalive_max")]
     pub keepalive_max: usize,
+    /// Probes run over a worker's watch connection, but open a new one at least this
+    /// often, so that a worker whose sshd no longer accepts logins while old sessions
+    /// live on (sshd stopped on a systemd host) is still found.
+    #[serde(default = "default_handshake_every", with = "humantime_serde")]
+    pub handshake_every: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -224,6 +229,7 @@ impl Default for HealthConfig {
             watch: true,
             keepalive_interval: default_keepalive_interval(),
             keepalive_max: default_keepalive_max(),
+            handshake_every: default_handshake_every(),
         }
     }
 }
@@ -303,6 +309,9 @@ fn default_true() -> bool {
 }
 fn default_keepalive_interval() -> Duration {
     Duration::from_secs(5)
+}
+fn default_handshake_every() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_keepalive_max() -> usize {
     3
@@ -409,6 +418,9 @@ impl Config {
         if !(0.0..=1.0).contains(&self.migration.max_dead_fraction) {
             return bad("migration.max_dead_fraction", "must be between 0 and 1");
         }
+        if self.health.handshake_every.is_zero() {
+            return bad("health.handshake_every", "must be longer than zero");
+        }
         if self.health.keepalive_interval.is_zero() {
             return bad("health.keepalive_interval", "must be longer than zero");
         }
@@ -505,6 +517,10 @@ mod tests {
             defaults.health.keepalive_interval
         );
         assert_eq!(example.health.keepalive_max, defaults.health.keepalive_max);
+        assert_eq!(
+            example.health.handshake_every,
+            defaults.health.handshake_every
+        );
         assert_eq!(example.migration.interval, defaults.migration.interval);
         assert_eq!(
             example.migration.max_dead_fraction,

@@ -27,6 +27,11 @@ pub struct Context {
     /// Serialises the probes of one worker (a round's probe and a watch-triggered one),
     /// so that each reads the counts the previous one wrote.
     pub probe_locks: Arc<KeyedLocks>,
+    /// Bounds the database work of probes recorded one by one and of watches (half the
+    /// pool), so that hundreds of workers changing at once (the first round, a fleet-wide
+    /// outage, every watch opening at start) queue here instead of timing out on the
+    /// pool, and the API keeps connections of its own.
+    pub probe_db: Arc<tokio::sync::Semaphore>,
     /// Wakes the migration loop at once when a worker is declared dead, instead of
     /// waiting for its next tick.
     pub migrate_now: Arc<Notify>,
@@ -40,6 +45,17 @@ pub struct Context {
     pub stopping: tokio_util::sync::CancellationToken,
     /// HTTP client for rental notifications (`notify_url`).
     pub http: reqwest::Client,
+}
+
+impl Context {
+    /// A turn in the bound on the probes' and watches' database work
+    /// ([`Context::probe_db`]).
+    pub async fn probe_db_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.probe_db
+            .acquire()
+            .await
+            .expect("the probe database bound is never closed")
+    }
 }
 
 /// One async mutex per key, made on first use.

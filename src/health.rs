@@ -81,6 +81,11 @@ pub struct RoundSummary {
 
 /// One probe round over every non-retired worker. Each worker is probed in its own task,
 /// so a hung worker costs only its own timeout.
+///
+/// The common case, an alive worker answering its probe, changes nothing but the time of
+/// the last probe and its latency: those are written for the whole round in one
+/// statement. Every other outcome (a failure, a status change, a first contact) is
+/// handled and recorded worker by worker, as [`probe_worker`] does.
 pub async fn probe_round(ctx: &Context) -> anyhow::Result<RoundSummary> {
     let workers = ctx
         .store
@@ -90,14 +95,39 @@ pub async fn probe_round(ctx: &Context) -> anyhow::Result<RoundSummary> {
     let mut tasks = JoinSet::new();
     for worker in workers {
         let ctx = ctx.clone();
-        tasks.spawn(async move { probe_worker(&ctx, worker).await });
+        tasks.spawn(async move { probe_in_round(&ctx, worker).await });
     }
     let mut summary = RoundSummary::default();
+    let mut routine = Vec::new();
     let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
+    // Routine outcomes are written in batches as they come, so a hung worker's probe
+    // holds up nobody's record for longer than one flush period.
+    let mut flush =
+        tokio::time::interval_at(tokio::time::Instant::now() + ROUTINE_FLUSH, ROUTINE_FLUSH);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let joined = tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(joined) => joined,
+                None => break,
+            },
+            _ = flush.tick(), if !routine.is_empty() => {
+                if let Err(e) = record_routine(ctx, &mut routine).await {
+                    first_error.get_or_insert(e);
+                }
+                continue;
+            }
+        };
         match joined.context("A probe task panicked")? {
-            Ok(status) => {
+            Ok(outcome) => {
                 summary.probed += 1;
+                let status = match outcome {
+                    InRound::Routine { id, latency_ms } => {
+                        routine.push((id, latency_ms));
+                        WorkerStatus::Alive
+                    }
+                    InRound::Recorded(status) => status,
+                };
                 match status {
                     WorkerStatus::Alive => summary.alive += 1,
                     WorkerStatus::Dead => summary.dead += 1,
@@ -109,11 +139,69 @@ pub async fn probe_round(ctx: &Context) -> anyhow::Result<RoundSummary> {
             }
         }
     }
+    if let Err(e) = record_routine(ctx, &mut routine).await {
+        first_error.get_or_insert(e);
+    }
     match first_error {
         // Probing worked but recording failed (the database): the round failed.
         Some(e) => Err(e),
         None => Ok(summary),
     }
+}
+
+/// How often a round writes the routine outcomes collected so far.
+const ROUTINE_FLUSH: Duration = Duration::from_millis(250);
+
+/// Writes and clears the routine outcomes collected so far.
+async fn record_routine(ctx: &Context, routine: &mut Vec<(u64, u32)>) -> anyhow::Result<()> {
+    let batch = std::mem::take(routine);
+    ctx.store
+        .record_routine_probes(&batch)
+        .await
+        .context("Failed to record the probes")
+}
+
+/// What one worker's probe in a round came to.
+enum InRound {
+    /// An alive worker with a known host key answered: only its latency is new.
+    Routine { id: u64, latency_ms: u32 },
+    /// Anything else, already recorded; the worker's status after it.
+    Recorded(WorkerStatus),
+}
+
+async fn probe_in_round(ctx: &Context, worker: Worker) -> anyhow::Result<InRound> {
+    let lock = ctx.probe_locks.get(&worker.name);
+    let _guard = lock.lock().await;
+    let routine = worker.status == WorkerStatus::Alive
+        && worker.consecutive_failures == 0
+        && worker.quarantine_reason.is_none()
+        && worker.expected_host_key().is_some();
+    if !routine {
+        return probe_locked(ctx, worker, None).await.map(InRound::Recorded);
+    }
+    // The batched write only applies to a worker still alive with no failure, so a
+    // watch-triggered probe that saw something else since this round listed the worker
+    // keeps the last word.
+    match probe_once(ctx, &target_of(&worker)).await {
+        Ok(probe) => Ok(InRound::Routine {
+            id: worker.id,
+            latency_ms: duration_ms(probe.latency),
+        }),
+        failed => probe_locked(ctx, worker, Some(failed))
+            .await
+            .map(InRound::Recorded),
+    }
+}
+
+/// One SSH probe, counted in the metrics.
+async fn probe_once(ctx: &Context, target: &ssh::Target) -> Result<ssh::Probe, SshError> {
+    let outcome = ctx.ssh.probe(target, ctx.config.health.probe_timeout).await;
+    match &outcome {
+        Ok(probe) => metrics::histogram!(crate::metrics::names::PROBE_DURATION)
+            .record(probe.latency.as_secs_f64()),
+        Err(_) => metrics::counter!(crate::metrics::names::PROBE_FAILURES).increment(1),
+    }
+    outcome
 }
 
 /// Probes one worker, confirming a failure with quick retries, and records the result.
@@ -123,12 +211,25 @@ pub async fn probe_round(ctx: &Context) -> anyhow::Result<RoundSummary> {
 pub async fn probe_worker(ctx: &Context, worker: Worker) -> anyhow::Result<WorkerStatus> {
     let lock = ctx.probe_locks.get(&worker.name);
     let _guard = lock.lock().await;
+    probe_locked(ctx, worker, None).await
+}
+
+/// [`probe_worker`] under the worker's probe lock; `first` is the outcome of a probe
+/// already made, counted as the first attempt.
+async fn probe_locked(
+    ctx: &Context,
+    worker: Worker,
+    mut first: Option<Result<ssh::Probe, SshError>>,
+) -> anyhow::Result<WorkerStatus> {
+    let writes = || ctx.probe_db_slot();
+    let db = writes().await;
     let worker = ctx
         .store
         .worker_by_id(worker.id)
         .await
         .context("Failed to re-read a worker")?
         .unwrap_or(worker);
+    drop(db);
     let cfg = &ctx.config.health;
     let thresholds = Thresholds {
         dead_after: cfg.dead_after,
@@ -151,12 +252,10 @@ pub async fn probe_worker(ctx: &Context, worker: Worker) -> anyhow::Result<Worke
     let mut attempt = 0;
     loop {
         attempt += 1;
-        outcome = ctx.ssh.probe(&target, cfg.probe_timeout).await;
-        match &outcome {
-            Ok(probe) => metrics::histogram!(crate::metrics::names::PROBE_DURATION)
-                .record(probe.latency.as_secs_f64()),
-            Err(_) => metrics::counter!(crate::metrics::names::PROBE_FAILURES).increment(1),
-        }
+        outcome = match first.take() {
+            Some(outcome) => outcome,
+            None => probe_once(ctx, &target).await,
+        };
         health = observe(health, outcome.is_ok(), thresholds);
         if outcome.is_ok() || attempt >= attempts || health.status == WorkerStatus::Dead {
             break;
@@ -164,13 +263,16 @@ pub async fn probe_worker(ctx: &Context, worker: Worker) -> anyhow::Result<Worke
         // Record the failure before confirming it: while confirmations run, the migration
         // loop sees this worker as failing, so a fault hitting most workers at once is
         // recognised as one even though their deaths are declared one by one.
+        let db = writes().await;
         ctx.store
             .record_failing(&worker, health.consecutive_failures)
             .await
             .context("Failed to record a failed probe")?;
+        drop(db);
         tokio::time::sleep(cfg.retry_delay).await;
     }
 
+    let _db = writes().await;
     let (latency_ms, error) = match &outcome {
         Ok(probe) => {
             if target.host_key.is_none() {
@@ -261,6 +363,19 @@ fn duration_ms(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
+/// Hands the memory freed since the last call back to the system. A round over hundreds
+/// of workers allocates in a burst (a handshake per new connection, a task per worker);
+/// glibc keeps what the burst freed in its per-thread arenas, which would leave
+/// `orion serve` holding the peak of its busiest round for good.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's own heaps to the
+    // kernel; it touches no memory that is in use and is safe to call from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Runs probe rounds every `health.interval` until `shutdown` resolves. A failing round
 /// is logged once when it starts failing, retried with a capped back-off, and reported on
 /// the status endpoint; the loop itself never stops on an error.
@@ -271,6 +386,7 @@ pub async fn run(ctx: Context, shutdown: impl Future<Output = ()>) {
         async move {
             let summary = probe_round(&ctx).await?;
             tracing::debug!(?summary, "probe round done");
+            release_free_memory();
             Ok(())
         }
     })

@@ -9,7 +9,9 @@
 //! to anyone (fencing). With no free worker the rental waits and is retried every pass.
 //!
 //! If most workers look dead at the same moment, Orion is probably the one cut off: the
-//! pass moves nothing and says so, like Kubernetes' unhealthy-zone rule.
+//! pass moves nothing and says so, like Kubernetes' unhealthy-zone rule. "At the same
+//! moment" is checked, not assumed: before moving anything, a pass probes the workers
+//! not yet declared dead, since a cut is declared worker by worker.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use serde_json::json;
 use tracing::Instrument;
 
 use crate::context::Context;
-use crate::model::RentalStatus;
+use crate::model::{RentalStatus, WorkerStatus};
 use crate::rentals;
 use crate::store::{RentalRecord, WorkerCounts};
 
@@ -52,14 +54,64 @@ pub fn should_hold(counts: &WorkerCounts, max_fraction: f64) -> bool {
     counts.total >= 3 && (unhealthy as f64) > max_fraction * counts.total as f64
 }
 
+/// Whether the workers not declared dead still answer, now: watch sessions cut by a
+/// fault between Orion and the fleet drop one by one, each at its own keepalive, so the
+/// first deaths are declared while the other workers still look alive in the database.
+/// Before a pass moves anything, every such worker is probed (without recording
+/// anything); returns how many did not answer. Stops as soon as the answer to "hold?"
+/// is known, so one hung worker does not delay a move.
+async fn unanswered_now(ctx: &Context, counts: &WorkerCounts) -> anyhow::Result<i64> {
+    let limit = ctx.config.migration.max_dead_fraction * counts.total as f64;
+    let workers = ctx
+        .store
+        .probe_targets()
+        .await
+        .context("Failed to list workers")?;
+    let targets: Vec<_> = workers
+        .iter()
+        // A quarantined worker is out of service for another reason than this fault.
+        .filter(|w| w.status != WorkerStatus::Dead && w.quarantine_reason.is_none())
+        .map(crate::health::target_of)
+        .collect();
+    let timeout = ctx.config.health.probe_timeout;
+    let mut probes: futures::stream::FuturesUnordered<_> = targets
+        .iter()
+        .map(|target| async move { ctx.ssh.probe(target, timeout).await.is_ok() })
+        .collect();
+    let candidates = targets.len() as i64;
+    let (mut answered, mut unanswered) = (0, 0);
+    while let Some(ok) = probes.next().await {
+        if ok {
+            answered += 1;
+        } else {
+            unanswered += 1;
+        }
+        let settled_hold = (counts.dead + unanswered) as f64 > limit;
+        let settled_go = (counts.dead + candidates - answered) as f64 <= limit;
+        if settled_hold || settled_go {
+            break;
+        }
+    }
+    Ok(unanswered)
+}
+
 /// One pass over every rental that must move.
 pub async fn migration_pass(ctx: &Context) -> anyhow::Result<PassSummary> {
-    let counts = ctx
+    let mut counts = ctx
         .store
         .worker_counts()
         .await
         .context("Failed to count workers")?;
-    let hold = should_hold(&counts, ctx.config.migration.max_dead_fraction);
+    let mut hold = should_hold(&counts, ctx.config.migration.max_dead_fraction);
+    let rentals = ctx
+        .store
+        .rentals_to_migrate()
+        .await
+        .context("Failed to list rentals to move")?;
+    if !hold && !rentals.is_empty() && counts.free > 0 && counts.total >= 3 {
+        counts.failing = unanswered_now(ctx, &counts).await?;
+        hold = should_hold(&counts, ctx.config.migration.max_dead_fraction);
+    }
     let was_held = ctx.migration_held.swap(hold, Ordering::Relaxed);
     if hold && was_held {
         return Ok(PassSummary {
@@ -103,11 +155,6 @@ pub async fn migration_pass(ctx: &Context) -> anyhow::Result<PassSummary> {
             ..PassSummary::default()
         });
     }
-    let rentals = ctx
-        .store
-        .rentals_to_migrate()
-        .await
-        .context("Failed to list rentals to move")?;
     let mut summary = PassSummary::default();
     let outcomes: Vec<anyhow::Result<Outcome>> = futures::stream::iter(rentals)
         .map(|rental| {

@@ -111,6 +111,10 @@ pub struct SshClient {
     /// Authenticated connections kept open by watches, by worker name: provisioning opens
     /// a channel on one of these instead of paying a new handshake.
     shared: Arc<Mutex<HashMap<String, SharedConnection>>>,
+    /// When each worker (by name) last completed a handshake with this client.
+    handshakes: Arc<Mutex<HashMap<String, Instant>>>,
+    /// A probe opens a new connection when the worker's last handshake is older.
+    handshake_every: Duration,
 }
 
 /// A watch's authenticated connection and the host key it was verified with.
@@ -118,6 +122,10 @@ type SharedConnection = (Arc<Handle<Verifier>>, PublicKey);
 
 /// Keepalive period of watch sessions unless [`SshClient::set_keepalive`] says otherwise.
 const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// Longest a worker's probes ride its watch connection without a new handshake, unless
+/// [`SshClient::set_handshake_every`] says otherwise.
+const DEFAULT_HANDSHAKE_EVERY: Duration = Duration::from_secs(300);
 
 /// Config of watch sessions: never idle-timed out, keepalives to notice a silent peer.
 fn watch_config(keepalive: Duration, max: usize) -> client::Config {
@@ -174,7 +182,14 @@ impl SshClient {
             command_timeout,
             sessions: Arc::new(Semaphore::new(max_sessions)),
             shared: Arc::default(),
+            handshakes: Arc::default(),
+            handshake_every: DEFAULT_HANDSHAKE_EVERY,
         }
+    }
+
+    /// How often a probe opens a new connection even though a watch connection is open.
+    pub fn set_handshake_every(&mut self, every: Duration) {
+        self.handshake_every = every;
     }
 
     /// Sets how often a watch session checks that the worker still answers, and after how
@@ -221,6 +236,15 @@ impl SshClient {
     /// A session to run commands on `target`: a channel on the worker's watch connection
     /// when one is open (no handshake to pay), else a new connection.
     pub async fn session(&self, target: &Target) -> Result<Session, SshError> {
+        match self.shared_session(target) {
+            Some(session) => Ok(session),
+            None => self.connect(target).await,
+        }
+    }
+
+    /// A channel on the worker's watch connection, if one is open and was verified with
+    /// the host key expected now.
+    fn shared_session(&self, target: &Target) -> Option<Session> {
         let shared = self
             .shared
             .lock()
@@ -235,17 +259,24 @@ impl SshClient {
                         .is_none_or(|expected| expected.key_data() == key.key_data())
             })
             .cloned();
-        match shared {
-            Some((handle, host_key)) => Ok(Session {
-                handle,
-                addr: target.addr(),
-                host_key,
-                command_timeout: self.command_timeout,
-                shared: true,
-                _permit: None,
-            }),
-            None => self.connect(target).await,
-        }
+        shared.map(|(handle, host_key)| Session {
+            handle,
+            addr: target.addr(),
+            host_key,
+            command_timeout: self.command_timeout,
+            shared: true,
+            _permit: None,
+        })
+    }
+
+    /// How many workers have a live watch connection open.
+    pub fn watched(&self) -> usize {
+        self.shared
+            .lock()
+            .expect("shared sessions poisoned")
+            .values()
+            .filter(|(handle, _)| !handle.is_closed())
+            .count()
     }
 
     /// Orion's public key, as it must appear in the workers' `authorized_keys`.
@@ -270,12 +301,26 @@ impl SshClient {
         user: &str,
         auth: Auth,
     ) -> Result<Session, SshError> {
-        let permit = self
-            .sessions
+        let permit = self.session_slot().await;
+        self.connect_in_slot(target, user, auth, permit).await
+    }
+
+    /// Waits for a free slot in the bound on open sessions.
+    async fn session_slot(&self) -> OwnedSemaphorePermit {
+        self.sessions
             .clone()
             .acquire_owned()
             .await
-            .expect("the session semaphore is never closed");
+            .expect("the session semaphore is never closed")
+    }
+
+    async fn connect_in_slot(
+        &self,
+        target: &Target,
+        user: &str,
+        auth: Auth,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Session, SshError> {
         let (handle, host_key) = self.handshake(target, user, auth, &self.config).await?;
         Ok(Session {
             handle: Arc::new(handle),
@@ -361,15 +406,45 @@ impl SshClient {
             .expect("host key slot poisoned")
             .clone()
             .expect("a server that completed the handshake presented a key");
+        self.handshakes
+            .lock()
+            .expect("handshake times poisoned")
+            .insert(target.name.clone(), Instant::now());
         Ok((handle, host_key))
     }
 
-    /// One health probe: connect, authenticate, run `true`. Returns the session's host key
-    /// and how long the whole round trip took.
+    /// One health probe: run `true` on the worker, over its watch connection when one is
+    /// open (a new channel: the worker's sshd must still start a session and a process),
+    /// else over a new connection (connect, host-key check, authenticate). Returns the
+    /// host key and how long the whole round trip took.
+    ///
+    /// Waiting for a slot in the session bound does not count against `timeout`: a queue
+    /// on Orion's side says nothing about the worker.
     pub async fn probe(&self, target: &Target, timeout: Duration) -> Result<Probe, SshError> {
+        let recent = self
+            .handshakes
+            .lock()
+            .expect("handshake times poisoned")
+            .get(&target.name)
+            .is_some_and(|at| at.elapsed() < self.handshake_every);
+        let shared = if recent {
+            self.shared_session(target)
+        } else {
+            None
+        };
+        let ready = match shared {
+            Some(session) => Ok(session),
+            None => Err(self.session_slot().await),
+        };
         let started = Instant::now();
         let work = async {
-            let session = self.connect(target).await?;
+            let session = match ready {
+                Ok(session) => session,
+                Err(slot) => {
+                    let auth = Auth::Key(self.key.clone());
+                    self.connect_in_slot(target, &self.user, auth, slot).await?
+                }
+            };
             let out = session.exec("true", None).await?;
             session.close().await;
             Ok::<_, SshError>((session.host_key.clone(), out))

@@ -50,6 +50,7 @@ impl Application {
             config.health.keepalive_interval,
             config.health.keepalive_max,
         );
+        ssh.set_handshake_every(config.health.handshake_every);
         let store = Store::connect_lazy(
             &config.database.url,
             config.database.max_connections,
@@ -82,6 +83,7 @@ impl Application {
             });
         }
         let admin_token_hash = crate::auth::token_hash(config.auth.admin_token.expose());
+        let probe_db = (config.database.max_connections as usize / 2).max(1);
         let ctx = Context {
             store,
             ssh,
@@ -89,6 +91,7 @@ impl Application {
             config: Arc::new(config),
             loops: Arc::new(LoopRegistry::default()),
             probe_locks: Arc::default(),
+            probe_db: Arc::new(tokio::sync::Semaphore::new(probe_db)),
             migrate_now: Arc::default(),
             migration_held: Arc::default(),
             admin_token_hash,

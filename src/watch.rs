@@ -50,7 +50,10 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) {
 /// Keeps a watch session open on one worker and probes it whenever the session drops.
 async fn watch_worker(ctx: Context, name: String, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
-        let worker = match ctx.store.worker_by_name(&name).await {
+        let db = ctx.probe_db_slot().await;
+        let read = ctx.store.worker_by_name(&name).await;
+        drop(db);
+        let worker = match read {
             Ok(Some(w)) if w.retired => return,
             Ok(Some(w)) => w,
             Ok(None) => return,

@@ -17,7 +17,7 @@ use sqlx::{Connection, Executor};
 pub use events::Event;
 pub use rentals::{NewRental, PlacementRecord, RentalRecord, RentalView};
 pub use tokens::TokenRecord;
-pub use workers::{Cleanup, ProbeRecord, Worker, WorkerCounts};
+pub use workers::{Cleanup, Occupant, ProbeRecord, Worker, WorkerCounts};
 
 /// Failures of the store, split by what a caller can do about them.
 #[derive(Debug, thiserror::Error)]

@@ -93,6 +93,19 @@ pub(super) const WORKER_COLUMNS: &str = "id, name, site, ssh_host, ssh_port, pub
     consecutive_successes, quarantine_reason, retired, drained, rental_id, last_checked, \
     last_seen_alive, probe_latency_ms, last_probe_error";
 
+/// The rental holding a worker, as the fleet view shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Occupant {
+    #[serde(rename = "id")]
+    pub rental_id: String,
+    pub tenant: String,
+    pub username: String,
+    /// Whether the rental lives on this worker now. `false` while the worker is held only
+    /// until its leftover account is removed (the rental moved away or ended while the
+    /// worker was down).
+    pub serving: bool,
+}
+
 /// What one probe concluded, ready to be written.
 #[derive(Debug, Clone)]
 pub struct ProbeRecord {
@@ -239,6 +252,39 @@ impl Store {
         .await?)
     }
 
+    /// Every worker, as [`Store::list_workers`], with the rental that holds it, if any.
+    pub async fn list_workers_with_occupants(
+        &self,
+    ) -> Result<Vec<(Worker, Option<Occupant>)>, StoreError> {
+        // The rental's columns are renamed in a derived table so that the worker's
+        // columns can be read by their plain names.
+        Ok(sqlx::query(&format!(
+            "SELECT {WORKER_COLUMNS}, o.o_tenant, o.o_username, o.o_worker_id FROM workers \
+             LEFT JOIN (SELECT id AS o_id, tenant AS o_tenant, username AS o_username, \
+             worker_id AS o_worker_id FROM rentals) AS o ON o.o_id = workers.rental_id \
+             ORDER BY name"
+        ))
+        .try_map(|r: MySqlRow| {
+            let worker = Worker::from_row(&r)?;
+            let tenant: Option<String> = r.try_get("o_tenant")?;
+            let occupant = match (&worker.rental_id, tenant) {
+                (Some(rental_id), Some(tenant)) => {
+                    let lives_on: Option<u64> = r.try_get("o_worker_id")?;
+                    Some(Occupant {
+                        rental_id: rental_id.clone(),
+                        tenant,
+                        username: r.try_get("o_username")?,
+                        serving: lives_on == Some(worker.id),
+                    })
+                }
+                _ => None,
+            };
+            Ok((worker, occupant))
+        })
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// The workers the probe loop must visit: all but retired ones.
     pub async fn probe_targets(&self) -> Result<Vec<Worker>, StoreError> {
         Ok(sqlx::query(&format!(
@@ -299,6 +345,33 @@ impl Store {
             events::append_in(&mut tx, &kind, Some(&worker.name), None, &msg).await?;
         }
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records, in one statement per thousand workers, the probes of a round that found
+    /// alive workers alive: the time, the latency, one more success. A worker whose state
+    /// changed since the round listed it (a watch-triggered probe saw a failure) is left
+    /// as that probe recorded it.
+    pub async fn record_routine_probes(&self, probes: &[(u64, u32)]) -> Result<(), StoreError> {
+        for chunk in probes.chunks(1000) {
+            let cases = " WHEN ? THEN ?".repeat(chunk.len());
+            let ids = vec!["?"; chunk.len()].join(",");
+            let sql = format!(
+                "UPDATE workers SET consecutive_successes = LEAST(consecutive_successes + 1, 1000000), \
+                 last_checked = UTC_TIMESTAMP(6), last_seen_alive = UTC_TIMESTAMP(6), \
+                 probe_latency_ms = CASE id{cases} END, last_probe_error = NULL, \
+                 updated_at = UTC_TIMESTAMP(6) \
+                 WHERE id IN ({ids}) AND status = 'alive' AND consecutive_failures = 0"
+            );
+            let mut query = sqlx::query(&sql);
+            for (id, latency) in chunk {
+                query = query.bind(id).bind(latency);
+            }
+            for (id, _) in chunk {
+                query = query.bind(id);
+            }
+            query.execute(&self.pool).await?;
+        }
         Ok(())
     }
 

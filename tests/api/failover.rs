@@ -113,7 +113,7 @@ async fn the_stop_the_worker_drill_moves_the_rental_with_the_same_key_and_fences
     orion::health::probe_round(&app.ctx).await.unwrap();
     orion::cleanup::cleanup_pass(&app.ctx).await.unwrap();
     assert!(!old.has_user("ivan"), "fencing removed the moved tenant");
-    let w = app.ctx.store.worker_by_name(&first).await.unwrap().unwrap();
+    let w = app.worker_row(&first).await;
     assert!(!w.allocated(), "the old worker is free again");
     let (_, rental) = app.get_json(&format!("/api/rentals/{id}")).await;
     assert_eq!(rental["placements"][0]["state"], "released");
@@ -155,13 +155,7 @@ async fn a_briefly_paused_worker_moves_nothing() {
             .await,
         0
     );
-    let w = app
-        .ctx
-        .store
-        .worker_by_name(&worker)
-        .await
-        .unwrap()
-        .unwrap();
+    let w = app.worker_row(&worker).await;
     assert_eq!(w.status, orion::model::WorkerStatus::Alive);
 }
 
@@ -205,27 +199,32 @@ async fn with_no_free_worker_the_rental_waits_then_moves_when_one_frees() {
     assert_eq!(who, "kate");
 }
 
-#[tokio::test]
-async fn most_workers_dead_at_once_holds_migrations_until_it_clears() {
-    let app = spawn_app_with(3, Box::new(|c| c.health.watch = false)).await;
-    let body: Value = app.rent_ok(json!({ "username": "mona" })).await;
+/// Rents for `username`; returns the rental id, its worker, and another worker.
+async fn rent_with_a_bystander(app: &TestApp, username: &str) -> (String, String, String) {
+    let body: Value = app.rent_ok(json!({ "username": username })).await;
     let id = body["id"].as_str().unwrap().to_owned();
     let rented = body["worker"].as_str().unwrap().to_owned();
-    let other = app
-        .workers
-        .iter()
-        .find(|w| w.name != rented)
-        .unwrap()
-        .name
-        .clone();
-    app.worker(&rented).stop();
-    app.worker(&other).stop();
-    orion::health::probe_round(&app.ctx).await.unwrap();
+    let other = app.workers.iter().find(|w| w.name != rented).unwrap();
+    (id, rented, other.name.clone())
+}
+
+/// A migration pass holds, and the rental stays active where it was.
+async fn assert_pass_holds_in_place(app: &TestApp, id: &str, rented: &str) {
     let summary = orion::migration::migration_pass(&app.ctx).await.unwrap();
     assert!(summary.held, "{summary:?}");
     let (_, rental) = app.get_json(&format!("/api/rentals/{id}")).await;
     assert_eq!(rental["status"], "active");
-    assert_eq!(rental["worker"], rented.as_str());
+    assert_eq!(rental["worker"], rented);
+}
+
+#[tokio::test]
+async fn most_workers_dead_at_once_holds_migrations_until_it_clears() {
+    let app = spawn_app_with(3, Box::new(|c| c.health.watch = false)).await;
+    let (id, rented, other) = rent_with_a_bystander(&app, "mona").await;
+    app.worker(&rented).stop();
+    app.worker(&other).stop();
+    orion::health::probe_round(&app.ctx).await.unwrap();
+    assert_pass_holds_in_place(&app, &id, &rented).await;
     assert_eq!(
         app.count("SELECT COUNT(*) FROM events WHERE kind = 'migration.held'")
             .await,
@@ -247,6 +246,54 @@ async fn most_workers_dead_at_once_holds_migrations_until_it_clears() {
             .await,
         1
     );
+}
+
+/// A cut between Orion and most of the fleet is declared worker by worker (each watch
+/// session times out on its own keepalive). When the first worker is declared dead the
+/// others still look alive in the database; the pass probes them before moving
+/// anything, finds them silent too, and holds.
+#[tokio::test]
+async fn a_fault_declared_one_worker_at_a_time_still_holds_migrations() {
+    let app = spawn_app(3).await;
+    let (id, rented, other) = rent_with_a_bystander(&app, "nina").await;
+    let other = app.worker(&other).container.clone();
+    let pause = |container: &str, how: &str| {
+        crate::helpers::docker(&[how, container]);
+    };
+    pause(&app.worker(&rented).container, "pause");
+    pause(&other, "pause");
+    // Only the rented worker's death is declared; the other paused one is still alive
+    // with no failure on record.
+    let worker = app.worker_row(&rented).await;
+    let status = orion::health::probe_worker(&app.ctx, worker).await.unwrap();
+    assert_eq!(status, orion::model::WorkerStatus::Dead);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM workers WHERE status = 'dead'")
+            .await,
+        1
+    );
+    assert_pass_holds_in_place(&app, &id, &rented).await;
+
+    // The other worker answers again: a following pass moves the rental (the first one
+    // may still find the connection that was frozen mid-request unusable).
+    pause(&other, "unpause");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let summary = orion::migration::migration_pass(&app.ctx).await.unwrap();
+        if !summary.held {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migrations still held 20 s after the fleet answers again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_rental(&app, &id, Duration::from_secs(20), |r| {
+        r["status"] == "active" && r["worker"] != rented.as_str()
+    })
+    .await;
+    pause(&app.worker(&rented).container, "unpause");
 }
 
 #[tokio::test]

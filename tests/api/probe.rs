@@ -4,20 +4,14 @@ use serde_json::Value;
 use crate::helpers::spawn_app;
 
 async fn status_of(app: &crate::helpers::TestApp, name: &str) -> WorkerStatus {
-    app.ctx
-        .store
-        .worker_by_name(name)
-        .await
-        .unwrap()
-        .unwrap()
-        .status
+    app.worker_row(name).await.status
 }
 
 #[tokio::test]
 async fn workers_are_alive_after_the_first_probe_with_their_host_key_recorded() {
     let app = spawn_app(2).await;
     for name in ["worker_1", "worker_2"] {
-        let w = app.ctx.store.worker_by_name(name).await.unwrap().unwrap();
+        let w = app.worker_row(name).await;
         assert_eq!(w.status, WorkerStatus::Alive);
         assert!(w.last_checked.is_some() && w.last_seen_alive.is_some());
         assert!(w.probe_latency_ms.is_some());
@@ -70,13 +64,7 @@ async fn a_worker_whose_host_key_changed_is_refused_quarantined_and_never_rented
     let worker = app.worker("worker_1");
     worker.rotate_host_keys();
     orion::health::probe_round(&app.ctx).await.unwrap();
-    let w = app
-        .ctx
-        .store
-        .worker_by_name("worker_1")
-        .await
-        .unwrap()
-        .unwrap();
+    let w = app.worker_row("worker_1").await;
     let reason = w.quarantine_reason.expect("the worker is quarantined");
     assert!(reason.contains("host key"), "{reason}");
     assert_eq!(
@@ -104,13 +92,7 @@ async fn a_hung_worker_does_not_delay_the_probes_of_the_others() {
     };
     // worker_2 is recorded long before worker_1's probe times out (3 s, twice).
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let w2 = app
-        .ctx
-        .store
-        .worker_by_name("worker_2")
-        .await
-        .unwrap()
-        .unwrap();
+    let w2 = app.worker_row("worker_2").await;
     assert!(
         w2.last_checked.is_some_and(|t| t > started),
         "worker_2 waited for worker_1"
@@ -121,4 +103,52 @@ async fn a_hung_worker_does_not_delay_the_probes_of_the_others() {
     );
     crate::helpers::docker(&["unpause", &hung]);
     round.await.unwrap().unwrap();
+}
+
+/// Probes ride the watch connection, but not for longer than `health.handshake_every`:
+/// with the worker's sshd frozen (it accepts no new connection, while the watch
+/// connection, served by its own process, still works), a probe right after the watch
+/// opened succeeds over it, and one after `handshake_every` opens a new connection and
+/// fails.
+#[tokio::test]
+async fn probes_open_a_new_connection_at_least_every_handshake_every() {
+    use std::time::{Duration, Instant};
+    let every = Duration::from_secs(4);
+    let app = crate::helpers::spawn_app_with(
+        1,
+        Box::new(move |c| {
+            c.health.watch = true;
+            c.health.handshake_every = every;
+        }),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.ctx.ssh.watched() < 1 {
+        assert!(Instant::now() < deadline, "the watch session never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let opened = Instant::now();
+    let worker = app.worker_row("worker_1").await;
+    let target = orion::health::target_of(&worker);
+    let container = &app.worker("worker_1").container;
+    let pid = crate::helpers::docker(&["inspect", "-f", "{{.State.Pid}}", container]);
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid} (the worker's sshd) failed");
+    };
+    signal("-STOP");
+    let over_watch = app.ctx.ssh.probe(&target, Duration::from_secs(2)).await;
+    let fast = opened.elapsed() < every;
+    tokio::time::sleep(every.saturating_sub(opened.elapsed()) + Duration::from_millis(200)).await;
+    let fresh = app.ctx.ssh.probe(&target, Duration::from_secs(2)).await;
+    signal("-CONT");
+    assert!(fast, "the first probe came too late to test the watch path");
+    assert!(over_watch.is_ok(), "probe over the watch: {over_watch:?}");
+    assert!(
+        fresh.is_err(),
+        "a frozen sshd cannot accept a new connection"
+    );
 }

@@ -69,13 +69,7 @@ async fn the_inventory_is_synced_and_removed_workers_are_retired() {
     let inv = orion::inventory::Inventory::load(&inventory).unwrap();
     let changes = app.ctx.store.sync_inventory(&inv).await.unwrap();
     assert_eq!(changes.len(), 1, "{changes:?}");
-    let w2 = app
-        .ctx
-        .store
-        .worker_by_name("worker_2")
-        .await
-        .unwrap()
-        .unwrap();
+    let w2 = app.worker_row("worker_2").await;
     assert!(w2.retired);
     assert_eq!(
         app.count("SELECT COUNT(*) FROM workers").await,

@@ -1,8 +1,13 @@
-//! Who is calling: bearer tokens for the API.
+//! Who is calling: tokens for the API and the dashboard.
 //!
 //! The admin token comes from the configuration (a secret); tenant tokens are made by the
 //! admin through the API and stored as SHA-256 hashes. Tokens are 192 random bits, so a
 //! fast hash is enough: nothing is gained by making a lookup slow.
+//!
+//! A token arrives as `Authorization: Bearer <token>` (clients, scripts) or as the
+//! password of `Authorization: Basic …` (browsers: the dashboard's script cannot set a
+//! header on its own, but the browser resends the Basic credentials it was asked for on
+//! every same-origin request).
 
 use rand::Rng;
 use rand::distributions::Alphanumeric;
@@ -66,6 +71,29 @@ pub fn bearer(header: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// The password of an `Authorization: Basic base64(user:password)` header value; the
+/// user name is ignored (a browser's login prompt insists on one).
+pub fn basic_password(header: &str) -> Option<String> {
+    use base64::Engine;
+    let (scheme, encoded) = header.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (_user, password) = decoded.split_once(':')?;
+    (!password.is_empty()).then(|| password.to_owned())
+}
+
+/// The token of an `Authorization` header value, Bearer or Basic.
+pub fn presented_token(header: &str) -> Option<String> {
+    bearer(header)
+        .map(str::to_owned)
+        .or_else(|| basic_password(header))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +122,46 @@ mod tests {
         assert_eq!(bearer("Basic abc"), None);
         assert_eq!(bearer("Bearer "), None);
         assert_eq!(bearer("abc"), None);
+    }
+
+    fn basic(credentials: &str) -> String {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(credentials)
+        )
+    }
+
+    #[test]
+    fn basic_headers_yield_the_password_whatever_the_user() {
+        assert_eq!(basic_password(&basic("x:tok")), Some("tok".into()));
+        assert_eq!(basic_password(&basic(":tok")), Some("tok".into()));
+        // Only the first colon separates: a password may contain more.
+        assert_eq!(basic_password(&basic("admin:a:b")), Some("a:b".into()));
+        assert_eq!(
+            basic_password(&format!("basic  {} ", &basic("u:p")[6..])),
+            Some("p".into())
+        );
+    }
+
+    #[test]
+    fn malformed_basic_headers_are_refused() {
+        assert_eq!(basic_password(&basic("user:")), None, "empty password");
+        assert_eq!(basic_password(&basic("no-colon")), None);
+        assert_eq!(basic_password("Basic !!!not-base64"), None);
+        assert_eq!(basic_password("Basic "), None);
+        assert_eq!(basic_password("Basic /w=="), None, "not UTF-8");
+        assert_eq!(
+            basic_password(&basic("u:p").replace("Basic", "Bearer")),
+            None
+        );
+    }
+
+    #[test]
+    fn a_token_is_taken_from_either_scheme() {
+        assert_eq!(presented_token("Bearer abc"), Some("abc".into()));
+        assert_eq!(presented_token(&basic("x:abc")), Some("abc".into()));
+        assert_eq!(presented_token("Digest abc"), None);
+        assert_eq!(presented_token(""), None);
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use orion::ssh::Auth;
-use orion::testkit::{docker, tenant_key, tenant_ssh_client, whoami};
+use orion::testkit::{docker, free_port, free_port_block, tenant_key, tenant_ssh_client, whoami};
 use serde_json::{Value, json};
 
 const PROJECT: &str = "orion-e2e";
@@ -20,27 +20,6 @@ const PREFIX: &str = "orion-e2e-";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("0.0.0.0:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A free block of `n` consecutive ports after a base, for the workers.
-fn free_port_block(n: u16) -> u16 {
-    'base: for base in (24000..30000).step_by(50) {
-        for i in 1..=n {
-            if std::net::TcpListener::bind(("0.0.0.0", base + i)).is_err() {
-                continue 'base;
-            }
-        }
-        return base;
-    }
-    panic!("no free block of {n} ports for the workers");
 }
 
 struct Platform {
@@ -84,23 +63,23 @@ impl Drop for Platform {
 /// A client that trusts the platform's Caddy CA (saved by `platform.sh up`) and sends the
 /// admin token from the generated `.env`.
 fn https_client() -> reqwest::Client {
-    let cert = std::fs::read(repo().join(format!(".platform/{PROJECT}/caddy-root.crt")))
+    let cert = std::fs::read(platform_dir().join("caddy-root.crt"))
         .expect("platform.sh saves Caddy's root certificate");
-    let env = std::fs::read_to_string(repo().join(format!(".platform/{PROJECT}/.env"))).unwrap();
-    let token = env
-        .lines()
+    orion::testkit::client_with_token_and_ca(&admin_token(), &cert)
+}
+
+/// Where `platform.sh` keeps this platform's generated state.
+fn platform_dir() -> PathBuf {
+    repo().join(format!(".platform/{PROJECT}"))
+}
+
+/// The admin token `platform.sh` generated into the platform's `.env`.
+fn admin_token() -> String {
+    let env = std::fs::read_to_string(platform_dir().join(".env")).unwrap();
+    env.lines()
         .find_map(|l| l.strip_prefix("ORION_ADMIN_TOKEN="))
-        .expect("the admin token is in .env");
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .add_root_certificate(reqwest::Certificate::from_pem(&cert).unwrap())
-        .build()
-        .unwrap()
+        .expect("the admin token is in .env")
+        .to_owned()
 }
 
 async fn tenant_login(
@@ -182,6 +161,29 @@ async fn the_readme_walk_through_caddy_over_https() {
     assert_eq!(
         tenant_login(port, "olga", key.clone()).await.unwrap(),
         "olga"
+    );
+
+    // The dashboard, through Caddy: a browser's Basic login with the admin token.
+    let token = admin_token();
+    let page = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(
+                &std::fs::read(platform_dir().join("caddy-root.crt")).unwrap(),
+            )
+            .unwrap(),
+        )
+        .build()
+        .unwrap()
+        .get(format!("{base}/dashboard"))
+        .basic_auth("operator", Some(&token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains(&first) && html.contains("olga"),
+        "the dashboard shows the worker and its tenant: {html}"
     );
 
     // The drill: docker stop the rented worker; the rental moves; the same key works.

@@ -25,6 +25,10 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("{0}")]
     Unauthorized(String),
+    /// 401 for a page a browser opens: asks for Basic credentials, so the browser
+    /// prompts (any user name, the token as the password).
+    #[error("{0}")]
+    LoginRequired(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -51,7 +55,9 @@ impl ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
-            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Unauthorized(_) | ApiError::LoginRequired(_) => {
+                (StatusCode::UNAUTHORIZED, "unauthorized")
+            }
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -93,10 +99,15 @@ impl IntoResponse for ApiError {
             error["field"] = json!(invalid.field);
         }
         let mut response = (status, Json(json!({ "error": error }))).into_response();
-        if status == StatusCode::UNAUTHORIZED {
+        let challenge = match self {
+            ApiError::LoginRequired(_) => Some(r#"Basic realm="Orion", charset="UTF-8""#),
+            ApiError::Unauthorized(_) => Some("Bearer"),
+            _ => None,
+        };
+        if let Some(challenge) = challenge {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
+                axum::http::HeaderValue::from_static(challenge),
             );
         }
         response

@@ -6,7 +6,7 @@
 //! | `GET /api/rentals` | every rental that is not over |
 //! | `GET /api/rentals/{id}` | one rental: status, current placement, history |
 //! | `DELETE /api/rentals/{id}` | release: remove the account, free the worker, 204 |
-//! | `GET /api/workers` | every worker with status, allocation, last probe |
+//! | `GET /api/workers` | admin: every worker with status, last probe, the rental holding it |
 //! | `POST /api/workers/{name}/drain` | admin: no new rentals there; its tenants move away |
 //! | `POST /api/workers/{name}/undrain` | admin: back in service |
 //! | `POST /api/tokens` | admin: make a tenant token (shown once) |
@@ -15,12 +15,18 @@
 //! | `GET /api/events?after=&limit=` | admin: the events log, oldest first, paged by id |
 //! | `GET /api/events/stream` | admin: the same records live, as Server-Sent Events |
 //! | `GET /metrics` | admin: Prometheus metrics |
+//! | `GET /dashboard` | admin: the live dashboard (HTML): workers, rentals, latest events |
+//! | `GET /dashboard/app.js`, `/dashboard/app.css` | the dashboard's script and style (open) |
 //! | `GET /health` | database reachability, fleet counts, loop status; 503 if the DB is down |
 //!
 //! Every `/api/*` route needs `Authorization: Bearer <token>`: the admin token from the
-//! configuration, or a tenant token. A tenant sees only its own rentals (another's answers
-//! 404) and no admin route (403). `/health` is open.
+//! configuration, or a tenant token. The token is also accepted as the password of
+//! `Authorization: Basic` (any user name), which is what a browser sends: `/dashboard`
+//! answers 401 with `WWW-Authenticate: Basic` so that the browser asks for it, and then
+//! sends it with the page's own requests to the API. A tenant sees only its own rentals
+//! (another's answers 404) and no admin route (403). `/health` is open.
 
+mod dashboard;
 mod error;
 
 use std::time::Duration;
@@ -51,7 +57,8 @@ const BODY_LIMIT: usize = 64 * 1024;
 impl axum::extract::FromRequestParts<Context> for Caller {
     type Rejection = ApiError;
 
-    /// The admin token (compared by hash) or a live tenant token; anything else is 401.
+    /// The admin token (compared by hash) or a live tenant token, sent as a Bearer token
+    /// or as a Basic password; anything else is 401.
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
         ctx: &Context,
@@ -62,10 +69,18 @@ impl axum::extract::FromRequestParts<Context> for Caller {
             .ok_or_else(|| {
                 ApiError::Unauthorized("missing `Authorization: Bearer <token>`".into())
             })?;
-        let token = header.to_str().ok().and_then(auth::bearer).ok_or_else(|| {
-            ApiError::Unauthorized("expected `Authorization: Bearer <token>`".into())
-        })?;
-        let hash = auth::token_hash(token);
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(auth::presented_token)
+            .ok_or_else(|| {
+                ApiError::Unauthorized(
+                    "expected `Authorization: Bearer <token>` (or Basic with the token as the \
+                     password)"
+                        .into(),
+                )
+            })?;
+        let hash = auth::token_hash(&token);
         if hash == ctx.admin_token_hash {
             return Ok(Caller::Admin);
         }
@@ -103,6 +118,9 @@ pub fn app(ctx: Context) -> Router {
         .route("/api/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/health", get(health))
         .route("/metrics", get(prometheus_metrics))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/app.css", get(dashboard::style))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -188,6 +206,15 @@ async fn get_rental(
 }
 
 async fn list_rentals(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
+    let views = rentals_not_over(&ctx, &caller).await?;
+    Ok(Json(json!({ "rentals": views })).into_response())
+}
+
+/// Every rental that is not over and that `caller` may see: by status, oldest first in each.
+async fn rentals_not_over(
+    ctx: &Context,
+    caller: &Caller,
+) -> Result<Vec<crate::store::RentalView>, ApiError> {
     let mut views = Vec::new();
     for status in [
         RentalStatus::Provisioning,
@@ -205,7 +232,7 @@ async fn list_rentals(State(ctx): State<Context>, caller: Caller) -> Result<Resp
             }
         }
     }
-    Ok(Json(json!({ "rentals": views })).into_response())
+    Ok(views)
 }
 
 async fn release_rental(
@@ -219,16 +246,22 @@ async fn release_rental(
 
 async fn list_workers(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
     require_admin(&caller)?;
-    let workers = ctx.store.list_workers().await?;
-    let list: Vec<_> = workers
+    Ok(Json(json!({ "workers": workers_json(&ctx).await? })).into_response())
+}
+
+/// Every worker as `GET /api/workers` shows it: the stored fields, `allocated`, and
+/// `rental` (`{id, tenant, username, serving}` of the rental holding it, or null).
+async fn workers_json(ctx: &Context) -> Result<Vec<serde_json::Value>, ApiError> {
+    let workers = ctx.store.list_workers_with_occupants().await?;
+    Ok(workers
         .iter()
-        .map(|w| {
+        .map(|(w, occupant)| {
             let mut v = serde_json::to_value(w).expect("a worker serialises");
             v["allocated"] = json!(w.allocated());
+            v["rental"] = json!(occupant);
             v
         })
-        .collect();
-    Ok(Json(json!({ "workers": list })).into_response())
+        .collect())
 }
 
 async fn drain_worker(

@@ -44,27 +44,11 @@ async fn api_calls_without_a_valid_token_get_401_and_health_stays_open() {
     assert_eq!(app.count("SELECT COUNT(*) FROM rentals").await, 0);
 }
 
-async fn make_token(app: &crate::helpers::TestApp, tenant: &str) -> (String, String) {
-    let resp = app
-        .http
-        .post(app.url("/api/tokens"))
-        .json(&json!({ "tenant": tenant }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let body: Value = resp.json().await.unwrap();
-    (
-        body["id"].as_str().unwrap().to_owned(),
-        body["token"].as_str().unwrap().to_owned(),
-    )
-}
-
 #[tokio::test]
 async fn tenants_see_and_release_only_their_own_rentals() {
     let app = spawn_app(2).await;
-    let (_, acme_token) = make_token(&app, "acme").await;
-    let (globex_id, globex_token) = make_token(&app, "globex").await;
+    let (_, acme_token) = app.tenant_token("acme").await;
+    let (globex_id, globex_token) = app.tenant_token("globex").await;
     let acme = client_with_token(&acme_token);
     let globex = client_with_token(&globex_token);
 

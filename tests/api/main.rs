@@ -5,6 +5,7 @@ mod ansible;
 mod auth;
 mod cli;
 mod crash;
+mod dashboard;
 mod events;
 mod failover;
 mod fuzz;

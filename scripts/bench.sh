@@ -14,5 +14,5 @@ cleanup() {
 trap cleanup EXIT
 env_lines=$(scripts/test-infra.sh up)
 while IFS= read -r line; do export "$line"; done <<<"$env_lines"
-cargo build --release --quiet --bin orion-bench
+cargo build --release --quiet --bin orion-bench --bin orion
 target/release/orion-bench "$@"

@@ -13,6 +13,7 @@
 #      ORION_HTTPS_PORT (default 443) host port of Caddy's HTTPS
 #      ORION_WORKER_PREFIX, ORION_WORKER_BASE_PORT: see scripts/workers.sh
 #      ORION_BINARY: use this orion binary instead of `cargo build --release`
+#      ORION_EXECUTOR (default native)  provisioning executor: native or ansible
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -125,8 +126,7 @@ wait_healthy() {
 up() {
   local n=${1:-3}
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive number of workers (got '$n')"
-  command -v docker >/dev/null || die "docker is not installed"
-  docker info >/dev/null 2>&1 || die "the Docker engine is not reachable"
+  scripts/docker-engine.sh
   command -v curl >/dev/null || die "curl is needed to check the platform"
   compose_cmd >/dev/null
   mkdir -p "$dir" && chmod 700 "$dir"

@@ -28,10 +28,13 @@
 //! - [`migration`]: the loop that moves rentals off dead workers, same credentials.
 //! - [`cleanup`]: the loop that removes leftover tenant accounts from workers before they
 //!   are offered again.
-//! - [`auth`]: bearer tokens: the admin's from the configuration, tenants' from the DB.
-//! - [`api`]: the axum router, its handlers and the single error-to-response mapping.
+//! - [`auth`]: tokens (Bearer, or a Basic password from browsers): the admin's from the
+//!   configuration, tenants' from the DB.
+//! - [`api`]: the axum router, its handlers, the single error-to-response mapping, and the
+//!   live dashboard (`/dashboard`, its page, script and style in `web/`).
 //! - [`testkit`]: the harness of the integration tests and benchmarks (Docker workers,
 //!   per-test databases); not used by `orion serve`.
+//! - [`progress`]: progress bars for long work run from a terminal.
 //! - [`client`]: the client side of the `orion` command (`rent`, `workers`, `events -f`…).
 //! - [`startup`]: builds the application from a config and runs it until shutdown.
 
@@ -47,6 +50,7 @@ pub mod metrics;
 pub mod migration;
 pub mod model;
 pub mod playbook;
+pub mod progress;
 pub mod rentals;
 pub mod ssh;
 pub mod startup;

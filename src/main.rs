@@ -385,8 +385,10 @@ async fn check(config: &Config) -> anyhow::Result<()> {
         config.ssh.command_timeout,
         config.ssh.max_sessions,
     );
+    let progress = orion::progress::bar(inventory.workers.len() as u64, "probing workers");
     let probes = inventory.workers.iter().map(|w| {
         let ssh = ssh.clone();
+        let progress = progress.clone();
         let target = orion::ssh::Target {
             name: w.name.clone(),
             host: w.ssh_host.clone(),
@@ -394,9 +396,14 @@ async fn check(config: &Config) -> anyhow::Result<()> {
             host_key: w.host_key.as_deref().and_then(orion::ssh::parse_host_key),
         };
         let timeout = config.health.probe_timeout;
-        async move { (target.clone(), ssh.probe(&target, timeout).await) }
+        async move {
+            let result = ssh.probe(&target, timeout).await;
+            progress.inc(1);
+            (target, result)
+        }
     });
     let results = futures::future::join_all(probes).await;
+    progress.finish_and_clear();
     let mut failed = 0;
     let rows: Vec<Vec<String>> = results
         .iter()

@@ -58,12 +58,27 @@ pub fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+/// A port free on every interface of this machine.
+pub fn free_port() -> u16 {
+    TcpListener::bind("0.0.0.0:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The base of a free block of `n` consecutive ports (`base + 1 ..= base + n`), for
+/// workers published by `scripts/workers.sh`.
+pub fn free_port_block(n: u16) -> u16 {
+    'base: for base in (24000..30000).step_by(50) {
+        for i in 1..=n {
+            if TcpListener::bind(("0.0.0.0", base + i)).is_err() {
+                continue 'base;
+            }
+        }
+        return base;
+    }
+    panic!("no free block of {n} ports for the workers");
 }
 
 fn short_id() -> String {
@@ -170,6 +185,11 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 /// An HTTP client that sends `token` as a bearer token on every request.
 pub fn client_with_token(token: &str) -> reqwest::Client {
+    bearer_client(token).build().expect("an HTTP client")
+}
+
+/// A client builder that sends `token` as a bearer token on every request.
+fn bearer_client(token: &str) -> reqwest::ClientBuilder {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         reqwest::header::AUTHORIZATION,
@@ -177,8 +197,14 @@ pub fn client_with_token(token: &str) -> reqwest::Client {
             .parse()
             .expect("a token is a valid header"),
     );
-    reqwest::Client::builder()
-        .default_headers(headers)
+    reqwest::Client::builder().default_headers(headers)
+}
+
+/// An HTTP client that sends `token` as a bearer token and trusts the CA certificate
+/// `ca_pem` (Caddy's internal CA, for the platform behind HTTPS).
+pub fn client_with_token_and_ca(token: &str, ca_pem: &[u8]) -> reqwest::Client {
+    bearer_client(token)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem).expect("a PEM certificate"))
         .build()
         .expect("an HTTP client")
 }
@@ -195,7 +221,10 @@ pub struct TestApp {
     pub http: reqwest::Client,
     /// SSH client with a throwaway key, for logging in as tenants.
     pub tenant_ssh: SshClient,
+    /// Holds the inventory; free for a test's own files.
     pub dir: tempfile::TempDir,
+    /// Orion's SSH key (`key.path` is what the configuration names).
+    pub key: Arc<OrionKey>,
     shutdown: CancellationToken,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -206,17 +235,45 @@ pub async fn spawn_app(n: usize) -> TestApp {
 }
 
 pub async fn spawn_app_with(n: usize, tweak: Tweak) -> TestApp {
-    let dir = tempfile::tempdir().unwrap();
-    let key = crate::ssh::generate_ed25519();
-    let key_path = dir.path().join("id_ed25519");
-    write_private_key(&key, &key_path);
-    let public = crate::ssh::host_key_line(key.public_key());
-
+    let key = OrionKey::generate();
     let workers: Vec<Worker> = (1..=n)
-        .map(|i| Worker::start_new(&format!("worker_{i}"), &public))
+        .map(|i| Worker::start_new(&format!("worker_{i}"), &key.public))
         .collect();
+    let inventory = inventory_for(&workers);
+    spawn_app_on(Arc::new(key), &inventory, workers, tweak).await
+}
+
+/// Orion's SSH key for a test or a benchmark, in a private temporary directory.
+pub struct OrionKey {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+    /// The public key line to authorise on workers.
+    pub public: String,
+}
+
+impl OrionKey {
+    pub fn generate() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::ssh::generate_ed25519();
+        let path = dir.path().join("id_ed25519");
+        write_private_key(&key, &path);
+        let public = crate::ssh::host_key_line(key.public_key());
+        Self { dir, path, public }
+    }
+}
+
+/// Starts Orion on `inventory` (TOML text) with its own database, and waits for the
+/// first probe round. `workers` are kept alive as long as the app.
+pub async fn spawn_app_on(
+    key: Arc<OrionKey>,
+    inventory: &str,
+    workers: Vec<Worker>,
+    tweak: Tweak,
+) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = key.path.clone();
     let inventory_path = dir.path().join("inventory.toml");
-    std::fs::write(&inventory_path, inventory_for(&workers)).unwrap();
+    std::fs::write(&inventory_path, inventory).unwrap();
 
     let database_url = create_database().await;
     let mut config = test_config(&database_url, &inventory_path, &key_path);
@@ -231,7 +288,7 @@ pub async fn spawn_app_with(n: usize, tweak: Tweak) -> TestApp {
     let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
 
     // The loops run a first pass at start; wait for it so tests begin from a probed fleet.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while ctx
         .loops
         .snapshot()
@@ -253,6 +310,7 @@ pub async fn spawn_app_with(n: usize, tweak: Tweak) -> TestApp {
         http: client_with_token(ADMIN_TOKEN),
         tenant_ssh,
         dir,
+        key,
         shutdown,
         server: Some(server),
     }
@@ -370,6 +428,33 @@ impl TestApp {
             .await
             .expect("release request failed")
             .status()
+    }
+
+    /// Makes a tenant token with the admin token; returns its id and the token.
+    pub async fn tenant_token(&self, tenant: &str) -> (String, String) {
+        let resp = self
+            .http
+            .post(self.url("/api/tokens"))
+            .json(&serde_json::json!({ "tenant": tenant }))
+            .send()
+            .await
+            .expect("token request failed");
+        assert_eq!(resp.status(), 201, "making a token for {tenant}");
+        let body: Value = resp.json().await.expect("a token is JSON");
+        (
+            body["id"].as_str().expect("token id").to_owned(),
+            body["token"].as_str().expect("token").to_owned(),
+        )
+    }
+
+    /// The worker's row in this test's database.
+    pub async fn worker_row(&self, name: &str) -> crate::store::Worker {
+        self.ctx
+            .store
+            .worker_by_name(name)
+            .await
+            .expect("reading a worker")
+            .unwrap_or_else(|| panic!("no worker named {name} in the database"))
     }
 
     pub async fn get_json(&self, path: &str) -> (reqwest::StatusCode, Value) {

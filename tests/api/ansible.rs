@@ -25,7 +25,7 @@ fn ansible_executor(app: &TestApp) -> Executor {
     app.ctx.executor.clone().with_ansible(Ansible {
         program: PathBuf::from("ansible-playbook"),
         playbooks: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("playbooks"),
-        key: app.dir.path().join("id_ed25519"),
+        key: app.key.path.clone(),
         user: "root".into(),
         timeout: Duration::from_secs(120),
     })
@@ -53,7 +53,7 @@ async fn both_executors_make_the_same_account_idempotently_and_remove_it() {
     };
     let mut states = Vec::new();
     for (executor, name) in [(&native, "worker_1"), (&ansible, "worker_2")] {
-        let target = target_of(&app.ctx.store.worker_by_name(name).await.unwrap().unwrap());
+        let target = target_of(&app.worker_row(name).await);
         executor
             .run(Playbook::CreateUser, &vars, &target)
             .await
@@ -82,7 +82,7 @@ async fn both_executors_make_the_same_account_idempotently_and_remove_it() {
     assert!(states[0].contains("700 rita rita"), "{}", states[0]);
 
     for (executor, name) in [(&native, "worker_1"), (&ansible, "worker_2")] {
-        let target = target_of(&app.ctx.store.worker_by_name(name).await.unwrap().unwrap());
+        let target = target_of(&app.worker_row(name).await);
         executor
             .run(Playbook::DeleteUser, &vars, &target)
             .await

@@ -100,9 +100,10 @@ async fn orion_check_probes_every_worker_and_fails_when_one_does_not_answer() {
         format!(
             "inventory = \"{dir}/inventory.toml\"\nplaybooks = \"{repo}/playbooks\"\n\
              [database]\nurl = \"mysql://unused@127.0.0.1:1/none\"\n\
-             [ssh]\nkey = \"{dir}/id_ed25519\"\nconnect_timeout = \"2s\"\n\
+             [ssh]\nkey = \"{key}\"\nconnect_timeout = \"2s\"\n\
              [auth]\nadmin_token = \"{ADMIN_TOKEN}\"\n[health]\nprobe_timeout = \"2s\"\n",
             dir = app.dir.path().display(),
+            key = app.key.path.display(),
             repo = env!("CARGO_MANIFEST_DIR"),
         ),
     )

@@ -15,14 +15,7 @@ fn account_state(worker: &crate::helpers::Worker, user: &str) -> String {
 async fn each_playbook_runs_twice_with_the_same_result() {
     let app = spawn_app(1).await;
     let worker = app.worker("worker_1");
-    let target = target_of(
-        &app.ctx
-            .store
-            .worker_by_name("worker_1")
-            .await
-            .unwrap()
-            .unwrap(),
-    );
+    let target = target_of(&app.worker_row("worker_1").await);
     let (_, public) = tenant_key();
     let vars = Vars {
         username: "frank".into(),
@@ -67,14 +60,7 @@ async fn each_playbook_runs_twice_with_the_same_result() {
 async fn no_secret_reaches_the_workers_command_lines() {
     let app = spawn_app(1).await;
     let worker = app.worker("worker_1");
-    let target = target_of(
-        &app.ctx
-            .store
-            .worker_by_name("worker_1")
-            .await
-            .unwrap()
-            .unwrap(),
-    );
+    let target = target_of(&app.worker_row("worker_1").await);
     let hash = orion::model::hash_password("another-secret");
     let vars = Vars {
         username: "grace".into(),

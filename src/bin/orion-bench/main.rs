@@ -11,6 +11,13 @@ use orion::ssh::Auth;
 use orion::testkit::{spawn_app_with, tenant_key};
 use serde_json::{Value, json};
 
+mod caddy;
+mod fleet;
+mod footprint;
+mod probe;
+mod rents;
+mod report;
+
 #[derive(Parser)]
 #[command(
     name = "orion-bench",
@@ -39,13 +46,45 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
+    /// Rent latency through Caddy on the docker-compose platform (`scripts/platform.sh`),
+    /// native executor then Ansible on the same workers: `POST /api/rent` over HTTPS
+    /// until an SSH login with the rented key works, then release.
+    RentCaddy {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+    /// Probe rounds over fleets of lightweight workers (private Docker network, no
+    /// published ports), against `ansible all -m ping` over the same workers; then the
+    /// footprint of a real `orion serve` over the largest fleet.
+    Probe {
+        /// Fleet sizes, comma-separated; one fleet of the largest is started and reused.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,500")]
+        sizes: Vec<usize>,
+        /// Timed rounds per size and mode.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Skip the Ansible comparison.
+        #[arg(long)]
+        no_ansible: bool,
+        /// Timed `ansible all -m ping` runs per size after the first (which opens the
+        /// connections).
+        #[arg(long, default_value_t = 3)]
+        ansible_runs: usize,
+        /// Ansible forks (default: one per worker).
+        #[arg(long)]
+        forks: Option<usize>,
+        /// How long to sample `orion serve` over the largest fleet; 0 skips it.
+        #[arg(long, default_value = "65s", value_parser = humantime::parse_duration)]
+        footprint: Duration,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,sqlx=error".into()),
         )
         .init();
     let runtime = tokio::runtime::Runtime::new()?;
@@ -53,6 +92,24 @@ fn main() -> anyhow::Result<()> {
         match cli.bench {
             Bench::Failover { runs, workers } => failover(runs, workers).await,
             Bench::Rent { runs } => rent(runs).await,
+            Bench::RentCaddy { runs } => caddy::run(runs).await,
+            Bench::Probe {
+                sizes,
+                rounds,
+                no_ansible,
+                ansible_runs,
+                forks,
+                footprint,
+            } => {
+                let args = probe::Args {
+                    sizes,
+                    rounds,
+                    ansible: !no_ansible,
+                    ansible_runs,
+                    forks,
+                };
+                fleet_benches(args, footprint).await
+            }
         }
     })
 }
@@ -80,6 +137,7 @@ async fn failover(runs: usize, workers: usize) -> anyhow::Result<()> {
     );
     let (key, public) = tenant_key();
     let (mut detect, mut moved, mut login) = (Vec::new(), Vec::new(), Vec::new());
+    let progress = orion::progress::bar(runs as u64, "failover runs");
     for run in 1..=runs {
         let resp = app
             .rent(json!({ "ssh_public_key": public, "username": format!("bench{run}") }))
@@ -131,12 +189,14 @@ async fn failover(runs: usize, workers: usize) -> anyhow::Result<()> {
         .await
         .context("no worker.dead event")?;
         let t_detect = (dead_at - stopped_at).to_std().unwrap_or_default();
-        println!(
-            "run {run:>2}: {first} stopped → dead {:>5} ms, moved {:>5} ms, login {:>5} ms",
-            t_detect.as_millis(),
-            t_moved.as_millis(),
-            t_login.as_millis()
-        );
+        progress.suspend(|| {
+            println!(
+                "run {run:>2}: {first} stopped → dead {:>5} ms, moved {:>5} ms, login {:>5} ms",
+                t_detect.as_millis(),
+                t_moved.as_millis(),
+                t_login.as_millis()
+            )
+        });
         detect.push(t_detect);
         moved.push(t_moved);
         login.push(t_login);
@@ -155,11 +215,13 @@ async fn failover(runs: usize, workers: usize) -> anyhow::Result<()> {
         if resp.status() != 204 {
             bail!("release failed: {}", resp.status());
         }
+        progress.inc(1);
     }
+    progress.finish_and_clear();
     println!();
-    report("stop → declared dead", &mut detect);
-    report("stop → rental active elsewhere", &mut moved);
-    report("stop → working login (same key)", &mut login);
+    report::line("stop → declared dead", &mut detect);
+    report::line("stop → rental active elsewhere", &mut moved);
+    report::line("stop → working login (same key)", &mut login);
     Ok(())
 }
 
@@ -169,58 +231,43 @@ async fn rent(runs: usize) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for kind in [ExecutorKind::Native, ExecutorKind::Ansible] {
         let app = spawn_app_with(2, Box::new(move |c| c.provisioning.executor = kind)).await;
-        let (key, public) = tenant_key();
-        let mut samples = Vec::new();
-        let mut answered = Vec::new();
-        for run in 0..runs {
-            let username = format!("lat{run}");
-            let started = Instant::now();
-            let resp = app
-                .rent(json!({ "ssh_public_key": public, "username": username }))
-                .await;
-            if resp.status() != 201 {
-                bail!(
-                    "{kind:?}: rent failed: {}",
-                    resp.text().await.unwrap_or_default()
-                );
+        // Steady state: the watch connections that provisioning rides are open (they
+        // open within a couple of seconds of the first probe round).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while app.ctx.ssh.watched() < app.workers.len() {
+            if Instant::now() > deadline {
+                bail!("the watch sessions did not open within 30 s");
             }
-            answered.push(started.elapsed());
-            let body: Value = resp.json().await?;
-            let port = body["port"].as_u64().context("port")? as u16;
-            let who = app
-                .tenant_whoami("127.0.0.1", port, &username, Auth::Key(key.clone()))
-                .await;
-            if who.as_deref() != Ok(username.as_str()) {
-                bail!("{kind:?}: the rented login does not work: {who:?}");
-            }
-            samples.push(started.elapsed());
-            let id = body["id"].as_str().context("id")?;
-            app.http
-                .delete(app.url(&format!("/api/rentals/{id}")))
-                .send()
-                .await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        report(&format!("{kind:?}: rent → 201"), &mut answered);
-        report(&format!("{kind:?}: rent → working login"), &mut samples);
-        results.push(samples[samples.len() / 2]);
+        results.push(rents::run(&app.http, &app.address, runs, &format!("{kind:?}")).await?);
     }
-    println!(
-        "\nmedian native {} ms, median Ansible {} ms: native is {:.1}x faster",
-        results[0].as_millis(),
-        results[1].as_millis(),
-        results[1].as_secs_f64() / results[0].as_secs_f64()
-    );
+    println!();
+    rents::compare(&results[0], &results[1]);
     Ok(())
 }
 
-fn report(what: &str, samples: &mut [Duration]) {
-    samples.sort();
-    let ms = |d: Duration| d.as_millis();
+async fn fleet_benches(args: probe::Args, footprint: Duration) -> anyhow::Result<()> {
+    let largest = args
+        .sizes
+        .iter()
+        .copied()
+        .max()
+        .context("no fleet size given")?;
+    if args.sizes.contains(&0) || args.rounds == 0 || args.ansible_runs == 0 {
+        bail!("fleet sizes, rounds and Ansible runs must be at least 1");
+    }
+    let key = std::sync::Arc::new(orion::testkit::OrionKey::generate());
+    println!("starting {largest} lightweight workers");
+    let started = Instant::now();
+    let fleet = fleet::Fleet::start(largest, &key.public)?;
     println!(
-        "{what:<34} min {:>5} ms   median {:>5} ms   max {:>5} ms   (n={})",
-        ms(samples[0]),
-        ms(samples[samples.len() / 2]),
-        ms(samples[samples.len() - 1]),
-        samples.len()
+        "{largest} workers up in {:.0} s",
+        started.elapsed().as_secs_f64()
     );
+    probe::run(args, &fleet, &key).await?;
+    if !footprint.is_zero() {
+        footprint::run(&fleet, &key, footprint).await?;
+    }
+    Ok(())
 }

@@ -136,6 +136,12 @@ pub struct HealthConfig {
     /// live on (sshd stopped on a systemd host) is still found.
     #[serde(default = "default_handshake_every", with = "humantime_serde")]
     pub handshake_every: Duration,
+    /// Probes over a worker's watch connection run `true` in a new channel at least this
+    /// often (the worker can start a session and a process); in between they are a
+    /// keepalive round trip (its kernel, network and sshd answer), which costs the worker
+    /// no process. Zero: every probe runs `true`.
+    #[serde(default = "default_exec_every", with = "humantime_serde")]
+    pub exec_every: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -230,6 +236,7 @@ impl Default for HealthConfig {
             keepalive_interval: default_keepalive_interval(),
             keepalive_max: default_keepalive_max(),
             handshake_every: default_handshake_every(),
+            exec_every: default_exec_every(),
         }
     }
 }
@@ -311,6 +318,9 @@ fn default_keepalive_interval() -> Duration {
     Duration::from_secs(5)
 }
 fn default_handshake_every() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_exec_every() -> Duration {
     Duration::from_secs(300)
 }
 fn default_keepalive_max() -> usize {
@@ -521,6 +531,7 @@ mod tests {
             example.health.handshake_every,
             defaults.health.handshake_every
         );
+        assert_eq!(example.health.exec_every, defaults.health.exec_every);
         assert_eq!(example.migration.interval, defaults.migration.interval);
         assert_eq!(
             example.migration.max_dead_fraction,

@@ -72,6 +72,18 @@ pub enum SshError {
     AuthRejected { addr: String, user: String },
     #[error("{addr}: ssh protocol error: {cause}")]
     Protocol { addr: String, cause: russh::Error },
+    #[error("{addr}: the probe's command `true` failed ({})", exit_text(*.exit_status))]
+    ProbeCommand {
+        addr: String,
+        exit_status: Option<u32>,
+    },
+}
+
+fn exit_text(status: Option<u32>) -> String {
+    match status {
+        Some(code) => format!("exit status {code}"),
+        None => "no exit status: it did not start or was killed".into(),
+    }
 }
 
 impl SshError {
@@ -111,10 +123,20 @@ pub struct SshClient {
     /// Authenticated connections kept open by watches, by worker name: provisioning opens
     /// a channel on one of these instead of paying a new handshake.
     shared: Arc<Mutex<HashMap<String, SharedConnection>>>,
-    /// When each worker (by name) last completed a handshake with this client.
-    handshakes: Arc<Mutex<HashMap<String, Instant>>>,
+    /// What each worker (by name) last proved to this client, and when.
+    proven: Arc<Mutex<HashMap<String, Proven>>>,
     /// A probe opens a new connection when the worker's last handshake is older.
     handshake_every: Duration,
+    /// A probe over the watch connection runs a command when the worker's last one is
+    /// older; otherwise it is a keepalive round trip.
+    exec_every: Duration,
+}
+
+/// When a worker last completed a handshake and last ran a probe's command.
+#[derive(Debug, Clone, Copy)]
+struct Proven {
+    handshake: Instant,
+    exec: Option<Instant>,
 }
 
 /// A watch's authenticated connection and the host key it was verified with.
@@ -126,6 +148,10 @@ const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
 /// Longest a worker's probes ride its watch connection without a new handshake, unless
 /// [`SshClient::set_handshake_every`] says otherwise.
 const DEFAULT_HANDSHAKE_EVERY: Duration = Duration::from_secs(300);
+
+/// Longest a worker's probes are keepalive round trips without running a command, unless
+/// [`SshClient::set_exec_every`] says otherwise.
+const DEFAULT_EXEC_EVERY: Duration = Duration::from_secs(300);
 
 /// Config of watch sessions: never idle-timed out, keepalives to notice a silent peer.
 fn watch_config(keepalive: Duration, max: usize) -> client::Config {
@@ -182,14 +208,21 @@ impl SshClient {
             command_timeout,
             sessions: Arc::new(Semaphore::new(max_sessions)),
             shared: Arc::default(),
-            handshakes: Arc::default(),
+            proven: Arc::default(),
             handshake_every: DEFAULT_HANDSHAKE_EVERY,
+            exec_every: DEFAULT_EXEC_EVERY,
         }
     }
 
     /// How often a probe opens a new connection even though a watch connection is open.
     pub fn set_handshake_every(&mut self, every: Duration) {
         self.handshake_every = every;
+    }
+
+    /// How often a probe over a watch connection runs a command rather than only a
+    /// keepalive round trip. Zero: every probe runs one.
+    pub fn set_exec_every(&mut self, every: Duration) {
+        self.exec_every = every;
     }
 
     /// Sets how often a watch session checks that the worker still answers, and after how
@@ -406,31 +439,45 @@ impl SshClient {
             .expect("host key slot poisoned")
             .clone()
             .expect("a server that completed the handshake presented a key");
-        self.handshakes
+        self.proven
             .lock()
-            .expect("handshake times poisoned")
-            .insert(target.name.clone(), Instant::now());
+            .expect("proof times poisoned")
+            .entry(target.name.clone())
+            .and_modify(|p| p.handshake = Instant::now())
+            .or_insert(Proven {
+                handshake: Instant::now(),
+                exec: None,
+            });
         Ok((handle, host_key))
     }
 
-    /// One health probe: run `true` on the worker, over its watch connection when one is
-    /// open (a new channel: the worker's sshd must still start a session and a process),
-    /// else over a new connection (connect, host-key check, authenticate). Returns the
-    /// host key and how long the whole round trip took.
+    /// One health probe, as deep as it is due ([`ProbeDepth`]):
+    /// - over a new connection (connect, host-key check, authenticate, run `true`) when the
+    ///   worker has no watch connection or its last handshake is older than
+    ///   `handshake_every`;
+    /// - else over the watch connection: `true` in a new channel (the worker's sshd must
+    ///   still start a session and a process) when the last command is older than
+    ///   `exec_every`, otherwise a keepalive request that the worker's sshd must answer.
     ///
-    /// Waiting for a slot in the session bound does not count against `timeout`: a queue
-    /// on Orion's side says nothing about the worker.
+    /// Returns the host key, the depth, and how long the whole round trip took. Waiting
+    /// for a slot in the session bound does not count against `timeout`: a queue on
+    /// Orion's side says nothing about the worker.
     pub async fn probe(&self, target: &Target, timeout: Duration) -> Result<Probe, SshError> {
-        let recent = self
-            .handshakes
+        let proven = self
+            .proven
             .lock()
-            .expect("handshake times poisoned")
+            .expect("proof times poisoned")
             .get(&target.name)
-            .is_some_and(|at| at.elapsed() < self.handshake_every);
-        let shared = if recent {
-            self.shared_session(target)
-        } else {
-            None
+            .copied();
+        let recent = |at: Instant, every: Duration| at.elapsed() < every;
+        let shared = match proven {
+            Some(p) if recent(p.handshake, self.handshake_every) => self.shared_session(target),
+            _ => None,
+        };
+        let depth = match (&shared, proven.and_then(|p| p.exec)) {
+            (None, _) => ProbeDepth::Handshake,
+            (Some(_), Some(exec)) if recent(exec, self.exec_every) => ProbeDepth::Keepalive,
+            (Some(_), _) => ProbeDepth::Exec,
         };
         let ready = match shared {
             Some(session) => Ok(session),
@@ -445,11 +492,21 @@ impl SshClient {
                     self.connect_in_slot(target, &self.user, auth, slot).await?
                 }
             };
+            if depth == ProbeDepth::Keepalive {
+                session.keepalive().await?;
+                return Ok::<_, SshError>(session.host_key.clone());
+            }
             let out = session.exec("true", None).await?;
             session.close().await;
-            Ok::<_, SshError>((session.host_key.clone(), out))
+            if !out.success() {
+                return Err(SshError::ProbeCommand {
+                    addr: target.addr(),
+                    exit_status: out.exit_status,
+                });
+            }
+            Ok(session.host_key.clone())
         };
-        let (host_key, out) =
+        let host_key =
             tokio::time::timeout(timeout, work)
                 .await
                 .map_err(|_| SshError::Timeout {
@@ -457,14 +514,18 @@ impl SshClient {
                     stage: "probe",
                     after: timeout,
                 })??;
-        if !out.success() {
-            return Err(SshError::Protocol {
-                addr: target.addr(),
-                cause: russh::Error::Disconnect,
-            });
+        if depth != ProbeDepth::Keepalive
+            && let Some(p) = self
+                .proven
+                .lock()
+                .expect("proof times poisoned")
+                .get_mut(&target.name)
+        {
+            p.exec = Some(Instant::now());
         }
         Ok(Probe {
             host_key,
+            depth,
             latency: started.elapsed(),
         })
     }
@@ -474,7 +535,22 @@ impl SshClient {
 #[derive(Debug, Clone)]
 pub struct Probe {
     pub host_key: PublicKey,
+    pub depth: ProbeDepth,
     pub latency: Duration,
+}
+
+/// What a probe proved about a worker, from the deepest to the lightest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeDepth {
+    /// A new connection: the worker accepts logins with its pinned host key and Orion's
+    /// key, and runs a command.
+    Handshake,
+    /// A command in a new channel of the watch connection: the worker starts a session
+    /// and a process.
+    Exec,
+    /// A keepalive request on the watch connection: the worker's kernel, network and
+    /// sshd answer.
+    Keepalive,
 }
 
 fn mismatch_or(
@@ -581,6 +657,22 @@ impl Session {
                 stage: "command",
                 after: self.command_timeout,
             })?
+    }
+
+    /// A keepalive request that the server must answer. OpenSSH answers it with a
+    /// failure, as for any request it does not know: the answer is what counts.
+    pub async fn keepalive(&self) -> Result<(), SshError> {
+        match self
+            .handle
+            .send_global_request("keepalive@openssh.com", &[], true)
+            .await
+        {
+            Ok(_) | Err(russh::Error::RequestDenied) => Ok(()),
+            Err(cause) => Err(SshError::Protocol {
+                addr: self.addr.clone(),
+                cause,
+            }),
+        }
     }
 
     /// Says goodbye politely; errors are irrelevant at this point.

@@ -51,6 +51,7 @@ impl Application {
             config.health.keepalive_max,
         );
         ssh.set_handshake_every(config.health.handshake_every);
+        ssh.set_exec_every(config.health.exec_every);
         let store = Store::connect_lazy(
             &config.database.url,
             config.database.max_connections,

@@ -152,3 +152,70 @@ async fn probes_open_a_new_connection_at_least_every_handshake_every() {
         "a frozen sshd cannot accept a new connection"
     );
 }
+
+/// Between commands, probes over the watch connection are keepalive round trips, which
+/// cost the worker no process; at least every `health.exec_every` they run `true`. A
+/// worker that can no longer start its shell (mode 000 on root's `/bin/bash`) still
+/// answers keepalives, and the first probe after `exec_every` finds it out.
+#[tokio::test]
+async fn probes_run_a_command_at_least_every_exec_every() {
+    use orion::ssh::{ProbeDepth, SshError};
+    use std::time::{Duration, Instant};
+    let every = Duration::from_secs(4);
+    let app = crate::helpers::spawn_app_with(
+        1,
+        Box::new(move |c| {
+            c.health.watch = true;
+            c.health.exec_every = every;
+        }),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.ctx.ssh.watched() < 1 {
+        assert!(Instant::now() < deadline, "the watch session never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let target = orion::health::target_of(&app.worker_row("worker_1").await);
+    let probe = || app.ctx.ssh.probe(&target, Duration::from_secs(2));
+    // Probes are keepalives until `every` after the startup round's command.
+    let deadline = Instant::now() + every + Duration::from_secs(2);
+    loop {
+        let p = probe().await.expect("probe of a healthy worker");
+        assert_ne!(p.depth, ProbeDepth::Handshake, "the watch is open");
+        if p.depth == ProbeDepth::Exec {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no probe ran `true` within exec_every"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let exec_at = Instant::now();
+
+    let container = &app.worker("worker_1").container;
+    crate::helpers::docker(&["exec", container, "chmod", "000", "/bin/bash"]);
+    let light = probe().await;
+    let in_time = exec_at.elapsed() < every;
+    tokio::time::sleep(every.saturating_sub(exec_at.elapsed()) + Duration::from_millis(200)).await;
+    let deep = probe().await;
+    crate::helpers::docker(&["exec", container, "chmod", "755", "/bin/bash"]);
+    let healed = probe().await;
+
+    assert!(
+        in_time,
+        "the second probe came too late to test the keepalive path"
+    );
+    let light = light.expect("a keepalive needs no shell");
+    assert_eq!(light.depth, ProbeDepth::Keepalive);
+    assert!(
+        matches!(deep, Err(SshError::ProbeCommand { .. })),
+        "after exec_every the probe runs `true`, which cannot start: {deep:?}"
+    );
+    let healed = healed.expect("the shell is back");
+    assert_eq!(
+        healed.depth,
+        ProbeDepth::Exec,
+        "no command has passed since"
+    );
+}

@@ -1,10 +1,12 @@
 //! Probe rounds over fleets of 10, 100, 500… workers, timed against `ansible all -m ping`
 //! over the same workers in the same run.
 //!
-//! Orion is timed twice per size: **cold**, where every probe opens a new SSH connection
-//! (`health.watch = false`), and **warm**, Orion's default, where probes run over the
-//! watch connections already open. Ansible is timed the same two ways: its first run
-//! opens every connection; later runs reuse them through OpenSSH's ControlPersist.
+//! Orion is timed three ways per size ([`Mode`]): **cold**, where every probe opens a new
+//! SSH connection and runs `true`; **exec**, where every probe runs `true` in a new
+//! channel of the watch connection; and its **default**, where between two commands
+//! (`health.exec_every`) a probe is a keepalive round trip on the watch connection.
+//! Ansible is timed two ways: its first run opens every connection; later runs reuse
+//! them through OpenSSH's ControlPersist.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -30,16 +32,41 @@ pub struct Args {
     pub forks: Option<usize>,
 }
 
+/// How the probes of a timed round reach the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// No watch connections: every probe connects, authenticates and runs `true`.
+    Cold,
+    /// Over the watch connections, every probe runs `true` (`exec_every = 0s`).
+    Exec,
+    /// Orion's defaults: over the watch connections, keepalive round trips between two
+    /// commands.
+    Default,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Cold => "cold",
+            Mode::Exec => "exec",
+            Mode::Default => "default",
+        }
+    }
+}
+
 pub async fn run(args: Args, fleet: &Fleet, key: &Arc<OrionKey>) -> anyhow::Result<()> {
     let mut table = String::new();
     for &size in &args.sizes {
         println!("\n## {size} workers ({} rounds each)", args.rounds);
-        let (cold, _) = orion_rounds(fleet, key, size, args.rounds, false).await?;
-        let (warm, host_keys) = orion_rounds(fleet, key, size, args.rounds, true).await?;
+        let (cold, _) = orion_rounds(fleet, key, size, args.rounds, Mode::Cold).await?;
+        let (exec, _) = orion_rounds(fleet, key, size, args.rounds, Mode::Exec).await?;
+        let (default, host_keys) =
+            orion_rounds(fleet, key, size, args.rounds, Mode::Default).await?;
         let mut line = format!(
-            "| {size} | {} | {} |",
+            "| {size} | {} | {} | {} |",
             report::triple(&cold),
-            report::triple(&warm)
+            report::triple(&exec),
+            report::triple(&default)
         );
         if args.ansible {
             let forks = args.forks.unwrap_or(size);
@@ -47,20 +74,21 @@ pub async fn run(args: Args, fleet: &Fleet, key: &Arc<OrionKey>) -> anyhow::Resu
                 ansible_rounds(fleet, key, &host_keys, args.ansible_runs, forks).await?;
             let _ = write!(
                 line,
-                " {} ms | {} | {:.0}× / {:.0}× |",
+                " {} ms | {} | {:.0}× / {:.0}× / {:.0}× |",
                 first.as_millis(),
                 report::triple(&later),
                 first.as_secs_f64() / report::median(&cold).as_secs_f64(),
-                report::median(&later).as_secs_f64() / report::median(&warm).as_secs_f64(),
+                report::median(&later).as_secs_f64() / report::median(&exec).as_secs_f64(),
+                report::median(&later).as_secs_f64() / report::median(&default).as_secs_f64(),
             );
         }
         table.push_str(&line);
         table.push('\n');
     }
     println!(
-        "\n| workers | Orion cold (min / median / max ms) | Orion warm | Ansible first run | Ansible later runs | Orion faster (cold / warm) |"
+        "\n| workers | Orion cold (min / median / max ms) | Orion exec | Orion default | Ansible first run | Ansible later runs | Orion faster (cold / exec / default) |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     print!("{table}");
     Ok(())
 }
@@ -71,8 +99,13 @@ async fn orion_rounds(
     key: &Arc<OrionKey>,
     size: usize,
     rounds: usize,
-    watch: bool,
+    mode: Mode,
 ) -> anyhow::Result<(Vec<Duration>, Vec<(String, String)>)> {
+    let watch = mode != Mode::Cold;
+    let exec_every = match mode {
+        Mode::Exec => Duration::ZERO,
+        _ => HealthConfig::default().exec_every,
+    };
     let app = spawn_app_on(
         key.clone(),
         &fleet.inventory(size),
@@ -84,6 +117,7 @@ async fn orion_rounds(
             c.health = HealthConfig {
                 interval: Duration::from_secs(3600),
                 watch,
+                exec_every,
                 probe_timeout: COLD_TIMEOUT,
                 ..HealthConfig::default()
             };
@@ -106,7 +140,7 @@ async fn orion_rounds(
         "the first round recorded {} of {size} host keys",
         host_keys.len()
     );
-    let what = if watch { "warm" } else { "cold" };
+    let what = mode.name();
     let progress = orion::progress::bar(rounds as u64, &format!("orion {what} rounds"));
     let mut samples = Vec::new();
     let cpu_before = report::cpu_times().0;

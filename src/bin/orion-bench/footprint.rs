@@ -73,7 +73,19 @@ async fn measure(
             binary.display()
         );
     }
-    let child = Command::new(&binary)
+    // ORION_BENCH_WRAPPER="heaptrack -o /tmp/orion" runs the server under a profiler
+    // (the figures are then the wrapper's, not Orion's: for the profile only).
+    let wrapper = std::env::var("ORION_BENCH_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(&binary);
+            c
+        }
+        None => Command::new(&binary),
+    };
+    let child = command
         .args(["serve", "--config"])
         .arg(&config_path)
         .envs(env.iter().copied())

@@ -105,6 +105,25 @@ async fn a_hung_worker_does_not_delay_the_probes_of_the_others() {
     round.await.unwrap().unwrap();
 }
 
+/// One worker with watch sessions on and `tweak` applied, once its watch session is open.
+async fn one_watched_worker(tweak: orion::testkit::Tweak) -> crate::helpers::TestApp {
+    use std::time::{Duration, Instant};
+    let app = crate::helpers::spawn_app_with(
+        1,
+        Box::new(move |c| {
+            c.health.watch = true;
+            tweak(c);
+        }),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.ctx.ssh.watched() < 1 {
+        assert!(Instant::now() < deadline, "the watch session never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app
+}
+
 /// Probes ride the watch connection, but not for longer than `health.handshake_every`:
 /// with the worker's sshd frozen (it accepts no new connection, while the watch
 /// connection, served by its own process, still works), a probe right after the watch
@@ -114,19 +133,7 @@ async fn a_hung_worker_does_not_delay_the_probes_of_the_others() {
 async fn probes_open_a_new_connection_at_least_every_handshake_every() {
     use std::time::{Duration, Instant};
     let every = Duration::from_secs(4);
-    let app = crate::helpers::spawn_app_with(
-        1,
-        Box::new(move |c| {
-            c.health.watch = true;
-            c.health.handshake_every = every;
-        }),
-    )
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.ctx.ssh.watched() < 1 {
-        assert!(Instant::now() < deadline, "the watch session never opened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let app = one_watched_worker(Box::new(move |c| c.health.handshake_every = every)).await;
     let opened = Instant::now();
     let worker = app.worker_row("worker_1").await;
     let target = orion::health::target_of(&worker);
@@ -162,19 +169,7 @@ async fn probes_run_a_command_at_least_every_exec_every() {
     use orion::ssh::{ProbeDepth, SshError};
     use std::time::{Duration, Instant};
     let every = Duration::from_secs(4);
-    let app = crate::helpers::spawn_app_with(
-        1,
-        Box::new(move |c| {
-            c.health.watch = true;
-            c.health.exec_every = every;
-        }),
-    )
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.ctx.ssh.watched() < 1 {
-        assert!(Instant::now() < deadline, "the watch session never opened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let app = one_watched_worker(Box::new(move |c| c.health.exec_every = every)).await;
     let target = orion::health::target_of(&app.worker_row("worker_1").await);
     let probe = || app.ctx.ssh.probe(&target, Duration::from_secs(2));
     // Probes are keepalives until `every` after the startup round's command.

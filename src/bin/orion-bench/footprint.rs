@@ -1,6 +1,7 @@
 //! The footprint of a real `orion serve` process over a fleet: resident memory and CPU,
 //! sampled every second from `/proc` once every worker is alive and watched.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -12,12 +13,16 @@ use serde_json::Value;
 
 use crate::fleet::Fleet;
 
-/// Kills the server when the benchmark ends, however it ends.
+/// Kills the server when the benchmark ends, however it ends: its whole process group,
+/// so that a server started under `ORION_BENCH_WRAPPER` goes with its wrapper.
 struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        // The child leads its own group (`process_group(0)`), whose id is its pid.
+        let group = self.0.id() as libc::pid_t;
+        // SAFETY: kill(2) with a negative pid signals a process group; no memory involved.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
         let _ = self.0.wait();
     }
 }
@@ -90,6 +95,7 @@ async fn measure(
         .arg(&config_path)
         .envs(env.iter().copied())
         .stdout(Stdio::null())
+        .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {}", binary.display()))?;
     let server = Server(child);

@@ -19,7 +19,18 @@ pub enum Caller {
     /// The operator: may do everything, sees every tenant's rentals.
     Admin,
     /// A tenant: rents, sees and releases only its own rentals.
-    Tenant(String),
+    Tenant(TenantToken),
+}
+
+/// The live tenant token a request was made with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantToken {
+    pub tenant: String,
+    /// The token's id (never the token): rentals record it, so that revoking the token
+    /// can end them.
+    pub token_id: String,
+    /// This token's limit on the tenant's live rentals, over the configured default.
+    pub max_rentals: Option<u32>,
 }
 
 impl Caller {
@@ -27,7 +38,7 @@ impl Caller {
     pub fn tenant(&self) -> &str {
         match self {
             Caller::Admin => ADMIN_TENANT,
-            Caller::Tenant(t) => t,
+            Caller::Tenant(t) => &t.tenant,
         }
     }
 
@@ -35,7 +46,7 @@ impl Caller {
     pub fn scope(&self) -> Option<&str> {
         match self {
             Caller::Admin => None,
-            Caller::Tenant(t) => Some(t),
+            Caller::Tenant(t) => Some(&t.tenant),
         }
     }
 }

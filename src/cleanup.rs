@@ -8,16 +8,22 @@ use std::future::Future;
 use anyhow::Context as _;
 
 use crate::context::Context;
-use crate::health::target_of;
-use crate::playbook::{Playbook, Vars};
+use crate::rentals;
 use crate::store::Cleanup;
 
 /// Name of this loop in logs and on the status endpoint.
 pub const LOOP: &str = "cleanup";
 
-/// One pass: every stale placement on an alive worker gets `delete_user`. Returns how
-/// many accounts were removed; an account whose worker fails is retried next pass.
+/// One pass: rentals stuck in `provisioning` are failed (their account becomes a leftover),
+/// rentals whose time is up are released, then every stale placement on an alive worker gets `delete_user`. Returns how many
+/// accounts were removed; an account whose worker fails is retried next pass.
 pub async fn cleanup_pass(ctx: &Context) -> anyhow::Result<usize> {
+    rentals::resolve_stuck_provisioning(ctx)
+        .await
+        .context("Failed to resolve rentals stuck in provisioning")?;
+    rentals::release_expired(ctx)
+        .await
+        .context("Failed to release expired rentals")?;
     let pending = ctx
         .store
         .pending_cleanups()
@@ -35,14 +41,7 @@ pub async fn cleanup_pass(ctx: &Context) -> anyhow::Result<usize> {
 }
 
 async fn remove_account(ctx: &Context, cleanup: &Cleanup) -> anyhow::Result<()> {
-    let vars = Vars {
-        username: cleanup.username.clone(),
-        public_key: None,
-        password_hash: None,
-    };
-    ctx.executor
-        .run(Playbook::DeleteUser, &vars, &target_of(&cleanup.worker))
-        .await?;
+    rentals::deprovision(ctx, &cleanup.username, cleanup.uid, &cleanup.worker).await?;
     ctx.store
         .finish_cleanup(cleanup)
         .await

@@ -35,6 +35,8 @@ pub struct Config {
     pub migration: MigrationConfig,
     #[serde(default)]
     pub cleanup: CleanupConfig,
+    #[serde(default)]
+    pub tenants: TenantsConfig,
     pub auth: AuthConfig,
     #[serde(default)]
     pub log: LogConfig,
@@ -155,6 +157,17 @@ pub struct ProvisioningConfig {
     /// The `ansible-playbook` program, by name on `PATH` or by path.
     #[serde(default = "default_ansible_playbook")]
     pub ansible_playbook: PathBuf,
+    /// The floor of the uids Orion gives tenant accounts. Each placement's account gets
+    /// `uid_min + its placement id`, so a uid is never handed to a second tenant on any
+    /// worker, and nothing below the floor (system accounts, the machine's own users) is
+    /// ever touched. Pick a range no other account on the workers uses; on a running
+    /// fleet only ever raise it.
+    #[serde(default = "default_uid_min")]
+    pub uid_min: u32,
+}
+
+fn default_uid_min() -> u32 {
+    200_000
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -165,11 +178,20 @@ pub enum ExecutorKind {
     Ansible,
 }
 
+impl Config {
+    /// The longest a rent may take end to end: the SSH connection and command bounds of
+    /// two tries, plus slack. The API's request timeout.
+    pub fn rent_deadline(&self) -> Duration {
+        self.ssh.connect_timeout * 2 + self.ssh.command_timeout * 2 + Duration::from_secs(5)
+    }
+}
+
 impl Default for ProvisioningConfig {
     fn default() -> Self {
         Self {
             executor: ExecutorKind::default(),
             ansible_playbook: default_ansible_playbook(),
+            uid_min: default_uid_min(),
         }
     }
 }
@@ -195,6 +217,46 @@ pub struct MigrationConfig {
     /// Bound on one notification attempt.
     #[serde(default = "default_notify_timeout", with = "humantime_serde")]
     pub notify_timeout: Duration,
+    /// Networks a `notify_url` may reach although they are loopback, link-local or
+    /// private (by default none: a tenant must not make Orion probe its own network).
+    /// CIDRs, e.g. `["10.20.0.0/16"]` for a receiver on the operator's network.
+    #[serde(default)]
+    pub notify_allow: Vec<ipnet::IpNet>,
+}
+
+/// Limits that keep one tenant from taking the fleet.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantsConfig {
+    /// Most live rentals one tenant may hold at once; a token can carry its own limit
+    /// (`POST /api/tokens` with `max_rentals`). The admin token has none.
+    #[serde(default = "default_max_rentals")]
+    pub max_rentals: u32,
+    /// Longest `ttl` a rent or a renewal may ask for.
+    #[serde(default = "default_max_ttl", with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// The `ttl` of a tenant's rent that asks for none (unset: such rentals live until
+    /// released). The admin's rentals never get one by default.
+    #[serde(default, with = "humantime_serde")]
+    pub default_ttl: Option<Duration>,
+}
+
+fn default_max_rentals() -> u32 {
+    10
+}
+
+fn default_max_ttl() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+
+impl Default for TenantsConfig {
+    fn default() -> Self {
+        Self {
+            max_rentals: default_max_rentals(),
+            max_ttl: default_max_ttl(),
+            default_ttl: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +310,7 @@ impl Default for MigrationConfig {
             max_dead_fraction: default_max_dead_fraction(),
             notify_attempts: default_notify_attempts(),
             notify_timeout: default_notify_timeout(),
+            notify_allow: Vec::new(),
         }
     }
 }
@@ -436,6 +499,15 @@ impl Config {
         }
         if self.cleanup.interval.is_zero() {
             return bad("cleanup.interval", "must be longer than zero");
+        }
+        if self.provisioning.uid_min < 1000 {
+            return bad(
+                "provisioning.uid_min",
+                "must be at least 1000: below are the system's own accounts",
+            );
+        }
+        if self.tenants.default_ttl.is_some_and(|t| t > self.tenants.max_ttl) {
+            return bad("tenants.default_ttl", "must not exceed tenants.max_ttl");
         }
         if self.ssh.max_sessions == 0 {
             return bad("ssh.max_sessions", "must be at least 1");

@@ -43,8 +43,11 @@ pub struct Context {
     /// Cancelled when Orion starts shutting down, so that long-lived responses (the event
     /// stream) end and the server can drain.
     pub stopping: tokio_util::sync::CancellationToken,
-    /// HTTP client for rental notifications (`notify_url`).
+    /// HTTP client for rental notifications (`notify_url`): no redirects, names resolved
+    /// through [`Context::notify_policy`].
     pub http: reqwest::Client,
+    /// Which addresses a `notify_url` may reach.
+    pub notify_policy: crate::notify::AddressPolicy,
 }
 
 impl Context {

@@ -26,6 +26,7 @@
 //! - [`watch`]: one idle SSH session per worker, so a worker that goes away is re-probed
 //!   within milliseconds.
 //! - [`migration`]: the loop that moves rentals off dead workers, same credentials.
+//! - [`notify`]: delivering `notify_url` notifications to public addresses only.
 //! - [`cleanup`]: the loop that removes leftover tenant accounts from workers before they
 //!   are offered again.
 //! - [`auth`]: tokens (Bearer, or a Basic password from browsers): the admin's from the
@@ -49,6 +50,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod migration;
 pub mod model;
+pub mod notify;
 pub mod playbook;
 pub mod progress;
 pub mod rentals;

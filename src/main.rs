@@ -365,13 +365,14 @@ async fn check(config: &Config) -> anyhow::Result<()> {
     let playbooks = Playbooks::load(&config.playbooks)?;
     let sample = Vars {
         username: "sample".into(),
+        uid: Some(config.provisioning.uid_min),
         public_key: Some(orion::ssh::host_key_line(
             orion::ssh::generate_ed25519().public_key(),
         )),
         password_hash: Some(orion::model::hash_password("sample")),
     };
     for playbook in Playbook::ALL {
-        playbooks.render(playbook, &sample)?;
+        playbooks.render(playbook, &sample, config.provisioning.uid_min)?;
     }
     let key = std::sync::Arc::new(orion::ssh::load_private_key(&config.ssh.key)?);
     println!(

@@ -16,11 +16,9 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use serde_json::json;
 use tracing::Instrument;
 
 use crate::context::Context;
@@ -198,9 +196,9 @@ async fn migrate(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Outcome>
 
 async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Outcome> {
     let started = tokio::time::Instant::now();
-    let Some(worker) = ctx
+    let Some(claim) = ctx
         .store
-        .begin_migration(&rental.id)
+        .begin_migration(&rental.id, ctx.executor.uid_min())
         .await
         .context("Failed to record the start of a move")?
     else {
@@ -209,17 +207,18 @@ async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Ou
             _ => Outcome::Nothing,
         });
     };
+    let worker = &claim.worker;
     tracing::Span::current().record("worker", worker.name.as_str());
-    match rentals::provision(ctx, &rental, &worker).await {
+    match rentals::provision(ctx, &rental, &claim).await {
         Ok(()) => {
             let activated = ctx
                 .store
-                .activate(&rental.id, &worker, RentalStatus::Migrating)
+                .activate(&rental.id, worker, RentalStatus::Migrating)
                 .await
                 .context("Failed to record a finished move")?;
             if !activated {
                 // Released while it was being moved: the new account must go too.
-                ctx.store.orphan_placement(&rental.id, &worker).await?;
+                ctx.store.orphan_placement(&rental.id, worker).await?;
                 return Ok(Outcome::Nothing);
             }
             metrics::counter!(crate::metrics::names::MIGRATIONS, "outcome" => "moved").increment(1);
@@ -230,7 +229,7 @@ async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Ou
                 "rental moved"
             );
             if let Some(url) = rental.notify_url.clone() {
-                tokio::spawn(notify(ctx.clone(), rental.id.clone(), url));
+                tokio::spawn(crate::notify::deliver(ctx.clone(), rental.id.clone(), url));
             }
             Ok(Outcome::Moved)
         }
@@ -239,64 +238,12 @@ async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Ou
             metrics::counter!(crate::metrics::names::MIGRATIONS, "outcome" => "failed")
                 .increment(1);
             ctx.store
-                .abort_migration(&rental.id, &worker, &e.to_string())
+                .abort_migration(&rental.id, worker, &e.to_string())
                 .await
                 .context("Failed to record a failed move")?;
             Ok(Outcome::Failed)
         }
     }
-}
-
-/// POSTs the rental's new placement to its `notify_url`, retrying with back-off; never
-/// blocks the loop (it runs in its own task) and records the outcome as an event.
-async fn notify(ctx: Context, rental_id: String, url: String) {
-    let cfg = &ctx.config.migration;
-    let Ok(Some(view)) = ctx.store.rental_view(&rental_id).await else {
-        return;
-    };
-    let body = json!({ "event": "rental.migrated", "rental": view });
-    let mut last_error = String::new();
-    for attempt in 0..cfg.notify_attempts {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_secs(1 << (attempt - 1).min(6))).await;
-        }
-        match ctx
-            .http
-            .post(&url)
-            .timeout(cfg.notify_timeout)
-            .json(&body)
-            .send()
-            .await
-        {
-            Ok(resp) if resp.status().is_success() => {
-                let _ = ctx
-                    .store
-                    .append_event(
-                        "rental.notified",
-                        None,
-                        Some(&rental_id),
-                        &format!("POST {url}"),
-                    )
-                    .await;
-                return;
-            }
-            Ok(resp) => last_error = format!("answered {}", resp.status()),
-            Err(e) => last_error = e.without_url().to_string(),
-        }
-    }
-    tracing::warn!(rental_id, error = %last_error, "notification not delivered");
-    let _ = ctx
-        .store
-        .append_event(
-            "rental.notify_failed",
-            None,
-            Some(&rental_id),
-            &format!(
-                "POST {url}: {last_error} after {} attempts",
-                cfg.notify_attempts
-            ),
-        )
-        .await;
 }
 
 /// Runs migration passes every `migration.interval`, and at once when woken by a worker

@@ -284,6 +284,42 @@ pub fn parse_tenant(value: &str) -> Result<String, InvalidInput> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotifyUrl(String);
 
+/// A rental's time to live as a client sends it: seconds, or a duration such as `"2h"`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum TtlInput {
+    Seconds(u64),
+    Text(String),
+}
+
+/// Shortest `ttl` accepted: less could expire before the tenant has logged in.
+pub const MIN_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl TtlInput {
+    /// The duration, between [`MIN_TTL`] and `max`.
+    pub fn parse(&self, max: std::time::Duration) -> Result<std::time::Duration, InvalidInput> {
+        let ttl = match self {
+            TtlInput::Seconds(s) => std::time::Duration::from_secs(*s),
+            TtlInput::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
+                InvalidInput::new(
+                    "ttl",
+                    format!("`{t}` is not a duration (seconds, or e.g. \"90m\", \"2h\"): {e}"),
+                )
+            })?,
+        };
+        if ttl < MIN_TTL {
+            return Err(InvalidInput::new("ttl", "must be at least 1 minute"));
+        }
+        if ttl > max {
+            return Err(InvalidInput::new(
+                "ttl",
+                format!("must be at most {}", humantime::format_duration(max)),
+            ));
+        }
+        Ok(ttl)
+    }
+}
+
 impl NotifyUrl {
     /// An absolute `http` or `https` URL with a host, without credentials, at most 2 KiB.
     pub fn parse(value: &str) -> Result<Self, InvalidInput> {

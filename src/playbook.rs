@@ -43,10 +43,23 @@ impl Playbook {
 #[derive(Debug, Clone, Serialize)]
 pub struct Vars {
     pub username: String,
+    /// The account's uid on the worker, Orion's own and never handed to a second tenant
+    /// (see [`crate::store::Store::claim_worker_for`]). `None` only when removing an
+    /// account made before Orion allocated uids: then the account's own uid is used,
+    /// if the account is Orion's.
+    pub uid: Option<u32>,
     /// One canonical OpenSSH key line, or none.
     pub public_key: Option<String>,
     /// SHA-512 crypt hash for `/etc/shadow`, or none (key-only login).
     pub password_hash: Option<String>,
+}
+
+/// What a playbook sees: the rental's values and the uid floor from the configuration.
+#[derive(Serialize)]
+struct Rendered<'a> {
+    #[serde(flatten)]
+    vars: &'a Vars,
+    uid_min: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +88,14 @@ pub enum PlaybookError {
         /// Whether `ansible-playbook` ran at all (it may have changed the worker).
         ran: bool,
     },
+    /// The playbook found the account is not one Orion may touch (a system account, a
+    /// uid below the floor, not in `orion-tenants`) and changed nothing.
+    #[error("playbook {playbook} on {worker} refused: {reason}")]
+    Refused {
+        playbook: &'static str,
+        worker: String,
+        reason: String,
+    },
     #[error("playbook {playbook} on {worker} failed (exit {status}): {stderr}")]
     Failed {
         playbook: &'static str,
@@ -90,10 +111,13 @@ impl PlaybookError {
     /// there is nothing to undo.
     pub fn may_have_run(&self) -> bool {
         match self {
-            PlaybookError::Read { .. } | PlaybookError::Template { .. } => false,
+            PlaybookError::Read { .. }
+            | PlaybookError::Template { .. }
+            | PlaybookError::Refused { .. } => false,
             PlaybookError::Ssh { cause, .. } => !matches!(
                 **cause,
                 SshError::Connect { .. }
+                    | SshError::ChannelOpen { .. }
                     | SshError::HostKeyMismatch { .. }
                     | SshError::AuthRejected { .. }
                     | SshError::Timeout {
@@ -142,8 +166,14 @@ impl Playbooks {
         })
     }
 
-    /// Renders a playbook into the shell script that will run on the worker.
-    pub fn render(&self, playbook: Playbook, vars: &Vars) -> Result<String, PlaybookError> {
+    /// Renders a playbook into the shell script that will run on the worker. `uid_min`
+    /// is the floor below which the script refuses to touch an account.
+    pub fn render(
+        &self,
+        playbook: Playbook,
+        vars: &Vars,
+        uid_min: u32,
+    ) -> Result<String, PlaybookError> {
         let name = playbook.template();
         let template_error = |cause| PlaybookError::Template {
             name: name.clone(),
@@ -151,7 +181,7 @@ impl Playbooks {
         };
         self.env
             .get_template(&name)
-            .and_then(|t| t.render(vars))
+            .and_then(|t| t.render(Rendered { vars, uid_min }))
             .map_err(template_error)
     }
 }
@@ -193,19 +223,27 @@ pub struct Executor {
     playbooks: Arc<Playbooks>,
     ssh: SshClient,
     ansible: Option<Arc<Ansible>>,
+    /// Orion's accounts have uids at or above this; nothing below is ever touched.
+    uid_min: u32,
 }
 
 /// Most stderr quoted back in an error: the tail is where the reason is.
 const STDERR_SUMMARY: usize = 600;
 
 impl Executor {
-    /// The native executor.
-    pub fn new(playbooks: Arc<Playbooks>, ssh: SshClient) -> Self {
+    /// The native executor. Accounts get uids at or above `uid_min`.
+    pub fn new(playbooks: Arc<Playbooks>, ssh: SshClient, uid_min: u32) -> Self {
         Self {
             playbooks,
             ssh,
             ansible: None,
+            uid_min,
         }
+    }
+
+    /// The floor of Orion's uids.
+    pub fn uid_min(&self) -> u32 {
+        self.uid_min
     }
 
     /// Runs playbooks with `ansible-playbook` instead.
@@ -226,21 +264,38 @@ impl Executor {
         vars: &Vars,
         target: &Target,
     ) -> Result<(), PlaybookError> {
+        self.check(playbook, vars, target)?;
         if let Some(ansible) = &self.ansible {
-            return ansible.run(playbook, vars, target).await;
+            return ansible.run(playbook, vars, self.uid_min, target).await;
         }
-        let script = self.playbooks.render(playbook, vars)?;
+        let script = self.playbooks.render(playbook, vars, self.uid_min)?;
         let ssh_error = |cause| PlaybookError::Ssh {
             playbook: playbook.name(),
             worker: target.name.clone(),
             cause: Box::new(cause),
         };
         let session = self.ssh.session(target).await.map_err(ssh_error)?;
-        let result = session.exec("sh -s", Some(script.as_bytes())).await;
+        let mut result = session.exec("sh -s", Some(script.as_bytes())).await;
         session.close().await;
+        if session.is_shared() && matches!(result, Err(SshError::ChannelOpen { .. })) {
+            // The watch connection died unnoticed (the worker restarted a moment ago) and
+            // the script never started: once more on a connection of its own.
+            tracing::debug!(worker = %target.name, "watch connection unusable; reconnecting");
+            let fresh = self.ssh.connect(target).await.map_err(ssh_error)?;
+            result = fresh.exec("sh -s", Some(script.as_bytes())).await;
+            fresh.close().await;
+        }
         let out = result.map_err(ssh_error)?;
         if out.success() {
             return Ok(());
+        }
+        let stderr = &out.stderr;
+        if let Some(reason) = refusal(stderr) {
+            return Err(PlaybookError::Refused {
+                playbook: playbook.name(),
+                worker: target.name.clone(),
+                reason,
+            });
         }
         Err(PlaybookError::Failed {
             playbook: playbook.name(),
@@ -251,6 +306,39 @@ impl Executor {
             stderr: summarise(&out.stderr),
         })
     }
+
+    /// Refuses, before anything runs, values that can only come from a bug or a tampered
+    /// row: a name that is not a tenant's (`root`, a system account, anything
+    /// [`crate::model::Username`] rejects) or a uid below the floor. The playbooks check
+    /// the account on the worker as well.
+    fn check(&self, playbook: Playbook, vars: &Vars, target: &Target) -> Result<(), PlaybookError> {
+        let refused = |reason: String| PlaybookError::Refused {
+            playbook: playbook.name(),
+            worker: target.name.clone(),
+            reason,
+        };
+        if let Err(e) = crate::model::Username::parse(&vars.username) {
+            return Err(refused(format!("`{}` is not a tenant's account: {e}", vars.username)));
+        }
+        match vars.uid {
+            Some(uid) if uid < self.uid_min => Err(refused(format!(
+                "uid {uid} is below Orion's floor {}",
+                self.uid_min
+            ))),
+            None if playbook == Playbook::CreateUser => {
+                Err(refused("an account is never made without its uid".into()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The reason a playbook gave for refusing, from its `orion: refused: …` line.
+fn refusal(output: &str) -> Option<String> {
+    output
+        .lines()
+        .find_map(|l| l.split_once("orion: refused: ").map(|(_, r)| r.trim().to_owned()))
+        .map(|r| r.trim_end_matches(['"', '\\', ',']).to_owned())
 }
 
 /// The Ansible executor: `ansible-playbook` against exactly one worker, checking its host
@@ -274,6 +362,7 @@ impl Ansible {
         &self,
         playbook: Playbook,
         vars: &Vars,
+        uid_min: u32,
         target: &Target,
     ) -> Result<(), PlaybookError> {
         let failed = |message: String, ran: bool| PlaybookError::Ansible {
@@ -316,7 +405,7 @@ impl Ansible {
         )?;
         write(
             &extra_vars,
-            serde_json::to_string(vars).expect("vars serialise"),
+            serde_json::to_string(&Rendered { vars, uid_min }).expect("vars serialise"),
         )?;
         let playbook_file = self.playbooks.join(format!("{}.yml", playbook.name()));
         let ssh_args = format!(
@@ -376,15 +465,33 @@ impl Ansible {
         } else {
             reasons.join("\n")
         };
-        Err(fail(format!(
-            "ansible-playbook exited with {}: {}",
-            output
-                .status
-                .code()
-                .map_or("a signal".to_owned(), |c| c.to_string()),
-            summarise(&reason)
-        )))
+        if let Some(reason) = refusal(&text) {
+            return Err(PlaybookError::Refused {
+                playbook: playbook.name(),
+                worker: target.name.clone(),
+                reason,
+            });
+        }
+        Err(failed(
+            format!(
+                "ansible-playbook exited with {}: {}",
+                output
+                    .status
+                    .code()
+                    .map_or("a signal".to_owned(), |c| c.to_string()),
+                summarise(&reason)
+            ),
+            ansible_may_have_changed(output.status.code(), &text),
+        ))
     }
+}
+
+/// Whether a failed `ansible-playbook` run may have changed the worker. Its exit code
+/// alone cannot say: 4 means both "could not parse" and "host unreachable" (possibly
+/// mid-play), 1 and 2 come after tasks ran. So: bad options (5) changed nothing, and
+/// neither did a run that never started a task; anything else may have.
+fn ansible_may_have_changed(code: Option<i32>, output: &str) -> bool {
+    code != Some(5) && output.lines().any(|l| l.starts_with("TASK ["))
 }
 
 fn summarise(stderr: &str) -> String {
@@ -410,6 +517,7 @@ mod tests {
     fn vars(username: &str) -> Vars {
         Vars {
             username: username.into(),
+            uid: Some(200_123),
             public_key: Some(
                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPGmoeQtEFLPvpG1nEm0qOGCMmviF+bRgDjkt8J0nQ+b"
                     .into(),
@@ -443,7 +551,7 @@ mod tests {
     fn every_shipped_playbook_renders() {
         let playbooks = shipped();
         for playbook in Playbook::ALL {
-            let script = playbooks.render(playbook, &vars("alice")).unwrap();
+            let script = playbooks.render(playbook, &vars("alice"), 200_000).unwrap();
             assert!(script.contains("'alice'"), "{script}");
             assert!(
                 script.starts_with("#!/bin/sh") || script.contains("set -eu"),
@@ -456,7 +564,7 @@ mod tests {
     fn create_user_with_key_only_sets_no_password() {
         let mut v = vars("bob");
         v.password_hash = None;
-        let script = shipped().render(Playbook::CreateUser, &v).unwrap();
+        let script = shipped().render(Playbook::CreateUser, &v, 200_000).unwrap();
         assert!(!script.contains("chpasswd"), "{script}");
         assert!(script.contains("authorized_keys"), "{script}");
     }
@@ -464,7 +572,7 @@ mod tests {
     #[test]
     fn the_password_hash_is_only_fed_to_chpasswd_quoted() {
         let script = shipped()
-            .render(Playbook::CreateUser, &vars("carol"))
+            .render(Playbook::CreateUser, &vars("carol"), 200_000)
             .unwrap();
         assert!(script.contains("'$6$salt$hash'"), "{script}");
     }
@@ -484,6 +592,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/create_user.sh.j2"), "{err}");
+    }
+
+    #[test]
+    fn the_uid_and_its_floor_reach_every_playbook_quoted() {
+        let playbooks = shipped();
+        for playbook in Playbook::ALL {
+            let script = playbooks.render(playbook, &vars("dave"), 200_000).unwrap();
+            assert!(script.contains("uid='200123'"), "{script}");
+            assert!(script.contains("uid_min='200000'"), "{script}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_read_from_the_playbooks_own_line() {
+        assert_eq!(
+            refusal("x\norion: refused: account root has uid 0\n").as_deref(),
+            Some("account root has uid 0")
+        );
+        assert_eq!(
+            refusal(r#"fatal: [w]: FAILED! => {"stdout": "orion: refused: uid 5 is below","#)
+                .as_deref(),
+            Some("uid 5 is below")
+        );
+        assert_eq!(refusal("useradd: failure"), None);
+    }
+
+    #[test]
+    fn an_ansible_run_that_started_a_task_may_have_changed_the_worker() {
+        let ran = "PLAY [x] ****\n\nTASK [The account] ****\nfatal: [w]: FAILED!";
+        assert!(ansible_may_have_changed(Some(2), ran));
+        assert!(ansible_may_have_changed(Some(4), ran), "unreachable mid-play");
+        assert!(!ansible_may_have_changed(Some(4), "ERROR! could not parse"));
+        assert!(!ansible_may_have_changed(Some(5), ran));
+        assert!(!ansible_may_have_changed(Some(1), "ERROR! the playbook could not be found"));
     }
 
     #[test]

@@ -12,8 +12,14 @@ use crate::context::Context;
 use crate::health::target_of;
 use crate::model::{self, NotifyUrl, RentalStatus, TenantKey, Username};
 use crate::playbook::{Playbook, PlaybookError, Vars};
-use crate::ssh::SshError;
-use crate::store::{NewRental, RentalRecord, RentalView, StoreError, Worker};
+use crate::store::{Claim, NewRental, RentalRecord, RentalView, StoreError, Worker};
+
+/// Workers a rent tries when provisioning fails before anything ran on the worker (a
+/// connection that died unnoticed, a worker that went away since its last probe).
+const RENT_ATTEMPTS: usize = 3;
+
+/// Tries at recording an activation through a database blip, spread over about a second.
+const ACTIVATE_ATTEMPTS: u32 = 4;
 
 /// A validated rent request.
 #[derive(Debug, Clone)]
@@ -26,6 +32,12 @@ pub struct RentRequest {
     pub public_key: Option<TenantKey>,
     /// Where to POST the new connection details after a migration.
     pub notify_url: Option<NotifyUrl>,
+    /// The token the rental is made with (`None` for the admin token).
+    pub token_id: Option<String>,
+    /// How long the rental lives unless renewed (`None`: until released).
+    pub ttl: Option<std::time::Duration>,
+    /// Most live rentals the tenant may hold (`None`: no limit).
+    pub max_rentals: Option<u32>,
 }
 
 /// A rental just made.
@@ -40,6 +52,8 @@ pub struct Rented {
 pub enum RentError {
     #[error("no alive, free worker is available")]
     NoFreeWorker,
+    #[error("the tenant already holds its limit of {0} live rentals")]
+    QuotaExceeded(u32),
     #[error(transparent)]
     UsernameTaken(StoreError),
     #[error("could not create the account on {worker}: {reason}")]
@@ -52,6 +66,7 @@ impl From<StoreError> for RentError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::UsernameTaken(_) => RentError::UsernameTaken(e),
+            StoreError::QuotaExceeded { limit } => RentError::QuotaExceeded(limit),
             other => RentError::Store(other),
         }
     }
@@ -72,13 +87,14 @@ pub async fn rent(ctx: &Context, request: RentRequest) -> Result<Rented, RentErr
     let result = tokio::spawn(rent_inner(ctx, id, request).instrument(span))
         .await
         .unwrap_or_else(|e| {
-            Err(RentError::Store(StoreError::Query(sqlx::Error::Protocol(
-                format!("rent task failed: {e}"),
+            Err(RentError::Store(StoreError::Invariant(format!(
+                "rent task failed: {e}"
             ))))
         });
     let outcome = match &result {
         Ok(_) => "created",
         Err(RentError::NoFreeWorker) => "no_free_worker",
+        Err(RentError::QuotaExceeded(_)) => "quota_exceeded",
         Err(_) => "failed",
     };
     metrics::counter!(crate::metrics::names::RENTS, "outcome" => outcome).increment(1);
@@ -90,69 +106,160 @@ pub async fn rent(ctx: &Context, request: RentRequest) -> Result<Rented, RentErr
 async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Rented, RentError> {
     let username = request.username.unwrap_or_else(Username::generate);
     let password = request.public_key.is_none().then(model::generate_password);
-    let new = NewRental {
-        id: id.clone(),
+    let mut new = NewRental {
+        id,
         tenant: request.tenant,
+        token_id: request.token_id,
         username: username.to_string(),
         public_key: request.public_key.map(|k| k.as_str().to_owned()),
         password_hash: password.as_deref().map(model::hash_password),
         notify_url: request.notify_url.map(|u| u.as_str().to_owned()),
+        ttl: request.ttl,
+        max_rentals: request.max_rentals,
     };
-    let Some((record, worker)) = ctx.store.claim_worker_for(&new).await? else {
-        tracing::info!("no free worker");
-        return Err(RentError::NoFreeWorker);
-    };
-    tracing::Span::current().record("worker", worker.name.as_str());
-    tracing::info!(username = %record.username, "worker claimed; provisioning");
-
-    if let Err(e) = provision(&ctx, &record, &worker).await {
+    let uid_min = ctx.executor.uid_min();
+    let mut tried = Vec::new();
+    let mut last_failure = None;
+    let (record, claim) = loop {
+        let Some((record, claim)) = ctx.store.claim_worker_for(&new, uid_min, &tried).await?
+        else {
+            tracing::info!(tried = tried.len(), "no free worker");
+            return Err(last_failure.unwrap_or(RentError::NoFreeWorker));
+        };
+        let worker = &claim.worker;
+        tracing::Span::current().record("worker", worker.name.as_str());
+        tracing::info!(username = %record.username, uid = claim.uid, "worker claimed; provisioning");
+        let Err(e) = provision(&ctx, &record, &claim).await else {
+            break (record, claim);
+        };
         let reason = e.to_string();
         tracing::warn!(error = %reason, "provisioning failed; rolling back");
         // Undo only what may have been done; a run that never reached the worker left
         // nothing behind, and the worker is free at once.
-        let removed = !e.may_have_run() || deprovision(&ctx, &record, &worker).await.is_ok();
+        let removed = !e.may_have_run()
+            || deprovision(&ctx, &record.username, Some(claim.uid), worker)
+                .await
+                .is_ok();
         ctx.store
-            .fail_rent(&record.id, &worker, removed, &reason)
+            .fail_rent(&record.id, worker, removed, &reason)
             .await?;
-        return Err(RentError::Provisioning {
-            worker: worker.name,
+        tried.push(worker.id);
+        let failure = RentError::Provisioning {
+            worker: claim.worker.name.clone(),
             reason,
-        });
-    }
-    ctx.store
-        .activate(&record.id, &worker, RentalStatus::Provisioning)
-        .await?;
+        };
+        // Only a worker that could not be reached is worth replacing by another; a
+        // playbook that ran, or that cannot run anywhere, fails the rent.
+        let unreached = matches!(e, PlaybookError::Ssh { .. }) && !e.may_have_run();
+        if !unreached || tried.len() >= RENT_ATTEMPTS {
+            return Err(failure);
+        }
+        last_failure = Some(failure);
+        // Nothing ran on that worker: another free one, under a new rental id (the failed
+        // attempt stays on record).
+        new.id = uuid::Uuid::new_v4().to_string();
+        tracing::info!(rental_id = %new.id, "trying another worker");
+    };
+    activate_rent(&ctx, &record, &claim).await?;
     tracing::info!("rental active");
-    let rental = ctx
-        .store
-        .rental_view(&record.id)
-        .await?
-        .ok_or_else(|| StoreError::Query(sqlx::Error::RowNotFound))?;
+    // The rental is active: its view is read back through a blip rather than answering
+    // an error for a rental that exists.
+    let mut attempt = 0;
+    let rental = loop {
+        match ctx.store.rental_view(&record.id).await {
+            Ok(Some(view)) => break view,
+            Ok(None) => {
+                return Err(RentError::Store(StoreError::Invariant(
+                    "an active rental has no row".into(),
+                )));
+            }
+            Err(e) if attempt + 1 < ACTIVATE_ATTEMPTS => {
+                attempt += 1;
+                tracing::warn!(error = %e, "cannot read the new rental back; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     Ok(Rented { rental, password })
 }
 
-/// Creates (or converges) the rental's account on `worker`.
+/// Records that a new rental's account exists: the client gets its 201 only once this is
+/// written. Retried through a short database blip; if it still cannot be written, the
+/// client gets an error and the rental stays `provisioning` until
+/// [`resolve_stuck_provisioning`] fails it and the cleanup loop removes the account. If
+/// the rental was failed meanwhile (by that very resolver), the account is removed now.
+async fn activate_rent(ctx: &Context, record: &RentalRecord, claim: &Claim) -> Result<(), RentError> {
+    let mut attempt = 0;
+    let activated = loop {
+        match ctx
+            .store
+            .activate(&record.id, &claim.worker, RentalStatus::Provisioning)
+            .await
+        {
+            Ok(activated) => break activated,
+            Err(e) if attempt + 1 < ACTIVATE_ATTEMPTS => {
+                attempt += 1;
+                tracing::warn!(error = %e, "cannot record the activation; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e,
+                    "cannot record the activation; the loops will fail the rental and remove its account");
+                return Err(e.into());
+            }
+        }
+    };
+    if activated {
+        return Ok(());
+    }
+    tracing::warn!("the rental was ended while its account was made; removing the account");
+    let removed = deprovision(ctx, &record.username, Some(claim.uid), &claim.worker)
+        .await
+        .is_ok();
+    if !removed {
+        ctx.store.orphan_placement(&record.id, &claim.worker).await?;
+    }
+    Err(RentError::Provisioning {
+        worker: claim.worker.name.clone(),
+        reason: "the rental was ended before its account was ready".into(),
+    })
+}
+
+/// Creates (or converges) the rental's account on the claimed worker, with the uid it
+/// was given there.
 pub async fn provision(
     ctx: &Context,
     rental: &RentalRecord,
-    worker: &Worker,
-) -> Result<(), PlaybookError> {
-    let result = ctx
-        .executor
-        .run(Playbook::CreateUser, &vars_of(rental), &target_of(worker))
-        .await;
-    quarantine_on_mismatch(ctx, worker, &result).await;
-    result
-}
-
-/// Removes the rental's account from `worker`.
-pub async fn deprovision(
-    ctx: &Context,
-    rental: &RentalRecord,
-    worker: &Worker,
+    claim: &Claim,
 ) -> Result<(), PlaybookError> {
     let vars = Vars {
         username: rental.username.clone(),
+        uid: Some(claim.uid),
+        public_key: rental.public_key.clone(),
+        password_hash: rental.password_hash.clone(),
+    };
+    let worker = &claim.worker;
+    let result = ctx
+        .executor
+        .run(Playbook::CreateUser, &vars, &target_of(worker))
+        .await;
+    on_playbook_result(ctx, worker, &result).await;
+    result
+}
+
+/// Removes an account from `worker`: every process of its uid, its keys, its home. The
+/// one removal path, for releases, failed rents and the cleanup loop alike. `uid` is
+/// `None` only for an account made before Orion allocated uids.
+pub async fn deprovision(
+    ctx: &Context,
+    username: &str,
+    uid: Option<u32>,
+    worker: &Worker,
+) -> Result<(), PlaybookError> {
+    let vars = Vars {
+        username: username.to_owned(),
+        uid,
         public_key: None,
         password_hash: None,
     };
@@ -160,30 +267,30 @@ pub async fn deprovision(
         .executor
         .run(Playbook::DeleteUser, &vars, &target_of(worker))
         .await;
-    quarantine_on_mismatch(ctx, worker, &result).await;
+    on_playbook_result(ctx, worker, &result).await;
     result
 }
 
-async fn quarantine_on_mismatch(
-    ctx: &Context,
-    worker: &Worker,
-    result: &Result<(), PlaybookError>,
-) {
-    if let Err(PlaybookError::Ssh { cause: e, .. }) = result
-        && let SshError::HostKeyMismatch { .. } = **e
-    {
-        let reason = format!("host key changed: {e}");
-        if let Err(err) = ctx.store.quarantine(worker, &reason).await {
-            tracing::error!(worker = %worker.name, error = %err, "could not quarantine worker");
+/// What a failed playbook says about its worker: a changed host key or an account that
+/// is not Orion's takes the worker out of service until an operator looks (quarantine,
+/// with an event), so nothing is provisioned next to a stranger's account.
+async fn on_playbook_result(ctx: &Context, worker: &Worker, result: &Result<(), PlaybookError>) {
+    let reason = match result {
+        Err(PlaybookError::Ssh { cause: e, .. }) if e.is_host_key_mismatch() => {
+            format!("host key changed: {e}")
         }
-    }
-}
-
-fn vars_of(rental: &RentalRecord) -> Vars {
-    Vars {
-        username: rental.username.clone(),
-        public_key: rental.public_key.clone(),
-        password_hash: rental.password_hash.clone(),
+        Err(e @ PlaybookError::Refused { .. }) => {
+            tracing::error!(worker = %worker.name, error = %e, "playbook refused");
+            let _ = ctx
+                .store
+                .append_event("account.refused", Some(&worker.name), None, &e.to_string())
+                .await;
+            e.to_string()
+        }
+        _ => return,
+    };
+    if let Err(err) = ctx.store.quarantine(worker, &reason).await {
+        tracing::error!(worker = %worker.name, error = %err, "could not quarantine worker");
     }
 }
 
@@ -208,9 +315,9 @@ pub async fn release(ctx: &Context, id: &str, tenant: Option<&str>) -> Result<()
     tokio::spawn(async move { release_inner(&ctx, &id, tenant.as_deref()).await }.instrument(span))
         .await
         .unwrap_or_else(|e| {
-            Err(ReleaseError::Store(StoreError::Query(
-                sqlx::Error::Protocol(format!("release task failed: {e}")),
-            )))
+            Err(ReleaseError::Store(StoreError::Invariant(format!(
+                "release task failed: {e}"
+            ))))
         })
 }
 
@@ -226,7 +333,8 @@ async fn release_inner(ctx: &Context, id: &str, tenant: Option<&str>) -> Result<
     let removed = match &worker {
         Some(w) => {
             tracing::Span::current().record("worker", w.name.as_str());
-            match deprovision(ctx, &rental, w).await {
+            let uid = ctx.store.live_uid(&rental.id, w.id).await?;
+            match deprovision(ctx, &rental.username, uid, w).await {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::warn!(error = %e, "account not removed now; cleanup will retry");
@@ -241,6 +349,59 @@ async fn release_inner(ctx: &Context, id: &str, tenant: Option<&str>) -> Result<
         .await?;
     tracing::info!(account_removed = removed, "rental released");
     Ok(())
+}
+
+/// Fails rentals left `provisioning` past any rent's deadline: their client got an error
+/// (the activation could not be recorded) or its process died. The account, if made,
+/// becomes a leftover that the cleanup loop removes. Returns how many were failed.
+pub async fn resolve_stuck_provisioning(ctx: &Context) -> Result<usize, StoreError> {
+    let after = ctx.config.rent_deadline() + std::time::Duration::from_secs(30);
+    let mut failed = 0;
+    for rental in ctx.store.stuck_provisioning(after).await? {
+        let Some(worker) = (match rental.worker_id {
+            Some(id) => ctx.store.worker_by_id(id).await?,
+            None => None,
+        }) else {
+            continue;
+        };
+        ctx.store
+            .fail_rent(
+                &rental.id,
+                &worker,
+                false,
+                "stuck in provisioning: its activation was never recorded",
+            )
+            .await?;
+        tracing::warn!(rental_id = %rental.id, worker = %worker.name,
+            "rental stuck in provisioning failed; its account will be removed");
+        failed += 1;
+    }
+    Ok(failed)
+}
+
+/// Releases every live rental whose time is up, with a `rental.expired` event. Returns
+/// how many were released; one that cannot be released now (mid-move) is retried at the
+/// next pass.
+pub async fn release_expired(ctx: &Context) -> Result<usize, StoreError> {
+    let mut released = 0;
+    for rental in ctx.store.expired_rentals().await? {
+        match release(ctx, &rental.id, None).await {
+            Ok(()) => {
+                ctx.store
+                    .append_event(
+                        "rental.expired",
+                        None,
+                        Some(&rental.id),
+                        "its time was up; released",
+                    )
+                    .await?;
+                released += 1;
+            }
+            Err(ReleaseError::Store(e)) => return Err(e),
+            Err(e) => tracing::info!(rental_id = %rental.id, error = %e, "expired rental not released yet"),
+        }
+    }
+    Ok(released)
 }
 
 /// Finishes what a previous process left half-done: rentals caught mid-provisioning are

@@ -72,6 +72,10 @@ pub enum SshError {
     AuthRejected { addr: String, user: String },
     #[error("{addr}: ssh protocol error: {cause}")]
     Protocol { addr: String, cause: russh::Error },
+    /// No channel could be opened for a command (a connection that died unnoticed): the
+    /// command never started.
+    #[error("{addr}: cannot open a channel: {cause}")]
+    ChannelOpen { addr: String, cause: String },
     #[error("{addr}: the probe's command `true` failed ({})", exit_text(*.exit_status))]
     ProbeCommand {
         addr: String,
@@ -297,6 +301,7 @@ impl SshClient {
             addr: target.addr(),
             host_key,
             command_timeout: self.command_timeout,
+            open_timeout: self.connect_timeout,
             shared: true,
             _permit: None,
         })
@@ -360,6 +365,7 @@ impl SshClient {
             addr: target.addr(),
             host_key,
             command_timeout: self.command_timeout,
+            open_timeout: self.connect_timeout,
             shared: false,
             _permit: Some(permit),
         })
@@ -616,6 +622,8 @@ pub struct Session {
     /// The host key the server presented (already checked against the expected one).
     pub host_key: PublicKey,
     command_timeout: Duration,
+    /// Bound on opening a channel: a live server answers at once.
+    open_timeout: Duration,
     /// A channel on a watch's connection: closing the session must not close it.
     shared: bool,
     _permit: Option<OwnedSemaphorePermit>,
@@ -629,8 +637,19 @@ impl Session {
             addr: self.addr.clone(),
             cause,
         };
+        let not_opened = |cause: String| SshError::ChannelOpen {
+            addr: self.addr.clone(),
+            cause,
+        };
+        let mut channel =
+            match tokio::time::timeout(self.open_timeout, self.handle.channel_open_session())
+                .await
+            {
+                Ok(Ok(channel)) => channel,
+                Ok(Err(e)) => return Err(not_opened(e.to_string())),
+                Err(_) => return Err(not_opened(format!("no answer within {:?}", self.open_timeout))),
+            };
         let work = async {
-            let mut channel = self.handle.channel_open_session().await.map_err(protocol)?;
             channel.exec(true, command).await.map_err(protocol)?;
             if let Some(input) = stdin {
                 channel.data(input).await.map_err(protocol)?;
@@ -673,6 +692,12 @@ impl Session {
                 cause,
             }),
         }
+    }
+
+    /// Whether this session is a channel on a worker's watch connection (rather than a
+    /// connection of its own).
+    pub fn is_shared(&self) -> bool {
+        self.shared
     }
 
     /// Says goodbye politely; errors are irrelevant at this point.

@@ -65,7 +65,11 @@ impl Application {
         {
             tracing::info!("inventory: {change}");
         }
-        let mut executor = Executor::new(Arc::new(playbooks), ssh.clone());
+        let mut executor = Executor::new(
+            Arc::new(playbooks),
+            ssh.clone(),
+            config.provisioning.uid_min,
+        );
         if config.provisioning.executor == ExecutorKind::Ansible {
             for playbook in Playbook::ALL {
                 let path = config.playbooks.join(format!("{}.yml", playbook.name()));
@@ -85,6 +89,7 @@ impl Application {
         }
         let admin_token_hash = crate::auth::token_hash(config.auth.admin_token.expose());
         let probe_db = (config.database.max_connections as usize / 2).max(1);
+        let notify_policy = crate::notify::AddressPolicy::new(config.migration.notify_allow.clone());
         let ctx = Context {
             store,
             ssh,
@@ -97,10 +102,9 @@ impl Application {
             migration_held: Arc::default(),
             admin_token_hash,
             stopping: CancellationToken::new(),
-            http: reqwest::Client::builder()
-                .user_agent(concat!("orion/", env!("CARGO_PKG_VERSION")))
-                .build()
+            http: crate::notify::client(&notify_policy)
                 .context("Failed to build the HTTP client")?,
+            notify_policy,
         };
         let recovered = rentals::recover(&ctx)
             .await

@@ -365,6 +365,8 @@ pub fn test_config(
         admin_token = "{admin_token}"
         [migration]
         interval = "1h"
+        # Test receivers of notifications listen on loopback.
+        notify_allow = ["127.0.0.1/32"]
         [cleanup]
         interval = "1h"
         "#,

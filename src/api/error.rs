@@ -39,6 +39,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("no alive, free worker is available; try again later")]
     NoFreeWorker,
+    /// The tenant holds as many live rentals as it may.
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// A worker failed to provision the account.
     #[error("{0}")]
     Provisioning(String),
@@ -63,6 +66,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::NoFreeWorker => (StatusCode::SERVICE_UNAVAILABLE, "no_free_worker"),
+            ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             ApiError::Provisioning(_) => (StatusCode::BAD_GATEWAY, "provisioning_failed"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Unexpected(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -128,6 +132,9 @@ impl From<RentError> for ApiError {
     fn from(e: RentError) -> Self {
         match e {
             RentError::NoFreeWorker => ApiError::NoFreeWorker,
+            RentError::QuotaExceeded(limit) => ApiError::QuotaExceeded(format!(
+                "this tenant already holds {limit} live rentals, its limit; release one first"
+            )),
             RentError::UsernameTaken(e) => ApiError::Conflict(e.to_string()),
             RentError::Provisioning { worker, .. } => ApiError::Provisioning(format!(
                 "the account could not be created on worker {worker}; nothing was kept, try again"

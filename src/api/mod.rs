@@ -48,7 +48,7 @@ pub use error::ApiError;
 use crate::auth::{self, Caller};
 
 use crate::context::Context;
-use crate::model::{NotifyUrl, RentalStatus, TenantKey, Username};
+use crate::model::{NotifyUrl, RentalStatus, TenantKey, TtlInput, Username};
 use crate::rentals::{self, RentRequest};
 
 /// Largest request body accepted; a rent request is a few hundred bytes.
@@ -102,13 +102,12 @@ fn require_admin(caller: &Caller) -> Result<(), ApiError> {
 pub fn app(ctx: Context) -> Router {
     // Bounds a request end to end; a rent waits for provisioning, so it is the SSH
     // connect and command timeouts plus slack.
-    let request_timeout = ctx.config.ssh.connect_timeout * 2
-        + ctx.config.ssh.command_timeout * 2
-        + Duration::from_secs(5);
+    let request_timeout = ctx.config.rent_deadline();
     Router::new()
         .route("/api/rent", post(rent))
         .route("/api/rentals", get(list_rentals))
         .route("/api/rentals/{id}", get(get_rental).delete(release_rental))
+        .route("/api/rentals/{id}/renew", post(renew_rental))
         .route("/api/workers", get(list_workers))
         .route("/api/workers/{name}/drain", post(drain_worker))
         .route("/api/workers/{name}/undrain", post(undrain_worker))
@@ -142,6 +141,8 @@ struct RentBody {
     username: Option<String>,
     /// Where to POST the new connection details when the rental moves.
     notify_url: Option<String>,
+    /// How long the rental lives unless renewed: seconds, or e.g. `"2h"`.
+    ttl: Option<TtlInput>,
 }
 
 async fn rent(
@@ -163,6 +164,22 @@ async fn rent(
         .as_deref()
         .map(NotifyUrl::parse)
         .transpose()?;
+    if let Some(url) = &notify_url {
+        ctx.notify_policy.check(url).await?;
+    }
+    let tenants = &ctx.config.tenants;
+    let ttl = match (&body.ttl, &caller) {
+        (Some(ttl), _) => Some(ttl.parse(tenants.max_ttl)?),
+        (None, Caller::Tenant(_)) => tenants.default_ttl,
+        (None, Caller::Admin) => None,
+    };
+    let (token_id, max_rentals) = match &caller {
+        Caller::Admin => (None, None),
+        Caller::Tenant(t) => (
+            Some(t.token_id.clone()),
+            Some(t.max_rentals.unwrap_or(tenants.max_rentals)),
+        ),
+    };
     let rented = rentals::rent(
         &ctx,
         RentRequest {
@@ -170,6 +187,9 @@ async fn rent(
             username,
             public_key,
             notify_url,
+            token_id,
+            ttl,
+            max_rentals,
         },
     )
     .await?;
@@ -244,6 +264,40 @@ async fn release_rental(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Body of `POST /api/rentals/{id}/renew`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenewBody {
+    /// The rental's new time to live, from now: seconds, or e.g. `"2h"`.
+    ttl: Option<TtlInput>,
+}
+
+async fn renew_rental(
+    State(ctx): State<Context>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| ApiError::from_body_rejection(&e))?;
+    let body: RenewBody = parse_json(&body)?;
+    let tenants = &ctx.config.tenants;
+    let ttl = match &body.ttl {
+        Some(ttl) => ttl.parse(tenants.max_ttl)?,
+        None => tenants.default_ttl.ok_or_else(|| {
+            crate::model::InvalidInput::new("ttl", "is required (no default ttl is configured)")
+        })?,
+    };
+    if ctx.store.renew(&id, caller.scope(), ttl).await?.is_none() {
+        return Err(ApiError::NotFound("no such live rental".into()));
+    }
+    let view = ctx
+        .store
+        .rental_view(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such rental".into()))?;
+    Ok(Json(view).into_response())
+}
+
 async fn list_workers(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
     require_admin(&caller)?;
     Ok(Json(json!({ "workers": workers_json(&ctx).await? })).into_response())
@@ -309,6 +363,8 @@ async fn set_drained(
 #[serde(deny_unknown_fields)]
 struct TokenBody {
     tenant: Option<String>,
+    /// This token's limit on the tenant's live rentals (default: `tenants.max_rentals`).
+    max_rentals: Option<u32>,
 }
 
 async fn create_token(
@@ -324,10 +380,16 @@ async fn create_token(
         .as_deref()
         .ok_or_else(|| crate::model::InvalidInput::new("tenant", "is required"))
         .and_then(crate::model::parse_tenant)?;
+    let max_rentals = body.max_rentals;
+    if max_rentals.is_some_and(|n| !(1..=10_000).contains(&n)) {
+        return Err(
+            crate::model::InvalidInput::new("max_rentals", "must be between 1 and 10000").into(),
+        );
+    }
     let token = auth::generate_token();
     let record = ctx
         .store
-        .create_token(&tenant, &auth::token_hash(&token))
+        .create_token(&tenant, &auth::token_hash(&token), max_rentals)
         .await?;
     let mut body = serde_json::to_value(&record).map_err(|e| ApiError::Unexpected(e.into()))?;
     body["token"] = json!(token);
@@ -339,17 +401,35 @@ async fn list_tokens(State(ctx): State<Context>, caller: Caller) -> Result<Respo
     Ok(Json(json!({ "tokens": ctx.store.list_tokens().await? })).into_response())
 }
 
+/// Query of `DELETE /api/tokens/{id}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeQuery {
+    /// Also release every live rental made with the token.
+    #[serde(default)]
+    release_rentals: bool,
+}
+
 async fn revoke_token(
     State(ctx): State<Context>,
     caller: Caller,
     Path(id): Path<String>,
+    query: Result<axum::extract::Query<RevokeQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
     require_admin(&caller)?;
-    if ctx.store.revoke_token(&id).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::NotFound("no such live token".into()))
+    let axum::extract::Query(query) =
+        query.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
+    if !ctx.store.revoke_token(&id).await? {
+        return Err(ApiError::NotFound("no such live token".into()));
     }
+    if query.release_rentals {
+        // Their time is up now: released here, or by the cleanup loop for one that is
+        // mid-move and cannot be released this instant.
+        let ended = ctx.store.expire_rentals_of_token(&id).await?;
+        tracing::info!(token_id = %id, rentals = ended, "token revoked with its rentals");
+        rentals::release_expired(&ctx).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Query of `GET /api/events`.

@@ -15,7 +15,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{Connection, Executor};
 
 pub use events::Event;
-pub use rentals::{NewRental, PlacementRecord, RentalRecord, RentalView};
+pub use rentals::{Claim, NewRental, PlacementRecord, RentalRecord, RentalView};
 pub use tokens::TokenRecord;
 pub use workers::{Cleanup, Occupant, ProbeRecord, Worker, WorkerCounts};
 
@@ -28,6 +28,12 @@ pub enum StoreError {
     /// A live rental already uses this username.
     #[error("username `{0}` is already used by another rental")]
     UsernameTaken(String),
+    /// The tenant already holds as many live rentals as it may.
+    #[error("the tenant already holds its limit of {limit} live rentals")]
+    QuotaExceeded { limit: u32 },
+    /// Something the store guarantees did not hold: a bug.
+    #[error("store invariant broken: {0}")]
+    Invariant(String),
     /// Anything else: a bug or a schema mismatch.
     #[error("database error: {0}")]
     Query(sqlx::Error),

@@ -14,10 +14,24 @@ use crate::model::{PlacementState, RentalStatus};
 pub struct NewRental {
     pub id: String,
     pub tenant: String,
+    /// The token the rental was made with (`None` for the admin token).
+    pub token_id: Option<String>,
     pub username: String,
     pub public_key: Option<String>,
     pub password_hash: Option<String>,
     pub notify_url: Option<String>,
+    /// How long the rental lives before it is released by itself (`None`: until released).
+    pub ttl: Option<std::time::Duration>,
+    /// Most live rentals the tenant may hold, this one included (`None`: no limit).
+    pub max_rentals: Option<u32>,
+}
+
+/// A worker claimed for a rental, and the uid its account gets there.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub worker: Worker,
+    /// Orion's own uid for the account on this worker, never handed to anyone else.
+    pub uid: u32,
 }
 
 /// A rental row. The password hash is kept for provisioning and never serialised.
@@ -25,6 +39,7 @@ pub struct NewRental {
 pub struct RentalRecord {
     pub id: String,
     pub tenant: String,
+    pub token_id: Option<String>,
     pub username: String,
     pub public_key: Option<String>,
     pub password_hash: Option<String>,
@@ -34,10 +49,11 @@ pub struct RentalRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
-const RENTAL_COLUMNS: &str = "id, tenant, username, public_key, password_hash, notify_url, \
-    status, worker_id, created_at, updated_at, ended_at";
+const RENTAL_COLUMNS: &str = "id, tenant, token_id, username, public_key, password_hash, \
+    notify_url, status, worker_id, created_at, updated_at, ended_at, expires_at";
 
 impl RentalRecord {
     fn from_row(row: &MySqlRow) -> Result<Self, sqlx::Error> {
@@ -45,6 +61,7 @@ impl RentalRecord {
         Ok(Self {
             id: row.try_get("id")?,
             tenant: row.try_get("tenant")?,
+            token_id: row.try_get("token_id")?,
             username: row.try_get("username")?,
             public_key: row.try_get("public_key")?,
             password_hash: row.try_get("password_hash")?,
@@ -56,6 +73,7 @@ impl RentalRecord {
             created_at: row.try_get("created_at")?,
             updated_at: row.try_get("updated_at")?,
             ended_at: row.try_get("ended_at")?,
+            expires_at: row.try_get("expires_at")?,
         })
     }
 }
@@ -84,6 +102,8 @@ pub struct RentalView {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// When the rental is released by itself, unless renewed (`null`: never).
+    pub expires_at: Option<DateTime<Utc>>,
     pub placements: Vec<PlacementRecord>,
 }
 
@@ -91,16 +111,20 @@ pub struct RentalView {
 const DEADLOCK_RETRIES: usize = 5;
 
 impl Store {
-    /// Claims one alive, free, trusted worker for a new rental and records the rental and
-    /// its placement, all in one transaction: two concurrent calls never get the same
-    /// worker. `None` when no worker is free.
+    /// Claims one alive, free, trusted worker (not one of `exclude`) for a new rental and
+    /// records the rental and its placement, all in one transaction: two concurrent calls
+    /// never get the same worker, and a tenant never holds more than `max_rentals` live
+    /// rentals. The placement's account gets uid `uid_min` + the placement's id. `None`
+    /// when no worker is free.
     pub async fn claim_worker_for(
         &self,
         rental: &NewRental,
-    ) -> Result<Option<(RentalRecord, Worker)>, StoreError> {
+        uid_min: u32,
+        exclude: &[u64],
+    ) -> Result<Option<(RentalRecord, Claim)>, StoreError> {
         let mut attempt = 0;
         loop {
-            match self.try_claim(rental).await {
+            match self.try_claim(rental, uid_min, exclude).await {
                 Err(StoreError::Unavailable(e)) | Err(StoreError::Query(e))
                     if is_retryable(&e) && attempt < DEADLOCK_RETRIES =>
                 {
@@ -115,24 +139,52 @@ impl Store {
     async fn try_claim(
         &self,
         rental: &NewRental,
-    ) -> Result<Option<(RentalRecord, Worker)>, StoreError> {
+        uid_min: u32,
+        exclude: &[u64],
+    ) -> Result<Option<(RentalRecord, Claim)>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let Some(worker) = claim_free_worker(&mut tx, &rental.id).await? else {
+        if let Some(limit) = rental.max_rentals {
+            // The tenant's row lock: concurrent rents of one tenant count one at a time.
+            sqlx::query(
+                "INSERT INTO tenants (name, created_at) VALUES (?, UTC_TIMESTAMP(6)) \
+                 ON DUPLICATE KEY UPDATE name = name",
+            )
+            .bind(&rental.tenant)
+            .execute(&mut *tx)
+            .await?;
+            let live: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM rentals WHERE tenant = ? \
+                 AND status NOT IN ('released', 'failed')",
+            )
+            .bind(&rental.tenant)
+            .fetch_one(&mut *tx)
+            .await?;
+            if live >= i64::from(limit) {
+                tx.rollback().await?;
+                return Err(StoreError::QuotaExceeded { limit });
+            }
+        }
+        let Some(worker) = claim_free_worker(&mut tx, &rental.id, exclude).await? else {
             tx.rollback().await?;
             return Ok(None);
         };
+        let ttl_micros = rental.ttl.map(|t| t.as_micros() as u64);
         let inserted = sqlx::query(
-            "INSERT INTO rentals (id, tenant, username, public_key, password_hash, notify_url, \
-             status, worker_id, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, 'provisioning', ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+            "INSERT INTO rentals (id, tenant, token_id, username, public_key, password_hash, \
+             notify_url, status, worker_id, created_at, updated_at, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, 'provisioning', ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), \
+             IF(? IS NULL, NULL, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND))",
         )
         .bind(&rental.id)
         .bind(&rental.tenant)
+        .bind(&rental.token_id)
         .bind(&rental.username)
         .bind(&rental.public_key)
         .bind(&rental.password_hash)
         .bind(&rental.notify_url)
         .bind(worker.id)
+        .bind(ttl_micros)
+        .bind(ttl_micros)
         .execute(&mut *tx)
         .await;
         if let Err(sqlx::Error::Database(db)) = &inserted
@@ -142,19 +194,12 @@ impl Store {
             return Err(StoreError::UsernameTaken(rental.username.clone()));
         }
         inserted?;
-        sqlx::query(
-            "INSERT INTO placements (rental_id, worker_id, state, started_at) \
-             VALUES (?, ?, 'provisioning', UTC_TIMESTAMP(6))",
-        )
-        .bind(&rental.id)
-        .bind(worker.id)
-        .execute(&mut *tx)
-        .await?;
+        let uid = insert_placement(&mut tx, &rental.id, worker.id, uid_min).await?;
         let record = fetch_rental(&mut tx, &rental.id)
             .await?
-            .expect("the rental was inserted in this transaction");
+            .ok_or_else(|| StoreError::Invariant("the rental inserted is not there".into()))?;
         tx.commit().await?;
-        Ok(Some((record, worker)))
+        Ok(Some((record, Claim { worker, uid })))
     }
 
     /// The tenant's account exists on `worker`: the rental and its placement are active.
@@ -228,10 +273,14 @@ impl Store {
     /// again), and a new worker is claimed and recorded as `migrating`. With no worker
     /// free the rental is `waiting`. Returns the new worker, or `None` if the rental is
     /// waiting or no longer needs to move.
-    pub async fn begin_migration(&self, rental_id: &str) -> Result<Option<Worker>, StoreError> {
+    pub async fn begin_migration(
+        &self,
+        rental_id: &str,
+        uid_min: u32,
+    ) -> Result<Option<Claim>, StoreError> {
         let mut attempt = 0;
         loop {
-            match self.try_begin_migration(rental_id).await {
+            match self.try_begin_migration(rental_id, uid_min).await {
                 Err(StoreError::Unavailable(e)) | Err(StoreError::Query(e))
                     if is_retryable(&e) && attempt < DEADLOCK_RETRIES =>
                 {
@@ -242,7 +291,11 @@ impl Store {
         }
     }
 
-    async fn try_begin_migration(&self, rental_id: &str) -> Result<Option<Worker>, StoreError> {
+    async fn try_begin_migration(
+        &self,
+        rental_id: &str,
+        uid_min: u32,
+    ) -> Result<Option<Claim>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
             return Ok(None);
@@ -256,17 +309,18 @@ impl Store {
         };
         if rental.status == RentalStatus::Migrating
             && let Some(w) = current.as_ref().filter(|w| healthy(w))
+            && let Some(uid) = live_uid(&mut *tx, rental_id, w.id).await?
         {
-            // A move interrupted after its claim: resume it on the worker it claimed.
+            // A move interrupted after its claim: resume it on the worker it claimed, with
+            // the uid it was given there.
             let worker = w.clone();
             tx.commit().await?;
-            return Ok(Some(worker));
+            return Ok(Some(Claim { worker, uid }));
         }
         let must_move = match rental.status {
-            RentalStatus::Waiting => true,
-            RentalStatus::Active | RentalStatus::Migrating => {
-                !current.as_ref().is_some_and(healthy)
-            }
+            // A move not resumed above starts again (its placement predates uids).
+            RentalStatus::Waiting | RentalStatus::Migrating => true,
+            RentalStatus::Active => !current.as_ref().is_some_and(healthy),
             _ => false,
         };
         if !must_move {
@@ -275,7 +329,8 @@ impl Store {
         if let Some(old) = &current {
             stale_live_placement(&mut tx, rental_id, old.id).await?;
         }
-        let claimed = claim_free_worker(&mut tx, rental_id).await?;
+        let claimed = claim_free_worker(&mut tx, rental_id, &[]).await?;
+        let mut uid = None;
         match &claimed {
             Some(new) => {
                 sqlx::query(
@@ -286,14 +341,7 @@ impl Store {
                 .bind(rental_id)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query(
-                    "INSERT INTO placements (rental_id, worker_id, state, started_at) \
-                     VALUES (?, ?, 'provisioning', UTC_TIMESTAMP(6))",
-                )
-                .bind(rental_id)
-                .bind(new.id)
-                .execute(&mut *tx)
-                .await?;
+                uid = Some(insert_placement(&mut tx, rental_id, new.id, uid_min).await?);
                 let msg = match &current {
                     Some(old) => format!("moving from {} ({}) to {}", old.name, why(old), new.name),
                     None => format!("moving to {}", new.name),
@@ -336,7 +384,7 @@ impl Store {
             }
         }
         tx.commit().await?;
-        Ok(claimed)
+        Ok(claimed.zip(uid).map(|(worker, uid)| Claim { worker, uid }))
     }
 
     /// A move failed on the new worker: its placement becomes stale (the cleanup loop
@@ -483,6 +531,92 @@ impl Store {
         Ok(())
     }
 
+    /// The uid of the rental's live placement on `worker_id`, if it has one.
+    pub async fn live_uid(&self, rental_id: &str, worker_id: u64) -> Result<Option<u32>, StoreError> {
+        Ok(live_uid(&self.pool, rental_id, worker_id).await?)
+    }
+
+    /// Rentals still `provisioning` though nothing has touched them for `after`: the
+    /// process making them lost its database mid-rent (its client got an error), or died.
+    pub async fn stuck_provisioning(
+        &self,
+        after: std::time::Duration,
+    ) -> Result<Vec<RentalRecord>, StoreError> {
+        Ok(sqlx::query(&format!(
+            "SELECT {RENTAL_COLUMNS} FROM rentals WHERE status = 'provisioning' \
+             AND updated_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND ORDER BY created_at"
+        ))
+        .bind(after.as_micros() as u64)
+        .try_map(|r: MySqlRow| RentalRecord::from_row(&r))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Live rentals whose time is up.
+    pub async fn expired_rentals(&self) -> Result<Vec<RentalRecord>, StoreError> {
+        Ok(sqlx::query(&format!(
+            "SELECT {RENTAL_COLUMNS} FROM rentals \
+             WHERE status IN ('active', 'waiting', 'migrating') \
+             AND expires_at <= UTC_TIMESTAMP(6) ORDER BY expires_at"
+        ))
+        .try_map(|r: MySqlRow| RentalRecord::from_row(&r))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Gives a live rental `ttl` more from now. `None` if there is no such live rental
+    /// (or it is another tenant's, when `tenant` is given).
+    pub async fn renew(
+        &self,
+        rental_id: &str,
+        tenant: Option<&str>,
+        ttl: std::time::Duration,
+    ) -> Result<Option<()>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
+            return Ok(None);
+        };
+        if tenant.is_some_and(|t| t != rental.tenant)
+            || matches!(
+                rental.status,
+                RentalStatus::Releasing | RentalStatus::Released | RentalStatus::Failed
+            )
+        {
+            return Ok(None);
+        }
+        sqlx::query(
+            "UPDATE rentals SET expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
+             updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+        )
+        .bind(ttl.as_micros() as u64)
+        .bind(rental_id)
+        .execute(&mut *tx)
+        .await?;
+        events::append_in(
+            &mut tx,
+            "rental.renewed",
+            None,
+            Some(rental_id),
+            &format!("expires in {}", humantime::format_duration(ttl)),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(()))
+    }
+
+    /// Ends the time of every live rental made with a token (they are released as
+    /// expired). Returns how many.
+    pub async fn expire_rentals_of_token(&self, token_id: &str) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE rentals SET expires_at = UTC_TIMESTAMP(6), updated_at = UTC_TIMESTAMP(6) \
+             WHERE token_id = ? AND status NOT IN ('released', 'failed', 'releasing')",
+        )
+        .bind(token_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     pub async fn rental(&self, id: &str) -> Result<Option<RentalRecord>, StoreError> {
         Ok(sqlx::query(&format!(
             "SELECT {RENTAL_COLUMNS} FROM rentals WHERE id = ?"
@@ -557,6 +691,7 @@ impl Store {
             created_at: r.created_at,
             updated_at: r.updated_at,
             ended_at: r.ended_at,
+            expires_at: r.expires_at,
             placements,
         }))
     }
@@ -570,11 +705,20 @@ impl Store {
 async fn claim_free_worker(
     tx: &mut Transaction<'_, MySql>,
     rental_id: &str,
+    exclude: &[u64],
 ) -> Result<Option<Worker>, sqlx::Error> {
+    // Worker ids are numbers: written into the statement, they cannot inject anything.
+    let excluded = if exclude.is_empty() {
+        String::new()
+    } else {
+        let ids: Vec<String> = exclude.iter().map(u64::to_string).collect();
+        format!("AND id NOT IN ({}) ", ids.join(", "))
+    };
     let candidate = sqlx::query(&format!(
         "SELECT {WORKER_COLUMNS} FROM workers \
          WHERE rental_id IS NULL AND status = 'alive' AND quarantine_reason IS NULL \
-         AND retired = FALSE AND drained = FALSE ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+         AND retired = FALSE AND drained = FALSE {excluded}\
+         ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
     ))
     .try_map(|r: MySqlRow| Worker::from_row(&r))
     .fetch_optional(&mut **tx)
@@ -589,6 +733,58 @@ async fn claim_free_worker(
         .await?;
     worker.rental_id = Some(rental_id.to_owned());
     Ok(Some(worker))
+}
+
+/// Records a new placement of `rental_id` on `worker_id` and gives its account a uid of
+/// its own: `uid_min` + the placement's id, which no other placement ever has.
+async fn insert_placement(
+    tx: &mut Transaction<'_, MySql>,
+    rental_id: &str,
+    worker_id: u64,
+    uid_min: u32,
+) -> Result<u32, StoreError> {
+    let id = sqlx::query(
+        "INSERT INTO placements (rental_id, worker_id, state, started_at) \
+         VALUES (?, ?, 'provisioning', UTC_TIMESTAMP(6))",
+    )
+    .bind(rental_id)
+    .bind(worker_id)
+    .execute(&mut **tx)
+    .await?
+    .last_insert_id();
+    // uid 4294967295 is (uid_t) -1, "no uid", to the kernel.
+    let uid = u32::try_from(id)
+        .ok()
+        .and_then(|id| uid_min.checked_add(id))
+        .filter(|uid| *uid < u32::MAX)
+        .ok_or_else(|| StoreError::Invariant(format!("no uid left above {uid_min}")))?;
+    sqlx::query("UPDATE placements SET uid = ? WHERE id = ?")
+        .bind(uid)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(uid)
+}
+
+/// The uid of the rental's live placement on a worker (`None` if it has none, or if the
+/// placement predates uid allocation).
+pub(super) async fn live_uid<'e, E>(
+    executor: E,
+    rental_id: &str,
+    worker_id: u64,
+) -> Result<Option<u32>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = MySql>,
+{
+    let uid: Option<Option<u32>> = sqlx::query_scalar(
+        "SELECT uid FROM placements WHERE rental_id = ? AND worker_id = ? \
+         AND state IN ('provisioning', 'active') ORDER BY id DESC LIMIT 1",
+    )
+    .bind(rental_id)
+    .bind(worker_id)
+    .fetch_optional(executor)
+    .await?;
+    Ok(uid.flatten())
 }
 
 async fn fetch_rental(

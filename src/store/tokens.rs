@@ -12,6 +12,8 @@ use super::{Store, StoreError, events};
 pub struct TokenRecord {
     pub id: String,
     pub tenant: String,
+    /// This token's limit on the tenant's live rentals (`null`: the configured default).
+    pub max_rentals: Option<u32>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
@@ -21,6 +23,7 @@ impl TokenRecord {
         Ok(Self {
             id: r.try_get("id")?,
             tenant: r.try_get("tenant")?,
+            max_rentals: r.try_get("max_rentals")?,
             created_at: r.try_get("created_at")?,
             revoked_at: r.try_get("revoked_at")?,
         })
@@ -29,15 +32,21 @@ impl TokenRecord {
 
 impl Store {
     /// Records a token for `tenant` by its hash.
-    pub async fn create_token(&self, tenant: &str, hash: &str) -> Result<TokenRecord, StoreError> {
+    pub async fn create_token(
+        &self,
+        tenant: &str,
+        hash: &str,
+        max_rentals: Option<u32>,
+    ) -> Result<TokenRecord, StoreError> {
         let id = uuid::Uuid::new_v4().to_string();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO tokens (id, tenant, token_hash, created_at) \
-             VALUES (?, ?, ?, UTC_TIMESTAMP(6))",
+            "INSERT INTO tokens (id, tenant, max_rentals, token_hash, created_at) \
+             VALUES (?, ?, ?, ?, UTC_TIMESTAMP(6))",
         )
         .bind(&id)
         .bind(tenant)
+        .bind(max_rentals)
         .bind(hash)
         .execute(&mut *tx)
         .await?;
@@ -50,7 +59,7 @@ impl Store {
         )
         .await?;
         let record =
-            sqlx::query("SELECT id, tenant, created_at, revoked_at FROM tokens WHERE id = ?")
+            sqlx::query("SELECT id, tenant, max_rentals, created_at, revoked_at FROM tokens WHERE id = ?")
                 .bind(&id)
                 .try_map(|r: MySqlRow| TokenRecord::from_row(&r))
                 .fetch_one(&mut *tx)
@@ -87,7 +96,8 @@ impl Store {
     pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         Ok(
             sqlx::query(
-                "SELECT id, tenant, created_at, revoked_at FROM tokens ORDER BY created_at",
+                "SELECT id, tenant, max_rentals, created_at, revoked_at FROM tokens \
+                 ORDER BY created_at",
             )
             .try_map(|r: MySqlRow| TokenRecord::from_row(&r))
             .fetch_all(&self.pool)
@@ -95,13 +105,22 @@ impl Store {
         )
     }
 
-    /// The tenant of a live token, by the token's hash.
-    pub async fn tenant_of_token(&self, hash: &str) -> Result<Option<String>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT tenant FROM tokens WHERE token_hash = ? AND revoked_at IS NULL",
+    /// The live token with this hash, and its tenant.
+    pub async fn tenant_of_token(
+        &self,
+        hash: &str,
+    ) -> Result<Option<crate::auth::TenantToken>, StoreError> {
+        let row: Option<(String, String, Option<u32>)> = sqlx::query_as(
+            "SELECT tenant, id, max_rentals FROM tokens \
+             WHERE token_hash = ? AND revoked_at IS NULL",
         )
         .bind(hash)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        Ok(row.map(|(tenant, token_id, max_rentals)| crate::auth::TenantToken {
+            tenant,
+            token_id,
+            max_rentals,
+        }))
     }
 }

@@ -138,6 +138,8 @@ pub struct Cleanup {
     pub placement_id: u64,
     pub rental_id: String,
     pub username: String,
+    /// The account's uid (`None` for a placement made before Orion allocated uids).
+    pub uid: Option<u32>,
     pub worker: Worker,
 }
 
@@ -516,7 +518,8 @@ impl Store {
             .collect::<Vec<_>>()
             .join(", ");
         let rows = sqlx::query(&format!(
-            "SELECT p.id AS placement_id, p.rental_id AS placement_rental, r.username, {columns} \
+            "SELECT p.id AS placement_id, p.rental_id AS placement_rental, p.uid AS placement_uid, \
+             r.username, {columns} \
              FROM placements p JOIN workers w ON w.id = p.worker_id \
              JOIN rentals r ON r.id = p.rental_id \
              WHERE p.state = 'stale' AND w.status = 'alive' AND w.quarantine_reason IS NULL \
@@ -530,6 +533,7 @@ impl Store {
                     placement_id: r.try_get("placement_id")?,
                     rental_id: r.try_get("placement_rental")?,
                     username: r.try_get("username")?,
+                    uid: r.try_get("placement_uid")?,
                     worker: Worker::from_row(r)?,
                 })
             })

@@ -34,8 +34,9 @@ fn ansible_executor(app: &TestApp) -> Executor {
 /// What a user can observe of an account: passwd entry, home owner and mode, key, hash.
 fn account_state(worker: &Worker, user: &str) -> String {
     worker.exec(&format!(
-        "getent passwd {user}; stat -c '%a %U %G' /home/{user} /home/{user}/.ssh; \
-         cat /home/{user}/.ssh/authorized_keys 2>/dev/null; getent shadow {user} | cut -d: -f2"
+        "getent passwd {user}; id -nG {user}; stat -c '%a %U %G' /home/{user} \
+         /etc/orion/keys/{user}; cat /etc/orion/keys/{user} 2>/dev/null; \
+         getent shadow {user} | cut -d: -f2; chage -l {user} | grep 'Account expires'"
     ))
 }
 
@@ -48,6 +49,7 @@ async fn both_executors_make_the_same_account_idempotently_and_remove_it() {
     let (key, public) = tenant_key();
     let vars = Vars {
         username: "rita".into(),
+        uid: Some(200_003),
         public_key: Some(public),
         password_hash: Some(orion::model::hash_password("rita-pass-123")),
     };
@@ -181,4 +183,24 @@ async fn a_failing_ansible_playbook_fails_the_rent_with_its_reason_and_no_secret
         !reason.contains(salt_and_hash),
         "the password hash leaked: {reason}"
     );
+}
+
+#[tokio::test]
+async fn an_ansible_run_that_failed_half_way_is_undone() {
+    require_ansible();
+    let app = spawn_app_with(
+        1,
+        Box::new(|c| c.provisioning.executor = ExecutorKind::Ansible),
+    )
+    .await;
+    let worker = app.worker("worker_1");
+    // The account is made, then writing its key fails: the run changed the worker.
+    worker.exec("mkdir -p /etc/orion/keys/uma/blocked");
+    let (_, public) = tenant_key();
+    let resp = app
+        .rent(json!({ "ssh_public_key": public, "username": "uma" }))
+        .await;
+    assert_eq!(resp.status(), 502, "{}", resp.text().await.unwrap());
+    assert!(!worker.has_user("uma"), "the half-made account was left behind");
+    assert!(!app.worker_row("worker_1").await.allocated());
 }

@@ -10,6 +10,7 @@ mod events;
 mod failover;
 mod fuzz;
 mod helpers;
+mod isolation;
 mod outage;
 mod playbooks;
 mod probe;

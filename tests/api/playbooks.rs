@@ -7,7 +7,7 @@ use crate::helpers::{spawn_app, tenant_key};
 fn account_state(worker: &crate::helpers::Worker, user: &str) -> String {
     worker.exec(&format!(
         "getent passwd {user}; stat -c '%a %U' /home/{user}; \
-         cat /home/{user}/.ssh/authorized_keys 2>/dev/null; getent shadow {user} | cut -d: -f2"
+         cat /etc/orion/keys/{user} 2>/dev/null; getent shadow {user} | cut -d: -f2"
     ))
 }
 
@@ -19,6 +19,7 @@ async fn each_playbook_runs_twice_with_the_same_result() {
     let (_, public) = tenant_key();
     let vars = Vars {
         username: "frank".into(),
+        uid: Some(200_001),
         public_key: Some(public.clone()),
         password_hash: Some(orion::model::hash_password("s3cret-pass")),
     };
@@ -64,6 +65,7 @@ async fn no_secret_reaches_the_workers_command_lines() {
     let hash = orion::model::hash_password("another-secret");
     let vars = Vars {
         username: "grace".into(),
+        uid: Some(200_002),
         public_key: None,
         password_hash: Some(hash.clone()),
     };

@@ -506,7 +506,11 @@ impl Config {
                 "must be at least 1000: below are the system's own accounts",
             );
         }
-        if self.tenants.default_ttl.is_some_and(|t| t > self.tenants.max_ttl) {
+        if self
+            .tenants
+            .default_ttl
+            .is_some_and(|t| t > self.tenants.max_ttl)
+        {
             return bad("tenants.default_ttl", "must not exceed tenants.max_ttl");
         }
         if self.ssh.max_sessions == 0 {

@@ -45,9 +45,8 @@ impl AddressPolicy {
     /// to, must be permitted.
     pub async fn check(&self, url: &NotifyUrl) -> Result<(), InvalidInput> {
         let bad = |m: String| Err(InvalidInput::new("notify_url", m));
-        let parsed = url::Url::parse(url.as_str()).map_err(|e| {
-            InvalidInput::new("notify_url", format!("is not an absolute URL: {e}"))
-        })?;
+        let parsed = url::Url::parse(url.as_str())
+            .map_err(|e| InvalidInput::new("notify_url", format!("is not an absolute URL: {e}")))?;
         let port = parsed.port_or_known_default().unwrap_or(80);
         let addrs: Vec<IpAddr> = match parsed.host() {
             Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],

@@ -318,7 +318,10 @@ impl Executor {
             reason,
         };
         if let Err(e) = crate::model::Username::parse(&vars.username) {
-            return Err(refused(format!("`{}` is not a tenant's account: {e}", vars.username)));
+            return Err(refused(format!(
+                "`{}` is not a tenant's account: {e}",
+                vars.username
+            )));
         }
         match vars.uid {
             Some(uid) if uid < self.uid_min => Err(refused(format!(
@@ -337,7 +340,10 @@ impl Executor {
 fn refusal(output: &str) -> Option<String> {
     output
         .lines()
-        .find_map(|l| l.split_once("orion: refused: ").map(|(_, r)| r.trim().to_owned()))
+        .find_map(|l| {
+            l.split_once("orion: refused: ")
+                .map(|(_, r)| r.trim().to_owned())
+        })
         .map(|r| r.trim_end_matches(['"', '\\', ',']).to_owned())
 }
 
@@ -566,7 +572,7 @@ mod tests {
         v.password_hash = None;
         let script = shipped().render(Playbook::CreateUser, &v, 200_000).unwrap();
         assert!(!script.contains("chpasswd"), "{script}");
-        assert!(script.contains("authorized_keys"), "{script}");
+        assert!(script.contains(r#"mv -f "$tmp" "$keys/$user""#), "{script}");
     }
 
     #[test]
@@ -622,10 +628,16 @@ mod tests {
     fn an_ansible_run_that_started_a_task_may_have_changed_the_worker() {
         let ran = "PLAY [x] ****\n\nTASK [The account] ****\nfatal: [w]: FAILED!";
         assert!(ansible_may_have_changed(Some(2), ran));
-        assert!(ansible_may_have_changed(Some(4), ran), "unreachable mid-play");
+        assert!(
+            ansible_may_have_changed(Some(4), ran),
+            "unreachable mid-play"
+        );
         assert!(!ansible_may_have_changed(Some(4), "ERROR! could not parse"));
         assert!(!ansible_may_have_changed(Some(5), ran));
-        assert!(!ansible_may_have_changed(Some(1), "ERROR! the playbook could not be found"));
+        assert!(!ansible_may_have_changed(
+            Some(1),
+            "ERROR! the playbook could not be found"
+        ));
     }
 
     #[test]

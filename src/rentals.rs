@@ -121,8 +121,7 @@ async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Re
     let mut tried = Vec::new();
     let mut last_failure = None;
     let (record, claim) = loop {
-        let Some((record, claim)) = ctx.store.claim_worker_for(&new, uid_min, &tried).await?
-        else {
+        let Some((record, claim)) = ctx.store.claim_worker_for(&new, uid_min, &tried).await? else {
             tracing::info!(tried = tried.len(), "no free worker");
             return Err(last_failure.unwrap_or(RentError::NoFreeWorker));
         };
@@ -189,7 +188,11 @@ async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Re
 /// client gets an error and the rental stays `provisioning` until
 /// [`resolve_stuck_provisioning`] fails it and the cleanup loop removes the account. If
 /// the rental was failed meanwhile (by that very resolver), the account is removed now.
-async fn activate_rent(ctx: &Context, record: &RentalRecord, claim: &Claim) -> Result<(), RentError> {
+async fn activate_rent(
+    ctx: &Context,
+    record: &RentalRecord,
+    claim: &Claim,
+) -> Result<(), RentError> {
     let mut attempt = 0;
     let activated = loop {
         match ctx
@@ -218,7 +221,9 @@ async fn activate_rent(ctx: &Context, record: &RentalRecord, claim: &Claim) -> R
         .await
         .is_ok();
     if !removed {
-        ctx.store.orphan_placement(&record.id, &claim.worker).await?;
+        ctx.store
+            .orphan_placement(&record.id, &claim.worker)
+            .await?;
     }
     Err(RentError::Provisioning {
         worker: claim.worker.name.clone(),
@@ -398,7 +403,9 @@ pub async fn release_expired(ctx: &Context) -> Result<usize, StoreError> {
                 released += 1;
             }
             Err(ReleaseError::Store(e)) => return Err(e),
-            Err(e) => tracing::info!(rental_id = %rental.id, error = %e, "expired rental not released yet"),
+            Err(e) => {
+                tracing::info!(rental_id = %rental.id, error = %e, "expired rental not released yet")
+            }
         }
     }
     Ok(released)

@@ -642,12 +642,16 @@ impl Session {
             cause,
         };
         let mut channel =
-            match tokio::time::timeout(self.open_timeout, self.handle.channel_open_session())
-                .await
+            match tokio::time::timeout(self.open_timeout, self.handle.channel_open_session()).await
             {
                 Ok(Ok(channel)) => channel,
                 Ok(Err(e)) => return Err(not_opened(e.to_string())),
-                Err(_) => return Err(not_opened(format!("no answer within {:?}", self.open_timeout))),
+                Err(_) => {
+                    return Err(not_opened(format!(
+                        "no answer within {:?}",
+                        self.open_timeout
+                    )));
+                }
             };
         let work = async {
             channel.exec(true, command).await.map_err(protocol)?;

@@ -89,7 +89,8 @@ impl Application {
         }
         let admin_token_hash = crate::auth::token_hash(config.auth.admin_token.expose());
         let probe_db = (config.database.max_connections as usize / 2).max(1);
-        let notify_policy = crate::notify::AddressPolicy::new(config.migration.notify_allow.clone());
+        let notify_policy =
+            crate::notify::AddressPolicy::new(config.migration.notify_allow.clone());
         let ctx = Context {
             store,
             ssh,

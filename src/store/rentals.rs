@@ -532,7 +532,11 @@ impl Store {
     }
 
     /// The uid of the rental's live placement on `worker_id`, if it has one.
-    pub async fn live_uid(&self, rental_id: &str, worker_id: u64) -> Result<Option<u32>, StoreError> {
+    pub async fn live_uid(
+        &self,
+        rental_id: &str,
+        worker_id: u64,
+    ) -> Result<Option<u32>, StoreError> {
         Ok(live_uid(&self.pool, rental_id, worker_id).await?)
     }
 

@@ -58,12 +58,13 @@ impl Store {
             &format!("token {id} for tenant {tenant}"),
         )
         .await?;
-        let record =
-            sqlx::query("SELECT id, tenant, max_rentals, created_at, revoked_at FROM tokens WHERE id = ?")
-                .bind(&id)
-                .try_map(|r: MySqlRow| TokenRecord::from_row(&r))
-                .fetch_one(&mut *tx)
-                .await?;
+        let record = sqlx::query(
+            "SELECT id, tenant, max_rentals, created_at, revoked_at FROM tokens WHERE id = ?",
+        )
+        .bind(&id)
+        .try_map(|r: MySqlRow| TokenRecord::from_row(&r))
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(record)
     }
@@ -94,15 +95,13 @@ impl Store {
     }
 
     pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        Ok(
-            sqlx::query(
-                "SELECT id, tenant, max_rentals, created_at, revoked_at FROM tokens \
+        Ok(sqlx::query(
+            "SELECT id, tenant, max_rentals, created_at, revoked_at FROM tokens \
                  ORDER BY created_at",
-            )
-            .try_map(|r: MySqlRow| TokenRecord::from_row(&r))
-            .fetch_all(&self.pool)
-            .await?,
         )
+        .try_map(|r: MySqlRow| TokenRecord::from_row(&r))
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// The live token with this hash, and its tenant.
@@ -117,10 +116,12 @@ impl Store {
         .bind(hash)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(tenant, token_id, max_rentals)| crate::auth::TenantToken {
-            tenant,
-            token_id,
-            max_rentals,
-        }))
+        Ok(
+            row.map(|(tenant, token_id, max_rentals)| crate::auth::TenantToken {
+                tenant,
+                token_id,
+                max_rentals,
+            }),
+        )
     }
 }

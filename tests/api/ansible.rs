@@ -201,6 +201,9 @@ async fn an_ansible_run_that_failed_half_way_is_undone() {
         .rent(json!({ "ssh_public_key": public, "username": "uma" }))
         .await;
     assert_eq!(resp.status(), 502, "{}", resp.text().await.unwrap());
-    assert!(!worker.has_user("uma"), "the half-made account was left behind");
+    assert!(
+        !worker.has_user("uma"),
+        "the half-made account was left behind"
+    );
     assert!(!app.worker_row("worker_1").await.allocated());
 }

@@ -14,7 +14,13 @@ use serde_json::{Value, json};
 use crate::helpers::{TestApp, Worker, spawn_app, spawn_app_with, tenant_key};
 
 /// Runs `command` on the worker published at `port` as the tenant `user`.
-async fn as_tenant(app: &TestApp, port: u16, user: &str, key: &Arc<PrivateKey>, command: &str) -> String {
+async fn as_tenant(
+    app: &TestApp,
+    port: u16,
+    user: &str,
+    key: &Arc<PrivateKey>,
+    command: &str,
+) -> String {
     let target = Target {
         name: format!("tenant@{port}"),
         host: "127.0.0.1".into(),
@@ -56,7 +62,10 @@ async fn a_hopper_process_does_not_survive_release_and_its_uid_is_never_handed_o
         .await;
     let port = rental["port"].as_u64().unwrap() as u16;
     let uid = worker.exec("id -u hopper");
-    assert!(uid.parse::<u32>().unwrap() >= 200_000, "uid {uid} is Orion's");
+    assert!(
+        uid.parse::<u32>().unwrap() >= 200_000,
+        "uid {uid} is Orion's"
+    );
 
     as_tenant(&app, port, "hopper", &key, HOPPER).await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -104,7 +113,14 @@ async fn links_a_tenant_plants_in_its_home_are_not_followed_when_its_account_is_
     };
 
     // ~/.ssh as a link to /etc: a root that follows it makes /etc the tenant's.
-    as_tenant(&app, port, "mallory", &key, "rm -rf ~/.ssh && ln -s /etc ~/.ssh").await;
+    as_tenant(
+        &app,
+        port,
+        "mallory",
+        &key,
+        "rm -rf ~/.ssh && ln -s /etc ~/.ssh",
+    )
+    .await;
     orion::rentals::provision(&app.ctx, &record, &claim)
         .await
         .expect("converging the account again");
@@ -125,7 +141,10 @@ async fn links_a_tenant_plants_in_its_home_are_not_followed_when_its_account_is_
 
     assert_eq!(worker.exec("stat -c '%U %a' /etc"), "root 755");
     assert_eq!(worker.exec("stat -c '%U %a' /etc/shadow"), "root 640");
-    assert_eq!(worker.exec("test -e /etc/ld.so.preload && echo there || echo absent"), "absent");
+    assert_eq!(
+        worker.exec("test -e /etc/ld.so.preload && echo there || echo absent"),
+        "absent"
+    );
     assert_eq!(
         worker.exec(&format!("find /etc -xdev -uid {uid} | head")),
         "",
@@ -136,7 +155,10 @@ async fn links_a_tenant_plants_in_its_home_are_not_followed_when_its_account_is_
         .tenant_whoami("127.0.0.1", port, "mallory", Auth::Key(key))
         .await;
     assert_eq!(who.as_deref(), Ok("mallory"));
-    assert_eq!(worker.exec("stat -c '%U %a' /etc/orion/keys/mallory"), "root 640");
+    assert_eq!(
+        worker.exec("stat -c '%U %a' /etc/orion/keys/mallory"),
+        "root 640"
+    );
 }
 
 /// Runs a rendered playbook on the worker as root, as Orion would, bypassing Orion's own
@@ -169,14 +191,22 @@ async fn delete_user_refuses_root_system_accounts_and_uids_below_the_floor() {
     };
 
     // Orion's own check, before anything runs.
-    for (user, uid) in [("root", None), ("root", Some(0)), ("daemon", None), ("alice", Some(1000))] {
+    for (user, uid) in [
+        ("root", None),
+        ("root", Some(0)),
+        ("daemon", None),
+        ("alice", Some(1000)),
+    ] {
         let err = app
             .ctx
             .executor
             .run(Playbook::DeleteUser, &vars(user, uid), &target)
             .await
             .unwrap_err();
-        assert!(matches!(err, PlaybookError::Refused { .. }), "{user}: {err}");
+        assert!(
+            matches!(err, PlaybookError::Refused { .. }),
+            "{user}: {err}"
+        );
     }
     // The worker-side script, on its own.
     let playbooks = app.ctx.executor.playbooks();
@@ -192,12 +222,18 @@ async fn delete_user_refuses_root_system_accounts_and_uids_below_the_floor() {
             .unwrap();
         let (code, stderr) = run_script(worker, &script);
         assert_eq!(code, 3, "{user}: {stderr}");
-        assert!(stderr.contains("orion: refused:") && stderr.contains(why), "{user}: {stderr}");
+        assert!(
+            stderr.contains("orion: refused:") && stderr.contains(why),
+            "{user}: {stderr}"
+        );
     }
     for user in ["root", "alice", "bob", "carol"] {
         assert!(worker.has_user(user), "{user} was removed");
     }
-    assert_eq!(worker.exec("ls -d /root /home/alice /home/carol | wc -l"), "3");
+    assert_eq!(
+        worker.exec("ls -d /root /home/alice /home/carol | wc -l"),
+        "3"
+    );
 }
 
 #[tokio::test]
@@ -213,19 +249,25 @@ async fn a_tampered_row_naming_root_quarantines_the_worker_instead_of_removing_r
              WHERE id = '{id}'"
         ),
     ] {
-        sqlx::query(&sql).execute(app.ctx.store.pool()).await.unwrap();
+        sqlx::query(&sql)
+            .execute(app.ctx.store.pool())
+            .await
+            .unwrap();
     }
     orion::cleanup::cleanup_pass(&app.ctx).await.unwrap();
     let worker = app.worker("worker_1");
     assert!(worker.has_user("root"));
     let row = app.worker_row("worker_1").await;
     assert!(
-        row.quarantine_reason.as_deref().is_some_and(|r| r.contains("refused")),
+        row.quarantine_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("refused")),
         "{:?}",
         row.quarantine_reason
     );
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events WHERE kind = 'account.refused'").await,
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'account.refused'")
+            .await,
         1
     );
     let resp = app.rent(json!({})).await;
@@ -244,7 +286,12 @@ async fn a_rental_ended_while_its_account_is_made_answers_an_error_not_201() {
     let rent = {
         let http = app.http.clone();
         let url = app.url("/api/rent");
-        tokio::spawn(async move { http.post(url).json(&json!({ "username": "late" })).send().await })
+        tokio::spawn(async move {
+            http.post(url)
+                .json(&json!({ "username": "late" }))
+                .send()
+                .await
+        })
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     let id: String = loop {
@@ -259,11 +306,18 @@ async fn a_rental_ended_while_its_account_is_made_answers_an_error_not_201() {
     };
     // Meanwhile the rental is ended (as the loops end one they believe stuck).
     let row = app.worker_row("worker_1").await;
-    app.ctx.store.fail_rent(&id, &row, false, "ended by the test").await.unwrap();
+    app.ctx
+        .store
+        .fail_rent(&id, &row, false, "ended by the test")
+        .await
+        .unwrap();
 
     let resp = rent.await.unwrap().unwrap();
     assert_eq!(resp.status(), 502, "{}", resp.text().await.unwrap());
-    assert!(!worker.has_user("late"), "the account of an ended rental is removed");
+    assert!(
+        !worker.has_user("late"),
+        "the account of an ended rental is removed"
+    );
 }
 
 #[tokio::test]
@@ -279,7 +333,10 @@ async fn a_rental_stuck_in_provisioning_is_failed_by_the_loops_and_its_account_r
         ),
         format!("UPDATE placements SET state = 'provisioning' WHERE rental_id = '{id}'"),
     ] {
-        sqlx::query(&sql).execute(app.ctx.store.pool()).await.unwrap();
+        sqlx::query(&sql)
+            .execute(app.ctx.store.pool())
+            .await
+            .unwrap();
     }
     orion::cleanup::cleanup_pass(&app.ctx).await.unwrap();
     let (_, view) = app.get_json(&format!("/api/rentals/{id}")).await;
@@ -314,7 +371,10 @@ async fn a_notify_url_on_a_private_address_is_refused_at_rent_time() {
         let body: Value = resp.json().await.unwrap();
         assert_eq!(body["error"]["code"], "invalid_input", "{url}");
         assert!(
-            body["error"]["message"].as_str().unwrap().contains("notify_url"),
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("notify_url"),
             "{body}"
         );
     }
@@ -380,12 +440,7 @@ async fn token_with_limit(app: &TestApp, tenant: &str, limit: u32) -> (String, r
 async fn a_tenant_at_its_quota_gets_429_and_the_fleet_stays_free() {
     let app = spawn_app_with(3, Box::new(|c| c.tenants.max_rentals = 2)).await;
     let (_, greedy) = token_with_limit(&app, "greedy", 1).await;
-    let rent = |client: &reqwest::Client| {
-        client
-            .post(app.url("/api/rent"))
-            .json(&json!({}))
-            .send()
-    };
+    let rent = |client: &reqwest::Client| client.post(app.url("/api/rent")).json(&json!({})).send();
     assert_eq!(rent(&greedy).await.unwrap().status(), 201);
     let refused = rent(&greedy).await.unwrap();
     assert_eq!(refused.status(), 429);
@@ -396,11 +451,15 @@ async fn a_tenant_at_its_quota_gets_429_and_the_fleet_stays_free() {
     let (_, token) = app.tenant_token("eager").await;
     let eager = crate::helpers::client_with_token(&token);
     let answers = futures::future::join_all((0..3).map(|_| rent(&eager))).await;
-    let mut statuses: Vec<u16> = answers.iter().map(|r| r.as_ref().unwrap().status().as_u16()).collect();
+    let mut statuses: Vec<u16> = answers
+        .iter()
+        .map(|r| r.as_ref().unwrap().status().as_u16())
+        .collect();
     statuses.sort();
     assert_eq!(statuses, [201, 201, 429]);
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM rentals WHERE status = 'active'").await,
+        app.count("SELECT COUNT(*) FROM rentals WHERE status = 'active'")
+            .await,
         3
     );
 }
@@ -423,7 +482,10 @@ async fn an_expired_rental_is_released_and_its_account_removed_unless_renewed() 
     let first: Value = rent(json!("1h")).await.unwrap().json().await.unwrap();
     let second: Value = rent(json!(3600)).await.unwrap().json().await.unwrap();
     assert!(first["expires_at"].is_string(), "{first}");
-    let (first_id, second_id) = (first["id"].as_str().unwrap(), second["id"].as_str().unwrap());
+    let (first_id, second_id) = (
+        first["id"].as_str().unwrap(),
+        second["id"].as_str().unwrap(),
+    );
 
     // Both are due now; one is renewed first.
     sqlx::query("UPDATE rentals SET expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND")
@@ -469,7 +531,10 @@ async fn revoking_a_token_can_release_every_rental_it_made() {
             .json()
             .await
             .unwrap();
-        users.push((r["worker"].as_str().unwrap().to_owned(), r["username"].as_str().unwrap().to_owned()));
+        users.push((
+            r["worker"].as_str().unwrap().to_owned(),
+            r["username"].as_str().unwrap().to_owned(),
+        ));
     }
     let resp = app
         .http
@@ -479,7 +544,8 @@ async fn revoking_a_token_can_release_every_rental_it_made() {
         .unwrap();
     assert_eq!(resp.status(), 204);
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM rentals WHERE status = 'released'").await,
+        app.count("SELECT COUNT(*) FROM rentals WHERE status = 'released'")
+            .await,
         2
     );
     for (worker, user) in users {

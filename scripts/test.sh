@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Orion's whole test suite, from a fresh clone: installs the tools that are missing
-# (ansible-core, chromium), builds the images that are missing (debootstrap base, sshd
+# (ansible-core, ssh-audit, chromium), builds the images that are missing (debootstrap base, sshd
 # worker, MariaDB), starts MariaDB, runs the unit and integration tests against it and
 # real worker containers, then cleans up.
 #
@@ -34,6 +34,19 @@ if ! command -v ansible-playbook >/dev/null 2>&1; then
   else
     echo "test.sh: ansible-playbook is missing and cannot be installed here (needs root and apt);" \
       "install ansible-core, or the Ansible tests will fail saying so" >&2
+  fi
+fi
+
+# The worker hardening test audits a worker's sshd with ssh-audit (Debian's package).
+if ! command -v ssh-audit >/dev/null 2>&1; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing ssh-audit" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      ssh-audit >/dev/null
+  else
+    echo "test.sh: ssh-audit is missing and cannot be installed here (needs root and apt);" \
+      "install ssh-audit, or the worker hardening test will fail saying so" >&2
   fi
 fi
 

@@ -11,6 +11,13 @@
 # Env: ORION_PROJECT (default orion): state lives in .platform/$ORION_PROJECT
 #      ORION_WORKER_PREFIX (default empty): prefix of container names
 #      ORION_WORKER_BASE_PORT (default 22220): worker i listens on base + i
+#      ORION_WORKER_PIDS (default 1024): most processes and threads in one worker
+#        (docker run --pids-limit), so a tenant's fork bomb stays inside its worker
+#      ORION_WORKER_MEMORY (default 512m): most memory of one worker, swap included
+#        (--memory and --memory-swap), so a memory hog is OOM-killed inside it.
+#        Limits, not reservations: idle workers cost what they use.
+#      Every worker also runs with --security-opt no-new-privileges. The limits apply
+#      to workers created by `up`; remove and re-create a worker to change them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +26,8 @@ dir=.platform/$project
 prefix=${ORION_WORKER_PREFIX:-}
 base=${ORION_WORKER_BASE_PORT:-22220}
 image=orion/worker:latest
+pids=${ORION_WORKER_PIDS:-1024}
+memory=${ORION_WORKER_MEMORY:-512m}
 
 log() { echo "workers: $*" >&2; }
 die() { echo "workers: ERROR: $*" >&2; exit 1; }
@@ -26,6 +35,8 @@ die() { echo "workers: ERROR: $*" >&2; exit 1; }
 up() {
   local n=${1:-3}
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive number (got '$n')"
+  [[ "$pids" =~ ^[1-9][0-9]*$ ]] || die "ORION_WORKER_PIDS must be a positive number (got '$pids')"
+  [[ "$memory" =~ ^[1-9][0-9]*[kmg]?$ ]] || die "ORION_WORKER_MEMORY must be a size such as 512m or 2g (got '$memory')"
   local pub=$dir/orion_ed25519.pub
   [[ -s "$pub" ]] || die "no Orion public key at $pub: run scripts/platform.sh up (it makes one)"
   docker image inspect "$image" >/dev/null 2>&1 || die "image $image is missing: run scripts/images.sh"
@@ -43,8 +54,11 @@ up() {
     else
       log "creating $name on port $port"
       # --restart no: a stopped worker stays stopped, that is the failure drill.
+      # Bounded: a tenant cannot take the whole host (see ORION_WORKER_PIDS above).
       docker run -d --name "$name" --hostname "$name" --restart no \
         --label "orion.platform=$project" -p "$port:22" \
+        --pids-limit "$pids" --memory "$memory" --memory-swap "$memory" \
+        --security-opt no-new-privileges \
         -e ORION_AUTHORIZED_KEY="$key" "$image" >/dev/null
     fi
   done

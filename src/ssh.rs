@@ -6,6 +6,7 @@
 //! [`SshError::HostKeyMismatch`]; no key expected means the presented one is accepted and
 //! reported back in [`Session::host_key`] so the caller can record it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -164,7 +165,39 @@ fn watch_config(keepalive: Duration, max: usize) -> client::Config {
         keepalive_interval: Some(keepalive),
         keepalive_max: max,
         nodelay: true,
+        preferred: client_algorithms(),
         ..Default::default()
+    }
+}
+
+/// The only algorithms Orion's client offers: the modern subset of russh's that the
+/// workers' sshd also offers (`docker/worker/sshd_config`), so that a worker, or a
+/// machine impersonating one, can never talk Orion down to a NIST curve, SHA-1, CBC or
+/// encrypt-and-MAC. russh has no sntrup761 (the worker's first choice), so both agree
+/// on curve25519.
+fn client_algorithms() -> russh::Preferred {
+    use russh::{cipher, kex, keys::Algorithm, mac};
+    russh::Preferred {
+        kex: Cow::Borrowed(&[
+            kex::CURVE25519,
+            kex::CURVE25519_PRE_RFC_8731,
+            // Not algorithms but markers russh needs in the list: extension negotiation
+            // (server-sig-algs) and OpenSSH's strict key exchange against Terrapin.
+            kex::EXTENSION_SUPPORT_AS_CLIENT,
+            kex::EXTENSION_SUPPORT_AS_SERVER,
+            kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+            kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+        ]),
+        key: Cow::Borrowed(&[Algorithm::Ed25519]),
+        cipher: Cow::Borrowed(&[
+            cipher::CHACHA20_POLY1305,
+            cipher::AES_256_GCM,
+            cipher::AES_128_GCM,
+            cipher::AES_256_CTR,
+            cipher::AES_128_CTR,
+        ]),
+        mac: Cow::Borrowed(&[mac::HMAC_SHA256_ETM, mac::HMAC_SHA512_ETM]),
+        ..russh::Preferred::DEFAULT
     }
 }
 
@@ -201,6 +234,7 @@ impl SshClient {
             // A session is only open for the length of one probe or playbook.
             inactivity_timeout: Some(command_timeout + connect_timeout),
             nodelay: true,
+            preferred: client_algorithms(),
             ..Default::default()
         };
         Self {
@@ -822,6 +856,41 @@ mod tests {
         let line = host_key_line(&public);
         assert!(!line.contains("root@worker"));
         assert_eq!(parse_host_key(&line).unwrap().key_data(), public.key_data());
+    }
+
+    #[test]
+    fn the_client_offers_no_nist_curve_sha1_cbc_or_encrypt_and_mac_algorithm() {
+        let preferred = client_algorithms();
+        let names: Vec<String> = preferred
+            .kex
+            .iter()
+            .map(|k| k.as_ref().to_owned())
+            .chain(preferred.key.iter().map(|k| k.to_string()))
+            .chain(preferred.cipher.iter().map(|c| c.as_ref().to_owned()))
+            .chain(preferred.mac.iter().map(|m| m.as_ref().to_owned()))
+            .collect();
+        for name in &names {
+            for weak in ["nistp", "ecdsa", "sha1", "-cbc", "3des", "ssh-rsa", "group"] {
+                assert!(!name.contains(weak), "{name} is offered ({weak})");
+            }
+        }
+        for mac in preferred.mac.iter() {
+            assert!(
+                mac.as_ref().ends_with("-etm@openssh.com"),
+                "{}",
+                mac.as_ref()
+            );
+        }
+        assert_eq!(
+            preferred
+                .key
+                .iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>(),
+            ["ssh-ed25519"]
+        );
+        // The strict key exchange (Terrapin) stays on.
+        assert!(names.iter().any(|n| n == "kex-strict-c-v00@openssh.com"));
     }
 
     #[test]

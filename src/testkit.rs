@@ -85,6 +85,33 @@ fn short_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..10].to_owned()
 }
 
+/// Most processes (and threads) a worker container may hold: a tenant's fork bomb stops
+/// there instead of exhausting the host. The tenants' own limit inside the worker
+/// (`docker/worker/limits.conf`, 256) is lower, so root's sshd keeps room.
+pub const WORKER_PIDS_LIMIT: u32 = 1024;
+
+/// Most memory a worker container may use, swap included (`--memory-swap` equal to
+/// `--memory`: no swap): a tenant's memory hog is OOM-killed inside its worker. A limit,
+/// not a reservation: hundreds of idle workers still fit on one host.
+pub const WORKER_MEMORY_BYTES: u64 = 512 * 1024 * 1024;
+
+/// The `docker run` options that bound a worker container, as `scripts/workers.sh` sets
+/// them in the lab: [`WORKER_PIDS_LIMIT`], [`WORKER_MEMORY_BYTES`] and
+/// `no-new-privileges` (no setuid program raises a tenant's privileges).
+pub fn worker_limit_args() -> Vec<String> {
+    let memory = format!("{}m", WORKER_MEMORY_BYTES / (1024 * 1024));
+    vec![
+        "--pids-limit".into(),
+        WORKER_PIDS_LIMIT.to_string(),
+        "--memory".into(),
+        memory.clone(),
+        "--memory-swap".into(),
+        memory,
+        "--security-opt".into(),
+        "no-new-privileges".into(),
+    ]
+}
+
 /// One sshd worker container, published on a fixed loopback port so that a stop and a
 /// start keep its address. Removed when dropped.
 pub struct Worker {
@@ -98,19 +125,16 @@ impl Worker {
         let image = worker_image();
         let container = format!("orion-test-{}-{name}", short_id());
         let port = free_port();
-        docker(&[
-            "run",
-            "-d",
-            "--name",
-            &container,
-            "--label",
-            "orion.test=1",
-            "-p",
-            &format!("127.0.0.1:{port}:22"),
-            "-e",
-            &format!("ORION_AUTHORIZED_KEY={orion_public_key}"),
-            &image,
-        ]);
+        let (publish, key) = (
+            format!("127.0.0.1:{port}:22"),
+            format!("ORION_AUTHORIZED_KEY={orion_public_key}"),
+        );
+        let limits = worker_limit_args();
+        let mut args = vec!["run", "-d", "--name", &container];
+        args.extend(["--label", "orion.test=1", "-p", &publish, "-e", &key]);
+        args.extend(limits.iter().map(String::as_str));
+        args.push(&image);
+        docker(&args);
         let worker = Self {
             name: name.to_owned(),
             container,

@@ -9,16 +9,15 @@ die() { echo "orion-worker: ERROR: $*" >&2; exit 1; }
 mkdir -p /run/sshd
 chmod 0755 /run/sshd
 
-# Host keys live in the container's writable layer: generate only missing
-# ones, so `docker stop`/`docker start` keeps the worker's identity.
-# ORION_HOST_KEY_TYPES picks the types (default ed25519 and ecdsa: RSA keygen
-# costs 0.4-1.5 s of CPU per worker, which adds up over hundreds of starts).
-for t in ${ORION_HOST_KEY_TYPES:-ed25519 ecdsa}; do
-  f="/etc/ssh/ssh_host_${t}_key"
-  [[ -s "$f" ]] && continue
+# Host keys live in the container's writable layer: generate the key only if
+# missing, so `docker stop`/`docker start` keeps the worker's identity. One
+# ed25519 key, the only host key sshd_config offers: no NIST curve, no RSA
+# (whose keygen would also cost 0.4-1.5 s of CPU per worker start).
+f=/etc/ssh/ssh_host_ed25519_key
+if [[ ! -s "$f" ]]; then
   rm -f "$f" "$f.pub"   # ssh-keygen would prompt before overwriting
-  ssh-keygen -q -t "$t" -N '' -f "$f" </dev/null || die "cannot generate $t host key"
-done
+  ssh-keygen -q -t ed25519 -N '' -f "$f" </dev/null || die "cannot generate the ed25519 host key"
+fi
 
 # Orion's public key: env ORION_AUTHORIZED_KEY (one key line) and/or a mounted
 # file /etc/orion/authorized_keys. Keys are appended if missing, never

@@ -3,18 +3,12 @@
 # without dropping existing sessions. New keys are generated aside and then
 # renamed into place, so there is no moment with no host keys on disk.
 # Prints the new public keys (for Orion's known_hosts) on stdout.
-# Usage: orion-rotate-host-keys [type...]   (default: the types present now,
-#        or rsa ecdsa ed25519 if none)
+# Usage: orion-rotate-host-keys [type...]   (default: ed25519, the only type
+#        sshd_config offers)
 set -euo pipefail
 
 types=("$@")
-if ((${#types[@]} == 0)); then
-  for f in /etc/ssh/ssh_host_*_key; do
-    [[ -e "$f" ]] || continue
-    t="${f#/etc/ssh/ssh_host_}"; types+=("${t%_key}")
-  done
-  ((${#types[@]})) || types=(rsa ecdsa ed25519)
-fi
+((${#types[@]})) || types=(ed25519)
 
 tmp="$(mktemp -d /etc/ssh/.rotate.XXXXXX)"
 trap 'rm -rf "$tmp"' EXIT

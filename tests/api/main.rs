@@ -16,3 +16,4 @@ mod playbooks;
 mod probe;
 mod rent;
 mod startup;
+mod worker_hardening;

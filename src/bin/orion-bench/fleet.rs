@@ -2,7 +2,8 @@
 //!
 //! The containers sit on a private Docker network and are reached at their own addresses,
 //! port 22: no published ports, so no `docker-proxy` process per worker. Each generates
-//! only an ed25519 host key at start. Everything is removed when the fleet is dropped.
+//! only an ed25519 host key at start, and is bounded like a lab worker (pids, memory:
+//! limits, not reservations). Everything is removed when the fleet is dropped.
 
 use std::io::Read;
 use std::net::TcpStream;
@@ -57,8 +58,8 @@ impl Fleet {
                         let out = Command::new("docker")
                             .args(["run", "-d", "--name", &container])
                             .args(["--label", "orion.bench=1", "--network", &fleet.network])
-                            .args(["-e", "ORION_HOST_KEY_TYPES=ed25519"])
                             .args(["-e", &format!("ORION_AUTHORIZED_KEY={orion_key}")])
+                            .args(orion::testkit::worker_limit_args())
                             .arg(&image)
                             .output();
                         match out {

@@ -45,6 +45,9 @@ pub struct Context {
     pub stopping: tokio_util::sync::CancellationToken,
     /// HTTP client for rental notifications (`notify_url`).
     pub http: reqwest::Client,
+    /// Per client address, the budget of requests without a valid token
+    /// (`[http]` in the configuration).
+    pub limiter: Arc<crate::ratelimit::AddressLimiter>,
 }
 
 impl Context {

@@ -150,7 +150,7 @@ POST /api/tokens):
   CA=$dir/caddy-root.crt
   TOKEN=\$(grep ^ORION_ADMIN_TOKEN= $dir/.env | cut -d= -f2)
   curl --cacert \$CA -H "Authorization: Bearer \$TOKEN" -X POST https://localhost:$port/api/rent \\
-       -d "{\"ssh_public_key\": \"\$(cat ~/.ssh/id_ed25519.pub)\"}"
+       --json "{\"ssh_public_key\": \"\$(cat ~/.ssh/id_ed25519.pub)\"}"
   ssh -p <port> <username>@localhost          # from the answer
   docker stop ${ORION_WORKER_PREFIX:-}worker_1                  # the failure drill
   curl --cacert \$CA -H "Authorization: Bearer \$TOKEN" https://localhost:$port/api/rentals/<id>
@@ -184,6 +184,11 @@ status() {
   scripts/workers.sh status
   local port; port=$(https_port)
   curl -sS --cacert "$dir/caddy-root.crt" "https://localhost:$port/health" || true
+  echo
+  # Fleet counts and loop status are the admin's; the token stays out of the process list.
+  local token; token=$(grep -E '^ORION_ADMIN_TOKEN=' "$dir/.env" | cut -d= -f2)
+  curl -sS --cacert "$dir/caddy-root.crt" -H @<(printf 'Authorization: Bearer %s\n' "$token") \
+    "https://localhost:$port/api/status" || true
   echo
 }
 

@@ -39,7 +39,52 @@ pub struct Config {
     pub tenants: TenantsConfig,
     pub auth: AuthConfig,
     #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Peers whose `X-Forwarded-For` is believed: the client address of a request is its
+    /// TCP peer, unless the peer is one of these; then it is the right-most address of
+    /// `X-Forwarded-For` that is not one of these (a proxy appends the address it saw;
+    /// anything to its left was written by the client and may be forged). Loopback by
+    /// default; behind Caddy on a container network, that network.
+    #[serde(default = "default_trusted_proxies")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Requests that prove nothing (no token, an unknown or revoked token, the open
+    /// routes) one client address may make at once…
+    #[serde(default = "default_anonymous_burst")]
+    pub anonymous_burst: u32,
+    /// …and then per second. Beyond it: 429 with `Retry-After`, before any token is looked
+    /// up. Requests with a good token are not counted.
+    #[serde(default = "default_anonymous_per_second")]
+    pub anonymous_per_second: f64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            trusted_proxies: default_trusted_proxies(),
+            anonymous_burst: default_anonymous_burst(),
+            anonymous_per_second: default_anonymous_per_second(),
+        }
+    }
+}
+
+fn default_trusted_proxies() -> Vec<ipnet::IpNet> {
+    vec![
+        "127.0.0.0/8".parse().expect("a CIDR"),
+        "::1/128".parse().expect("a CIDR"),
+    ]
+}
+fn default_anonymous_burst() -> u32 {
+    30
+}
+fn default_anonymous_per_second() -> f64 {
+    1.0
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -420,6 +465,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "migration",
     "cleanup",
     "auth",
+    "http",
     "log",
 ];
 
@@ -518,6 +564,17 @@ impl Config {
         }
         if self.database.max_connections == 0 {
             return bad("database.max_connections", "must be at least 1");
+        }
+        if self.http.anonymous_burst == 0 {
+            return bad("http.anonymous_burst", "must be at least 1");
+        }
+        // Below one per day it is a ban, not a limit; and not a number is no limit.
+        let rate = self.http.anonymous_per_second;
+        if rate.is_nan() || rate < 1.0 / 86_400.0 {
+            return bad(
+                "http.anonymous_per_second",
+                "must be at least 1/86400 (one a day)",
+            );
         }
         Ok(())
     }
@@ -629,6 +686,43 @@ mod tests {
             defaults.database.max_connections
         );
         assert_eq!(example.listen, defaults.listen);
+        assert_eq!(example.http.trusted_proxies, defaults.http.trusted_proxies);
+        assert_eq!(example.http.anonymous_burst, defaults.http.anonymous_burst);
+        assert_eq!(
+            example.http.anonymous_per_second,
+            defaults.http.anonymous_per_second
+        );
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's own error type
+    fn trusted_proxies_are_cidrs_from_the_file_or_the_environment() {
+        let text = format!("{MINIMAL}\n[http]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1/128\"]\n");
+        let config = Config::from_toml_str(&text).unwrap();
+        assert_eq!(config.http.trusted_proxies.len(), 2);
+        let text = format!("{MINIMAL}\n[http]\ntrusted_proxies = [\"10.0.0.300/8\"]\n");
+        let err = Config::from_toml_str(&text).unwrap_err().to_string();
+        assert!(err.contains("trusted_proxies"), "{err}");
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("orion.toml", MINIMAL)?;
+            jail.set_env(
+                "ORION_HTTP__TRUSTED_PROXIES",
+                "[127.0.0.0/8, 172.16.0.0/12, \"fd00::/8\"]",
+            );
+            let config = Config::load(Path::new("orion.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(config.http.trusted_proxies.len(), 3);
+            assert_eq!(config.http.trusted_proxies[1].to_string(), "172.16.0.0/12");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_rate_that_is_no_rate_is_refused() {
+        for bad in ["0", "-1", "nan"] {
+            let text = format!("{MINIMAL}\n[http]\nanonymous_per_second = {bad}\n");
+            let err = Config::from_toml_str(&text).unwrap_err().to_string();
+            assert!(err.contains("http.anonymous_per_second"), "{bad}: {err}");
+        }
     }
 
     #[test]

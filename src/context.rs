@@ -48,6 +48,9 @@ pub struct Context {
     pub http: reqwest::Client,
     /// Which addresses a `notify_url` may reach.
     pub notify_policy: crate::notify::AddressPolicy,
+    /// Per client address, the budget of requests without a valid token
+    /// (`[http]` in the configuration).
+    pub limiter: Arc<crate::ratelimit::AddressLimiter>,
 }
 
 impl Context {

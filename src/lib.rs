@@ -31,8 +31,11 @@
 //!   are offered again.
 //! - [`auth`]: tokens (Bearer, or a Basic password from browsers): the admin's from the
 //!   configuration, tenants' from the DB.
-//! - [`api`]: the axum router, its handlers, the single error-to-response mapping, and the
-//!   live dashboard (`/dashboard`, its page, script and style in `web/`).
+//! - [`api`]: the axum router, its handlers, the single error-to-response mapping, the
+//!   guard every request passes (JSON bodies only, Basic credentials only to read, the
+//!   client address), and the live dashboard (`/dashboard`, its page, script and style
+//!   in `web/`).
+//! - [`ratelimit`]: the per-address budget of requests without a valid token.
 //! - [`testkit`]: the harness of the integration tests and benchmarks (Docker workers,
 //!   per-test databases); not used by `orion serve`.
 //! - [`progress`]: progress bars for long work run from a terminal.
@@ -53,6 +56,7 @@ pub mod model;
 pub mod notify;
 pub mod playbook;
 pub mod progress;
+pub mod ratelimit;
 pub mod rentals;
 pub mod ssh;
 pub mod startup;

@@ -22,6 +22,9 @@ pub mod names {
     pub const MIGRATION_DURATION: &str = "orion_migration_duration_seconds";
     /// Gauge: Unix time of each loop's last successful pass, by `loop`.
     pub const LOOP_LAST_SUCCESS: &str = "orion_loop_last_success_timestamp_seconds";
+    /// Counter: requests refused with 429 by the per-address limit on requests without
+    /// a valid token.
+    pub const RATE_LIMITED: &str = "orion_http_rate_limited_total";
     /// Gauge: workers by `status` (alive, dead, unknown, quarantined, free, allocated).
     pub const WORKERS: &str = "orion_workers";
     /// Gauge: rentals by `status`.

@@ -91,6 +91,10 @@ impl Application {
         let probe_db = (config.database.max_connections as usize / 2).max(1);
         let notify_policy =
             crate::notify::AddressPolicy::new(config.migration.notify_allow.clone());
+        let limiter = crate::ratelimit::AddressLimiter::new(
+            config.http.anonymous_burst,
+            config.http.anonymous_per_second,
+        );
         let ctx = Context {
             store,
             ssh,
@@ -106,6 +110,7 @@ impl Application {
             http: crate::notify::client(&notify_policy)
                 .context("Failed to build the HTTP client")?,
             notify_policy,
+            limiter: Arc::new(limiter),
         };
         let recovered = rentals::recover(&ctx)
             .await
@@ -156,8 +161,12 @@ impl Application {
             loops.spawn(watch::run(ctx.clone(), shutdown.clone()));
         }
 
-        let server = axum::serve(self.listener, api::app(ctx))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        // The peer's address is the client's, or its proxy's (see `api::client_address`).
+        let server = axum::serve(
+            self.listener,
+            api::app(ctx).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let deadline = async {
             shutdown.cancelled().await;
             tracing::info!("shutting down: finishing in-flight work");

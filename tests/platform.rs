@@ -133,9 +133,10 @@ async fn the_readme_walk_through_caddy_over_https() {
     let http = https_client();
     let base = format!("https://localhost:{}", platform.https_port);
 
-    // Bad input is refused with the JSON error shape, through Caddy.
+    // Bad input is refused with the JSON error shape and its true status, through Caddy.
     let resp = http
         .post(format!("{base}/api/rent"))
+        .header("content-type", "application/json")
         .body("{nope")
         .send()
         .await
@@ -143,6 +144,81 @@ async fn the_readme_walk_through_caddy_over_https() {
     assert_eq!(resp.status(), 400);
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"]["code"], "bad_request");
+    // A body over the limit, sent with a Content-Length (as curl does): 413, not a 503
+    // that a client would retry.
+    let huge = format!("{{\"username\": \"{}\"}}", "a".repeat(1024 * 1024));
+    let resp = http
+        .post(format!("{base}/api/rent"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "too_large");
+    // A page on another site posting a form with the dashboard's Basic login: refused,
+    // with Orion's own status and error through Caddy.
+    let browser = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(
+                &std::fs::read(platform_dir().join("caddy-root.crt")).unwrap(),
+            )
+            .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let resp = browser
+        .post(format!("{base}/api/rent"))
+        .basic_auth("operator", Some(admin_token()))
+        .header("content-type", "text/plain")
+        .body(r#"{"username": "mallory"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 415);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "unsupported_media_type");
+    let resp = browser
+        .post(format!("{base}/api/rent"))
+        .basic_auth("operator", Some(admin_token()))
+        .json(&json!({ "username": "mallory" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "unauthorized");
+    // Open: up and the database, nothing about the fleet.
+    let health: Value = browser
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["database"], "up");
+    assert!(health.get("workers").is_none(), "{health}");
+    // Junk tokens are rate limited per client (Caddy forwards the client's address):
+    // 429 with Orion's error and Retry-After, through Caddy.
+    let junk = orion::testkit::client_with_token_and_ca(
+        "orn_junkjunkjunkjunkjunkjunkjunkjunk",
+        &std::fs::read(platform_dir().join("caddy-root.crt")).unwrap(),
+    );
+    let answers =
+        futures::future::join_all((0..60).map(|_| junk.get(format!("{base}/api/rentals")).send()))
+            .await;
+    let limited: Vec<_> = answers
+        .into_iter()
+        .map(|r| r.unwrap())
+        .filter(|r| r.status() == 429)
+        .collect();
+    assert!(limited.len() >= 20, "{} of 60 limited", limited.len());
+    let first = limited.into_iter().next().unwrap();
+    assert!(first.headers().contains_key("retry-after"));
+    let err: Value = first.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "rate_limited");
 
     // Rent with a key, log in.
     let (key, public) = tenant_key();

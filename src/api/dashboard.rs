@@ -10,6 +10,9 @@
 //! A browser cannot put a token in an `Authorization: Bearer` header by itself, so the
 //! page asks for HTTP Basic credentials (any user name, the admin token as the
 //! password); the browser then sends them with the script's requests to the API too.
+//! Those are reads: Basic credentials never change anything (`guard`), since a browser
+//! also sends them with requests a page on another site makes it send. A control added
+//! here that changes state must send the token as `Authorization: Bearer` and JSON.
 
 use std::sync::LazyLock;
 

@@ -23,6 +23,16 @@ pub enum ApiError {
     Invalid(#[from] InvalidInput),
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
+    /// A state-changing request whose body is not declared as JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// Too many requests without a valid token from one client address; the wait
+    /// until the next one is accepted.
+    #[error(
+        "too many requests without a valid token from this address; try again in {} s",
+        retry_after_secs(*.0)
+    )]
+    RateLimited(std::time::Duration),
     #[error("{0}")]
     Unauthorized(String),
     /// 401 for a page a browser opens: asks for Basic credentials, so the browser
@@ -58,6 +68,10 @@ impl ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Unauthorized(_) | ApiError::LoginRequired(_) => {
                 (StatusCode::UNAUTHORIZED, "unauthorized")
             }
@@ -103,6 +117,12 @@ impl IntoResponse for ApiError {
             error["field"] = json!(invalid.field);
         }
         let mut response = (status, Json(json!({ "error": error }))).into_response();
+        if let ApiError::RateLimited(wait) = &self {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(retry_after_secs(*wait)),
+            );
+        }
         let challenge = match self {
             ApiError::LoginRequired(_) => Some(r#"Basic realm="Orion", charset="UTF-8""#),
             ApiError::Unauthorized(_) => Some("Bearer"),
@@ -116,6 +136,12 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Whole seconds to wait, rounded up: `Retry-After` has no fractions, and 0 would invite
+/// an immediate retry that is refused again.
+fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
 
 impl From<StoreError> for ApiError {

@@ -17,17 +17,24 @@
 //! | `GET /metrics` | admin: Prometheus metrics |
 //! | `GET /dashboard` | admin: the live dashboard (HTML): workers, rentals, latest events |
 //! | `GET /dashboard/app.js`, `/dashboard/app.css` | the dashboard's script and style (open) |
-//! | `GET /health` | database reachability, fleet counts, loop status; 503 if the DB is down |
+//! | `GET /api/status` | admin: database reachability, fleet counts, loop status, rate limited |
+//! | `GET /health` | open: up, and whether the database answers (503 if not); nothing else |
 //!
 //! Every `/api/*` route needs `Authorization: Bearer <token>`: the admin token from the
-//! configuration, or a tenant token. The token is also accepted as the password of
-//! `Authorization: Basic` (any user name), which is what a browser sends: `/dashboard`
-//! answers 401 with `WWW-Authenticate: Basic` so that the browser asks for it, and then
-//! sends it with the page's own requests to the API. A tenant sees only its own rentals
-//! (another's answers 404) and no admin route (403). `/health` is open.
+//! configuration, or a tenant token. To read (GET), the token is also accepted as the
+//! password of `Authorization: Basic` (any user name), which is what a browser sends:
+//! `/dashboard` answers 401 with `WWW-Authenticate: Basic` so that the browser asks for
+//! it, and then sends it with the page's own requests to the API. A tenant sees only its
+//! own rentals (another's answers 404) and no admin route (403). `/health` is open.
+//! Every request first goes through [`guard`]: bodies of state-changing requests must be
+//! JSON (415), Basic credentials cannot change anything (401: a page on another site
+//! could make a logged-in browser send them), and requests without a valid token are
+//! rate limited per client address (429).
 
 mod dashboard;
 mod error;
+mod guard;
+mod status;
 
 use std::time::Duration;
 
@@ -44,6 +51,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use guard::client_address;
 
 use crate::auth::{self, Caller};
 
@@ -53,43 +61,6 @@ use crate::rentals::{self, RentRequest};
 
 /// Largest request body accepted; a rent request is a few hundred bytes.
 const BODY_LIMIT: usize = 64 * 1024;
-
-impl axum::extract::FromRequestParts<Context> for Caller {
-    type Rejection = ApiError;
-
-    /// The admin token (compared by hash) or a live tenant token, sent as a Bearer token
-    /// or as a Basic password; anything else is 401.
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        ctx: &Context,
-    ) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| {
-                ApiError::Unauthorized("missing `Authorization: Bearer <token>`".into())
-            })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(auth::presented_token)
-            .ok_or_else(|| {
-                ApiError::Unauthorized(
-                    "expected `Authorization: Bearer <token>` (or Basic with the token as the \
-                     password)"
-                        .into(),
-                )
-            })?;
-        let hash = auth::token_hash(&token);
-        if hash == ctx.admin_token_hash {
-            return Ok(Caller::Admin);
-        }
-        match ctx.store.tenant_of_token(&hash).await? {
-            Some(tenant) => Ok(Caller::Tenant(tenant)),
-            None => Err(ApiError::Unauthorized("unknown or revoked token".into())),
-        }
-    }
-}
 
 fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     match caller {
@@ -115,13 +86,21 @@ pub fn app(ctx: Context) -> Router {
         .route("/api/events/stream", get(stream_events))
         .route("/api/tokens", get(list_tokens).post(create_token))
         .route("/api/tokens/{id}", axum::routing::delete(revoke_token))
-        .route("/health", get(health))
+        .route("/api/status", get(status::status))
+        .route("/health", get(status::health))
         .route("/metrics", get(prometheus_metrics))
         .route("/dashboard", get(dashboard::page))
         .route("/dashboard/app.js", get(dashboard::script))
         .route("/dashboard/app.css", get(dashboard::style))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            guard::guard,
+        ))
+        .layer(axum::Extension(std::sync::Arc::new(
+            status::Readiness::default(),
+        )))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -550,32 +529,6 @@ async fn prometheus_metrics(
         handle.render(),
     )
         .into_response())
-}
-
-async fn health(State(ctx): State<Context>) -> Response {
-    let loops = ctx.loops.snapshot();
-    match ctx.store.worker_counts().await {
-        Ok(counts) => Json(json!({
-            "status": "ok",
-            "database": "up",
-            "workers": counts,
-            "loops": loops,
-        }))
-        .into_response(),
-        Err(e) => {
-            tracing::debug!(error = %e, "health: database unreachable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({
-                    "status": "degraded",
-                    "database": "down",
-                    "loops": loops,
-                    "error": { "code": "unavailable", "message": "the database is unreachable" },
-                })),
-            )
-                .into_response()
-        }
-    }
 }
 
 async fn not_found() -> ApiError {

@@ -85,7 +85,7 @@ async fn orion_killed_mid_migration_completes_it_after_a_restart() {
     let mut orion = Orion::start(&config, &log);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some(h) = get(&http, &format!("{base}/health")).await
+        if let Some(h) = get(&http, &format!("{base}/api/status")).await
             && h["workers"]["alive"] == 2
         {
             break;

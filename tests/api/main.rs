@@ -9,6 +9,7 @@ mod dashboard;
 mod events;
 mod failover;
 mod fuzz;
+mod guard;
 mod helpers;
 mod isolation;
 mod outage;

@@ -96,6 +96,10 @@ async fn a_database_outage_answers_503_keeps_tenants_and_resumes_without_restart
     let (status, health) = app.get_json("/health").await;
     assert_eq!(status, 503);
     assert_eq!(health["database"], "down");
+    let (status, details) = app.get_json("/api/status").await;
+    assert_eq!(status, 503);
+    assert_eq!(details["database"], "down");
+    assert!(details["loops"].is_object(), "{details}");
     // The loops fail, report it, and keep going.
     assert!(orion::health::probe_round(&app.ctx).await.is_err());
     // The tenant is not touched.

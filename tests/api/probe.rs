@@ -18,7 +18,7 @@ async fn workers_are_alive_after_the_first_probe_with_their_host_key_recorded() 
         let key = w.known_host_key.expect("host key trusted on first use");
         assert!(key.starts_with("ssh-"), "{key}");
     }
-    let (status, health) = app.get_json("/health").await;
+    let (status, health) = app.get_json("/api/status").await;
     assert_eq!(status, 200);
     assert_eq!(health["database"], "up");
     assert_eq!(health["workers"]["alive"], 2);
@@ -43,7 +43,7 @@ async fn a_stopped_worker_is_dead_at_the_next_probe_and_alive_once_started() {
     assert_eq!(w1["name"], "worker_1");
     assert_eq!(w1["status"], "dead");
     assert!(w1["last_checked"].is_string());
-    let (_, health) = app.get_json("/health").await;
+    let (_, health) = app.get_json("/api/status").await;
     assert_eq!(health["workers"]["dead"], 1);
 
     worker.start();
@@ -76,7 +76,7 @@ async fn a_worker_whose_host_key_changed_is_refused_quarantined_and_never_rented
     assert_eq!(resp.status(), 503);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "no_free_worker");
-    let (_, health) = app.get_json("/health").await;
+    let (_, health) = app.get_json("/api/status").await;
     assert_eq!(health["workers"]["quarantined"], 1);
 }
 

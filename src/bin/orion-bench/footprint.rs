@@ -188,10 +188,10 @@ pub async fn alive_workers(http: &reqwest::Client, base: &str) -> anyhow::Result
     Ok(list.iter().filter(|w| w["status"] == "alive").count())
 }
 
-/// When the health loop last finished a round, as `/health` says.
+/// When the health loop last finished a round, as `/api/status` says.
 async fn last_round(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
     let health: Value = http
-        .get(format!("{base}/health"))
+        .get(format!("{base}/api/status"))
         .send()
         .await?
         .json()

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 mod caddy;
 mod fleet;
+mod flood;
 mod footprint;
 mod probe;
 mod rents;
@@ -52,6 +53,16 @@ enum Bench {
     RentCaddy {
         #[arg(long, default_value_t = 20)]
         runs: usize,
+    },
+    /// A tenant's rent while one address floods the API with junk-token requests (the
+    /// rate limit answers them 429): rent → 201 with and without the flood, in-process
+    /// Orion on loopback, 2 workers.
+    Flood {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Concurrent junk-token requests per run.
+        #[arg(long, default_value_t = 400)]
+        flood: usize,
     },
     /// Probe rounds over fleets of lightweight workers (private Docker network, no
     /// published ports), against `ansible all -m ping` over the same workers; then the
@@ -93,6 +104,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Failover { runs, workers } => failover(runs, workers).await,
             Bench::Rent { runs } => rent(runs).await,
             Bench::RentCaddy { runs } => caddy::run(runs).await,
+            Bench::Flood { runs, flood } => flood::run(runs, flood).await,
             Bench::Probe {
                 sizes,
                 rounds,

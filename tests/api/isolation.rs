@@ -556,11 +556,14 @@ async fn revoking_a_token_can_release_every_rental_it_made() {
 #[tokio::test]
 async fn a_rent_racing_a_workers_connection_drop_gets_201_on_some_worker() {
     let app = spawn_app(2).await;
-    // worker_1, first in line, restarts: Orion's watch connection to it is dead but not
-    // yet noticed.
-    crate::helpers::docker(&["restart", "-t", "0", &app.worker("worker_1").container]);
+    // worker_1, first in line, stops answering: Orion's watch connection to it is dead
+    // but not yet noticed (its keepalives have not run out), and a new one hangs too.
+    let first = app.worker("worker_1").container.clone();
+    crate::helpers::docker(&["pause", &first]);
     let resp = app.rent(json!({ "username": "racer" })).await;
+    crate::helpers::docker(&["unpause", &first]);
     let status = resp.status();
     let body: Value = resp.json().await.unwrap();
     assert_eq!(status, 201, "{body}");
+    assert_eq!(body["worker"], "worker_2", "{body}");
 }

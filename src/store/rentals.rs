@@ -159,40 +159,43 @@ impl Store {
         worker: &Worker,
         from: RentalStatus,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE rentals SET status = 'active', updated_at = UTC_TIMESTAMP(6) \
-             WHERE id = ? AND status = ? AND worker_id = ?",
-        )
-        .bind(rental_id)
-        .bind(from)
-        .bind(worker.id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        sqlx::query(
-            "UPDATE placements SET state = 'active' \
-             WHERE rental_id = ? AND worker_id = ? AND state = 'provisioning'",
-        )
-        .bind(rental_id)
-        .bind(worker.id)
-        .execute(&mut *tx)
-        .await?;
-        let (kind, msg) = if from == RentalStatus::Migrating {
-            ("rental.migrated", format!("now active on {}", worker.name))
-        } else {
-            (
-                "rental.provisioned",
-                format!("provisioned on {}", worker.name),
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            let updated = sqlx::query(
+                "UPDATE rentals SET status = 'active', updated_at = UTC_TIMESTAMP(6) \
+                 WHERE id = ? AND status = ? AND worker_id = ?",
             )
-        };
-        events::append_in(&mut tx, kind, Some(&worker.name), Some(rental_id), &msg).await?;
-        tx.commit().await?;
-        Ok(true)
+            .bind(rental_id)
+            .bind(from)
+            .bind(worker.id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            sqlx::query(
+                "UPDATE placements SET state = 'active' \
+                 WHERE rental_id = ? AND worker_id = ? AND state = 'provisioning'",
+            )
+            .bind(rental_id)
+            .bind(worker.id)
+            .execute(&mut *tx)
+            .await?;
+            let (kind, msg) = if from == RentalStatus::Migrating {
+                ("rental.migrated", format!("now active on {}", worker.name))
+            } else {
+                (
+                    "rental.provisioned",
+                    format!("provisioned on {}", worker.name),
+                )
+            };
+            events::append_in(&mut tx, kind, Some(&worker.name), Some(rental_id), &msg).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
     }
 
     /// Rentals that must move: active on a worker that is dead, quarantined or retired;
@@ -322,25 +325,28 @@ impl Store {
         worker: &Worker,
         reason: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        stale_live_placement(&mut tx, rental_id, worker.id).await?;
-        sqlx::query(
-            "UPDATE rentals SET status = 'waiting', worker_id = NULL, \
-             updated_at = UTC_TIMESTAMP(6) WHERE id = ? AND status = 'migrating'",
-        )
-        .bind(rental_id)
-        .execute(&mut *tx)
-        .await?;
-        events::append_in(
-            &mut tx,
-            "rental.migration_failed",
-            Some(&worker.name),
-            Some(rental_id),
-            reason,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            stale_live_placement(&mut tx, rental_id, worker.id).await?;
+            sqlx::query(
+                "UPDATE rentals SET status = 'waiting', worker_id = NULL, \
+                 updated_at = UTC_TIMESTAMP(6) WHERE id = ? AND status = 'migrating'",
+            )
+            .bind(rental_id)
+            .execute(&mut *tx)
+            .await?;
+            events::append_in(
+                &mut tx,
+                "rental.migration_failed",
+                Some(&worker.name),
+                Some(rental_id),
+                reason,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// An account was made on `worker` for a rental that was released meanwhile: the
@@ -365,25 +371,28 @@ impl Store {
         account_removed: bool,
         reason: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE rentals SET status = 'failed', worker_id = NULL, \
-             updated_at = UTC_TIMESTAMP(6), ended_at = UTC_TIMESTAMP(6) WHERE id = ?",
-        )
-        .bind(rental_id)
-        .execute(&mut *tx)
-        .await?;
-        end_placement(&mut tx, rental_id, worker.id, account_removed).await?;
-        events::append_in(
-            &mut tx,
-            "rental.failed",
-            Some(&worker.name),
-            Some(rental_id),
-            reason,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "UPDATE rentals SET status = 'failed', worker_id = NULL, \
+                 updated_at = UTC_TIMESTAMP(6), ended_at = UTC_TIMESTAMP(6) WHERE id = ?",
+            )
+            .bind(rental_id)
+            .execute(&mut *tx)
+            .await?;
+            end_placement(&mut tx, rental_id, worker.id, account_removed).await?;
+            events::append_in(
+                &mut tx,
+                "rental.failed",
+                Some(&worker.name),
+                Some(rental_id),
+                reason,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Marks a rental as being released and returns it with its current worker.
@@ -393,27 +402,30 @@ impl Store {
         rental_id: &str,
         tenant: Option<&str>,
     ) -> Result<Option<(RentalRecord, Option<Worker>)>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
-            return Ok(None);
-        };
-        if tenant.is_some_and(|t| t != rental.tenant) {
-            return Ok(None);
-        }
-        let mut rental = rental;
-        if matches!(rental.status, RentalStatus::Active | RentalStatus::Waiting) {
-            sqlx::query(
-                "UPDATE rentals SET status = 'releasing', updated_at = UTC_TIMESTAMP(6) \
-                 WHERE id = ?",
-            )
-            .bind(rental_id)
-            .execute(&mut *tx)
-            .await?;
-            rental.status = RentalStatus::Releasing;
-        }
-        let worker = fetch_worker(&mut *tx, rental.worker_id).await?;
-        tx.commit().await?;
-        Ok(Some((rental, worker)))
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
+                return Ok(None);
+            };
+            if tenant.is_some_and(|t| t != rental.tenant) {
+                return Ok(None);
+            }
+            let mut rental = rental;
+            if matches!(rental.status, RentalStatus::Active | RentalStatus::Waiting) {
+                sqlx::query(
+                    "UPDATE rentals SET status = 'releasing', updated_at = UTC_TIMESTAMP(6) \
+                     WHERE id = ?",
+                )
+                .bind(rental_id)
+                .execute(&mut *tx)
+                .await?;
+                rental.status = RentalStatus::Releasing;
+            }
+            let worker = fetch_worker(&mut *tx, rental.worker_id).await?;
+            tx.commit().await?;
+            Ok(Some((rental, worker)))
+        })
+        .await
     }
 
     /// The rental is over. If its account could not be removed from the worker (the
@@ -424,38 +436,41 @@ impl Store {
         worker: Option<&Worker>,
         account_removed: bool,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE rentals SET status = 'released', worker_id = NULL, \
-             updated_at = UTC_TIMESTAMP(6), ended_at = UTC_TIMESTAMP(6) WHERE id = ?",
-        )
-        .bind(rental_id)
-        .execute(&mut *tx)
-        .await?;
-        let msg = match worker {
-            Some(w) => {
-                end_placement(&mut tx, rental_id, w.id, account_removed).await?;
-                if account_removed {
-                    format!("released; account removed from {}", w.name)
-                } else {
-                    format!(
-                        "released; {} is unreachable, its account will be removed when it answers",
-                        w.name
-                    )
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "UPDATE rentals SET status = 'released', worker_id = NULL, \
+                 updated_at = UTC_TIMESTAMP(6), ended_at = UTC_TIMESTAMP(6) WHERE id = ?",
+            )
+            .bind(rental_id)
+            .execute(&mut *tx)
+            .await?;
+            let msg = match worker {
+                Some(w) => {
+                    end_placement(&mut tx, rental_id, w.id, account_removed).await?;
+                    if account_removed {
+                        format!("released; account removed from {}", w.name)
+                    } else {
+                        format!(
+                            "released; {} is unreachable, its account will be removed when it answers",
+                            w.name
+                        )
+                    }
                 }
-            }
-            None => "released".to_owned(),
-        };
-        events::append_in(
-            &mut tx,
-            "rental.released",
-            worker.map(|w| w.name.as_str()),
-            Some(rental_id),
-            &msg,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+                None => "released".to_owned(),
+            };
+            events::append_in(
+                &mut tx,
+                "rental.released",
+                worker.map(|w| w.name.as_str()),
+                Some(rental_id),
+                &msg,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// The uid of the rental's live placement on `worker_id`, if it has one.
@@ -501,36 +516,39 @@ impl Store {
         tenant: Option<&str>,
         ttl: std::time::Duration,
     ) -> Result<Option<()>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
-            return Ok(None);
-        };
-        if tenant.is_some_and(|t| t != rental.tenant)
-            || matches!(
-                rental.status,
-                RentalStatus::Releasing | RentalStatus::Released | RentalStatus::Failed
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
+                return Ok(None);
+            };
+            if tenant.is_some_and(|t| t != rental.tenant)
+                || matches!(
+                    rental.status,
+                    RentalStatus::Releasing | RentalStatus::Released | RentalStatus::Failed
+                )
+            {
+                return Ok(None);
+            }
+            sqlx::query(
+                "UPDATE rentals SET expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
+                 updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
             )
-        {
-            return Ok(None);
-        }
-        sqlx::query(
-            "UPDATE rentals SET expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
-             updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
-        )
-        .bind(ttl.as_micros() as u64)
-        .bind(rental_id)
-        .execute(&mut *tx)
-        .await?;
-        events::append_in(
-            &mut tx,
-            "rental.renewed",
-            None,
-            Some(rental_id),
-            &format!("expires in {}", humantime::format_duration(ttl)),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Some(()))
+            .bind(ttl.as_micros() as u64)
+            .bind(rental_id)
+            .execute(&mut *tx)
+            .await?;
+            events::append_in(
+                &mut tx,
+                "rental.renewed",
+                None,
+                Some(rental_id),
+                &format!("expires in {}", humantime::format_duration(ttl)),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Some(()))
+        })
+        .await
     }
 
     /// Ends the time of every live rental made with a token (they are released as

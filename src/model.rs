@@ -5,15 +5,29 @@
 //! message and changes nothing.
 
 use std::fmt;
-use std::str::FromStr;
 
 use rand::Rng;
 use rand::distributions::Alphanumeric;
 use serde::Serialize;
 
 /// What the probes last concluded about a worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    sqlx::Encode,
+    sqlx::Decode,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "lowercase")]
+#[sqlx(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum WorkerStatus {
     /// Never probed since it entered the inventory: not offered to anyone.
     Unknown,
@@ -24,8 +38,23 @@ pub enum WorkerStatus {
 }
 
 /// Where a rental is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    sqlx::Encode,
+    sqlx::Decode,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "lowercase")]
+#[sqlx(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum RentalStatus {
     /// A worker is claimed and the tenant's account is being created on it.
     Provisioning,
@@ -46,8 +75,23 @@ pub enum RentalStatus {
 }
 
 /// The part a worker plays for one rental, recorded in the placement history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    sqlx::Encode,
+    sqlx::Decode,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "lowercase")]
+#[sqlx(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum PlacementState {
     /// The tenant's account is being created on the worker.
     Provisioning,
@@ -60,46 +104,23 @@ pub enum PlacementState {
     Released,
 }
 
-macro_rules! string_enum {
-    ($ty:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
-        impl $ty {
-            pub fn as_str(self) -> &'static str {
-                match self { $(Self::$variant => $text),+ }
+/// The status enums are stored as lowercase names in `VARCHAR` columns. sqlx's derived
+/// `Type` for a MySQL enum expects a column of the `ENUM` type and refuses a `VARCHAR`, so
+/// `Encode`/`Decode` are derived (by name) and `Type` is that of a string.
+macro_rules! varchar_type {
+    ($($ty:ty),+) => {$(
+        impl sqlx::Type<sqlx::MySql> for $ty {
+            fn type_info() -> sqlx::mysql::MySqlTypeInfo {
+                <str as sqlx::Type<sqlx::MySql>>::type_info()
+            }
+            fn compatible(ty: &sqlx::mysql::MySqlTypeInfo) -> bool {
+                <str as sqlx::Type<sqlx::MySql>>::compatible(ty)
             }
         }
-        impl FromStr for $ty {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
-                match s {
-                    $($text => Ok(Self::$variant),)+
-                    other => Err(format!("unknown {} `{other}`", stringify!($ty))),
-                }
-            }
-        }
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
+    )+};
 }
 
-string_enum!(WorkerStatus { Unknown => "unknown", Alive => "alive", Dead => "dead" });
-string_enum!(RentalStatus {
-    Provisioning => "provisioning",
-    Active => "active",
-    Migrating => "migrating",
-    Waiting => "waiting",
-    Releasing => "releasing",
-    Released => "released",
-    Failed => "failed",
-});
-string_enum!(PlacementState {
-    Provisioning => "provisioning",
-    Active => "active",
-    Stale => "stale",
-    Released => "released",
-});
+varchar_type!(WorkerStatus, RentalStatus, PlacementState);
 
 /// A client value that cannot be used, with a message saying what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -460,24 +481,19 @@ mod tests {
 
     #[test]
     fn statuses_round_trip_through_their_names() {
-        for s in [
-            WorkerStatus::Unknown,
-            WorkerStatus::Alive,
-            WorkerStatus::Dead,
-        ] {
-            assert_eq!(s.as_str().parse::<WorkerStatus>().unwrap(), s);
+        use strum::VariantArray;
+        for s in WorkerStatus::VARIANTS {
+            assert_eq!(s.to_string().parse::<WorkerStatus>().unwrap(), *s);
+            assert_eq!(serde_json::to_value(s).unwrap(), s.to_string());
         }
-        for s in [
-            RentalStatus::Provisioning,
-            RentalStatus::Active,
-            RentalStatus::Migrating,
-            RentalStatus::Waiting,
-            RentalStatus::Releasing,
-            RentalStatus::Released,
-            RentalStatus::Failed,
-        ] {
-            assert_eq!(s.as_str().parse::<RentalStatus>().unwrap(), s);
+        for s in RentalStatus::VARIANTS {
+            assert_eq!(s.to_string().parse::<RentalStatus>().unwrap(), *s);
+            assert_eq!(serde_json::to_value(s).unwrap(), s.to_string());
         }
+        for s in PlacementState::VARIANTS {
+            assert_eq!(s.to_string().parse::<PlacementState>().unwrap(), *s);
+        }
+        assert_eq!(RentalStatus::Provisioning.to_string(), "provisioning");
         assert!("zombie".parse::<WorkerStatus>().is_err());
     }
 }

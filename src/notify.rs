@@ -152,9 +152,10 @@ pub fn client(policy: &AddressPolicy) -> reqwest::Result<reqwest::Client> {
 /// success: it is not followed.
 pub async fn deliver(ctx: Context, rental_id: String, url: String) {
     let cfg = &ctx.config.migration;
-    let Ok(Some(view)) = ctx.store.rental_view(&rental_id).await else {
+    let Ok(Some(detail)) = ctx.store.rental_detail(&rental_id).await else {
         return;
     };
+    let view = crate::api::views::RentalView::from(detail);
     let body = json!({ "event": "rental.migrated", "rental": view });
     let mut last_error = String::new();
     for attempt in 0..cfg.notify_attempts {

@@ -12,7 +12,7 @@ use crate::context::Context;
 use crate::health::target_of;
 use crate::model::{self, NotifyUrl, RentalStatus, TenantKey, Username};
 use crate::playbook::{Playbook, PlaybookError, Vars};
-use crate::store::{Claim, NewRental, RentalRecord, RentalView, StoreError, Worker};
+use crate::store::{Claim, NewRental, RentalDetail, RentalRecord, StoreError, Worker};
 
 /// Workers a rent tries when provisioning fails before anything ran on the worker (a
 /// connection that died unnoticed, a worker that went away since its last probe).
@@ -43,7 +43,8 @@ pub struct RentRequest {
 /// A rental just made.
 #[derive(Debug, Clone)]
 pub struct Rented {
-    pub rental: RentalView,
+    /// The rental as it is now, for the API to show.
+    pub rental: RentalDetail,
     /// The generated password, shown to the client once and stored only as a hash.
     pub password: Option<String>,
 }
@@ -165,8 +166,8 @@ async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Re
     // an error for a rental that exists.
     let mut attempt = 0;
     let rental = loop {
-        match ctx.store.rental_view(&record.id).await {
-            Ok(Some(view)) => break view,
+        match ctx.store.rental_detail(&record.id).await {
+            Ok(Some(detail)) => break detail,
             Ok(None) => {
                 return Err(RentError::Store(StoreError::Invariant(
                     "an active rental has no row".into(),

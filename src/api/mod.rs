@@ -35,6 +35,7 @@ mod dashboard;
 mod error;
 mod guard;
 mod status;
+pub mod views;
 
 use std::time::Duration;
 
@@ -56,8 +57,9 @@ pub use guard::client_address;
 use crate::auth::{self, Caller};
 
 use crate::context::Context;
-use crate::model::{NotifyUrl, RentalStatus, TenantKey, TtlInput, Username};
+use crate::model::{NotifyUrl, TenantKey, TtlInput, Username};
 use crate::rentals::{self, RentRequest};
+use views::RentalView;
 
 /// Largest request body accepted; a rent request is a few hundred bytes.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -172,8 +174,8 @@ async fn rent(
         },
     )
     .await?;
-    let mut body =
-        serde_json::to_value(&rented.rental).map_err(|e| ApiError::Unexpected(e.into()))?;
+    let view = RentalView::from(rented.rental);
+    let mut body = serde_json::to_value(&view).map_err(|e| ApiError::Unexpected(e.into()))?;
     if let Some(password) = rented.password {
         body["password"] = json!(password);
     }
@@ -195,13 +197,13 @@ async fn get_rental(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     // Another tenant's rental is answered exactly like a missing one.
-    let view = ctx
+    let detail = ctx
         .store
-        .rental_view(&id)
+        .rental_detail(&id)
         .await?
-        .filter(|v| caller.scope().is_none_or(|t| t == v.tenant))
+        .filter(|d| caller.scope().is_none_or(|t| t == d.rental.tenant))
         .ok_or_else(|| ApiError::NotFound("no such rental".into()))?;
-    Ok(Json(view).into_response())
+    Ok(Json(RentalView::from(detail)).into_response())
 }
 
 async fn list_rentals(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
@@ -210,28 +212,15 @@ async fn list_rentals(State(ctx): State<Context>, caller: Caller) -> Result<Resp
 }
 
 /// Every rental that is not over and that `caller` may see: by status, oldest first in each.
-async fn rentals_not_over(
-    ctx: &Context,
-    caller: &Caller,
-) -> Result<Vec<crate::store::RentalView>, ApiError> {
-    let mut views = Vec::new();
-    for status in [
-        RentalStatus::Provisioning,
-        RentalStatus::Active,
-        RentalStatus::Migrating,
-        RentalStatus::Waiting,
-        RentalStatus::Releasing,
-    ] {
-        for r in ctx.store.rentals_in(status).await? {
-            if caller.scope().is_some_and(|t| t != r.tenant) {
-                continue;
-            }
-            if let Some(view) = ctx.store.rental_view(&r.id).await? {
-                views.push(view);
-            }
-        }
-    }
-    Ok(views)
+async fn rentals_not_over(ctx: &Context, caller: &Caller) -> Result<Vec<RentalView>, ApiError> {
+    Ok(ctx
+        .store
+        .live_rental_details()
+        .await?
+        .into_iter()
+        .filter(|d| caller.scope().is_none_or(|t| t == d.rental.tenant))
+        .map(RentalView::from)
+        .collect())
 }
 
 async fn release_rental(
@@ -269,12 +258,12 @@ async fn renew_rental(
     if ctx.store.renew(&id, caller.scope(), ttl).await?.is_none() {
         return Err(ApiError::NotFound("no such live rental".into()));
     }
-    let view = ctx
+    let detail = ctx
         .store
-        .rental_view(&id)
+        .rental_detail(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such rental".into()))?;
-    Ok(Json(view).into_response())
+    Ok(Json(RentalView::from(detail)).into_response())
 }
 
 async fn list_workers(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {

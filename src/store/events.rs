@@ -2,12 +2,11 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::mysql::MySqlRow;
-use sqlx::{MySql, Row, Transaction};
+use sqlx::{FromRow, MySql, Transaction};
 
 use super::{Store, StoreError};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, FromRow)]
 pub struct Event {
     pub id: u64,
     pub at: DateTime<Utc>,
@@ -77,22 +76,12 @@ impl Store {
 
     /// Events with an id above `after`, oldest first, at most `limit`.
     pub async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
-        Ok(sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT id, at, kind, worker, rental_id, message FROM events \
              WHERE id > ? ORDER BY id LIMIT ?",
         )
         .bind(after)
         .bind(limit)
-        .try_map(|r: MySqlRow| {
-            Ok(Event {
-                id: r.try_get("id")?,
-                at: r.try_get("at")?,
-                kind: r.try_get("kind")?,
-                worker: r.try_get("worker")?,
-                rental_id: r.try_get("rental_id")?,
-                message: r.try_get("message")?,
-            })
-        })
         .fetch_all(&self.pool)
         .await?)
     }

@@ -5,6 +5,7 @@
 //! believe they hold the same worker.
 
 mod events;
+mod placements;
 mod rentals;
 mod tokens;
 mod workers;
@@ -15,7 +16,8 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{Connection, Executor};
 
 pub use events::Event;
-pub use rentals::{Claim, NewRental, PlacementRecord, RentalRecord, RentalView};
+pub use placements::PlacementRecord;
+pub use rentals::{Claim, NewRental, RentalDetail, RentalRecord};
 pub use tokens::TokenRecord;
 pub use workers::{Cleanup, Occupant, ProbeRecord, Worker, WorkerCounts};
 
@@ -37,6 +39,9 @@ pub enum StoreError {
     /// Anything else: a bug or a schema mismatch.
     #[error("database error: {0}")]
     Query(sqlx::Error),
+    /// Another `orion` process held the schema migration lock for a whole minute.
+    #[error("timed out waiting for the schema migration lock `{MIGRATION_LOCK}`")]
+    MigrationLockTimeout,
     #[error("schema migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -68,12 +73,38 @@ fn is_transient(number: u16) -> bool {
     matches!(number, 1040 | 1053 | 1205 | 1213 | 1290)
 }
 
-/// Whether an error is a deadlock or lock wait timeout, worth retrying the transaction.
-fn is_retryable(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db)
+/// Whether an error is a deadlock (1213) or a lock wait timeout (1205): the transaction
+/// was rolled back and may simply be run again.
+fn is_conflict(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unavailable(sqlx::Error::Database(db))
         if db
             .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
             .is_some_and(|e| matches!(e.number(), 1205 | 1213)))
+}
+
+/// How many times a transaction that lost a deadlock is run again.
+const CONFLICT_RETRIES: usize = 5;
+
+/// Runs `transaction` (one whole transaction, from `begin` to `commit`) and runs it again,
+/// up to [`CONFLICT_RETRIES`] times, when InnoDB picks it as a deadlock's victim or its
+/// lock wait times out. InnoDB has already rolled the loser back and the winner holds the
+/// locks, so it is retried at once: a fixed count without delay is all this needs, which
+/// is why no retry crate (`backon`) is used here.
+async fn retry_on_conflict<T, F, Fut>(mut transaction: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match transaction().await {
+            Err(e) if is_conflict(&e) && attempt < CONFLICT_RETRIES => {
+                attempt += 1;
+                tracing::debug!(attempt, error = %e, "transaction lost a deadlock, running it again");
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Handle on the database, cheap to clone.
@@ -117,9 +148,7 @@ impl Store {
             .fetch_one(&mut *conn)
             .await?;
         if got != Some(1) {
-            return Err(StoreError::Query(sqlx::Error::Protocol(
-                "timed out waiting for the schema migration lock".into(),
-            )));
+            return Err(StoreError::MigrationLockTimeout);
         }
         let mut migrator = sqlx::migrate!("./migrations");
         migrator.set_locking(false);

@@ -1,13 +1,16 @@
 //! Rentals and their placements (the workers they have lived on).
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
-use sqlx::mysql::MySqlRow;
-use sqlx::{MySql, Row, Transaction};
+use std::collections::HashMap;
 
-use super::workers::{WORKER_COLUMNS, Worker, release_placement};
-use super::{Store, StoreError, events, is_retryable};
-use crate::model::{PlacementState, RentalStatus};
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, MySql, Transaction};
+
+use super::placements::{
+    PlacementRecord, end_placement, insert_placement, live_uid, placements_of, stale_live_placement,
+};
+use super::workers::{USABLE, WORKER_COLUMNS, Worker, claim_free_worker, fetch_worker};
+use super::{Store, StoreError, events, retry_on_conflict};
+use crate::model::RentalStatus;
 
 /// What a new rental is made of, validated, before a worker is claimed for it.
 #[derive(Debug, Clone)]
@@ -34,8 +37,8 @@ pub struct Claim {
     pub uid: u32,
 }
 
-/// A rental row. The password hash is kept for provisioning and never serialised.
-#[derive(Debug, Clone)]
+/// A rental row. The password hash is kept for provisioning and never shown.
+#[derive(Debug, Clone, FromRow)]
 pub struct RentalRecord {
     pub id: String,
     pub tenant: String,
@@ -55,60 +58,15 @@ pub struct RentalRecord {
 const RENTAL_COLUMNS: &str = "id, tenant, token_id, username, public_key, password_hash, \
     notify_url, status, worker_id, created_at, updated_at, ended_at, expires_at";
 
-impl RentalRecord {
-    fn from_row(row: &MySqlRow) -> Result<Self, sqlx::Error> {
-        let status: String = row.try_get("status")?;
-        Ok(Self {
-            id: row.try_get("id")?,
-            tenant: row.try_get("tenant")?,
-            token_id: row.try_get("token_id")?,
-            username: row.try_get("username")?,
-            public_key: row.try_get("public_key")?,
-            password_hash: row.try_get("password_hash")?,
-            notify_url: row.try_get("notify_url")?,
-            status: status
-                .parse()
-                .map_err(|e: String| sqlx::Error::Decode(e.into()))?,
-            worker_id: row.try_get("worker_id")?,
-            created_at: row.try_get("created_at")?,
-            updated_at: row.try_get("updated_at")?,
-            ended_at: row.try_get("ended_at")?,
-            expires_at: row.try_get("expires_at")?,
-        })
-    }
-}
-
-/// One stay of a rental on a worker.
-#[derive(Debug, Clone, Serialize)]
-pub struct PlacementRecord {
-    pub worker: String,
-    pub state: PlacementState,
-    pub started_at: DateTime<Utc>,
-    pub ended_at: Option<DateTime<Utc>>,
-}
-
-/// A rental as a client sees it: where it lives now and where it has lived.
-#[derive(Debug, Clone, Serialize)]
-pub struct RentalView {
-    pub id: String,
-    pub tenant: String,
-    pub username: String,
-    pub status: RentalStatus,
-    pub worker: Option<String>,
-    pub site: Option<String>,
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub auth: Vec<&'static str>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub ended_at: Option<DateTime<Utc>>,
-    /// When the rental is released by itself, unless renewed (`null`: never).
-    pub expires_at: Option<DateTime<Utc>>,
+/// A rental with its current worker and the workers it has lived on, for the API to show.
+#[derive(Debug, Clone)]
+pub struct RentalDetail {
+    pub rental: RentalRecord,
+    /// The worker serving it now (`None` while waiting, and once over).
+    pub worker: Option<Worker>,
+    /// Oldest first.
     pub placements: Vec<PlacementRecord>,
 }
-
-/// How many times a transaction that lost a deadlock is tried again.
-const DEADLOCK_RETRIES: usize = 5;
 
 impl Store {
     /// Claims one alive, free, trusted worker (not one of `exclude`) for a new rental and
@@ -122,18 +80,7 @@ impl Store {
         uid_min: u32,
         exclude: &[u64],
     ) -> Result<Option<(RentalRecord, Claim)>, StoreError> {
-        let mut attempt = 0;
-        loop {
-            match self.try_claim(rental, uid_min, exclude).await {
-                Err(StoreError::Unavailable(e)) | Err(StoreError::Query(e))
-                    if is_retryable(&e) && attempt < DEADLOCK_RETRIES =>
-                {
-                    attempt += 1;
-                    tracing::debug!(attempt, "claim lost a deadlock, trying again");
-                }
-                other => return other,
-            }
-        }
+        retry_on_conflict(|| self.try_claim(rental, uid_min, exclude)).await
     }
 
     async fn try_claim(
@@ -212,58 +159,57 @@ impl Store {
         worker: &Worker,
         from: RentalStatus,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE rentals SET status = 'active', updated_at = UTC_TIMESTAMP(6) \
-             WHERE id = ? AND status = ? AND worker_id = ?",
-        )
-        .bind(rental_id)
-        .bind(from.as_str())
-        .bind(worker.id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        sqlx::query(
-            "UPDATE placements SET state = 'active' \
-             WHERE rental_id = ? AND worker_id = ? AND state = 'provisioning'",
-        )
-        .bind(rental_id)
-        .bind(worker.id)
-        .execute(&mut *tx)
-        .await?;
-        let (kind, msg) = if from == RentalStatus::Migrating {
-            ("rental.migrated", format!("now active on {}", worker.name))
-        } else {
-            (
-                "rental.provisioned",
-                format!("provisioned on {}", worker.name),
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            let updated = sqlx::query(
+                "UPDATE rentals SET status = 'active', updated_at = UTC_TIMESTAMP(6) \
+                 WHERE id = ? AND status = ? AND worker_id = ?",
             )
-        };
-        events::append_in(&mut tx, kind, Some(&worker.name), Some(rental_id), &msg).await?;
-        tx.commit().await?;
-        Ok(true)
+            .bind(rental_id)
+            .bind(from)
+            .bind(worker.id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            sqlx::query(
+                "UPDATE placements SET state = 'active' \
+                 WHERE rental_id = ? AND worker_id = ? AND state = 'provisioning'",
+            )
+            .bind(rental_id)
+            .bind(worker.id)
+            .execute(&mut *tx)
+            .await?;
+            let (kind, msg) = if from == RentalStatus::Migrating {
+                ("rental.migrated", format!("now active on {}", worker.name))
+            } else {
+                (
+                    "rental.provisioned",
+                    format!("provisioned on {}", worker.name),
+                )
+            };
+            events::append_in(&mut tx, kind, Some(&worker.name), Some(rental_id), &msg).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
     }
 
     /// Rentals that must move: active on a worker that is dead, quarantined or retired;
     /// waiting for a worker; or caught mid-move by a crash.
     pub async fn rentals_to_migrate(&self) -> Result<Vec<RentalRecord>, StoreError> {
-        let columns: String = RENTAL_COLUMNS
-            .split(", ")
-            .map(|c| format!("r.{}", c.trim()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        Ok(sqlx::query(&format!(
-            "SELECT {columns} FROM rentals r LEFT JOIN workers w ON w.id = r.worker_id \
-             WHERE r.status IN ('waiting', 'migrating') \
-             OR (r.status = 'active' AND (w.id IS NULL OR w.status = 'dead' \
-                 OR w.quarantine_reason IS NOT NULL OR w.retired OR w.drained)) \
-             ORDER BY r.created_at"
+        // A worker that can never again be usable (`unknown` is only a new worker's status,
+        // never one a rental was placed on) is dead, quarantined, retired or drained.
+        Ok(sqlx::query_as(&format!(
+            "SELECT {RENTAL_COLUMNS} FROM rentals \
+             WHERE status IN ('waiting', 'migrating') \
+             OR (status = 'active' AND (worker_id IS NULL \
+                 OR worker_id NOT IN (SELECT id FROM workers WHERE {USABLE}))) \
+             ORDER BY created_at"
         ))
-        .try_map(|r: MySqlRow| RentalRecord::from_row(&r))
         .fetch_all(&self.pool)
         .await?)
     }
@@ -278,17 +224,7 @@ impl Store {
         rental_id: &str,
         uid_min: u32,
     ) -> Result<Option<Claim>, StoreError> {
-        let mut attempt = 0;
-        loop {
-            match self.try_begin_migration(rental_id, uid_min).await {
-                Err(StoreError::Unavailable(e)) | Err(StoreError::Query(e))
-                    if is_retryable(&e) && attempt < DEADLOCK_RETRIES =>
-                {
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
+        retry_on_conflict(|| self.try_begin_migration(rental_id, uid_min)).await
     }
 
     async fn try_begin_migration(
@@ -301,14 +237,8 @@ impl Store {
             return Ok(None);
         };
         let current = fetch_worker(&mut *tx, rental.worker_id).await?;
-        let healthy = |w: &Worker| {
-            w.status == crate::model::WorkerStatus::Alive
-                && w.quarantine_reason.is_none()
-                && !w.retired
-                && !w.drained
-        };
         if rental.status == RentalStatus::Migrating
-            && let Some(w) = current.as_ref().filter(|w| healthy(w))
+            && let Some(w) = current.as_ref().filter(|w| w.is_usable())
             && let Some(uid) = live_uid(&mut *tx, rental_id, w.id).await?
         {
             // A move interrupted after its claim: resume it on the worker it claimed, with
@@ -320,7 +250,7 @@ impl Store {
         let must_move = match rental.status {
             // A move not resumed above starts again (its placement predates uids).
             RentalStatus::Waiting | RentalStatus::Migrating => true,
-            RentalStatus::Active => !current.as_ref().is_some_and(healthy),
+            RentalStatus::Active => !current.as_ref().is_some_and(Worker::is_usable),
             _ => false,
         };
         if !must_move {
@@ -395,25 +325,28 @@ impl Store {
         worker: &Worker,
         reason: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        stale_live_placement(&mut tx, rental_id, worker.id).await?;
-        sqlx::query(
-            "UPDATE rentals SET status = 'waiting', worker_id = NULL, \
-             updated_at = UTC_TIMESTAMP(6) WHERE id = ? AND status = 'migrating'",
-        )
-        .bind(rental_id)
-        .execute(&mut *tx)
-        .await?;
-        events::append_in(
-            &mut tx,
-            "rental.migration_failed",
-            Some(&worker.name),
-            Some(rental_id),
-            reason,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            stale_live_placement(&mut tx, rental_id, worker.id).await?;
+            sqlx::query(
+                "UPDATE rentals SET status = 'waiting', worker_id = NULL, \
+                 updated_at = UTC_TIMESTAMP(6) WHERE id = ? AND status = 'migrating'",
+            )
+            .bind(rental_id)
+            .execute(&mut *tx)
+            .await?;
+            events::append_in(
+                &mut tx,
+                "rental.migration_failed",
+                Some(&worker.name),
+                Some(rental_id),
+                reason,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// An account was made on `worker` for a rental that was released meanwhile: the
@@ -438,25 +371,28 @@ impl Store {
         account_removed: bool,
         reason: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE rentals SET status = 'failed', worker_id = NULL, \
-             updated_at = UTC_TIMESTAMP(6), ended_at = UTC_TIMESTAMP(6) WHERE id = ?",
-        )
-        .bind(rental_id)
-        .execute(&mut *tx)
-        .await?;
-        end_placement(&mut tx, rental_id, worker.id, account_removed).await?;
-        events::append_in(
-            &mut tx,
-            "rental.failed",
-            Some(&worker.name),
-            Some(rental_id),
-            reason,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "UPDATE rentals SET status = 'failed', worker_id = NULL, \
+                 updated_at = UTC_TIMESTAMP(6), ended_at = UTC_TIMESTAMP(6) WHERE id = ?",
+            )
+            .bind(rental_id)
+            .execute(&mut *tx)
+            .await?;
+            end_placement(&mut tx, rental_id, worker.id, account_removed).await?;
+            events::append_in(
+                &mut tx,
+                "rental.failed",
+                Some(&worker.name),
+                Some(rental_id),
+                reason,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Marks a rental as being released and returns it with its current worker.
@@ -466,27 +402,30 @@ impl Store {
         rental_id: &str,
         tenant: Option<&str>,
     ) -> Result<Option<(RentalRecord, Option<Worker>)>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
-            return Ok(None);
-        };
-        if tenant.is_some_and(|t| t != rental.tenant) {
-            return Ok(None);
-        }
-        let mut rental = rental;
-        if matches!(rental.status, RentalStatus::Active | RentalStatus::Waiting) {
-            sqlx::query(
-                "UPDATE rentals SET status = 'releasing', updated_at = UTC_TIMESTAMP(6) \
-                 WHERE id = ?",
-            )
-            .bind(rental_id)
-            .execute(&mut *tx)
-            .await?;
-            rental.status = RentalStatus::Releasing;
-        }
-        let worker = fetch_worker(&mut *tx, rental.worker_id).await?;
-        tx.commit().await?;
-        Ok(Some((rental, worker)))
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
+                return Ok(None);
+            };
+            if tenant.is_some_and(|t| t != rental.tenant) {
+                return Ok(None);
+            }
+            let mut rental = rental;
+            if matches!(rental.status, RentalStatus::Active | RentalStatus::Waiting) {
+                sqlx::query(
+                    "UPDATE rentals SET status = 'releasing', updated_at = UTC_TIMESTAMP(6) \
+                     WHERE id = ?",
+                )
+                .bind(rental_id)
+                .execute(&mut *tx)
+                .await?;
+                rental.status = RentalStatus::Releasing;
+            }
+            let worker = fetch_worker(&mut *tx, rental.worker_id).await?;
+            tx.commit().await?;
+            Ok(Some((rental, worker)))
+        })
+        .await
     }
 
     /// The rental is over. If its account could not be removed from the worker (the
@@ -497,38 +436,41 @@ impl Store {
         worker: Option<&Worker>,
         account_removed: bool,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE rentals SET status = 'released', worker_id = NULL, \
-             updated_at = UTC_TIMESTAMP(6), ended_at = UTC_TIMESTAMP(6) WHERE id = ?",
-        )
-        .bind(rental_id)
-        .execute(&mut *tx)
-        .await?;
-        let msg = match worker {
-            Some(w) => {
-                end_placement(&mut tx, rental_id, w.id, account_removed).await?;
-                if account_removed {
-                    format!("released; account removed from {}", w.name)
-                } else {
-                    format!(
-                        "released; {} is unreachable, its account will be removed when it answers",
-                        w.name
-                    )
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "UPDATE rentals SET status = 'released', worker_id = NULL, \
+                 updated_at = UTC_TIMESTAMP(6), ended_at = UTC_TIMESTAMP(6) WHERE id = ?",
+            )
+            .bind(rental_id)
+            .execute(&mut *tx)
+            .await?;
+            let msg = match worker {
+                Some(w) => {
+                    end_placement(&mut tx, rental_id, w.id, account_removed).await?;
+                    if account_removed {
+                        format!("released; account removed from {}", w.name)
+                    } else {
+                        format!(
+                            "released; {} is unreachable, its account will be removed when it answers",
+                            w.name
+                        )
+                    }
                 }
-            }
-            None => "released".to_owned(),
-        };
-        events::append_in(
-            &mut tx,
-            "rental.released",
-            worker.map(|w| w.name.as_str()),
-            Some(rental_id),
-            &msg,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+                None => "released".to_owned(),
+            };
+            events::append_in(
+                &mut tx,
+                "rental.released",
+                worker.map(|w| w.name.as_str()),
+                Some(rental_id),
+                &msg,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// The uid of the rental's live placement on `worker_id`, if it has one.
@@ -546,24 +488,22 @@ impl Store {
         &self,
         after: std::time::Duration,
     ) -> Result<Vec<RentalRecord>, StoreError> {
-        Ok(sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "SELECT {RENTAL_COLUMNS} FROM rentals WHERE status = 'provisioning' \
              AND updated_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND ORDER BY created_at"
         ))
         .bind(after.as_micros() as u64)
-        .try_map(|r: MySqlRow| RentalRecord::from_row(&r))
         .fetch_all(&self.pool)
         .await?)
     }
 
     /// Live rentals whose time is up.
     pub async fn expired_rentals(&self) -> Result<Vec<RentalRecord>, StoreError> {
-        Ok(sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "SELECT {RENTAL_COLUMNS} FROM rentals \
              WHERE status IN ('active', 'waiting', 'migrating') \
              AND expires_at <= UTC_TIMESTAMP(6) ORDER BY expires_at"
         ))
-        .try_map(|r: MySqlRow| RentalRecord::from_row(&r))
         .fetch_all(&self.pool)
         .await?)
     }
@@ -576,36 +516,39 @@ impl Store {
         tenant: Option<&str>,
         ttl: std::time::Duration,
     ) -> Result<Option<()>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
-            return Ok(None);
-        };
-        if tenant.is_some_and(|t| t != rental.tenant)
-            || matches!(
-                rental.status,
-                RentalStatus::Releasing | RentalStatus::Released | RentalStatus::Failed
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
+                return Ok(None);
+            };
+            if tenant.is_some_and(|t| t != rental.tenant)
+                || matches!(
+                    rental.status,
+                    RentalStatus::Releasing | RentalStatus::Released | RentalStatus::Failed
+                )
+            {
+                return Ok(None);
+            }
+            sqlx::query(
+                "UPDATE rentals SET expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
+                 updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
             )
-        {
-            return Ok(None);
-        }
-        sqlx::query(
-            "UPDATE rentals SET expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
-             updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
-        )
-        .bind(ttl.as_micros() as u64)
-        .bind(rental_id)
-        .execute(&mut *tx)
-        .await?;
-        events::append_in(
-            &mut tx,
-            "rental.renewed",
-            None,
-            Some(rental_id),
-            &format!("expires in {}", humantime::format_duration(ttl)),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Some(()))
+            .bind(ttl.as_micros() as u64)
+            .bind(rental_id)
+            .execute(&mut *tx)
+            .await?;
+            events::append_in(
+                &mut tx,
+                "rental.renewed",
+                None,
+                Some(rental_id),
+                &format!("expires in {}", humantime::format_duration(ttl)),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Some(()))
+        })
+        .await
     }
 
     /// Ends the time of every live rental made with a token (they are released as
@@ -622,22 +565,20 @@ impl Store {
     }
 
     pub async fn rental(&self, id: &str) -> Result<Option<RentalRecord>, StoreError> {
-        Ok(sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "SELECT {RENTAL_COLUMNS} FROM rentals WHERE id = ?"
         ))
         .bind(id)
-        .try_map(|r: MySqlRow| RentalRecord::from_row(&r))
         .fetch_optional(&self.pool)
         .await?)
     }
 
     /// Rentals left in `provisioning` by a process that stopped mid-rent.
     pub async fn rentals_in(&self, status: RentalStatus) -> Result<Vec<RentalRecord>, StoreError> {
-        Ok(sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "SELECT {RENTAL_COLUMNS} FROM rentals WHERE status = ? ORDER BY created_at"
         ))
-        .bind(status.as_str())
-        .try_map(|r: MySqlRow| RentalRecord::from_row(&r))
+        .bind(status)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -651,155 +592,82 @@ impl Store {
         )
     }
 
-    /// A rental with its current worker and placement history, as the API shows it.
-    pub async fn rental_view(&self, id: &str) -> Result<Option<RentalView>, StoreError> {
-        let Some(r) = self.rental(id).await? else {
+    /// A rental with its current worker and placement history, for the API to show.
+    pub async fn rental_detail(&self, id: &str) -> Result<Option<RentalDetail>, StoreError> {
+        let Some(rental) = self.rental(id).await? else {
             return Ok(None);
         };
-        let worker = fetch_worker(&self.pool, r.worker_id).await?;
-        let placements = sqlx::query(
-            "SELECT w.name, p.state, p.started_at, p.ended_at FROM placements p \
-             JOIN workers w ON w.id = p.worker_id WHERE p.rental_id = ? ORDER BY p.id",
-        )
-        .bind(id)
-        .try_map(|row: MySqlRow| {
-            let state: String = row.try_get("state")?;
-            Ok(PlacementRecord {
-                worker: row.try_get("name")?,
-                state: state
-                    .parse()
-                    .map_err(|e: String| sqlx::Error::Decode(e.into()))?,
-                started_at: row.try_get("started_at")?,
-                ended_at: row.try_get("ended_at")?,
-            })
-        })
+        Ok(self.details_of(vec![rental]).await?.pop())
+    }
+
+    /// Every rental that is not over, with its current worker and placement history: by
+    /// status (provisioning, active, migrating, waiting, releasing), oldest first in each.
+    /// Three statements, however many rentals there are.
+    pub async fn live_rental_details(&self) -> Result<Vec<RentalDetail>, StoreError> {
+        let rentals: Vec<RentalRecord> = sqlx::query_as(&format!(
+            "SELECT {RENTAL_COLUMNS} FROM rentals \
+             WHERE status IN ('provisioning', 'active', 'migrating', 'waiting', 'releasing') \
+             ORDER BY FIELD(status, 'provisioning', 'active', 'migrating', 'waiting', \
+             'releasing'), created_at"
+        ))
         .fetch_all(&self.pool)
         .await?;
-        let mut auth = Vec::new();
-        if r.public_key.is_some() {
-            auth.push("publickey");
+        self.details_of(rentals).await
+    }
+
+    /// The current workers and placements of `rentals`, in two statements.
+    async fn details_of(
+        &self,
+        rentals: Vec<RentalRecord>,
+    ) -> Result<Vec<RentalDetail>, StoreError> {
+        let ids: Vec<&str> = rentals.iter().map(|r| r.id.as_str()).collect();
+        let mut placements: HashMap<String, Vec<PlacementRecord>> = HashMap::new();
+        for p in placements_of(&self.pool, &ids).await? {
+            placements.entry(p.rental_id.clone()).or_default().push(p);
         }
-        if r.password_hash.is_some() {
-            auth.push("password");
-        }
-        Ok(Some(RentalView {
-            id: r.id,
-            tenant: r.tenant,
-            username: r.username,
-            status: r.status,
-            worker: worker.as_ref().map(|w| w.name.clone()),
-            site: worker.as_ref().map(|w| w.site.clone()),
-            host: worker.as_ref().map(|w| w.public_host.clone()),
-            port: worker.as_ref().map(|w| w.public_port),
-            auth,
-            created_at: r.created_at,
-            updated_at: r.updated_at,
-            ended_at: r.ended_at,
-            expires_at: r.expires_at,
-            placements,
-        }))
+        let worker_ids: Vec<u64> = rentals.iter().filter_map(|r| r.worker_id).collect();
+        let workers: HashMap<u64, Worker> = workers_by_id(&self.pool, &worker_ids)
+            .await?
+            .into_iter()
+            .map(|w| (w.id, w))
+            .collect();
+        Ok(rentals
+            .into_iter()
+            .map(|rental| RentalDetail {
+                worker: rental.worker_id.and_then(|id| workers.get(&id).cloned()),
+                placements: placements.remove(&rental.id).unwrap_or_default(),
+                rental,
+            })
+            .collect())
     }
 }
 
-/// Claims one alive, free, trusted worker for `rental_id` inside `tx`. Rows another
-/// transaction is claiming are skipped rather than waited for, so concurrent claims
-/// neither block nor deadlock, and never get the same worker. The order is the primary
-/// key's, which InnoDB reads without sorting: with a sort it would lock every candidate
-/// row before returning the first, and concurrent claims would skip them all.
-async fn claim_free_worker(
-    tx: &mut Transaction<'_, MySql>,
-    rental_id: &str,
-    exclude: &[u64],
-) -> Result<Option<Worker>, sqlx::Error> {
-    // Worker ids are numbers: written into the statement, they cannot inject anything.
-    let excluded = if exclude.is_empty() {
-        String::new()
-    } else {
-        let ids: Vec<String> = exclude.iter().map(u64::to_string).collect();
-        format!("AND id NOT IN ({}) ", ids.join(", "))
-    };
-    let candidate = sqlx::query(&format!(
-        "SELECT {WORKER_COLUMNS} FROM workers \
-         WHERE rental_id IS NULL AND status = 'alive' AND quarantine_reason IS NULL \
-         AND retired = FALSE AND drained = FALSE {excluded}\
-         ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
-    ))
-    .try_map(|r: MySqlRow| Worker::from_row(&r))
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(mut worker) = candidate else {
-        return Ok(None);
-    };
-    sqlx::query("UPDATE workers SET rental_id = ?, updated_at = UTC_TIMESTAMP(6) WHERE id = ?")
-        .bind(rental_id)
-        .bind(worker.id)
-        .execute(&mut **tx)
-        .await?;
-    worker.rental_id = Some(rental_id.to_owned());
-    Ok(Some(worker))
-}
-
-/// Records a new placement of `rental_id` on `worker_id` and gives its account a uid of
-/// its own: `uid_min` + the placement's id, which no other placement ever has.
-async fn insert_placement(
-    tx: &mut Transaction<'_, MySql>,
-    rental_id: &str,
-    worker_id: u64,
-    uid_min: u32,
-) -> Result<u32, StoreError> {
-    let id = sqlx::query(
-        "INSERT INTO placements (rental_id, worker_id, state, started_at) \
-         VALUES (?, ?, 'provisioning', UTC_TIMESTAMP(6))",
-    )
-    .bind(rental_id)
-    .bind(worker_id)
-    .execute(&mut **tx)
-    .await?
-    .last_insert_id();
-    // uid 4294967295 is (uid_t) -1, "no uid", to the kernel.
-    let uid = u32::try_from(id)
-        .ok()
-        .and_then(|id| uid_min.checked_add(id))
-        .filter(|uid| *uid < u32::MAX)
-        .ok_or_else(|| StoreError::Invariant(format!("no uid left above {uid_min}")))?;
-    sqlx::query("UPDATE placements SET uid = ? WHERE id = ?")
-        .bind(uid)
-        .bind(id)
-        .execute(&mut **tx)
-        .await?;
-    Ok(uid)
-}
-
-/// The uid of the rental's live placement on a worker (`None` if it has none, or if the
-/// placement predates uid allocation).
-pub(super) async fn live_uid<'e, E>(
-    executor: E,
-    rental_id: &str,
-    worker_id: u64,
-) -> Result<Option<u32>, sqlx::Error>
+/// The workers with these ids, in one statement.
+async fn workers_by_id<'e, E>(executor: E, ids: &[u64]) -> Result<Vec<Worker>, sqlx::Error>
 where
     E: sqlx::Executor<'e, Database = MySql>,
 {
-    let uid: Option<Option<u32>> = sqlx::query_scalar(
-        "SELECT uid FROM placements WHERE rental_id = ? AND worker_id = ? \
-         AND state IN ('provisioning', 'active') ORDER BY id DESC LIMIT 1",
-    )
-    .bind(rental_id)
-    .bind(worker_id)
-    .fetch_optional(executor)
-    .await?;
-    Ok(uid.flatten())
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Worker ids are numbers: written into the statement, they cannot inject anything.
+    let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+    sqlx::query_as(&format!(
+        "SELECT {WORKER_COLUMNS} FROM workers WHERE id IN ({})",
+        ids.join(", ")
+    ))
+    .fetch_all(executor)
+    .await
 }
 
 async fn fetch_rental(
     tx: &mut Transaction<'_, MySql>,
     id: &str,
 ) -> Result<Option<RentalRecord>, sqlx::Error> {
-    sqlx::query(&format!(
+    sqlx::query_as(&format!(
         "SELECT {RENTAL_COLUMNS} FROM rentals WHERE id = ?"
     ))
     .bind(id)
-    .try_map(|r: MySqlRow| RentalRecord::from_row(&r))
     .fetch_optional(&mut **tx)
     .await
 }
@@ -808,32 +676,11 @@ async fn fetch_rental_for_update(
     tx: &mut Transaction<'_, MySql>,
     id: &str,
 ) -> Result<Option<RentalRecord>, sqlx::Error> {
-    sqlx::query(&format!(
+    sqlx::query_as(&format!(
         "SELECT {RENTAL_COLUMNS} FROM rentals WHERE id = ? FOR UPDATE"
     ))
     .bind(id)
-    .try_map(|r: MySqlRow| RentalRecord::from_row(&r))
     .fetch_optional(&mut **tx)
-    .await
-}
-
-/// The worker with this id, if any (`None` in, `None` out).
-pub(super) async fn fetch_worker<'e, E>(
-    executor: E,
-    id: Option<u64>,
-) -> Result<Option<Worker>, sqlx::Error>
-where
-    E: sqlx::Executor<'e, Database = MySql>,
-{
-    let Some(id) = id else {
-        return Ok(None);
-    };
-    sqlx::query(&format!(
-        "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?"
-    ))
-    .bind(id)
-    .try_map(|r: MySqlRow| Worker::from_row(&r))
-    .fetch_optional(executor)
     .await
 }
 
@@ -847,48 +694,5 @@ fn why(worker: &Worker) -> &'static str {
         "retired"
     } else {
         "dead"
-    }
-}
-
-/// Marks the rental's live placement on a worker stale: the account may still be there.
-async fn stale_live_placement(
-    tx: &mut Transaction<'_, MySql>,
-    rental_id: &str,
-    worker_id: u64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE placements SET state = 'stale', ended_at = UTC_TIMESTAMP(6) \
-         WHERE rental_id = ? AND worker_id = ? AND state IN ('provisioning', 'active')",
-    )
-    .bind(rental_id)
-    .bind(worker_id)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// Ends the rental's live placement on a worker: released (and the worker freed) when its
-/// account is gone, stale when the account may still be there.
-async fn end_placement(
-    tx: &mut Transaction<'_, MySql>,
-    rental_id: &str,
-    worker_id: u64,
-    account_removed: bool,
-) -> Result<(), sqlx::Error> {
-    let placement: Option<u64> = sqlx::query_scalar(
-        "SELECT id FROM placements WHERE rental_id = ? AND worker_id = ? \
-         AND state IN ('provisioning', 'active') ORDER BY id DESC LIMIT 1",
-    )
-    .bind(rental_id)
-    .bind(worker_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(placement_id) = placement else {
-        return Ok(());
-    };
-    if account_removed {
-        release_placement(tx, placement_id, worker_id, rental_id).await
-    } else {
-        stale_live_placement(tx, rental_id, worker_id).await
     }
 }

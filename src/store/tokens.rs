@@ -2,13 +2,12 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::Row;
-use sqlx::mysql::MySqlRow;
+use sqlx::FromRow;
 
 use super::{Store, StoreError, events};
 
 /// A token as listed to the admin: never the token itself.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, FromRow)]
 pub struct TokenRecord {
     pub id: String,
     pub tenant: String,
@@ -16,18 +15,6 @@ pub struct TokenRecord {
     pub max_rentals: Option<u32>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
-}
-
-impl TokenRecord {
-    fn from_row(r: &MySqlRow) -> Result<Self, sqlx::Error> {
-        Ok(Self {
-            id: r.try_get("id")?,
-            tenant: r.try_get("tenant")?,
-            max_rentals: r.try_get("max_rentals")?,
-            created_at: r.try_get("created_at")?,
-            revoked_at: r.try_get("revoked_at")?,
-        })
-    }
 }
 
 impl Store {
@@ -58,11 +45,10 @@ impl Store {
             &format!("token {id} for tenant {tenant}"),
         )
         .await?;
-        let record = sqlx::query(
+        let record = sqlx::query_as(
             "SELECT id, tenant, max_rentals, created_at, revoked_at FROM tokens WHERE id = ?",
         )
         .bind(&id)
-        .try_map(|r: MySqlRow| TokenRecord::from_row(&r))
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -95,11 +81,10 @@ impl Store {
     }
 
     pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        Ok(sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT id, tenant, max_rentals, created_at, revoked_at FROM tokens \
                  ORDER BY created_at",
         )
-        .try_map(|r: MySqlRow| TokenRecord::from_row(&r))
         .fetch_all(&self.pool)
         .await?)
     }

@@ -2,15 +2,21 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::mysql::MySqlRow;
-use sqlx::{MySql, Row, Transaction};
+use sqlx::{FromRow, MySql, Transaction};
 
-use super::{Store, StoreError, events};
+use super::placements::release_placement;
+use super::{Store, StoreError, events, retry_on_conflict};
 use crate::inventory::Inventory;
 use crate::model::WorkerStatus;
 
+/// The rule "a worker we may use" (give a new rental, keep a rental on), as a condition
+/// on a `workers` row: alive, not quarantined, not retired, not drained.
+/// [`Worker::is_usable`] is the same rule on a worker already read.
+pub(super) const USABLE: &str =
+    "(status = 'alive' AND quarantine_reason IS NULL AND NOT retired AND NOT drained)";
+
 /// A worker row.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, FromRow)]
 pub struct Worker {
     #[serde(skip)]
     pub id: u64,
@@ -59,32 +65,12 @@ impl Worker {
             .or(self.known_host_key.as_deref())
     }
 
-    pub(super) fn from_row(row: &MySqlRow) -> Result<Self, sqlx::Error> {
-        let status: String = row.try_get("status")?;
-        Ok(Self {
-            id: row.try_get("id")?,
-            name: row.try_get("name")?,
-            site: row.try_get("site")?,
-            ssh_host: row.try_get("ssh_host")?,
-            ssh_port: row.try_get("ssh_port")?,
-            public_host: row.try_get("public_host")?,
-            public_port: row.try_get("public_port")?,
-            pinned_host_key: row.try_get("pinned_host_key")?,
-            known_host_key: row.try_get("known_host_key")?,
-            status: status
-                .parse()
-                .map_err(|e: String| sqlx::Error::Decode(e.into()))?,
-            consecutive_failures: row.try_get("consecutive_failures")?,
-            consecutive_successes: row.try_get("consecutive_successes")?,
-            quarantine_reason: row.try_get("quarantine_reason")?,
-            retired: row.try_get("retired")?,
-            drained: row.try_get("drained")?,
-            rental_id: row.try_get("rental_id")?,
-            last_checked: row.try_get("last_checked")?,
-            last_seen_alive: row.try_get("last_seen_alive")?,
-            probe_latency_ms: row.try_get("probe_latency_ms")?,
-            last_probe_error: row.try_get("last_probe_error")?,
-        })
+    /// Whether the worker may be given a new rental or keep one: the rule of [`USABLE`].
+    pub fn is_usable(&self) -> bool {
+        self.status == WorkerStatus::Alive
+            && self.quarantine_reason.is_none()
+            && !self.retired
+            && !self.drained
     }
 }
 
@@ -119,7 +105,7 @@ pub struct ProbeRecord {
 }
 
 /// Fleet counts for `/health`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, FromRow)]
 pub struct WorkerCounts {
     pub total: i64,
     pub alive: i64,
@@ -133,14 +119,28 @@ pub struct WorkerCounts {
 }
 
 /// A tenant account left on a worker by a rental that no longer lives there.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, FromRow)]
 pub struct Cleanup {
     pub placement_id: u64,
+    #[sqlx(rename = "placement_rental")]
     pub rental_id: String,
     pub username: String,
     /// The account's uid (`None` for a placement made before Orion allocated uids).
+    #[sqlx(rename = "placement_uid")]
     pub uid: Option<u32>,
+    #[sqlx(flatten)]
     pub worker: Worker,
+}
+
+/// A worker row with the columns of the rental holding it, renamed `o_*` (see
+/// [`Store::list_workers_with_occupants`]).
+#[derive(FromRow)]
+struct WorkerRow {
+    #[sqlx(flatten)]
+    worker: Worker,
+    o_tenant: Option<String>,
+    o_username: Option<String>,
+    o_worker_id: Option<u64>,
 }
 
 impl Store {
@@ -150,8 +150,7 @@ impl Store {
     pub async fn sync_inventory(&self, inventory: &Inventory) -> Result<Vec<String>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let existing: Vec<Worker> =
-            sqlx::query(&format!("SELECT {WORKER_COLUMNS} FROM workers FOR UPDATE"))
-                .try_map(|r: MySqlRow| Worker::from_row(&r))
+            sqlx::query_as(&format!("SELECT {WORKER_COLUMNS} FROM workers FOR UPDATE"))
                 .fetch_all(&mut *tx)
                 .await?;
         let mut changes = Vec::new();
@@ -246,10 +245,9 @@ impl Store {
 
     /// Every worker, retired ones included, by name.
     pub async fn list_workers(&self) -> Result<Vec<Worker>, StoreError> {
-        Ok(sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "SELECT {WORKER_COLUMNS} FROM workers ORDER BY name"
         ))
-        .try_map(|r: MySqlRow| Worker::from_row(&r))
         .fetch_all(&self.pool)
         .await?)
     }
@@ -260,53 +258,50 @@ impl Store {
     ) -> Result<Vec<(Worker, Option<Occupant>)>, StoreError> {
         // The rental's columns are renamed in a derived table so that the worker's
         // columns can be read by their plain names.
-        Ok(sqlx::query(&format!(
+        let rows: Vec<WorkerRow> = sqlx::query_as(&format!(
             "SELECT {WORKER_COLUMNS}, o.o_tenant, o.o_username, o.o_worker_id FROM workers \
              LEFT JOIN (SELECT id AS o_id, tenant AS o_tenant, username AS o_username, \
              worker_id AS o_worker_id FROM rentals) AS o ON o.o_id = workers.rental_id \
              ORDER BY name"
         ))
-        .try_map(|r: MySqlRow| {
-            let worker = Worker::from_row(&r)?;
-            let tenant: Option<String> = r.try_get("o_tenant")?;
-            let occupant = match (&worker.rental_id, tenant) {
-                (Some(rental_id), Some(tenant)) => {
-                    let lives_on: Option<u64> = r.try_get("o_worker_id")?;
-                    Some(Occupant {
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let w = row.worker;
+                let occupant = match (&w.rental_id, row.o_tenant, row.o_username) {
+                    (Some(rental_id), Some(tenant), Some(username)) => Some(Occupant {
                         rental_id: rental_id.clone(),
                         tenant,
-                        username: r.try_get("o_username")?,
-                        serving: lives_on == Some(worker.id),
-                    })
-                }
-                _ => None,
-            };
-            Ok((worker, occupant))
-        })
-        .fetch_all(&self.pool)
-        .await?)
+                        username,
+                        serving: row.o_worker_id == Some(w.id),
+                    }),
+                    _ => None,
+                };
+                (w, occupant)
+            })
+            .collect())
     }
 
     /// The workers the probe loop must visit: all but retired ones.
     pub async fn probe_targets(&self) -> Result<Vec<Worker>, StoreError> {
-        Ok(sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "SELECT {WORKER_COLUMNS} FROM workers WHERE retired = FALSE ORDER BY name"
         ))
-        .try_map(|r: MySqlRow| Worker::from_row(&r))
         .fetch_all(&self.pool)
         .await?)
     }
 
     pub async fn worker_by_id(&self, id: u64) -> Result<Option<Worker>, StoreError> {
-        Ok(super::rentals::fetch_worker(&self.pool, Some(id)).await?)
+        Ok(fetch_worker(&self.pool, Some(id)).await?)
     }
 
     pub async fn worker_by_name(&self, name: &str) -> Result<Option<Worker>, StoreError> {
-        Ok(sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "SELECT {WORKER_COLUMNS} FROM workers WHERE name = ?"
         ))
         .bind(name)
-        .try_map(|r: MySqlRow| Worker::from_row(&r))
         .fetch_optional(&self.pool)
         .await?)
     }
@@ -326,7 +321,7 @@ impl Store {
              probe_latency_ms = ?, last_probe_error = ?, updated_at = UTC_TIMESTAMP(6) \
              WHERE id = ?",
         )
-        .bind(record.status.as_str())
+        .bind(record.status)
         .bind(record.consecutive_failures)
         .bind(record.consecutive_successes)
         .bind(record.reached)
@@ -481,7 +476,7 @@ impl Store {
 
     /// Worker counts by status, for `/health`.
     pub async fn worker_counts(&self) -> Result<WorkerCounts, StoreError> {
-        let row = sqlx::query(
+        Ok(sqlx::query_as(&format!(
             "SELECT COUNT(*) AS total, \
              CAST(COALESCE(SUM(status = 'alive'), 0) AS SIGNED) AS alive, \
              CAST(COALESCE(SUM(status = 'dead'), 0) AS SIGNED) AS dead, \
@@ -489,23 +484,12 @@ impl Store {
                  AS failing, \
              CAST(COALESCE(SUM(status = 'unknown'), 0) AS SIGNED) AS unknown, \
              CAST(COALESCE(SUM(rental_id IS NOT NULL), 0) AS SIGNED) AS allocated, \
-             CAST(COALESCE(SUM(rental_id IS NULL AND status = 'alive' \
-                 AND quarantine_reason IS NULL AND NOT drained), 0) AS SIGNED) AS free, \
+             CAST(COALESCE(SUM(rental_id IS NULL AND {USABLE}), 0) AS SIGNED) AS free, \
              CAST(COALESCE(SUM(quarantine_reason IS NOT NULL), 0) AS SIGNED) AS quarantined \
              FROM workers WHERE retired = FALSE",
-        )
+        ))
         .fetch_one(&self.pool)
-        .await?;
-        Ok(WorkerCounts {
-            total: row.try_get("total")?,
-            alive: row.try_get("alive")?,
-            dead: row.try_get("dead")?,
-            failing: row.try_get("failing")?,
-            unknown: row.try_get("unknown")?,
-            allocated: row.try_get("allocated")?,
-            free: row.try_get("free")?,
-            quarantined: row.try_get("quarantined")?,
-        })
+        .await?)
     }
 
     /// Tenant accounts left on alive workers by rentals that no longer live there
@@ -517,7 +501,9 @@ impl Store {
             .map(|c| format!("w.{}", c.trim()))
             .collect::<Vec<_>>()
             .join(", ");
-        let rows = sqlx::query(&format!(
+        // Drained and retired workers are cleaned too: only a worker that answers and
+        // is trusted can be.
+        Ok(sqlx::query_as(&format!(
             "SELECT p.id AS placement_id, p.rental_id AS placement_rental, p.uid AS placement_uid, \
              r.username, {columns} \
              FROM placements p JOIN workers w ON w.id = p.worker_id \
@@ -526,67 +512,88 @@ impl Store {
              ORDER BY p.id"
         ))
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Cleanup {
-                    placement_id: r.try_get("placement_id")?,
-                    rental_id: r.try_get("placement_rental")?,
-                    username: r.try_get("username")?,
-                    uid: r.try_get("placement_uid")?,
-                    worker: Worker::from_row(r)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+        .await?)
     }
 
     /// The account of a stale placement is gone from its worker: the placement becomes
     /// history and the worker is free again (unless another stale placement holds it).
     pub async fn finish_cleanup(&self, cleanup: &Cleanup) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        release_placement(
-            &mut tx,
-            cleanup.placement_id,
-            cleanup.worker.id,
-            &cleanup.rental_id,
-        )
-        .await?;
-        let msg = format!("removed leftover account `{}`", cleanup.username);
-        events::append_in(
-            &mut tx,
-            "worker.cleaned",
-            Some(&cleanup.worker.name),
-            Some(&cleanup.rental_id),
-            &msg,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            release_placement(
+                &mut tx,
+                cleanup.placement_id,
+                cleanup.worker.id,
+                &cleanup.rental_id,
+            )
+            .await?;
+            let msg = format!("removed leftover account `{}`", cleanup.username);
+            events::append_in(
+                &mut tx,
+                "worker.cleaned",
+                Some(&cleanup.worker.name),
+                Some(&cleanup.rental_id),
+                &msg,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 }
 
-/// Ends a placement whose account is gone, and frees its worker if this rental held it.
-pub(super) async fn release_placement(
+/// The worker with this id, if any (`None` in, `None` out).
+pub(super) async fn fetch_worker<'e, E>(
+    executor: E,
+    id: Option<u64>,
+) -> Result<Option<Worker>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = MySql>,
+{
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    sqlx::query_as(&format!(
+        "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?"
+    ))
+    .bind(id)
+    .fetch_optional(executor)
+    .await
+}
+
+/// Claims one usable, free worker for `rental_id` inside `tx`. Rows another
+/// transaction is claiming are skipped rather than waited for, so concurrent claims
+/// neither block nor deadlock, and never get the same worker. The order is the primary
+/// key's, which InnoDB reads without sorting: with a sort it would lock every candidate
+/// row before returning the first, and concurrent claims would skip them all.
+pub(super) async fn claim_free_worker(
     tx: &mut Transaction<'_, MySql>,
-    placement_id: u64,
-    worker_id: u64,
     rental_id: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE placements SET state = 'released', ended_at = COALESCE(ended_at, UTC_TIMESTAMP(6)) \
-         WHERE id = ?",
-    )
-    .bind(placement_id)
-    .execute(&mut **tx)
+    exclude: &[u64],
+) -> Result<Option<Worker>, sqlx::Error> {
+    // Worker ids are numbers: written into the statement, they cannot inject anything.
+    let excluded = if exclude.is_empty() {
+        String::new()
+    } else {
+        let ids: Vec<String> = exclude.iter().map(u64::to_string).collect();
+        format!("AND id NOT IN ({}) ", ids.join(", "))
+    };
+    let candidate: Option<Worker> = sqlx::query_as(&format!(
+        "SELECT {WORKER_COLUMNS} FROM workers \
+         WHERE rental_id IS NULL AND {USABLE} {excluded}\
+         ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+    ))
+    .fetch_optional(&mut **tx)
     .await?;
-    sqlx::query(
-        "UPDATE workers SET rental_id = NULL, updated_at = UTC_TIMESTAMP(6) \
-         WHERE id = ? AND rental_id = ?",
-    )
-    .bind(worker_id)
-    .bind(rental_id)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    let Some(mut worker) = candidate else {
+        return Ok(None);
+    };
+    sqlx::query("UPDATE workers SET rental_id = ?, updated_at = UTC_TIMESTAMP(6) WHERE id = ?")
+        .bind(rental_id)
+        .bind(worker.id)
+        .execute(&mut **tx)
+        .await?;
+    worker.rental_id = Some(rental_id.to_owned());
+    Ok(Some(worker))
 }

@@ -59,6 +59,18 @@ impl Worker {
             .or(self.known_host_key.as_deref())
     }
 
+    /// Where to reach this worker over SSH, with the host key it must present.
+    pub fn target(&self) -> crate::ssh::Target {
+        crate::ssh::Target {
+            name: self.name.clone(),
+            host: self.ssh_host.clone(),
+            port: self.ssh_port,
+            host_key: self
+                .expected_host_key()
+                .and_then(crate::ssh::parse_host_key),
+        }
+    }
+
     pub(super) fn from_row(row: &MySqlRow) -> Result<Self, sqlx::Error> {
         let status: String = row.try_get("status")?;
         Ok(Self {

@@ -25,6 +25,13 @@ pub struct Config {
     /// Directory holding the playbook templates (`create_user.sh.j2`, `delete_user.sh.j2`).
     #[serde(default = "default_playbooks")]
     pub playbooks: PathBuf,
+    /// How long Orion gives in-flight work after SIGTERM or Ctrl-C, all of it together:
+    /// requests, loop passes, and the rents, releases and notifications running apart
+    /// from them. Must stay below the time its supervisor waits before killing it
+    /// (`stop_grace_period: 30s` in docker-compose.yml; Docker's default is 10 s), so
+    /// that Orion, not a SIGKILL, decides what is cut.
+    #[serde(default = "default_shutdown_deadline", with = "humantime_serde")]
+    pub shutdown_deadline: Duration,
     pub database: DatabaseConfig,
     pub ssh: SshConfig,
     #[serde(default)]
@@ -377,6 +384,9 @@ impl Default for LogConfig {
     }
 }
 
+fn default_shutdown_deadline() -> Duration {
+    Duration::from_secs(20)
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8080))
 }
@@ -686,6 +696,7 @@ mod tests {
             defaults.database.max_connections
         );
         assert_eq!(example.listen, defaults.listen);
+        assert_eq!(example.shutdown_deadline, defaults.shutdown_deadline);
         assert_eq!(example.http.trusted_proxies, defaults.http.trusted_proxies);
         assert_eq!(example.http.anonymous_burst, defaults.http.anonymous_burst);
         assert_eq!(

@@ -7,9 +7,10 @@
 //!
 //! # Layout
 //!
-//! - [`context`]: the handles shared by the API and the loops.
+//! - [`context`]: the handles shared by the API and the loops, including the tracker of
+//!   detached tasks that shutdown waits for.
 //! - [`metrics`]: Prometheus metrics, served on `/metrics`.
-//! - [`telemetry`]: logging setup and the status of each control loop.
+//! - [`telemetry`]: logging setup.
 //! - [`config`]: the one configuration struct, read from TOML with `ORION_*` overrides.
 //! - [`inventory`]: the static inventory file (`inventory/*.toml`), parsed and validated
 //!   with errors that name the file, line and field.
@@ -22,13 +23,19 @@
 //! - [`playbook`]: playbook templates (minijinja, every value shell-quoted by the
 //!   formatter) and the executor that runs them on a worker.
 //! - [`rentals`]: the rent and release operations shared by the API and the loops.
-//! - [`health`]: the probe loop: probe every worker, apply hysteresis, record status.
-//! - [`watch`]: one idle SSH session per worker, so a worker that goes away is re-probed
-//!   within milliseconds.
-//! - [`migration`]: the loop that moves rentals off dead workers, same credentials.
+//! - [`loops`]: the control loops, one file each, and the driver that runs them (interval,
+//!   wake-ups, capped back-off, last success and last error):
+//!   - [`loops::health`]: probe every worker each round, record what hysteresis concludes;
+//!   - [`loops::watch`]: one idle SSH session per worker, so a worker that goes away is
+//!     re-probed within milliseconds;
+//!   - [`loops::migration`]: move rentals off dead workers, same credentials;
+//!   - [`loops::cleanup`]: remove leftover tenant accounts from workers before they are
+//!     offered again.
+//! - [`probe`]: probing one worker (confirmation, hysteresis, recording), shared by the
+//!   health and watch loops.
+//! - [`probe_policy`]: the pure rules of probing (how deep a probe goes, when a status
+//!   changes), apart from any I/O.
 //! - [`notify`]: delivering `notify_url` notifications to public addresses only.
-//! - [`cleanup`]: the loop that removes leftover tenant accounts from workers before they
-//!   are offered again.
 //! - [`auth`]: tokens (Bearer, or a Basic password from browsers): the admin's from the
 //!   configuration, tenants' from the DB.
 //! - [`api`]: the axum router, its handlers, the single error-to-response mapping, the
@@ -44,17 +51,17 @@
 
 pub mod api;
 pub mod auth;
-pub mod cleanup;
 pub mod client;
 pub mod config;
 pub mod context;
-pub mod health;
 pub mod inventory;
+pub mod loops;
 pub mod metrics;
-pub mod migration;
 pub mod model;
 pub mod notify;
 pub mod playbook;
+pub mod probe;
+pub mod probe_policy;
 pub mod progress;
 pub mod ratelimit;
 pub mod rentals;
@@ -63,4 +70,3 @@ pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod testkit;
-pub mod watch;

@@ -15,8 +15,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde_json::json;
 
-use crate::context::Context;
 use crate::model::{InvalidInput, NotifyUrl};
+use crate::store::Store;
 
 /// Bound on resolving a `notify_url`'s host at rent time.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -147,66 +147,93 @@ pub fn client(policy: &AddressPolicy) -> reqwest::Result<reqwest::Client> {
         .build()
 }
 
-/// POSTs the rental's new placement to its `notify_url`, retrying with back-off; runs in
-/// its own task and records the outcome as an event. A redirect is an answer, not a
-/// success: it is not followed.
-pub async fn deliver(ctx: Context, rental_id: String, url: String) {
-    let cfg = &ctx.config.migration;
-    let Ok(Some(detail)) = ctx.store.rental_detail(&rental_id).await else {
-        return;
-    };
-    let view = crate::api::views::RentalView::from(detail);
-    let body = json!({ "event": "rental.migrated", "rental": view });
-    let mut last_error = String::new();
-    for attempt in 0..cfg.notify_attempts {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_secs(1 << (attempt - 1).min(6))).await;
-        }
-        // The resolver guards names; an address literal is checked here.
-        if let Ok(valid) = NotifyUrl::parse(&url)
-            && let Err(e) = literal_check(&ctx.notify_policy, &valid)
-        {
-            last_error = e;
-            break;
-        }
-        match ctx
-            .http
-            .post(&url)
-            .timeout(cfg.notify_timeout)
-            .json(&body)
-            .send()
-            .await
-        {
-            Ok(resp) if resp.status().is_success() => {
-                let _ = ctx
-                    .store
-                    .append_event(
-                        "rental.notified",
-                        None,
-                        Some(&rental_id),
-                        &format!("POST {url}"),
-                    )
-                    .await;
-                return;
+/// Sends notifications: the policy, the client that keeps to it, and how hard to try.
+/// Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    /// Which addresses a `notify_url` may reach.
+    policy: AddressPolicy,
+    /// No redirects, names resolved through `policy`.
+    http: reqwest::Client,
+    /// Tries per notification (`migration.notify_attempts`).
+    attempts: u32,
+    /// Bound on one try (`migration.notify_timeout`).
+    timeout: Duration,
+}
+
+impl Notifier {
+    pub fn new(policy: AddressPolicy, attempts: u32, timeout: Duration) -> reqwest::Result<Self> {
+        Ok(Self {
+            http: client(&policy)?,
+            policy,
+            attempts,
+            timeout,
+        })
+    }
+
+    /// Checks a `notify_url` at rent time ([`AddressPolicy::check`]).
+    pub async fn check(&self, url: &NotifyUrl) -> Result<(), InvalidInput> {
+        self.policy.check(url).await
+    }
+
+    /// POSTs the rental's new placement to its `notify_url`, retrying with back-off; runs
+    /// in its own task and records the outcome as an event. A redirect is an answer, not
+    /// a success: it is not followed.
+    pub async fn deliver(self, store: Store, rental_id: String, url: String) {
+        let Ok(Some(detail)) = store.rental_detail(&rental_id).await else {
+            return;
+        };
+        let view = crate::api::views::RentalView::from(detail);
+        let body = json!({ "event": "rental.migrated", "rental": view });
+        let mut last_error = String::new();
+        for attempt in 0..self.attempts {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(1 << (attempt - 1).min(6))).await;
             }
-            Ok(resp) if resp.status().is_redirection() => {
-                last_error = format!("answered {} (redirects are not followed)", resp.status());
+            // The resolver guards names; an address literal is checked here.
+            if let Ok(valid) = NotifyUrl::parse(&url)
+                && let Err(e) = literal_check(&self.policy, &valid)
+            {
+                last_error = e;
                 break;
             }
-            Ok(resp) => last_error = format!("answered {}", resp.status()),
-            Err(e) => last_error = format!("{:#}", anyhow::Error::new(e.without_url())),
+            match self
+                .http
+                .post(&url)
+                .timeout(self.timeout)
+                .json(&body)
+                .send()
+                .await
+            {
+                Ok(resp) if resp.status().is_success() => {
+                    let _ = store
+                        .append_event(
+                            "rental.notified",
+                            None,
+                            Some(&rental_id),
+                            &format!("POST {url}"),
+                        )
+                        .await;
+                    return;
+                }
+                Ok(resp) if resp.status().is_redirection() => {
+                    last_error = format!("answered {} (redirects are not followed)", resp.status());
+                    break;
+                }
+                Ok(resp) => last_error = format!("answered {}", resp.status()),
+                Err(e) => last_error = format!("{:#}", anyhow::Error::new(e.without_url())),
+            }
         }
+        tracing::warn!(rental_id, error = %last_error, "notification not delivered");
+        let _ = store
+            .append_event(
+                "rental.notify_failed",
+                None,
+                Some(&rental_id),
+                &format!("POST {url}: {last_error}"),
+            )
+            .await;
     }
-    tracing::warn!(rental_id, error = %last_error, "notification not delivered");
-    let _ = ctx
-        .store
-        .append_event(
-            "rental.notify_failed",
-            None,
-            Some(&rental_id),
-            &format!("POST {url}: {last_error}"),
-        )
-        .await;
 }
 
 /// A URL whose host is an address literal must name a permitted address.

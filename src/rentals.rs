@@ -9,7 +9,6 @@
 use tracing::Instrument;
 
 use crate::context::Context;
-use crate::health::target_of;
 use crate::model::{self, NotifyUrl, RentalStatus, TenantKey, Username};
 use crate::playbook::{Playbook, PlaybookError, Vars};
 use crate::store::{Claim, NewRental, RentalDetail, RentalRecord, StoreError, Worker};
@@ -78,14 +77,16 @@ impl From<StoreError> for RentError {
 /// left for the cleanup loop if the worker is unreachable) and the worker is not left
 /// allocated to the failed rental.
 ///
-/// The work runs in its own task: a client that disconnects mid-rent does not cut a
-/// provisioning in half.
+/// The work runs in its own task, tracked in [`Context::tasks`]: a client that
+/// disconnects mid-rent does not cut a provisioning in half, and a shutdown waits for it.
 pub async fn rent(ctx: &Context, request: RentRequest) -> Result<Rented, RentError> {
     let ctx = ctx.clone();
     let id = uuid::Uuid::new_v4().to_string();
     let span = tracing::info_span!("rent", rental_id = %id, worker = tracing::field::Empty);
     let started = std::time::Instant::now();
-    let result = tokio::spawn(rent_inner(ctx, id, request).instrument(span))
+    let tasks = ctx.tasks.clone();
+    let result = tasks
+        .spawn(rent_inner(ctx, id, request).instrument(span))
         .await
         .unwrap_or_else(|e| {
             Err(RentError::Store(StoreError::Invariant(format!(
@@ -248,7 +249,7 @@ pub async fn provision(
     let worker = &claim.worker;
     let result = ctx
         .executor
-        .run(Playbook::CreateUser, &vars, &target_of(worker))
+        .run(Playbook::CreateUser, &vars, &worker.target())
         .await;
     on_playbook_result(ctx, worker, &result).await;
     result
@@ -271,7 +272,7 @@ pub async fn deprovision(
     };
     let result = ctx
         .executor
-        .run(Playbook::DeleteUser, &vars, &target_of(worker))
+        .run(Playbook::DeleteUser, &vars, &worker.target())
         .await;
     on_playbook_result(ctx, worker, &result).await;
     result
@@ -313,12 +314,15 @@ pub enum ReleaseError {
 /// Releases a rental: removes the tenant's account from its worker and frees the worker.
 /// If the worker is down, the rental is released anyway and the cleanup loop removes the
 /// account when the worker answers again (the worker stays held until then).
-/// Releasing a released rental succeeds and changes nothing.
+/// Releasing a released rental succeeds and changes nothing. Like a rent, it runs in its
+/// own tracked task.
 pub async fn release(ctx: &Context, id: &str, tenant: Option<&str>) -> Result<(), ReleaseError> {
     let ctx = ctx.clone();
     let (id, tenant) = (id.to_owned(), tenant.map(str::to_owned));
     let span = tracing::info_span!("release", rental_id = %id, worker = tracing::field::Empty);
-    tokio::spawn(async move { release_inner(&ctx, &id, tenant.as_deref()).await }.instrument(span))
+    let tasks = ctx.tasks.clone();
+    tasks
+        .spawn(async move { release_inner(&ctx, &id, tenant.as_deref()).await }.instrument(span))
         .await
         .unwrap_or_else(|e| {
             Err(ReleaseError::Store(StoreError::Invariant(format!(

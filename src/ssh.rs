@@ -17,6 +17,9 @@ use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use russh::{ChannelMsg, Disconnect};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use crate::probe_policy::ProbeDepth;
+use crate::probe_policy::{self, DepthEvery, Proven};
+
 /// Where to connect and which host key to insist on.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -130,18 +133,8 @@ pub struct SshClient {
     shared: Arc<Mutex<HashMap<String, SharedConnection>>>,
     /// What each worker (by name) last proved to this client, and when.
     proven: Arc<Mutex<HashMap<String, Proven>>>,
-    /// A probe opens a new connection when the worker's last handshake is older.
-    handshake_every: Duration,
-    /// A probe over the watch connection runs a command when the worker's last one is
-    /// older; otherwise it is a keepalive round trip.
-    exec_every: Duration,
-}
-
-/// When a worker last completed a handshake and last ran a probe's command.
-#[derive(Debug, Clone, Copy)]
-struct Proven {
-    handshake: Instant,
-    exec: Option<Instant>,
+    /// How often each probe depth is due ([`probe_policy::depth`]).
+    every: DepthEvery,
 }
 
 /// A watch's authenticated connection and the host key it was verified with.
@@ -247,20 +240,22 @@ impl SshClient {
             sessions: Arc::new(Semaphore::new(max_sessions)),
             shared: Arc::default(),
             proven: Arc::default(),
-            handshake_every: DEFAULT_HANDSHAKE_EVERY,
-            exec_every: DEFAULT_EXEC_EVERY,
+            every: DepthEvery {
+                handshake: DEFAULT_HANDSHAKE_EVERY,
+                exec: DEFAULT_EXEC_EVERY,
+            },
         }
     }
 
     /// How often a probe opens a new connection even though a watch connection is open.
     pub fn set_handshake_every(&mut self, every: Duration) {
-        self.handshake_every = every;
+        self.every.handshake = every;
     }
 
     /// How often a probe over a watch connection runs a command rather than only a
     /// keepalive round trip. Zero: every probe runs one.
     pub fn set_exec_every(&mut self, every: Duration) {
-        self.exec_every = every;
+        self.every.exec = every;
     }
 
     /// Sets how often a watch session checks that the worker still answers, and after how
@@ -483,9 +478,9 @@ impl SshClient {
             .lock()
             .expect("proof times poisoned")
             .entry(target.name.clone())
-            .and_modify(|p| p.handshake = Instant::now())
+            .and_modify(|p| p.handshake = tokio::time::Instant::now())
             .or_insert(Proven {
-                handshake: Instant::now(),
+                handshake: tokio::time::Instant::now(),
                 exec: None,
             });
         Ok((handle, host_key))
@@ -509,16 +504,11 @@ impl SshClient {
             .expect("proof times poisoned")
             .get(&target.name)
             .copied();
-        let recent = |at: Instant, every: Duration| at.elapsed() < every;
-        let shared = match proven {
-            Some(p) if recent(p.handshake, self.handshake_every) => self.shared_session(target),
-            _ => None,
-        };
-        let depth = match (&shared, proven.and_then(|p| p.exec)) {
-            (None, _) => ProbeDepth::Handshake,
-            (Some(_), Some(exec)) if recent(exec, self.exec_every) => ProbeDepth::Keepalive,
-            (Some(_), _) => ProbeDepth::Exec,
-        };
+        let now = tokio::time::Instant::now();
+        let shared = probe_policy::may_share(proven, self.every, now)
+            .then(|| self.shared_session(target))
+            .flatten();
+        let depth = probe_policy::depth(proven, shared.is_some(), self.every, now);
         let ready = match shared {
             Some(session) => Ok(session),
             None => Err(self.session_slot().await),
@@ -561,7 +551,7 @@ impl SshClient {
                 .expect("proof times poisoned")
                 .get_mut(&target.name)
         {
-            p.exec = Some(Instant::now());
+            p.exec = Some(tokio::time::Instant::now());
         }
         Ok(Probe {
             host_key,
@@ -577,20 +567,6 @@ pub struct Probe {
     pub host_key: PublicKey,
     pub depth: ProbeDepth,
     pub latency: Duration,
-}
-
-/// What a probe proved about a worker, from the deepest to the lightest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeDepth {
-    /// A new connection: the worker accepts logins with its pinned host key and Orion's
-    /// key, and runs a command.
-    Handshake,
-    /// A command in a new channel of the watch connection: the worker starts a session
-    /// and a process.
-    Exec,
-    /// A keepalive request on the watch connection: the worker's kernel, network and
-    /// sshd answer.
-    Keepalive,
 }
 
 fn mismatch_or(

@@ -6,28 +6,48 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::config::ExecutorKind;
 use crate::context::Context;
 use crate::inventory::Inventory;
+use crate::loops::{self, LoopRegistry, cleanup, health, migration, watch};
 use crate::playbook::{Ansible, Executor, Playbook, Playbooks};
 use crate::ssh::SshClient;
 use crate::store::Store;
-use crate::telemetry::LoopRegistry;
-use crate::{api, cleanup, health, migration, rentals, watch};
+use crate::{api, rentals};
 
 /// How long Orion waits for MariaDB at start before giving up (compose may start Orion
 /// while the database is still initialising).
 const DATABASE_WAIT: Duration = Duration::from_secs(60);
 
-/// How long in-flight requests and loop passes get to finish after a shutdown signal.
-const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
+/// The loops' own state, made once at start and handed to them rather than kept in the
+/// [`Context`] the API shares. Tests that call a pass directly pass it too, so that their
+/// pass and the running loop's see the same locks and the same memory of the last pass.
+#[derive(Debug, Clone)]
+pub struct Loops {
+    /// Shared by the probe rounds and the watches: both probe workers.
+    pub probes: Arc<crate::probe::Probes>,
+    /// Private to the migration loop.
+    pub migration: Arc<crate::loops::migration::State>,
+}
+
+impl Loops {
+    /// The state for a pool of `max_connections` database connections.
+    pub fn new(max_connections: u32) -> Self {
+        Self {
+            probes: Arc::new(crate::probe::Probes::new(max_connections)),
+            migration: Arc::default(),
+        }
+    }
+}
 
 /// A built, not yet running, Orion: API listener bound, schema applied, inventory synced.
 pub struct Application {
     listener: TcpListener,
     ctx: Context,
+    loops: Loops,
 }
 
 impl Application {
@@ -88,9 +108,13 @@ impl Application {
             });
         }
         let admin_token_hash = crate::auth::token_hash(config.auth.admin_token.expose());
-        let probe_db = (config.database.max_connections as usize / 2).max(1);
-        let notify_policy =
-            crate::notify::AddressPolicy::new(config.migration.notify_allow.clone());
+        let loops = Loops::new(config.database.max_connections);
+        let notifier = crate::notify::Notifier::new(
+            crate::notify::AddressPolicy::new(config.migration.notify_allow.clone()),
+            config.migration.notify_attempts,
+            config.migration.notify_timeout,
+        )
+        .context("Failed to build the HTTP client")?;
         let limiter = crate::ratelimit::AddressLimiter::new(
             config.http.anonymous_burst,
             config.http.anonymous_per_second,
@@ -101,15 +125,11 @@ impl Application {
             executor,
             config: Arc::new(config),
             loops: Arc::new(LoopRegistry::default()),
-            probe_locks: Arc::default(),
-            probe_db: Arc::new(tokio::sync::Semaphore::new(probe_db)),
-            migrate_now: Arc::default(),
-            migration_held: Arc::default(),
+            wake: loops::Wakers::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
             admin_token_hash,
             stopping: CancellationToken::new(),
-            http: crate::notify::client(&notify_policy)
-                .context("Failed to build the HTTP client")?,
-            notify_policy,
+            notifier,
             limiter: Arc::new(limiter),
         };
         let recovered = rentals::recover(&ctx)
@@ -121,7 +141,11 @@ impl Application {
         let listener = TcpListener::bind(ctx.config.listen)
             .await
             .with_context(|| format!("Failed to listen on {}", ctx.config.listen))?;
-        Ok(Self { listener, ctx })
+        Ok(Self {
+            listener,
+            ctx,
+            loops,
+        })
     }
 
     /// The port the API listens on (useful when configured as 0).
@@ -136,57 +160,88 @@ impl Application {
         &self.ctx
     }
 
+    /// The loops' own state, for tests that run a pass next to the running loops.
+    pub fn loops(&self) -> &Loops {
+        &self.loops
+    }
+
     /// Serves the API and runs the control loops until `shutdown` is cancelled, then gives
-    /// in-flight requests and loop passes [`SHUTDOWN_DEADLINE`] to finish.
+    /// in-flight requests, loop passes and tracked tasks (rents, releases, notifications)
+    /// `shutdown_deadline` to finish, all together.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let ctx = self.ctx;
-        tracing::info!(listen = %self.listener.local_addr()?, "orion serving");
+        let Self {
+            listener,
+            ctx,
+            loops,
+        } = self;
+        tracing::info!(listen = %listener.local_addr()?, "orion serving");
         let stopping = ctx.stopping.clone();
         let signal = shutdown.clone();
         tokio::spawn(async move {
             signal.cancelled().await;
             stopping.cancel();
         });
-        let mut loops = tokio::task::JoinSet::new();
-        loops.spawn(health::run(ctx.clone(), shutdown.clone().cancelled_owned()));
-        loops.spawn(migration::run(
+        // The loops are tracked with the rest, so the deadline covers them too; kept in
+        // a set as well, to be aborted if they overrun it.
+        let tasks = ctx.tasks.clone();
+        let stop = || shutdown.clone().cancelled_owned();
+        let mut running = tokio::task::JoinSet::new();
+        running.spawn(tasks.track_future(health::run(ctx.clone(), loops.probes.clone(), stop())));
+        running.spawn(tasks.track_future(migration::run(
             ctx.clone(),
-            shutdown.clone().cancelled_owned(),
-        ));
-        loops.spawn(cleanup::run(
-            ctx.clone(),
-            shutdown.clone().cancelled_owned(),
-        ));
+            loops.migration.clone(),
+            stop(),
+        )));
+        running.spawn(tasks.track_future(cleanup::run(ctx.clone(), stop())));
         if ctx.config.health.watch {
-            loops.spawn(watch::run(ctx.clone(), shutdown.clone()));
+            running.spawn(tasks.track_future(watch::run(
+                ctx.clone(),
+                loops.probes.clone(),
+                shutdown.clone(),
+            )));
         }
+        let deadline_after = ctx.config.shutdown_deadline;
 
         // The peer's address is the client's, or its proxy's (see `api::client_address`).
         let server = axum::serve(
-            self.listener,
+            listener,
             api::app(ctx).into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let deadline = async {
-            shutdown.cancelled().await;
-            tracing::info!("shutting down: finishing in-flight work");
-            tokio::time::sleep(SHUTDOWN_DEADLINE).await;
+        .with_graceful_shutdown(stop())
+        .into_future();
+        tokio::pin!(server);
+        let served = tokio::select! {
+            served = &mut server => Some(served),
+            () = shutdown.cancelled() => None,
         };
-        tokio::select! {
-            served = server => served.context("HTTP server failed")?,
-            () = deadline => tracing::warn!("in-flight requests cut at the shutdown deadline"),
+        let deadline = tokio::time::Instant::now() + deadline_after;
+        let served = match served {
+            Some(served) => Some(served),
+            None => {
+                tracing::info!("shutting down: finishing in-flight work");
+                tokio::time::timeout_at(deadline, &mut server).await.ok()
+            }
+        };
+        match served {
+            Some(served) => served.context("HTTP server failed")?,
+            None => tracing::warn!("in-flight requests cut at the shutdown deadline"),
         }
-        let drained = tokio::time::timeout(SHUTDOWN_DEADLINE, async {
-            while loops.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!("loop passes cut at the shutdown deadline");
-            loops.abort_all();
+        if !drain(&tasks, deadline).await {
+            tracing::warn!("loop passes and tracked tasks cut at the shutdown deadline");
+            running.abort_all();
         }
         tracing::info!("orion stopped");
         Ok(())
     }
+}
+
+/// Waits for every task in `tasks` (no new one is accepted) until `deadline`. Returns
+/// whether they all finished; those still running are dropped with the runtime.
+pub async fn drain(tasks: &TaskTracker, deadline: tokio::time::Instant) -> bool {
+    tasks.close();
+    tokio::time::timeout_at(deadline, tasks.wait())
+        .await
+        .is_ok()
 }
 
 /// Applies the schema, retrying while the database is not reachable yet.
@@ -227,5 +282,55 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tracked_task_in_flight_at_shutdown_is_waited_for() {
+        let tasks = TaskTracker::new();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let finished = done.clone();
+        // A rent still provisioning when the signal comes.
+        tasks.spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            finished.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let started = tokio::time::Instant::now();
+        assert!(drain(&tasks, started + Duration::from_secs(20)).await);
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tracked_task_that_overruns_is_cut_at_the_deadline() {
+        let tasks = TaskTracker::new();
+        tasks.spawn(tokio::time::sleep(Duration::from_secs(600)));
+        let started = tokio::time::Instant::now();
+        assert!(!drain(&tasks, started + Duration::from_secs(20)).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(20));
+    }
+
+    #[test]
+    fn the_default_shutdown_deadline_is_below_the_compose_grace_period() {
+        let compose =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.yml"))
+                .unwrap();
+        let grace = compose
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("stop_grace_period:"))
+            .map(|v| humantime::parse_duration(v.trim()).unwrap())
+            .unwrap_or(Duration::from_secs(10));
+        let text = "[database]\nurl = \"mysql://x@localhost/x\"\n[ssh]\nkey = \"k\"\n\
+                    [auth]\nadmin_token = \"0123456789abcdef0123456789\"\n";
+        let config = Config::from_toml_str(text).unwrap();
+        assert!(
+            config.shutdown_deadline < grace,
+            "{:?} is not below {grace:?}",
+            config.shutdown_deadline
+        );
     }
 }

@@ -240,6 +240,8 @@ pub type Tweak = Box<dyn FnOnce(&mut Config)>;
 pub struct TestApp {
     pub address: String,
     pub ctx: Context,
+    /// The running loops' own state, for tests that run a pass next to them.
+    pub loops: crate::startup::Loops,
     pub workers: Vec<Worker>,
     /// HTTP client carrying the admin token.
     pub http: reqwest::Client,
@@ -308,6 +310,7 @@ pub async fn spawn_app_on(
         .expect("orion failed to build");
     let address = format!("http://127.0.0.1:{}", app.port());
     let ctx = app.context().clone();
+    let loops = app.loops().clone();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
 
@@ -330,6 +333,7 @@ pub async fn spawn_app_on(
     TestApp {
         address,
         ctx,
+        loops,
         workers,
         http: client_with_token(ADMIN_TOKEN),
         tenant_ssh,

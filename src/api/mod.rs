@@ -146,7 +146,7 @@ async fn rent(
         .map(NotifyUrl::parse)
         .transpose()?;
     if let Some(url) = &notify_url {
-        ctx.notify_policy.check(url).await?;
+        ctx.notifier.check(url).await?;
     }
     let tenants = &ctx.config.tenants;
     let ttl = match (&body.ttl, &caller) {
@@ -314,7 +314,7 @@ async fn set_drained(
     }
     if drained {
         // Move its tenants now rather than at the next tick.
-        ctx.migrate_now.notify_one();
+        ctx.wake.migration.notify_one();
     }
     let worker = ctx
         .store

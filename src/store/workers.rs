@@ -65,6 +65,18 @@ impl Worker {
             .or(self.known_host_key.as_deref())
     }
 
+    /// Where to reach this worker over SSH, with the host key it must present.
+    pub fn target(&self) -> crate::ssh::Target {
+        crate::ssh::Target {
+            name: self.name.clone(),
+            host: self.ssh_host.clone(),
+            port: self.ssh_port,
+            host_key: self
+                .expected_host_key()
+                .and_then(crate::ssh::parse_host_key),
+        }
+    }
+
     /// Whether the worker may be given a new rental or keep one: the rule of [`USABLE`].
     pub fn is_usable(&self) -> bool {
         self.status == WorkerStatus::Alive

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use orion::config::ExecutorKind;
-use orion::health::target_of;
 use orion::playbook::{Ansible, Executor, Playbook, Vars};
 use orion::ssh::Auth;
 use serde_json::{Value, json};
@@ -55,7 +54,7 @@ async fn both_executors_make_the_same_account_idempotently_and_remove_it() {
     };
     let mut states = Vec::new();
     for (executor, name) in [(&native, "worker_1"), (&ansible, "worker_2")] {
-        let target = target_of(&app.worker_row(name).await);
+        let target = app.worker_row(name).await.target();
         executor
             .run(Playbook::CreateUser, &vars, &target)
             .await
@@ -84,7 +83,7 @@ async fn both_executors_make_the_same_account_idempotently_and_remove_it() {
     assert!(states[0].contains("700 rita rita"), "{}", states[0]);
 
     for (executor, name) in [(&native, "worker_1"), (&ansible, "worker_2")] {
-        let target = target_of(&app.worker_row(name).await);
+        let target = app.worker_row(name).await.target();
         executor
             .run(Playbook::DeleteUser, &vars, &target)
             .await

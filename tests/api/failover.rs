@@ -110,8 +110,10 @@ async fn the_stop_the_worker_drill_moves_the_rental_with_the_same_key_and_fences
         old.has_user("ivan"),
         "the account is still there before fencing"
     );
-    orion::health::probe_round(&app.ctx).await.unwrap();
-    orion::cleanup::cleanup_pass(&app.ctx).await.unwrap();
+    orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
+        .await
+        .unwrap();
+    orion::loops::cleanup::cleanup_pass(&app.ctx).await.unwrap();
     assert!(!old.has_user("ivan"), "fencing removed the moved tenant");
     let w = app.worker_row(&first).await;
     assert!(!w.allocated(), "the old worker is free again");
@@ -139,13 +141,15 @@ async fn a_briefly_paused_worker_moves_nothing() {
 
     crate::helpers::docker(&["pause", &container]);
     let round = {
-        let ctx = app.ctx.clone();
-        tokio::spawn(async move { orion::health::probe_round(&ctx).await })
+        let (ctx, probes) = (app.ctx.clone(), app.loops.probes.clone());
+        tokio::spawn(async move { orion::loops::health::probe_round(&ctx, &probes).await })
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
     crate::helpers::docker(&["unpause", &container]);
     round.await.unwrap().unwrap();
-    orion::migration::migration_pass(&app.ctx).await.unwrap();
+    orion::loops::migration::migration_pass(&app.ctx, &app.loops.migration)
+        .await
+        .unwrap();
 
     let (_, rental) = app.get_json(&format!("/api/rentals/{id}")).await;
     assert_eq!(rental["status"], "active");
@@ -185,7 +189,9 @@ async fn with_no_free_worker_the_rental_waits_then_moves_when_one_frees() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 204);
-    orion::migration::migration_pass(&app.ctx).await.unwrap();
+    orion::loops::migration::migration_pass(&app.ctx, &app.loops.migration)
+        .await
+        .unwrap();
     let moved = wait_rental(&app, &a_id, Duration::from_secs(10), |r| {
         r["status"] == "active"
     })
@@ -210,7 +216,9 @@ async fn rent_with_a_bystander(app: &TestApp, username: &str) -> (String, String
 
 /// A migration pass holds, and the rental stays active where it was.
 async fn assert_pass_holds_in_place(app: &TestApp, id: &str, rented: &str) {
-    let summary = orion::migration::migration_pass(&app.ctx).await.unwrap();
+    let summary = orion::loops::migration::migration_pass(&app.ctx, &app.loops.migration)
+        .await
+        .unwrap();
     assert!(summary.held, "{summary:?}");
     let (_, rental) = app.get_json(&format!("/api/rentals/{id}")).await;
     assert_eq!(rental["status"], "active");
@@ -223,7 +231,9 @@ async fn most_workers_dead_at_once_holds_migrations_until_it_clears() {
     let (id, rented, other) = rent_with_a_bystander(&app, "mona").await;
     app.worker(&rented).stop();
     app.worker(&other).stop();
-    orion::health::probe_round(&app.ctx).await.unwrap();
+    orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
+        .await
+        .unwrap();
     assert_pass_holds_in_place(&app, &id, &rented).await;
     assert_eq!(
         app.count("SELECT COUNT(*) FROM events WHERE kind = 'migration.held'")
@@ -232,9 +242,13 @@ async fn most_workers_dead_at_once_holds_migrations_until_it_clears() {
     );
 
     app.worker(&other).start();
-    orion::health::probe_round(&app.ctx).await.unwrap();
+    orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
+        .await
+        .unwrap();
     // This pass, or the loop woken by the deaths above, moves the rental now.
-    let summary = orion::migration::migration_pass(&app.ctx).await.unwrap();
+    let summary = orion::loops::migration::migration_pass(&app.ctx, &app.loops.migration)
+        .await
+        .unwrap();
     assert!(!summary.held, "{summary:?}");
     let moved = wait_rental(&app, &id, Duration::from_secs(10), |r| {
         r["status"] == "active" && r["worker"] != rented.as_str()
@@ -265,7 +279,9 @@ async fn a_fault_declared_one_worker_at_a_time_still_holds_migrations() {
     // Only the rented worker's death is declared; the other paused one is still alive
     // with no failure on record.
     let worker = app.worker_row(&rented).await;
-    let status = orion::health::probe_worker(&app.ctx, worker).await.unwrap();
+    let status = orion::probe::probe_worker(&app.ctx, &app.loops.probes, worker)
+        .await
+        .unwrap();
     assert_eq!(status, orion::model::WorkerStatus::Dead);
     assert_eq!(
         app.count("SELECT COUNT(*) FROM workers WHERE status = 'dead'")
@@ -279,7 +295,9 @@ async fn a_fault_declared_one_worker_at_a_time_still_holds_migrations() {
     pause(&other, "unpause");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let summary = orion::migration::migration_pass(&app.ctx).await.unwrap();
+        let summary = orion::loops::migration::migration_pass(&app.ctx, &app.loops.migration)
+            .await
+            .unwrap();
         if !summary.held {
             break;
         }
@@ -326,7 +344,7 @@ async fn a_drained_worker_hands_its_tenant_over_and_gets_no_new_rentals() {
     assert_eq!(who.as_deref(), Ok("uma"));
 
     // Cleaned, but drained: no new rental lands there.
-    orion::cleanup::cleanup_pass(&app.ctx).await.unwrap();
+    orion::loops::cleanup::cleanup_pass(&app.ctx).await.unwrap();
     assert!(!app.worker(&first).has_user("uma"));
     assert_eq!(app.rent(json!({})).await.status(), 503);
     let resp = app

@@ -182,7 +182,7 @@ async fn delete_user_refuses_root_system_accounts_and_uids_below_the_floor() {
         "useradd -m alice && useradd -m -u 1500 -G orion-tenants bob \
          && useradd -m -u 200777 carol",
     );
-    let target = orion::health::target_of(&app.worker_row("worker_1").await);
+    let target = app.worker_row("worker_1").await.target();
     let vars = |username: &str, uid: Option<u32>| Vars {
         username: username.into(),
         uid,
@@ -254,7 +254,7 @@ async fn a_tampered_row_naming_root_quarantines_the_worker_instead_of_removing_r
             .await
             .unwrap();
     }
-    orion::cleanup::cleanup_pass(&app.ctx).await.unwrap();
+    orion::loops::cleanup::cleanup_pass(&app.ctx).await.unwrap();
     let worker = app.worker("worker_1");
     assert!(worker.has_user("root"));
     let row = app.worker_row("worker_1").await;
@@ -338,7 +338,7 @@ async fn a_rental_stuck_in_provisioning_is_failed_by_the_loops_and_its_account_r
             .await
             .unwrap();
     }
-    orion::cleanup::cleanup_pass(&app.ctx).await.unwrap();
+    orion::loops::cleanup::cleanup_pass(&app.ctx).await.unwrap();
     let (_, view) = app.get_json(&format!("/api/rentals/{id}")).await;
     assert_eq!(view["status"], "failed", "{view}");
     assert!(!app.worker("worker_1").has_user("stuck"));
@@ -407,7 +407,11 @@ async fn a_notify_url_that_redirects_to_loopback_is_not_followed() {
         .fetch_one(app.ctx.store.pool())
         .await
         .unwrap();
-    orion::notify::deliver(app.ctx.clone(), id.clone(), url).await;
+    app.ctx
+        .notifier
+        .clone()
+        .deliver(app.ctx.store.clone(), id.clone(), url)
+        .await;
     assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect was followed");
     let message: String = sqlx::query_scalar(
         "SELECT message FROM events WHERE kind = 'rental.notify_failed' AND rental_id = ?",
@@ -500,7 +504,7 @@ async fn an_expired_rental_is_released_and_its_account_removed_unless_renewed() 
         .unwrap();
     assert_eq!(renewed.status(), 200);
 
-    orion::cleanup::cleanup_pass(&app.ctx).await.unwrap();
+    orion::loops::cleanup::cleanup_pass(&app.ctx).await.unwrap();
     let (_, view) = app.get_json(&format!("/api/rentals/{first_id}")).await;
     assert_eq!(view["status"], "released", "{view}");
     let worker = app.worker(first["worker"].as_str().unwrap());

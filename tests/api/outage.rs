@@ -101,7 +101,11 @@ async fn a_database_outage_answers_503_keeps_tenants_and_resumes_without_restart
     assert_eq!(details["database"], "down");
     assert!(details["loops"].is_object(), "{details}");
     // The loops fail, report it, and keep going.
-    assert!(orion::health::probe_round(&app.ctx).await.is_err());
+    assert!(
+        orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
+            .await
+            .is_err()
+    );
     // The tenant is not touched.
     let who = app
         .tenant_whoami("127.0.0.1", port, "pia", Auth::Key(key.clone()))
@@ -115,7 +119,7 @@ async fn a_database_outage_answers_503_keeps_tenants_and_resumes_without_restart
         assert!(Instant::now() < deadline, "Orion did not recover");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    orion::health::probe_round(&app.ctx)
+    orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
         .await
         .expect("the loops work again");
     let (_, rentals) = app.get_json("/api/rentals").await;

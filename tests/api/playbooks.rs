@@ -1,4 +1,3 @@
-use orion::health::target_of;
 use orion::playbook::{Playbook, Vars};
 
 use crate::helpers::{spawn_app, tenant_key};
@@ -15,7 +14,7 @@ fn account_state(worker: &crate::helpers::Worker, user: &str) -> String {
 async fn each_playbook_runs_twice_with_the_same_result() {
     let app = spawn_app(1).await;
     let worker = app.worker("worker_1");
-    let target = target_of(&app.worker_row("worker_1").await);
+    let target = app.worker_row("worker_1").await.target();
     let (_, public) = tenant_key();
     let vars = Vars {
         username: "frank".into(),
@@ -61,7 +60,7 @@ async fn each_playbook_runs_twice_with_the_same_result() {
 async fn no_secret_reaches_the_workers_command_lines() {
     let app = spawn_app(1).await;
     let worker = app.worker("worker_1");
-    let target = target_of(&app.worker_row("worker_1").await);
+    let target = app.worker_row("worker_1").await.target();
     let hash = orion::model::hash_password("another-secret");
     let vars = Vars {
         username: "grace".into(),

@@ -34,7 +34,9 @@ async fn a_stopped_worker_is_dead_at_the_next_probe_and_alive_once_started() {
     let app = spawn_app(2).await;
     let worker = app.worker("worker_1");
     worker.stop();
-    let summary = orion::health::probe_round(&app.ctx).await.unwrap();
+    let summary = orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
+        .await
+        .unwrap();
     assert_eq!(summary.dead, 1);
     assert_eq!(status_of(&app, "worker_1").await, WorkerStatus::Dead);
     assert_eq!(status_of(&app, "worker_2").await, WorkerStatus::Alive);
@@ -47,7 +49,9 @@ async fn a_stopped_worker_is_dead_at_the_next_probe_and_alive_once_started() {
     assert_eq!(health["workers"]["dead"], 1);
 
     worker.start();
-    orion::health::probe_round(&app.ctx).await.unwrap();
+    orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
+        .await
+        .unwrap();
     assert_eq!(status_of(&app, "worker_1").await, WorkerStatus::Alive);
     let kinds: Vec<String> = sqlx::query_scalar(
         "SELECT kind FROM events WHERE worker = 'worker_1' AND kind IN ('worker.dead', 'worker.alive') ORDER BY id",
@@ -63,7 +67,9 @@ async fn a_worker_whose_host_key_changed_is_refused_quarantined_and_never_rented
     let app = spawn_app(1).await;
     let worker = app.worker("worker_1");
     worker.rotate_host_keys();
-    orion::health::probe_round(&app.ctx).await.unwrap();
+    orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
+        .await
+        .unwrap();
     let w = app.worker_row("worker_1").await;
     let reason = w.quarantine_reason.expect("the worker is quarantined");
     assert!(reason.contains("host key"), "{reason}");
@@ -87,8 +93,8 @@ async fn a_hung_worker_does_not_delay_the_probes_of_the_others() {
     crate::helpers::docker(&["pause", &hung]);
     let started = chrono::Utc::now();
     let round = {
-        let ctx = app.ctx.clone();
-        tokio::spawn(async move { orion::health::probe_round(&ctx).await })
+        let (ctx, probes) = (app.ctx.clone(), app.loops.probes.clone());
+        tokio::spawn(async move { orion::loops::health::probe_round(&ctx, &probes).await })
     };
     // worker_2 is recorded long before worker_1's probe times out (3 s, twice).
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
@@ -136,7 +142,7 @@ async fn probes_open_a_new_connection_at_least_every_handshake_every() {
     let app = one_watched_worker(Box::new(move |c| c.health.handshake_every = every)).await;
     let opened = Instant::now();
     let worker = app.worker_row("worker_1").await;
-    let target = orion::health::target_of(&worker);
+    let target = worker.target();
     let container = &app.worker("worker_1").container;
     let pid = crate::helpers::docker(&["inspect", "-f", "{{.State.Pid}}", container]);
     let signal = |sig: &str| {
@@ -170,7 +176,7 @@ async fn probes_run_a_command_at_least_every_exec_every() {
     use std::time::{Duration, Instant};
     let every = Duration::from_secs(4);
     let app = one_watched_worker(Box::new(move |c| c.health.exec_every = every)).await;
-    let target = orion::health::target_of(&app.worker_row("worker_1").await);
+    let target = app.worker_row("worker_1").await.target();
     let probe = || app.ctx.ssh.probe(&target, Duration::from_secs(2));
     // Probes are keepalives until `every` after the startup round's command.
     let deadline = Instant::now() + every + Duration::from_secs(2);

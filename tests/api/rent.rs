@@ -324,13 +324,23 @@ async fn releasing_a_rental_on_a_dead_worker_frees_it_only_after_cleanup() {
     let worker = app.worker("worker_1");
     worker.stop();
     assert_eq!(app.release(id).await, 204);
-    orion::health::probe_round(&app.ctx).await.unwrap();
+    orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
+        .await
+        .unwrap();
     // The account may still be on the worker: it is not offered to anyone.
     assert_eq!(app.rent(json!({})).await.status(), 503);
 
     worker.start();
-    orion::health::probe_round(&app.ctx).await.unwrap();
-    assert_eq!(orion::cleanup::cleanup_pass(&app.ctx).await.unwrap(), 1);
+    orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
+        .await
+        .unwrap();
+    assert_eq!(
+        orion::loops::cleanup::cleanup_pass(&app.ctx)
+            .await
+            .unwrap()
+            .removed,
+        1
+    );
     assert!(!worker.has_user("erin"));
     assert_eq!(app.rent(json!({})).await.status(), 201);
 }

@@ -76,6 +76,8 @@ async fn the_inventory_is_synced_and_removed_workers_are_retired() {
         2,
         "retired, not deleted"
     );
-    let summary = orion::health::probe_round(&app.ctx).await.unwrap();
+    let summary = orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
+        .await
+        .unwrap();
     assert_eq!(summary.probed, 1, "retired workers are not probed");
 }

@@ -216,9 +216,9 @@ async fn failover(runs: usize, workers: usize) -> anyhow::Result<()> {
         // Put the fleet back: the worker returns, is fenced, and the rental ends.
         worker.start();
         for _ in 0..app.ctx.config.health.alive_after {
-            orion::health::probe_round(&app.ctx).await?;
+            orion::loops::health::probe_round(&app.ctx, &app.loops.probes).await?;
         }
-        orion::cleanup::cleanup_pass(&app.ctx).await?;
+        orion::loops::cleanup::cleanup_pass(&app.ctx).await?;
         let resp = app
             .http
             .delete(app.url(&format!("/api/rentals/{id}")))

@@ -147,7 +147,7 @@ async fn orion_rounds(
     let machine_before = report::machine_busy();
     for _ in 0..rounds {
         let started = Instant::now();
-        let summary = orion::health::probe_round(&app.ctx).await?;
+        let summary = orion::loops::health::probe_round(&app.ctx, &app.loops.probes).await?;
         samples.push(started.elapsed());
         ensure!(
             summary.alive == size,

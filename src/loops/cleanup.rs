@@ -7,6 +7,7 @@ use std::future::Future;
 
 use anyhow::Context as _;
 
+use super::Pass;
 use crate::context::Context;
 use crate::rentals;
 use crate::store::Cleanup;
@@ -14,10 +15,22 @@ use crate::store::Cleanup;
 /// Name of this loop in logs and on the status endpoint.
 pub const LOOP: &str = "cleanup";
 
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CleanupSummary {
+    /// Leftover accounts removed (their workers are free again).
+    pub removed: usize,
+}
+
+/// A pass runs again after `cleanup.interval`; an account whose worker failed is retried
+/// then.
+impl Pass for CleanupSummary {}
+
 /// One pass: rentals stuck in `provisioning` are failed (their account becomes a leftover),
-/// rentals whose time is up are released, then every stale placement on an alive worker gets `delete_user`. Returns how many
-/// accounts were removed; an account whose worker fails is retried next pass.
-pub async fn cleanup_pass(ctx: &Context) -> anyhow::Result<usize> {
+/// rentals whose time is up are released, then every stale placement on an alive worker
+/// gets `delete_user`. Says how many accounts were removed; an account whose worker
+/// fails is retried next pass.
+pub async fn cleanup_pass(ctx: &Context) -> anyhow::Result<CleanupSummary> {
     rentals::resolve_stuck_provisioning(ctx)
         .await
         .context("Failed to resolve rentals stuck in provisioning")?;
@@ -37,7 +50,7 @@ pub async fn cleanup_pass(ctx: &Context) -> anyhow::Result<usize> {
                 error = format!("{e:#}"), "could not remove a leftover account; will retry"),
         }
     }
-    Ok(removed)
+    Ok(CleanupSummary { removed })
 }
 
 async fn remove_account(ctx: &Context, cleanup: &Cleanup) -> anyhow::Result<()> {
@@ -54,9 +67,9 @@ async fn remove_account(ctx: &Context, cleanup: &Cleanup) -> anyhow::Result<()> 
 /// Runs cleanup passes every `cleanup.interval` until `shutdown` resolves.
 pub async fn run(ctx: Context, shutdown: impl Future<Output = ()>) {
     let interval = ctx.config.cleanup.interval;
-    crate::telemetry::run_loop(LOOP, &ctx.loops.clone(), interval, shutdown, || {
+    super::run_loop(LOOP, &ctx.loops.clone(), interval, None, shutdown, || {
         let ctx = ctx.clone();
-        async move { cleanup_pass(&ctx).await.map(|_| ()) }
+        async move { cleanup_pass(&ctx).await }
     })
     .await;
 }

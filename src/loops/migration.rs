@@ -14,13 +14,13 @@
 //! not yet declared dead, since a cut is declared worker by worker.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use futures::StreamExt;
 use tracing::Instrument;
 
+use super::Pass;
 use crate::context::Context;
 use crate::model::{RentalStatus, WorkerStatus};
 use crate::rentals;
@@ -31,6 +31,14 @@ pub const LOOP: &str = "migration";
 
 /// Moves performed at once in one pass; each is a few SSH round trips.
 const CONCURRENT_MOVES: usize = 16;
+
+/// What the migration loop remembers between passes.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Whether the last pass held all moves (too many workers dead at once), so the
+    /// condition is logged when it starts and when it clears, not every pass.
+    held: AtomicBool,
+}
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -44,6 +52,10 @@ pub struct PassSummary {
     /// True when the pass moved nothing because too many workers look dead.
     pub held: bool,
 }
+
+/// A pass runs again after `migration.interval`, or at once when woken: a rental left
+/// waiting or a failed move is retried then.
+impl Pass for PassSummary {}
 
 /// Whether to hold all moves: with at least 3 workers, more than `max_fraction` of them
 /// dead or failing their probes at the same moment.
@@ -69,7 +81,7 @@ async fn unanswered_now(ctx: &Context, counts: &WorkerCounts) -> anyhow::Result<
         .iter()
         // A quarantined worker is out of service for another reason than this fault.
         .filter(|w| w.status != WorkerStatus::Dead && w.quarantine_reason.is_none())
-        .map(crate::health::target_of)
+        .map(|w| w.target())
         .collect();
     let timeout = ctx.config.health.probe_timeout;
     let mut probes: futures::stream::FuturesUnordered<_> = targets
@@ -94,7 +106,7 @@ async fn unanswered_now(ctx: &Context, counts: &WorkerCounts) -> anyhow::Result<
 }
 
 /// One pass over every rental that must move.
-pub async fn migration_pass(ctx: &Context) -> anyhow::Result<PassSummary> {
+pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSummary> {
     let mut counts = ctx
         .store
         .worker_counts()
@@ -110,7 +122,7 @@ pub async fn migration_pass(ctx: &Context) -> anyhow::Result<PassSummary> {
         counts.failing = unanswered_now(ctx, &counts).await?;
         hold = should_hold(&counts, ctx.config.migration.max_dead_fraction);
     }
-    let was_held = ctx.migration_held.swap(hold, Ordering::Relaxed);
+    let was_held = state.held.swap(hold, Ordering::Relaxed);
     if hold && was_held {
         return Ok(PassSummary {
             held: true,
@@ -229,7 +241,12 @@ async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Ou
                 "rental moved"
             );
             if let Some(url) = rental.notify_url.clone() {
-                tokio::spawn(crate::notify::deliver(ctx.clone(), rental.id.clone(), url));
+                // Tracked, so that a shutdown waits for it under its deadline.
+                ctx.tasks.spawn(ctx.notifier.clone().deliver(
+                    ctx.store.clone(),
+                    rental.id.clone(),
+                    url,
+                ));
             }
             Ok(Outcome::Moved)
         }
@@ -246,25 +263,26 @@ async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Ou
     }
 }
 
-/// Runs migration passes every `migration.interval`, and at once when woken by a worker
-/// declared dead, until `shutdown` resolves.
-pub async fn run(ctx: Context, shutdown: impl Future<Output = ()>) {
+/// Runs migration passes every `migration.interval`, and at once when woken
+/// ([`crate::loops::Wakers::migration`]: a worker declared dead, quarantined or drained),
+/// until `shutdown` resolves.
+pub async fn run(ctx: Context, state: std::sync::Arc<State>, shutdown: impl Future<Output = ()>) {
     let interval = ctx.config.migration.interval;
-    let wake = Arc::clone(&ctx.migrate_now);
-    crate::telemetry::run_loop_woken(
+    let wake = ctx.wake.migration.clone();
+    super::run_loop(
         LOOP,
         &ctx.loops.clone(),
         interval,
-        Some(wake),
+        Some(&wake),
         shutdown,
         || {
-            let ctx = ctx.clone();
+            let (ctx, state) = (ctx.clone(), state.clone());
             async move {
-                let summary = migration_pass(&ctx).await?;
+                let summary = migration_pass(&ctx, &state).await?;
                 if summary != PassSummary::default() {
                     tracing::info!(?summary, "migration pass");
                 }
-                Ok(())
+                Ok(summary)
             }
         },
     )

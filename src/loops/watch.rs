@@ -3,21 +3,22 @@
 //!
 //! When a watched worker closes the connection (container stopped, machine crashed,
 //! sshd killed) the worker is probed at once, with the usual confirmation retries and
-//! hysteresis ([`crate::health::probe_worker`]): a restarted sshd answers the
+//! hysteresis ([`crate::probe::probe_worker`]): a restarted sshd answers the
 //! confirmation probe and nothing happens; a dead worker fails it and is declared dead
 //! in about `(dead_after - 1) × retry_delay`, which wakes the migration loop. A worker
 //! that hangs without closing the connection stops answering keepalives and is treated
 //! the same way after `keepalive_interval × (keepalive_max + 1)`; the probe rounds stay
 //! the bound for anything slower.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::Context;
-use crate::health::{probe_worker, target_of};
 use crate::model::WorkerStatus;
+use crate::probe::{Probes, probe_worker};
 
 /// How long a watcher waits before looking again at a worker it cannot watch (dead,
 /// quarantined, or refusing the session).
@@ -26,8 +27,9 @@ const IDLE_RECHECK: Duration = Duration::from_secs(2);
 /// A watch that drops sooner than this after opening is not reopened before this long.
 const MIN_WATCH: Duration = Duration::from_secs(1);
 
-/// Watches every worker of the inventory until `shutdown` is cancelled.
-pub async fn run(ctx: Context, shutdown: CancellationToken) {
+/// Watches every worker of the inventory until `shutdown` is cancelled. Not a periodic
+/// pass: one long-lived task per worker, each waiting on its session.
+pub async fn run(ctx: Context, probes: Arc<Probes>, shutdown: CancellationToken) {
     let names = loop {
         match ctx.store.probe_targets().await {
             Ok(workers) => break workers.into_iter().map(|w| w.name).collect::<Vec<_>>(),
@@ -42,15 +44,25 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) {
     };
     let mut watchers = JoinSet::new();
     for name in names {
-        watchers.spawn(watch_worker(ctx.clone(), name, shutdown.clone()));
+        watchers.spawn(watch_worker(
+            ctx.clone(),
+            probes.clone(),
+            name,
+            shutdown.clone(),
+        ));
     }
     while watchers.join_next().await.is_some() {}
 }
 
 /// Keeps a watch session open on one worker and probes it whenever the session drops.
-async fn watch_worker(ctx: Context, name: String, shutdown: CancellationToken) {
+async fn watch_worker(
+    ctx: Context,
+    probes: Arc<Probes>,
+    name: String,
+    shutdown: CancellationToken,
+) {
     while !shutdown.is_cancelled() {
-        let db = ctx.probe_db_slot().await;
+        let db = probes.db_slot().await;
         let read = ctx.store.worker_by_name(&name).await;
         drop(db);
         let worker = match read {
@@ -67,7 +79,7 @@ async fn watch_worker(ctx: Context, name: String, shutdown: CancellationToken) {
             pause(&shutdown, IDLE_RECHECK).await;
             continue;
         }
-        let target = target_of(&worker);
+        let target = worker.target();
         let opened = tokio::time::Instant::now();
         match ctx.ssh.watch(&target).await {
             Ok(mut watch) => {
@@ -84,7 +96,7 @@ async fn watch_worker(ctx: Context, name: String, shutdown: CancellationToken) {
             }
         }
         // Either the session dropped or it could not be opened: let a probe decide.
-        match probe_worker(&ctx, worker).await {
+        match probe_worker(&ctx, &probes, worker).await {
             // Alive after all: watch again, but never spin on a session that keeps dropping.
             Ok(WorkerStatus::Alive) if opened.elapsed() < MIN_WATCH => {
                 pause(&shutdown, MIN_WATCH).await;

@@ -1,0 +1,294 @@
+//! The control loops, and the driver that runs them.
+//!
+//! Each loop is one file with one public pass that tests call directly and that says,
+//! through its summary ([`Pass::next`]), when it wants to run next; and a `run` that
+//! repeats the pass through [`run_loop`] until shutdown. A loop never imports another
+//! for a helper: what two loops share lives outside this folder ([`crate::probe`],
+//! [`crate::rentals`]), and the one signal between loops is a [`Wakers`] handle.
+//!
+//! - [`health`]: probe every worker each `health.interval`, record what hysteresis concludes.
+//! - [`watch`]: one idle SSH session per worker, re-probed the moment it drops.
+//! - [`migration`]: move rentals off dead workers, same credentials.
+//! - [`cleanup`]: remove leftover accounts before a worker is offered again.
+//!
+//! The driver keeps each loop's last success and last error in a [`LoopRegistry`]
+//! (shown on `/api/status`) and backs off, capped, while a pass fails.
+
+pub mod cleanup;
+pub mod health;
+pub mod migration;
+pub mod watch;
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::Notify;
+
+/// When a loop wants its next pass, as its pass says (like kube-rs' `Action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Next {
+    /// After the loop's configured interval, or sooner if woken.
+    #[default]
+    Interval,
+    /// After this long, or sooner if woken.
+    After(Duration),
+}
+
+/// What a loop's pass returns: its summary, which says when the loop runs next.
+pub trait Pass: Debug {
+    fn next(&self) -> Next {
+        Next::Interval
+    }
+}
+
+/// The signals that make a loop run its next pass now rather than at its next tick.
+/// The one channel between loops (and from the API to a loop): the sender never waits
+/// and never learns what the woken loop did.
+#[derive(Debug, Clone, Default)]
+pub struct Wakers {
+    /// Wakes the migration loop: a worker was declared dead, quarantined or drained.
+    pub migration: Arc<Notify>,
+}
+
+/// What one control loop last did, as shown on `/api/status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoopState {
+    pub last_success: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    /// Failed passes since the last success (drives the back-off).
+    pub consecutive_errors: u32,
+    pub passes: u64,
+}
+
+/// The states of all loops, keyed by loop name.
+#[derive(Debug, Default)]
+pub struct LoopRegistry {
+    states: Mutex<BTreeMap<&'static str, LoopState>>,
+}
+
+impl LoopRegistry {
+    pub fn success(&self, name: &'static str) {
+        let mut states = self.states.lock().expect("loop registry poisoned");
+        let state = states.entry(name).or_default();
+        state.last_success = Some(Utc::now());
+        state.consecutive_errors = 0;
+        state.passes += 1;
+    }
+
+    /// Records a failed pass. Returns how many passes have failed in a row, so the loop
+    /// can log the first failure loudly and the following ones quietly.
+    pub fn failure(&self, name: &'static str, error: &anyhow::Error) -> u32 {
+        let mut states = self.states.lock().expect("loop registry poisoned");
+        let state = states.entry(name).or_default();
+        state.last_error = Some(format!("{error:#}"));
+        state.last_error_at = Some(Utc::now());
+        state.consecutive_errors += 1;
+        state.passes += 1;
+        state.consecutive_errors
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<&'static str, LoopState> {
+        self.states.lock().expect("loop registry poisoned").clone()
+    }
+}
+
+/// Delay before the next pass of a loop that has failed `errors` times in a row: the
+/// normal interval after a success, then doubling from one second, capped at the interval
+/// (a failing loop retries sooner than usual at first, never later than usual).
+pub fn backoff(interval: Duration, errors: u32) -> Duration {
+    if errors == 0 {
+        return interval;
+    }
+    let exp = Duration::from_secs(1u64 << errors.saturating_sub(1).min(16));
+    exp.min(interval)
+}
+
+/// Delay before the next pass: what a successful pass asked for, or the back-off after
+/// `errors` failed passes in a row.
+pub fn delay(interval: Duration, outcome: Result<Next, u32>) -> Duration {
+    match outcome {
+        Ok(Next::Interval) => interval,
+        Ok(Next::After(d)) => d,
+        Err(errors) => backoff(interval, errors),
+    }
+}
+
+/// Drives a control loop: runs `pass` now and then again when it asks ([`Pass::next`],
+/// at most `interval` apart by default), sooner with back-off after a failure, or at once
+/// when `wake` is notified, until `shutdown` resolves. A pass in progress is let finish;
+/// the caller bounds how long it waits. Errors are logged with the loop's name, loudly
+/// the first time and quietly while they repeat, and kept in `loops`.
+pub async fn run_loop<F, Fut, S>(
+    name: &'static str,
+    loops: &LoopRegistry,
+    interval: Duration,
+    wake: Option<&Notify>,
+    shutdown: impl Future<Output = ()>,
+    mut pass: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<S>>,
+    S: Pass,
+{
+    tokio::pin!(shutdown);
+    loop {
+        let outcome = match pass().await {
+            Ok(summary) => {
+                tracing::debug!(loop_name = name, ?summary, "pass done");
+                let state = loops.snapshot().get(name).cloned().unwrap_or_default();
+                if state.consecutive_errors > 0 {
+                    tracing::info!(loop_name = name, "loop recovered");
+                }
+                loops.success(name);
+                metrics::gauge!(crate::metrics::names::LOOP_LAST_SUCCESS, "loop" => name)
+                    .set(Utc::now().timestamp() as f64);
+                Ok(summary.next())
+            }
+            Err(e) => {
+                let errors = loops.failure(name, &e);
+                if errors == 1 {
+                    tracing::error!(
+                        loop_name = name,
+                        error = format!("{e:#}"),
+                        "loop pass failed"
+                    );
+                } else {
+                    tracing::debug!(
+                        loop_name = name,
+                        errors,
+                        error = format!("{e:#}"),
+                        "loop pass failed again"
+                    );
+                }
+                Err(errors)
+            }
+        };
+        let woken = async {
+            match wake {
+                Some(notify) => notify.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay(interval, outcome)) => {}
+            _ = woken => tracing::debug!(loop_name = name, "woken early"),
+            _ = &mut shutdown => break,
+        }
+    }
+    tracing::info!(loop_name = name, "loop stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[test]
+    fn backoff_doubles_then_caps_at_the_interval() {
+        let i = Duration::from_secs(10);
+        assert_eq!(backoff(i, 0), i);
+        assert_eq!(backoff(i, 1), Duration::from_secs(1));
+        assert_eq!(backoff(i, 2), Duration::from_secs(2));
+        assert_eq!(backoff(i, 4), Duration::from_secs(8));
+        assert_eq!(backoff(i, 5), i);
+        assert_eq!(backoff(i, 60), i);
+    }
+
+    #[test]
+    fn the_registry_counts_errors_until_a_success() {
+        let r = LoopRegistry::default();
+        assert_eq!(r.failure("health", &anyhow::anyhow!("db down")), 1);
+        assert_eq!(r.failure("health", &anyhow::anyhow!("db down")), 2);
+        r.success("health");
+        let s = &r.snapshot()["health"];
+        assert_eq!(s.consecutive_errors, 0);
+        assert_eq!(s.passes, 3);
+        assert_eq!(s.last_error.as_deref(), Some("db down"));
+    }
+
+    #[derive(Debug)]
+    struct Asked(Next);
+
+    impl Pass for Asked {
+        fn next(&self) -> Next {
+            self.0
+        }
+    }
+
+    /// Runs a loop whose passes fail `failures` times then ask for `next`, and returns
+    /// the times (from the start) at which its first `passes` passes began.
+    async fn pass_times(failures: usize, next: Next, wake: Option<&Notify>) -> Vec<Duration> {
+        let start = Instant::now();
+        let times = Arc::new(Mutex::new(Vec::new()));
+        let registry = LoopRegistry::default();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let recorded = times.clone();
+        let stop = shutdown.clone();
+        run_loop(
+            "test",
+            &registry,
+            Duration::from_secs(10),
+            wake,
+            shutdown.cancelled(),
+            move || {
+                let mut times = recorded.lock().unwrap();
+                times.push(start.elapsed());
+                let n = times.len();
+                if n == 8 {
+                    stop.cancel();
+                }
+                async move {
+                    if n <= failures {
+                        anyhow::bail!("pass {n} failed")
+                    }
+                    Ok(Asked(next))
+                }
+            },
+        )
+        .await;
+        times.lock().unwrap().clone()
+    }
+
+    fn secs(s: &[u64]) -> Vec<Duration> {
+        s.iter().map(|&s| Duration::from_secs(s)).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_loop_backs_off_doubling_then_at_the_interval_and_recovers() {
+        // Fails 5 times: retried after 1, 2, 4, 8 (capped at 10) s, then every 10 s.
+        let times = pass_times(5, Next::Interval, None).await;
+        assert_eq!(times, secs(&[0, 1, 3, 7, 15, 25, 35, 45]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_that_asks_for_a_delay_runs_again_after_it() {
+        let times = pass_times(0, Next::After(Duration::from_secs(3)), None).await;
+        assert_eq!(times, secs(&[0, 3, 6, 9, 12, 15, 18, 21]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_woken_loop_runs_its_next_pass_at_once() {
+        let wake = Arc::new(Notify::new());
+        let waker = wake.clone();
+        let ringer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            waker.notify_one();
+        });
+        let times = pass_times(0, Next::Interval, Some(&wake)).await;
+        ringer.await.unwrap();
+        assert_eq!(
+            &times[..3],
+            &[
+                Duration::ZERO,
+                Duration::from_millis(2500),
+                Duration::from_millis(12500)
+            ]
+        );
+    }
+}

@@ -1,0 +1,274 @@
+//! The pure rules of health probing, apart from the I/O that applies them: how deep a
+//! probe goes ([`depth`]) and when a worker's status changes ([`observe`]). Both take
+//! their inputs (times, counts) as arguments, so they are tested with paused tokio time
+//! and no worker.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::model::WorkerStatus;
+
+/// What a probe proved about a worker, from the deepest to the lightest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeDepth {
+    /// A new connection: the worker accepts logins with its pinned host key and Orion's
+    /// key, and runs a command.
+    Handshake,
+    /// A command in a new channel of the watch connection: the worker starts a session
+    /// and a process.
+    Exec,
+    /// A keepalive request on the watch connection: the worker's kernel, network and
+    /// sshd answer.
+    Keepalive,
+}
+
+/// When a worker last completed a handshake and last ran a probe's command.
+#[derive(Debug, Clone, Copy)]
+pub struct Proven {
+    pub handshake: Instant,
+    pub exec: Option<Instant>,
+}
+
+/// How often each depth is due, from `health.handshake_every` and `health.exec_every`.
+#[derive(Debug, Clone, Copy)]
+pub struct DepthEvery {
+    /// A probe opens a new connection when the worker's last handshake is older.
+    pub handshake: Duration,
+    /// A probe over the watch connection runs a command when the worker's last one is
+    /// older; otherwise it is a keepalive round trip.
+    pub exec: Duration,
+}
+
+/// Whether a probe at `now` may ride the worker's watch connection: only while its last
+/// handshake is recent enough.
+pub fn may_share(proven: Option<Proven>, every: DepthEvery, now: Instant) -> bool {
+    proven.is_some_and(|p| now.duration_since(p.handshake) < every.handshake)
+}
+
+/// How deep a probe at `now` goes: a new connection when there is no watch connection to
+/// ride (`shared` false, see [`may_share`]); over it, a command when the last one is older
+/// than `every.exec`, otherwise a keepalive.
+pub fn depth(proven: Option<Proven>, shared: bool, every: DepthEvery, now: Instant) -> ProbeDepth {
+    if !shared {
+        return ProbeDepth::Handshake;
+    }
+    match proven.and_then(|p| p.exec) {
+        Some(exec) if now.duration_since(exec) < every.exec => ProbeDepth::Keepalive,
+        _ => ProbeDepth::Exec,
+    }
+}
+
+/// Hysteresis thresholds, from [`crate::config::HealthConfig`].
+#[derive(Debug, Clone, Copy)]
+pub struct Thresholds {
+    pub dead_after: u32,
+    pub alive_after: u32,
+}
+
+/// A worker's health as the state machine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    pub status: WorkerStatus,
+    pub consecutive_failures: u32,
+    pub consecutive_successes: u32,
+}
+
+/// Folds one probe outcome into a worker's health.
+///
+/// - `unknown` becomes `alive` on its first success (a fresh worker is usable at once) and
+///   `dead` after `dead_after` failures;
+/// - `alive` becomes `dead` after `dead_after` failures in a row;
+/// - `dead` becomes `alive` after `alive_after` successes in a row.
+pub fn observe(health: Health, success: bool, t: Thresholds) -> Health {
+    if success {
+        let successes = health.consecutive_successes.saturating_add(1);
+        let status = match health.status {
+            WorkerStatus::Unknown | WorkerStatus::Alive => WorkerStatus::Alive,
+            WorkerStatus::Dead if successes >= t.alive_after => WorkerStatus::Alive,
+            WorkerStatus::Dead => WorkerStatus::Dead,
+        };
+        Health {
+            status,
+            consecutive_failures: 0,
+            consecutive_successes: successes,
+        }
+    } else {
+        let failures = health.consecutive_failures.saturating_add(1);
+        let status = if failures >= t.dead_after {
+            WorkerStatus::Dead
+        } else {
+            health.status
+        };
+        Health {
+            status,
+            consecutive_failures: failures,
+            consecutive_successes: 0,
+        }
+    }
+}
+
+/// How many probes one worker gets in a row before the outcome is recorded: an alive (or
+/// new) worker that fails is re-probed at once, up to `dead_after` times, so a real death
+/// is confirmed in this round rather than the next one; a dead worker is probed once.
+pub fn attempts(status: WorkerStatus, t: Thresholds) -> u32 {
+    if status == WorkerStatus::Dead {
+        1
+    } else {
+        t.dead_after
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EVERY: DepthEvery = DepthEvery {
+        handshake: Duration::from_secs(300),
+        exec: Duration::from_secs(60),
+    };
+
+    const T: Thresholds = Thresholds {
+        dead_after: 3,
+        alive_after: 2,
+    };
+
+    fn start(status: WorkerStatus) -> Health {
+        Health {
+            status,
+            consecutive_failures: 0,
+            consecutive_successes: 0,
+        }
+    }
+
+    fn fold(mut h: Health, outcomes: &[bool]) -> Health {
+        for &ok in outcomes {
+            h = observe(h, ok, T);
+        }
+        h
+    }
+
+    /// The depth of a probe made now, as the SSH client decides it.
+    fn depth_now(proven: Option<Proven>) -> ProbeDepth {
+        let now = Instant::now();
+        depth(proven, may_share(proven, EVERY, now), EVERY, now)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_never_proven_gets_a_new_connection() {
+        assert_eq!(depth_now(None), ProbeDepth::Handshake);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_handshake_probes_run_a_command_then_keepalives_until_exec_every() {
+        let proven = Some(Proven {
+            handshake: Instant::now(),
+            exec: Some(Instant::now()),
+        });
+        assert_eq!(depth_now(proven), ProbeDepth::Keepalive);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(depth_now(proven), ProbeDepth::Keepalive);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(depth_now(proven), ProbeDepth::Exec);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handshake_older_than_handshake_every_forces_a_new_connection() {
+        let proven = Some(Proven {
+            handshake: Instant::now(),
+            exec: None,
+        });
+        assert_eq!(depth_now(proven), ProbeDepth::Exec);
+        tokio::time::advance(Duration::from_secs(299)).await;
+        assert_eq!(depth_now(proven), ProbeDepth::Exec);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(depth_now(proven), ProbeDepth::Handshake);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_watch_connection_every_probe_is_a_handshake() {
+        let now = Instant::now();
+        let proven = Some(Proven {
+            handshake: now,
+            exec: Some(now),
+        });
+        assert_eq!(depth(proven, false, EVERY, now), ProbeDepth::Handshake);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exec_every_of_zero_makes_every_shared_probe_run_a_command() {
+        let every = DepthEvery {
+            exec: Duration::ZERO,
+            ..EVERY
+        };
+        let now = Instant::now();
+        let proven = Some(Proven {
+            handshake: now,
+            exec: Some(now),
+        });
+        assert_eq!(depth(proven, true, every, now), ProbeDepth::Exec);
+    }
+
+    #[test]
+    fn a_new_worker_is_alive_at_its_first_success() {
+        assert_eq!(
+            fold(start(WorkerStatus::Unknown), &[true]).status,
+            WorkerStatus::Alive
+        );
+    }
+
+    #[test]
+    fn an_alive_worker_survives_fewer_failures_than_the_threshold() {
+        let h = fold(start(WorkerStatus::Alive), &[false, false]);
+        assert_eq!(h.status, WorkerStatus::Alive);
+        assert_eq!(h.consecutive_failures, 2);
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_count() {
+        let h = fold(
+            start(WorkerStatus::Alive),
+            &[false, false, true, false, false],
+        );
+        assert_eq!(h.status, WorkerStatus::Alive);
+    }
+
+    #[test]
+    fn an_alive_worker_dies_at_the_threshold() {
+        let h = fold(start(WorkerStatus::Alive), &[false, false, false]);
+        assert_eq!(h.status, WorkerStatus::Dead);
+    }
+
+    #[test]
+    fn a_dead_worker_needs_enough_successes_in_a_row_to_come_back() {
+        let dead = fold(start(WorkerStatus::Alive), &[false, false, false]);
+        assert_eq!(fold(dead, &[true]).status, WorkerStatus::Dead);
+        assert_eq!(fold(dead, &[true, false, true]).status, WorkerStatus::Dead);
+        assert_eq!(fold(dead, &[true, true]).status, WorkerStatus::Alive);
+    }
+
+    #[test]
+    fn an_unknown_worker_that_never_answers_becomes_dead() {
+        let h = fold(start(WorkerStatus::Unknown), &[false, false]);
+        assert_eq!(h.status, WorkerStatus::Unknown);
+        assert_eq!(fold(h, &[false]).status, WorkerStatus::Dead);
+    }
+
+    #[test]
+    fn with_a_threshold_of_one_a_single_failure_kills() {
+        let t = Thresholds {
+            dead_after: 1,
+            alive_after: 1,
+        };
+        let h = observe(start(WorkerStatus::Alive), false, t);
+        assert_eq!(h.status, WorkerStatus::Dead);
+        assert_eq!(observe(h, true, t).status, WorkerStatus::Alive);
+    }
+
+    #[test]
+    fn only_a_worker_not_yet_dead_gets_its_failure_confirmed() {
+        assert_eq!(attempts(WorkerStatus::Alive, T), 3);
+        assert_eq!(attempts(WorkerStatus::Unknown, T), 3);
+        assert_eq!(attempts(WorkerStatus::Dead, T), 1);
+    }
+}

@@ -39,11 +39,15 @@
 //! - [`testkit`]: the harness of the integration tests and benchmarks (Docker workers,
 //!   per-test databases); not used by `orion serve`.
 //! - [`progress`]: progress bars for long work run from a terminal.
-//! - [`client`]: the client side of the `orion` command (`rent`, `workers`, `events -f`…).
+//! - [`client`]: the client side of the `orion` command (`rent`, `workers`, `events -f`…):
+//!   the HTTP client, one function per command, the tables it prints.
+//! - [`check`]: `orion check`: validates the configuration, inventory, playbooks and key,
+//!   and probes every worker.
 //! - [`startup`]: builds the application from a config and runs it until shutdown.
 
 pub mod api;
 pub mod auth;
+pub mod check;
 pub mod cleanup;
 pub mod client;
 pub mod config;

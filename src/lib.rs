@@ -36,8 +36,9 @@
 //!   client address), and the live dashboard (`/dashboard`, its page, script and style
 //!   in `web/`).
 //! - [`ratelimit`]: the per-address budget of requests without a valid token.
-//! - [`testkit`]: the harness of the integration tests and benchmarks (Docker workers,
-//!   per-test databases); not used by `orion serve`.
+//! - `testkit` (cargo feature `testkit`, on for tests and `orion-bench`): the harness of
+//!   the integration tests and benchmarks (Docker workers, per-test databases); not in
+//!   the shipped binary.
 //! - [`progress`]: progress bars for long work run from a terminal.
 //! - [`client`]: the client side of the `orion` command (`rent`, `workers`, `events -f`…):
 //!   the HTTP client, one function per command, the tables it prints.
@@ -66,5 +67,6 @@ pub mod ssh;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+#[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod watch;

@@ -10,6 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
+use eventsource_stream::Eventsource as _;
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 mod commands;
@@ -164,7 +166,7 @@ impl Client {
     /// Follows the live event stream, calling `each` with every event, until the server
     /// closes it.
     pub async fn follow_events(&self, mut each: impl FnMut(&Value)) -> Result<(), ClientError> {
-        let mut resp = self
+        let resp = self
             .request(reqwest::Method::GET, "/api/events/stream")
             .send()
             .await
@@ -179,23 +181,12 @@ impl Client {
                 ClientError::Refused(format!("HTTP {status}"))
             });
         }
-        let mut buffer = String::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| ClientError::Unavailable(format!("the stream broke: {e}")))?
-        {
-            buffer.push_str(&String::from_utf8_lossy(&chunk));
-            // Server-Sent Events are separated by a blank line.
-            while let Some(end) = buffer.find("\n\n") {
-                let record: String = buffer.drain(..end + 2).collect();
-                for line in record.lines() {
-                    if let Some(data) = line.strip_prefix("data:")
-                        && let Ok(event) = serde_json::from_str::<Value>(data.trim())
-                    {
-                        each(&event);
-                    }
-                }
+        let mut events = resp.bytes_stream().eventsource();
+        while let Some(event) = events.next().await {
+            let event =
+                event.map_err(|e| ClientError::Unavailable(format!("the stream broke: {e}")))?;
+            if let Ok(value) = serde_json::from_str::<Value>(&event.data) {
+                each(&value);
             }
         }
         Ok(())

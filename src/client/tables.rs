@@ -1,32 +1,22 @@
 //! What the client prints: left-aligned tables with an upper-case header line, and
 //! events as log lines.
 
+use comfy_table::{Table, presets};
 use serde_json::Value;
 
-/// Renders rows as a left-aligned table with a header line.
+/// Renders rows as a left-aligned table with an upper-case header line, columns two
+/// spaces apart, no borders.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
+    let mut table = Table::new();
+    table
+        .load_style(presets::NOTHING)
+        .set_header(headers.iter().map(|h| h.to_uppercase()))
+        .add_rows(rows.iter().cloned());
+    let last = headers.len().saturating_sub(1);
+    for (i, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, if i == last { 0 } else { 2 }));
     }
-    let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_owned()
-    };
-    let mut out = line(headers.iter().map(|h| h.to_uppercase()).collect());
-    for row in rows {
-        out.push('\n');
-        out.push_str(&line(row.clone()));
-    }
-    out
+    table.trim_fmt()
 }
 
 /// A JSON value as a table cell: strings bare, null as `-`.

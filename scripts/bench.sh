@@ -14,5 +14,7 @@ cleanup() {
 trap cleanup EXIT
 env_lines=$(scripts/test-infra.sh up)
 while IFS= read -r line; do export "$line"; done <<<"$env_lines"
-cargo build --release --quiet --bin orion-bench --bin orion
+# The orion binary as shipped; orion-bench with the test harness (feature `testkit`).
+cargo build --release --quiet --bin orion
+cargo build --release --quiet --features testkit --bin orion-bench
 target/release/orion-bench "$@"

@@ -9,28 +9,31 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
+use serde_inline_default::serde_inline_default;
 
 /// Everything `orion serve` needs to run.
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Address the HTTP API listens on. Behind Caddy this is only reachable on the
     /// control-plane network.
-    #[serde(default = "default_listen")]
+    #[serde_inline_default(SocketAddr::from(([0, 0, 0, 0], 8080)))]
     pub listen: SocketAddr,
     /// Path of the static inventory (TOML). Relative paths are taken from the directory
     /// `orion` runs in.
-    #[serde(default = "default_inventory")]
+    #[serde_inline_default(PathBuf::from("inventory/local.toml"))]
     pub inventory: PathBuf,
     /// Directory holding the playbook templates (`create_user.sh.j2`, `delete_user.sh.j2`).
-    #[serde(default = "default_playbooks")]
+    #[serde_inline_default(PathBuf::from("playbooks"))]
     pub playbooks: PathBuf,
     /// How long Orion gives in-flight work after SIGTERM or Ctrl-C, all of it together:
     /// requests, loop passes, and the rents, releases and notifications running apart
     /// from them. Must stay below the time its supervisor waits before killing it
     /// (`stop_grace_period: 30s` in docker-compose.yml; Docker's default is 10 s), so
     /// that Orion, not a SIGKILL, decides what is cut.
-    #[serde(default = "default_shutdown_deadline", with = "humantime_serde")]
+    #[serde_inline_default(Duration::from_secs(20))]
+    #[serde(with = "humantime_serde")]
     pub shutdown_deadline: Duration,
     pub database: DatabaseConfig,
     pub ssh: SshConfig,
@@ -52,46 +55,33 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Peers whose `X-Forwarded-For` is believed: the client address of a request is its
     /// TCP peer, unless the peer is one of these; then it is the right-most address of
     /// `X-Forwarded-For` that is not one of these (a proxy appends the address it saw;
     /// anything to its left was written by the client and may be forged). Loopback by
     /// default; behind Caddy on a container network, that network.
-    #[serde(default = "default_trusted_proxies")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Requests that prove nothing (no token, an unknown or revoked token, the open
     /// routes) one client address may make at once…
-    #[serde(default = "default_anonymous_burst")]
     pub anonymous_burst: u32,
     /// …and then per second. Beyond it: 429 with `Retry-After`, before any token is looked
     /// up. Requests with a good token are not counted.
-    #[serde(default = "default_anonymous_per_second")]
     pub anonymous_per_second: f64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            trusted_proxies: default_trusted_proxies(),
-            anonymous_burst: default_anonymous_burst(),
-            anonymous_per_second: default_anonymous_per_second(),
+            trusted_proxies: vec![
+                "127.0.0.0/8".parse().expect("a CIDR"),
+                "::1/128".parse().expect("a CIDR"),
+            ],
+            anonymous_burst: 30,
+            anonymous_per_second: 1.0,
         }
     }
-}
-
-fn default_trusted_proxies() -> Vec<ipnet::IpNet> {
-    vec![
-        "127.0.0.0/8".parse().expect("a CIDR"),
-        "::1/128".parse().expect("a CIDR"),
-    ]
-}
-fn default_anonymous_burst() -> u32 {
-    30
-}
-fn default_anonymous_per_second() -> f64 {
-    1.0
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +109,7 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
@@ -126,14 +117,16 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Upper bound on open connections: a burst of requests queues for a connection
     /// instead of exhausting the server.
-    #[serde(default = "default_max_connections")]
+    #[serde_inline_default(20)]
     pub max_connections: u32,
     /// How long a request waits for a connection before it is answered 503. Kept short so
     /// that a database outage is reported quickly instead of piling up requests.
-    #[serde(default = "default_acquire_timeout", with = "humantime_serde")]
+    #[serde_inline_default(Duration::from_secs(3))]
+    #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
 }
 
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SshConfig {
@@ -141,85 +134,93 @@ pub struct SshConfig {
     /// `/root/.ssh/authorized_keys`.
     pub key: PathBuf,
     /// The account Orion logs in as to provision tenants; it must be able to create users.
-    #[serde(default = "default_ssh_user")]
+    #[serde_inline_default("root".to_owned())]
     pub user: String,
     /// Bound on TCP connect + SSH handshake + authentication.
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde_inline_default(Duration::from_secs(5))]
+    #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Bound on one playbook run on a worker.
-    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    #[serde_inline_default(Duration::from_secs(60))]
+    #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
     /// Bound on SSH sessions open at once, probes and playbooks together, so a burst of
     /// work queues instead of exhausting file descriptors or the workers' `MaxStartups`.
-    #[serde(default = "default_max_sessions")]
+    #[serde_inline_default(256)]
     pub max_sessions: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct HealthConfig {
     /// Time between two probe rounds over the whole inventory.
-    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// Bound on one probe (connect, authenticate, run `true`). A worker that does not
     /// answer within it counts one failure.
-    #[serde(default = "default_probe_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub probe_timeout: Duration,
     /// Consecutive failed probes before a worker is declared dead. Above one, a single
     /// slow answer or an sshd restart never moves a tenant.
-    #[serde(default = "default_dead_after")]
     pub dead_after: u32,
     /// Consecutive successful probes before a dead worker is declared alive again.
-    #[serde(default = "default_alive_after")]
     pub alive_after: u32,
     /// Pause between the confirmation probes of one round, after a failure.
-    #[serde(default = "default_retry_delay", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub retry_delay: Duration,
     /// Keep one idle SSH session open per worker, so that a worker closing it (stopped,
     /// crashed, sshd gone) is re-probed at once instead of at the next round.
-    #[serde(default = "default_true")]
     pub watch: bool,
     /// How often a watch session checks that a silent worker still answers.
-    #[serde(default = "default_keepalive_interval", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub keepalive_interval: Duration,
     /// Unanswered keepalives before a watch session counts as dropped.
-    #[serde(default = "default_keepalive_max")]
     pub keepalive_max: usize,
     /// Probes run over a worker's watch connection, but open a new one at least this
     /// often, so that a worker whose sshd no longer accepts logins while old sessions
     /// live on (sshd stopped on a systemd host) is still found.
-    #[serde(default = "default_handshake_every", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub handshake_every: Duration,
     /// Probes over a worker's watch connection run `true` in a new channel at least this
     /// often (the worker can start a session and a process); in between they are a
     /// keepalive round trip (its kernel, network and sshd answer), which costs the worker
     /// no process. Zero: every probe runs `true`.
-    #[serde(default = "default_exec_every", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub exec_every: Duration,
 }
 
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(30),
+            probe_timeout: Duration::from_secs(5),
+            dead_after: 3,
+            alive_after: 2,
+            retry_delay: Duration::from_millis(300),
+            watch: true,
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_max: 3,
+            handshake_every: Duration::from_secs(300),
+            exec_every: Duration::from_secs(300),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ProvisioningConfig {
     /// `native` runs the shell playbooks (`*.sh.j2`) over Orion's own SSH session: the
     /// fast default. `ansible` runs `create_user.yml` / `delete_user.yml` with
     /// `ansible-playbook`, for teams that live in Ansible.
-    #[serde(default)]
     pub executor: ExecutorKind,
     /// The `ansible-playbook` program, by name on `PATH` or by path.
-    #[serde(default = "default_ansible_playbook")]
     pub ansible_playbook: PathBuf,
     /// The floor of the uids Orion gives tenant accounts. Each placement's account gets
     /// `uid_min + its placement id`, so a uid is never handed to a second tenant on any
     /// worker, and nothing below the floor (system accounts, the machine's own users) is
     /// ever touched. Pick a range no other account on the workers uses; on a running
     /// fleet only ever raise it.
-    #[serde(default = "default_uid_min")]
     pub uid_min: u32,
-}
-
-fn default_uid_min() -> u32 {
-    200_000
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -242,92 +243,103 @@ impl Default for ProvisioningConfig {
     fn default() -> Self {
         Self {
             executor: ExecutorKind::default(),
-            ansible_playbook: default_ansible_playbook(),
-            uid_min: default_uid_min(),
+            ansible_playbook: PathBuf::from("ansible-playbook"),
+            uid_min: 200_000,
         }
     }
 }
 
-fn default_ansible_playbook() -> PathBuf {
-    PathBuf::from("ansible-playbook")
-}
-
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct MigrationConfig {
     /// Time between two passes that move rentals off dead workers. A worker declared
     /// dead also wakes the loop at once; this is the bound when nothing does.
-    #[serde(default = "default_migration_interval", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// When more than this fraction of the (3 or more) workers is dead at once, Orion
     /// is more likely cut off than the workers dead: it moves nothing and waits.
-    #[serde(default = "default_max_dead_fraction")]
     pub max_dead_fraction: f64,
     /// Attempts to deliver a rental's `notify_url` notification, 1 s, 2 s, 4 s… apart.
-    #[serde(default = "default_notify_attempts")]
     pub notify_attempts: u32,
     /// Bound on one notification attempt.
-    #[serde(default = "default_notify_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub notify_timeout: Duration,
     /// Networks a `notify_url` may reach although they are loopback, link-local or
     /// private (by default none: a tenant must not make Orion probe its own network).
     /// CIDRs, e.g. `["10.20.0.0/16"]` for a receiver on the operator's network.
-    #[serde(default)]
     pub notify_allow: Vec<ipnet::IpNet>,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            max_dead_fraction: 0.5,
+            notify_attempts: 4,
+            notify_timeout: Duration::from_secs(5),
+            notify_allow: Vec::new(),
+        }
+    }
 }
 
 /// Limits that keep one tenant from taking the fleet.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TenantsConfig {
     /// Most live rentals one tenant may hold at once; a token can carry its own limit
     /// (`POST /api/tokens` with `max_rentals`). The admin token has none.
-    #[serde(default = "default_max_rentals")]
     pub max_rentals: u32,
     /// Longest `ttl` a rent or a renewal may ask for.
-    #[serde(default = "default_max_ttl", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub max_ttl: Duration,
     /// The `ttl` of a tenant's rent that asks for none (unset: such rentals live until
     /// released). The admin's rentals never get one by default.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub default_ttl: Option<Duration>,
-}
-
-fn default_max_rentals() -> u32 {
-    10
-}
-
-fn default_max_ttl() -> Duration {
-    Duration::from_secs(30 * 24 * 3600)
 }
 
 impl Default for TenantsConfig {
     fn default() -> Self {
         Self {
-            max_rentals: default_max_rentals(),
-            max_ttl: default_max_ttl(),
+            max_rentals: 10,
+            max_ttl: Duration::from_secs(30 * 24 * 3600),
             default_ttl: None,
         }
     }
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct CleanupConfig {
     /// Time between two passes that remove leftover tenant accounts from workers.
-    #[serde(default = "default_cleanup_interval", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub interval: Duration,
 }
 
+impl Default for CleanupConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` for people, `json` for log collectors.
-    #[serde(default)]
     pub format: LogFormat,
     /// A `tracing` filter, e.g. `info` or `orion=debug,info`; `RUST_LOG` wins if set.
-    #[serde(default = "default_log_filter")]
     pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            filter: "info".to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -336,131 +348,6 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        Self {
-            interval: default_health_interval(),
-            probe_timeout: default_probe_timeout(),
-            dead_after: default_dead_after(),
-            alive_after: default_alive_after(),
-            retry_delay: default_retry_delay(),
-            watch: true,
-            keepalive_interval: default_keepalive_interval(),
-            keepalive_max: default_keepalive_max(),
-            handshake_every: default_handshake_every(),
-            exec_every: default_exec_every(),
-        }
-    }
-}
-
-impl Default for MigrationConfig {
-    fn default() -> Self {
-        Self {
-            interval: default_migration_interval(),
-            max_dead_fraction: default_max_dead_fraction(),
-            notify_attempts: default_notify_attempts(),
-            notify_timeout: default_notify_timeout(),
-            notify_allow: Vec::new(),
-        }
-    }
-}
-
-impl Default for CleanupConfig {
-    fn default() -> Self {
-        Self {
-            interval: default_cleanup_interval(),
-        }
-    }
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::default(),
-            filter: default_log_filter(),
-        }
-    }
-}
-
-fn default_shutdown_deadline() -> Duration {
-    Duration::from_secs(20)
-}
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 8080))
-}
-fn default_inventory() -> PathBuf {
-    PathBuf::from("inventory/local.toml")
-}
-fn default_playbooks() -> PathBuf {
-    PathBuf::from("playbooks")
-}
-fn default_max_connections() -> u32 {
-    20
-}
-fn default_acquire_timeout() -> Duration {
-    Duration::from_secs(3)
-}
-fn default_ssh_user() -> String {
-    "root".to_owned()
-}
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_command_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_max_sessions() -> usize {
-    256
-}
-fn default_health_interval() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_probe_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_dead_after() -> u32 {
-    3
-}
-fn default_alive_after() -> u32 {
-    2
-}
-fn default_retry_delay() -> Duration {
-    Duration::from_millis(300)
-}
-fn default_true() -> bool {
-    true
-}
-fn default_keepalive_interval() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_handshake_every() -> Duration {
-    Duration::from_secs(300)
-}
-fn default_exec_every() -> Duration {
-    Duration::from_secs(300)
-}
-fn default_keepalive_max() -> usize {
-    3
-}
-fn default_migration_interval() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_max_dead_fraction() -> f64 {
-    0.5
-}
-fn default_notify_attempts() -> u32 {
-    4
-}
-fn default_notify_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_cleanup_interval() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_log_filter() -> String {
-    "info".to_owned()
 }
 
 /// The top-level keys of [`Config`], for picking configuration out of the environment.
@@ -474,9 +361,11 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "provisioning",
     "migration",
     "cleanup",
+    "tenants",
     "auth",
     "http",
     "log",
+    "shutdown_deadline",
 ];
 
 /// A configuration that cannot be used, with the file and the field at fault.
@@ -613,6 +502,22 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_section_takes_the_rest_from_its_defaults() {
+        let text = format!("{MINIMAL}\n[health]\ndead_after = 5\n");
+        let text = text.replacen("[ssh]\n", "[ssh]\nuser = \"orion\"\n", 1);
+        let config = Config::from_toml_str(&text).unwrap();
+        assert_eq!(config.health.dead_after, 5);
+        assert_eq!(
+            config.health.alive_after,
+            HealthConfig::default().alive_after
+        );
+        assert_eq!(config.health.interval, HealthConfig::default().interval);
+        assert_eq!(config.ssh.user, "orion");
+        assert_eq!(config.ssh.max_sessions, 256);
+        assert_eq!(config.tenants.default_ttl, None);
+    }
+
+    #[test]
     fn durations_are_read_in_human_form() {
         let text = format!("{MINIMAL}\n[health]\ninterval = \"5s\"\nprobe_timeout = \"750ms\"\n");
         let config = Config::from_toml_str(&text).unwrap();
@@ -745,11 +650,15 @@ mod tests {
             jail.set_env("ORION_AUTH__ADMIN_TOKEN", "from-the-environment-0123456789");
             jail.set_env("ORION_DATABASE__URL", "mysql://orion:s3cret@db:3306/orion");
             jail.set_env("ORION_HEALTH__INTERVAL", "7s");
+            jail.set_env("ORION_TENANTS__MAX_RENTALS", "3");
+            jail.set_env("ORION_SHUTDOWN_DEADLINE", "5s");
             jail.set_env("ORION_CONFIG", "/somewhere/else.toml");
             jail.set_env("ORION_TEST_DATABASE_URL", "mysql://root@127.0.0.1");
             let config = Config::load(Path::new("orion.toml")).map_err(|e| e.to_string())?;
             assert_eq!(config.database.url, "mysql://orion:s3cret@db:3306/orion");
             assert_eq!(config.health.interval, Duration::from_secs(7));
+            assert_eq!(config.tenants.max_rentals, 3);
+            assert_eq!(config.shutdown_deadline, Duration::from_secs(5));
             assert_eq!(
                 config.auth.admin_token.expose(),
                 "from-the-environment-0123456789"

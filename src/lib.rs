@@ -43,14 +43,19 @@
 //!   client address), and the live dashboard (`/dashboard`, its page, script and style
 //!   in `web/`).
 //! - [`ratelimit`]: the per-address budget of requests without a valid token.
-//! - [`testkit`]: the harness of the integration tests and benchmarks (Docker workers,
-//!   per-test databases); not used by `orion serve`.
+//! - `testkit` (cargo feature `testkit`, on for tests and `orion-bench`): the harness of
+//!   the integration tests and benchmarks (Docker workers, per-test databases); not in
+//!   the shipped binary.
 //! - [`progress`]: progress bars for long work run from a terminal.
-//! - [`client`]: the client side of the `orion` command (`rent`, `workers`, `events -f`…).
+//! - [`client`]: the client side of the `orion` command (`rent`, `workers`, `events -f`…):
+//!   the HTTP client, one function per command, the tables it prints.
+//! - [`check`]: `orion check`: validates the configuration, inventory, playbooks and key,
+//!   and probes every worker.
 //! - [`startup`]: builds the application from a config and runs it until shutdown.
 
 pub mod api;
 pub mod auth;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod context;
@@ -69,4 +74,5 @@ pub mod ssh;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+#[cfg(feature = "testkit")]
 pub mod testkit;

@@ -4,13 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use orion::client::{Client, ClientError, Endpoint, cell, event_line, table};
+use orion::client::{self, Client, ClientError, Endpoint};
 use orion::config::Config;
-use orion::inventory::Inventory;
-use orion::playbook::Playbooks;
 use orion::startup::{Application, shutdown_signal};
 use orion::store::Store;
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -114,17 +111,36 @@ struct ApiArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("failed to start the tokio runtime");
-    match cli.command {
+    let (api, request) = match cli.command {
         Command::Serve | Command::Migrate | Command::Check | Command::Healthcheck => {
-            server_command(cli.command, &cli.config, &runtime)
+            return server_command(cli.command, &cli.config, &runtime);
         }
-        client_command => match runtime.block_on(run_client(client_command)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("orion: {e}");
-                ExitCode::from(e.exit_code())
-            }
-        },
+        Command::Rent { key, username, api } => (api, client::Command::Rent { key, username }),
+        Command::Release { id, api } => (api, client::Command::Release { id }),
+        Command::Rentals { api } => (api, client::Command::Rentals),
+        Command::Workers { api } => (api, client::Command::Workers),
+        Command::Drain { worker, api } => (
+            api,
+            client::Command::Drain {
+                worker,
+                drained: true,
+            },
+        ),
+        Command::Undrain { worker, api } => (
+            api,
+            client::Command::Drain {
+                worker,
+                drained: false,
+            },
+        ),
+        Command::Events { follow, last, api } => (api, client::Command::Events { follow, last }),
+    };
+    match runtime.block_on(run_client(api, request)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("orion: {e}");
+            ExitCode::from(e.exit_code())
+        }
     }
 }
 
@@ -145,8 +161,8 @@ fn server_command(
         match command {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
-            Command::Check => check(&config).await,
-            Command::Healthcheck => healthcheck(&config).await,
+            Command::Check => orion::check::run(&config).await,
+            Command::Healthcheck => client::healthcheck(config.listen.port()).await,
             _ => unreachable!("client commands are handled apart"),
         }
     });
@@ -159,164 +175,13 @@ fn server_command(
     }
 }
 
-async fn run_client(command: Command) -> Result<(), ClientError> {
-    let api = match &command {
-        Command::Rent { api, .. }
-        | Command::Release { api, .. }
-        | Command::Rentals { api }
-        | Command::Workers { api }
-        | Command::Drain { api, .. }
-        | Command::Undrain { api, .. }
-        | Command::Events { api, .. } => api,
-        _ => unreachable!("server commands are handled apart"),
-    };
-    let json_out = api.json;
+async fn run_client(api: ApiArgs, command: client::Command) -> Result<(), ClientError> {
     let client = Client::new(Endpoint {
-        url: api.url.clone(),
-        token: api.token.clone(),
-        cacert: api.cacert.clone(),
+        url: api.url,
+        token: api.token,
+        cacert: api.cacert,
     })?;
-    let print_json =
-        |v: &Value| println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
-    match &command {
-        Command::Rent { key, username, .. } => {
-            let r = client.rent(key.as_deref(), username.as_deref()).await?;
-            if json_out {
-                print_json(&r);
-            } else {
-                println!("rental {} on {}", cell(&r["id"]), cell(&r["worker"]));
-                println!(
-                    "ssh -p {} {}@{}",
-                    cell(&r["port"]),
-                    cell(&r["username"]),
-                    cell(&r["host"])
-                );
-                if let Some(p) = r["password"].as_str() {
-                    println!("password: {p}   (shown once)");
-                }
-            }
-        }
-        Command::Release { id, .. } => {
-            client.release(id).await?;
-            if !json_out {
-                println!("released {id}");
-            }
-        }
-        Command::Rentals { .. } => {
-            let r = client.rentals().await?;
-            if json_out {
-                print_json(&r);
-            } else {
-                let rows: Vec<Vec<String>> = r["rentals"]
-                    .as_array()
-                    .map(|a| a.as_slice())
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|x| {
-                        [
-                            "id", "tenant", "username", "status", "worker", "host", "port",
-                        ]
-                        .iter()
-                        .map(|k| cell(&x[*k]))
-                        .collect()
-                    })
-                    .collect();
-                println!(
-                    "{}",
-                    table(
-                        &[
-                            "id", "tenant", "username", "status", "worker", "host", "port"
-                        ],
-                        &rows
-                    )
-                );
-            }
-        }
-        Command::Workers { .. } => {
-            let r = client.workers().await?;
-            if json_out {
-                print_json(&r);
-            } else {
-                let rows: Vec<Vec<String>> = r["workers"]
-                    .as_array()
-                    .map(|a| a.as_slice())
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|w| {
-                        vec![
-                            cell(&w["name"]),
-                            cell(&w["site"]),
-                            cell(&w["status"]),
-                            cell(&w["allocated"]),
-                            cell(&w["drained"]),
-                            cell(&w["probe_latency_ms"]),
-                            cell(&w["last_checked"]),
-                            cell(&w["quarantine_reason"]),
-                        ]
-                    })
-                    .collect();
-                println!(
-                    "{}",
-                    table(
-                        &[
-                            "name",
-                            "site",
-                            "status",
-                            "allocated",
-                            "drained",
-                            "latency_ms",
-                            "last_checked",
-                            "quarantine"
-                        ],
-                        &rows
-                    )
-                );
-            }
-        }
-        Command::Drain { worker, .. } | Command::Undrain { worker, .. } => {
-            let drained = matches!(command, Command::Drain { .. });
-            let w = client.drain(worker, drained).await?;
-            if json_out {
-                print_json(&w);
-            } else {
-                println!(
-                    "{worker}: {}",
-                    if drained {
-                        "drained"
-                    } else {
-                        "back in service"
-                    }
-                );
-            }
-        }
-        Command::Events { follow, last, .. } => {
-            let page = client.latest_events(*last).await?;
-            for e in page["events"]
-                .as_array()
-                .map(|a| a.as_slice())
-                .unwrap_or_default()
-            {
-                if json_out {
-                    println!("{e}");
-                } else {
-                    println!("{}", event_line(e));
-                }
-            }
-            if *follow {
-                client
-                    .follow_events(|e| {
-                        if json_out {
-                            println!("{e}");
-                        } else {
-                            println!("{}", event_line(e));
-                        }
-                    })
-                    .await?;
-            }
-        }
-        _ => unreachable!("server commands are handled apart"),
-    }
-    Ok(())
+    client::run(&client, command, api.json).await
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -338,121 +203,5 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
     )?;
     store.migrate().await?;
     println!("schema up to date");
-    Ok(())
-}
-
-async fn healthcheck(config: &Config) -> anyhow::Result<()> {
-    let url = format!("http://127.0.0.1:{}/health", config.listen.port());
-    let resp = reqwest::Client::new()
-        .get(&url)
-        .timeout(std::time::Duration::from_secs(2))
-        .send()
-        .await?;
-    anyhow::ensure!(
-        resp.status().is_success(),
-        "{url} answered {}",
-        resp.status()
-    );
-    Ok(())
-}
-
-/// Validates config, inventory, playbooks (rendered with sample values) and key, then
-/// probes every worker over SSH and prints a table. Exits non-zero if anything fails.
-/// Writes nothing anywhere.
-async fn check(config: &Config) -> anyhow::Result<()> {
-    use orion::playbook::{Playbook, Vars};
-    let inventory = Inventory::load(&config.inventory)?;
-    let playbooks = Playbooks::load(&config.playbooks)?;
-    let sample = Vars {
-        username: "sample".into(),
-        uid: Some(config.provisioning.uid_min),
-        public_key: Some(orion::ssh::host_key_line(
-            orion::ssh::generate_ed25519().public_key(),
-        )),
-        password_hash: Some(orion::model::hash_password("sample")),
-    };
-    for playbook in Playbook::ALL {
-        playbooks.render(playbook, &sample, config.provisioning.uid_min)?;
-    }
-    let key = std::sync::Arc::new(orion::ssh::load_private_key(&config.ssh.key)?);
-    println!(
-        "configuration, inventory ({} workers), playbooks and SSH key are valid",
-        inventory.workers.len()
-    );
-    let ssh = orion::ssh::SshClient::with_key(
-        key,
-        &config.ssh.user,
-        config.ssh.connect_timeout,
-        config.ssh.command_timeout,
-        config.ssh.max_sessions,
-    );
-    let progress = orion::progress::bar(inventory.workers.len() as u64, "probing workers");
-    let probes = inventory.workers.iter().map(|w| {
-        let ssh = ssh.clone();
-        let progress = progress.clone();
-        let target = orion::ssh::Target {
-            name: w.name.clone(),
-            host: w.ssh_host.clone(),
-            port: w.ssh_port,
-            host_key: w.host_key.as_deref().and_then(orion::ssh::parse_host_key),
-        };
-        let timeout = config.health.probe_timeout;
-        async move {
-            let result = ssh.probe(&target, timeout).await;
-            progress.inc(1);
-            (target, result)
-        }
-    });
-    let results = futures::future::join_all(probes).await;
-    progress.finish_and_clear();
-    let mut failed = 0;
-    let rows: Vec<Vec<String>> = results
-        .iter()
-        .map(|(target, result)| match result {
-            Ok(probe) => vec![
-                target.name.clone(),
-                format!("{}:{}", target.host, target.port),
-                "ok".into(),
-                probe.latency.as_millis().to_string(),
-                format!(
-                    "{}{}",
-                    probe.host_key.fingerprint(russh::keys::HashAlg::Sha256),
-                    if target.host_key.is_some() {
-                        " (pinned)"
-                    } else {
-                        ""
-                    }
-                ),
-            ],
-            Err(e) => {
-                failed += 1;
-                vec![
-                    target.name.clone(),
-                    format!("{}:{}", target.host, target.port),
-                    "FAILED".into(),
-                    "-".into(),
-                    e.to_string(),
-                ]
-            }
-        })
-        .collect();
-    println!(
-        "{}",
-        table(
-            &[
-                "worker",
-                "address",
-                "probe",
-                "latency_ms",
-                "host key / error"
-            ],
-            &rows
-        )
-    );
-    anyhow::ensure!(
-        failed == 0,
-        "{failed} of {} workers failed their probe",
-        results.len()
-    );
     Ok(())
 }

@@ -130,3 +130,50 @@ async fn orion_check_probes_every_worker_and_fails_when_one_does_not_answer() {
     assert!(stdout(&out).contains("FAILED"), "{}", stdout(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 2 workers failed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_follow_prints_new_events_as_they_happen() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let app = spawn_app(2).await;
+    // One event at least, for the backlog line.
+    let out = orion(&app, Some(ADMIN_TOKEN), &["drain", "worker_1"]);
+    assert!(out.status.success(), "{out:?}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_orion"))
+        .args(["events", "--last", "1", "--follow"])
+        .env("ORION_URL", &app.address)
+        .env("ORION_TOKEN", ADMIN_TOKEN)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // The latest event first, then the live ones.
+    let first = tokio::task::spawn_blocking(move || {
+        let first = lines.next().unwrap().unwrap();
+        (first, lines)
+    })
+    .await
+    .unwrap();
+    let (_, mut lines) = first;
+    // The stream is opened right after the backlog is printed.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let out = orion(&app, Some(ADMIN_TOKEN), &["drain", "worker_2"]);
+    assert!(out.status.success(), "{out:?}");
+    let live = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || {
+            lines
+                .by_ref()
+                .map_while(Result::ok)
+                .find(|l| l.contains("worker_2"))
+        }),
+    )
+    .await
+    .expect("no live event within 10 s")
+    .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let live = live.expect("the stream ended");
+    assert!(live.contains("worker.drained"), "{live}");
+}

@@ -1,12 +1,24 @@
 //! The client side of the `orion` command: talks to the API (through Caddy or directly)
 //! and prints human-readable tables, or JSON with `--json`.
 //!
+//! - this file: the HTTP client and its errors;
+//! - [`commands`]: one function per client command, printing its result;
+//! - [`tables`]: how tables, cells and event lines look.
+//!
 //! Exit codes scripts can rely on: 0 success; 1 the request was refused (4xx); 2 bad
 //! usage or local input; 3 the service is unavailable or unreachable (5xx, network).
 
 use std::path::{Path, PathBuf};
 
+use eventsource_stream::Eventsource as _;
+use futures::StreamExt as _;
 use serde_json::{Value, json};
+
+mod commands;
+mod tables;
+
+pub use commands::{Command, healthcheck, run};
+pub use tables::{cell, event_line, table};
 
 /// Where the API is and who is calling.
 #[derive(Debug, Clone)]
@@ -154,7 +166,7 @@ impl Client {
     /// Follows the live event stream, calling `each` with every event, until the server
     /// closes it.
     pub async fn follow_events(&self, mut each: impl FnMut(&Value)) -> Result<(), ClientError> {
-        let mut resp = self
+        let resp = self
             .request(reqwest::Method::GET, "/api/events/stream")
             .send()
             .await
@@ -169,88 +181,21 @@ impl Client {
                 ClientError::Refused(format!("HTTP {status}"))
             });
         }
-        let mut buffer = String::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| ClientError::Unavailable(format!("the stream broke: {e}")))?
-        {
-            buffer.push_str(&String::from_utf8_lossy(&chunk));
-            // Server-Sent Events are separated by a blank line.
-            while let Some(end) = buffer.find("\n\n") {
-                let record: String = buffer.drain(..end + 2).collect();
-                for line in record.lines() {
-                    if let Some(data) = line.strip_prefix("data:")
-                        && let Ok(event) = serde_json::from_str::<Value>(data.trim())
-                    {
-                        each(&event);
-                    }
-                }
+        let mut events = resp.bytes_stream().eventsource();
+        while let Some(event) = events.next().await {
+            let event =
+                event.map_err(|e| ClientError::Unavailable(format!("the stream broke: {e}")))?;
+            if let Ok(value) = serde_json::from_str::<Value>(&event.data) {
+                each(&value);
             }
         }
         Ok(())
     }
 }
 
-/// Renders rows as a left-aligned table with a header line.
-pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_owned()
-    };
-    let mut out = line(headers.iter().map(|h| h.to_uppercase()).collect());
-    for row in rows {
-        out.push('\n');
-        out.push_str(&line(row.clone()));
-    }
-    out
-}
-
-/// A JSON value as a table cell: strings bare, null as `-`.
-pub fn cell(v: &Value) -> String {
-    match v {
-        Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// One event as a log line.
-pub fn event_line(e: &Value) -> String {
-    format!(
-        "{}  {:<22} {:<10} {}",
-        cell(&e["at"]),
-        cell(&e["kind"]),
-        cell(&e["worker"]),
-        cell(&e["message"])
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tables_align_columns_and_show_null_as_dash() {
-        let rows = vec![
-            vec!["worker_1".into(), "alive".into()],
-            vec!["w2".into(), cell(&Value::Null)],
-        ];
-        let t = table(&["name", "status"], &rows);
-        assert_eq!(t, "NAME      STATUS\nworker_1  alive\nw2        -");
-    }
 
     #[test]
     fn exit_codes_separate_refusals_usage_and_outages() {

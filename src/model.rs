@@ -18,6 +18,7 @@ use serde::Serialize;
     PartialEq,
     Eq,
     Serialize,
+    utoipa::ToSchema,
     sqlx::Encode,
     sqlx::Decode,
     strum::Display,
@@ -45,6 +46,7 @@ pub enum WorkerStatus {
     PartialEq,
     Eq,
     Serialize,
+    utoipa::ToSchema,
     sqlx::Encode,
     sqlx::Decode,
     strum::Display,
@@ -82,6 +84,7 @@ pub enum RentalStatus {
     PartialEq,
     Eq,
     Serialize,
+    utoipa::ToSchema,
     sqlx::Encode,
     sqlx::Decode,
     strum::Display,
@@ -306,7 +309,7 @@ pub fn parse_tenant(value: &str) -> Result<String, InvalidInput> {
 pub struct NotifyUrl(String);
 
 /// A rental's time to live as a client sends it: seconds, or a duration such as `"2h"`.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum TtlInput {
     Seconds(u64),

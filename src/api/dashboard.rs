@@ -65,6 +65,13 @@ fn short(id: String) -> String {
 }
 
 /// `GET /dashboard`: the page, admin only.
+#[utoipa::path(get, path = "/dashboard", tag = "dashboard",
+    security(("basic" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The live dashboard", content_type = "text/html", body = String),
+        (status = 401, description = "No credentials: asks for Basic", body = super::views::ErrorBody),
+        (status = 403, description = "A tenant token", body = super::views::ErrorBody),
+    ))]
 pub(super) async fn page(
     State(ctx): State<Context>,
     caller: Result<Caller, ApiError>,
@@ -86,7 +93,7 @@ pub(super) async fn page(
         }
         Err(other) => return Err(other),
     }
-    let workers = super::workers_json(&ctx).await?;
+    let workers = super::fleet(&ctx).await?;
     let rentals = super::rentals_not_over(&ctx, &Caller::Admin).await?;
     let mut events = ctx.store.latest_events(EVENTS_SHOWN).await?;
     events.reverse();
@@ -121,6 +128,8 @@ pub(super) async fn page(
 
 /// `GET /dashboard/app.js`. The script and the style hold no data and are the same for
 /// everyone, so they are served without credentials.
+#[utoipa::path(get, path = "/dashboard/app.js", tag = "dashboard", security(()),
+    responses((status = 200, description = "The dashboard's script", content_type = "text/javascript", body = String)))]
 pub(super) async fn script() -> Response {
     asset(
         "text/javascript; charset=utf-8",
@@ -129,6 +138,8 @@ pub(super) async fn script() -> Response {
 }
 
 /// `GET /dashboard/app.css`.
+#[utoipa::path(get, path = "/dashboard/app.css", tag = "dashboard", security(()),
+    responses((status = 200, description = "The dashboard's style", content_type = "text/css", body = String)))]
 pub(super) async fn style() -> Response {
     asset(
         "text/css; charset=utf-8",

@@ -7,7 +7,8 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+
+use super::views::{ErrorBody, ErrorDetail};
 
 use crate::model::InvalidInput;
 use crate::rentals::{ReleaseError, RentError};
@@ -112,11 +113,15 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        let mut error = json!({ "code": code, "message": self.to_string() });
-        if let ApiError::Invalid(invalid) = &self {
-            error["field"] = json!(invalid.field);
-        }
-        let mut response = (status, Json(json!({ "error": error }))).into_response();
+        let error = ErrorDetail {
+            code,
+            message: self.to_string(),
+            field: match &self {
+                ApiError::Invalid(invalid) => Some(invalid.field),
+                _ => None,
+            },
+        };
+        let mut response = (status, Json(ErrorBody { error })).into_response();
         if let ApiError::RateLimited(wait) = &self {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,

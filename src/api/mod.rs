@@ -19,13 +19,14 @@
 //! | `GET /dashboard/app.js`, `/dashboard/app.css` | the dashboard's script and style (open) |
 //! | `GET /api/status` | admin: database reachability, fleet counts, loop status, rate limited |
 //! | `GET /health` | open: up, and whether the database answers (503 if not); nothing else |
+//! | `GET /api/openapi.json` | open: the OpenAPI 3 document of these routes ([`ApiDoc`]) |
 //!
 //! Every `/api/*` route needs `Authorization: Bearer <token>`: the admin token from the
 //! configuration, or a tenant token. To read (GET), the token is also accepted as the
 //! password of `Authorization: Basic` (any user name), which is what a browser sends:
 //! `/dashboard` answers 401 with `WWW-Authenticate: Basic` so that the browser asks for
 //! it, and then sends it with the page's own requests to the API. A tenant sees only its
-//! own rentals (another's answers 404) and no admin route (403). `/health` is open.
+//! own rentals (another's answers 404) and no admin route (403). `/health` and `/api/openapi.json` are open.
 //! Every request first goes through [`guard`]: bodies of state-changing requests must be
 //! JSON (415), Basic credentials cannot change anything (401: a page on another site
 //! could make a logged-in browser send them), and requests without a valid token are
@@ -42,14 +43,17 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::handler::Handler;
+use axum::http::Method;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 pub use error::ApiError;
 pub use guard::client_address;
@@ -59,7 +63,10 @@ use crate::auth::{self, Caller};
 use crate::context::Context;
 use crate::model::{NotifyUrl, TenantKey, TtlInput, Username};
 use crate::rentals::{self, RentRequest};
-use views::RentalView;
+use views::{
+    CreatedToken, ErrorBody, EventPage, FleetWorkerView, RentalList, RentalView, RentedView,
+    TokenList, WorkerList, WorkerView,
+};
 
 /// Largest request body accepted; a rent request is a few hundred bytes.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -71,29 +78,70 @@ fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     }
 }
 
+/// One route: its method and path, and what answers it.
+struct Endpoint {
+    method: Method,
+    path: &'static str,
+    handler: MethodRouter<Context>,
+}
+
+fn endpoint<H, T>(method: Method, path: &'static str, handler: H) -> Endpoint
+where
+    H: Handler<T, Context>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone()).expect("a method axum routes");
+    Endpoint {
+        method,
+        path,
+        handler: axum::routing::on(filter, handler),
+    }
+}
+
+/// Every route, the one list the router is built from and the OpenAPI test checks
+/// ([`ApiDoc`] must describe each).
+fn endpoints() -> Vec<Endpoint> {
+    vec![
+        endpoint(Method::POST, "/api/rent", rent),
+        endpoint(Method::GET, "/api/rentals", list_rentals),
+        endpoint(Method::GET, "/api/rentals/{id}", get_rental),
+        endpoint(Method::DELETE, "/api/rentals/{id}", release_rental),
+        endpoint(Method::POST, "/api/rentals/{id}/renew", renew_rental),
+        endpoint(Method::GET, "/api/workers", list_workers),
+        endpoint(Method::POST, "/api/workers/{name}/drain", drain_worker),
+        endpoint(Method::POST, "/api/workers/{name}/undrain", undrain_worker),
+        endpoint(Method::GET, "/api/events", list_events),
+        endpoint(Method::GET, "/api/events/stream", stream_events),
+        endpoint(Method::GET, "/api/tokens", list_tokens),
+        endpoint(Method::POST, "/api/tokens", create_token),
+        endpoint(Method::DELETE, "/api/tokens/{id}", revoke_token),
+        endpoint(Method::GET, "/api/status", status::status),
+        endpoint(Method::GET, "/api/openapi.json", openapi_json),
+        endpoint(Method::GET, "/health", status::health),
+        endpoint(Method::GET, "/metrics", prometheus_metrics),
+        endpoint(Method::GET, "/dashboard", dashboard::page),
+        endpoint(Method::GET, "/dashboard/app.js", dashboard::script),
+        endpoint(Method::GET, "/dashboard/app.css", dashboard::style),
+    ]
+}
+
+/// The `(method, path)` of every route the router answers.
+pub fn routes() -> Vec<(Method, &'static str)> {
+    endpoints()
+        .into_iter()
+        .map(|e| (e.method, e.path))
+        .collect()
+}
+
 /// The router, with its state; tests call this directly.
 pub fn app(ctx: Context) -> Router {
     // Bounds a request end to end; a rent waits for provisioning, so it is the SSH
     // connect and command timeouts plus slack.
     let request_timeout = ctx.config.rent_deadline();
-    Router::new()
-        .route("/api/rent", post(rent))
-        .route("/api/rentals", get(list_rentals))
-        .route("/api/rentals/{id}", get(get_rental).delete(release_rental))
-        .route("/api/rentals/{id}/renew", post(renew_rental))
-        .route("/api/workers", get(list_workers))
-        .route("/api/workers/{name}/drain", post(drain_worker))
-        .route("/api/workers/{name}/undrain", post(undrain_worker))
-        .route("/api/events", get(list_events))
-        .route("/api/events/stream", get(stream_events))
-        .route("/api/tokens", get(list_tokens).post(create_token))
-        .route("/api/tokens/{id}", axum::routing::delete(revoke_token))
-        .route("/api/status", get(status::status))
-        .route("/health", get(status::health))
-        .route("/metrics", get(prometheus_metrics))
-        .route("/dashboard", get(dashboard::page))
-        .route("/dashboard/app.js", get(dashboard::script))
-        .route("/dashboard/app.css", get(dashboard::style))
+    // Two endpoints on one path are merged into one method router.
+    endpoints()
+        .into_iter()
+        .fold(Router::new(), |router, e| router.route(e.path, e.handler))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -112,8 +160,50 @@ pub fn app(ctx: Context) -> Router {
         .with_state(ctx)
 }
 
+/// The OpenAPI 3 document of the routes of [`app`], served at `GET /api/openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Orion", description = "Rent worker machines over SSH; rentals move off dead workers."),
+    paths(
+        rent, list_rentals, get_rental, release_rental, renew_rental,
+        list_workers, drain_worker, undrain_worker,
+        list_events, stream_events,
+        list_tokens, create_token, revoke_token,
+        status::status, status::health, openapi_json, prometheus_metrics,
+        dashboard::page, dashboard::script, dashboard::style,
+    ),
+    components(schemas(ErrorBody, views::ErrorDetail)),
+    modifiers(&Security),
+    security(("bearer" = [])),
+)]
+pub struct ApiDoc;
+
+/// The ways to present a token: Bearer, or (to read) Basic with the token as password.
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        components.add_security_scheme(
+            "basic",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Basic)),
+        );
+    }
+}
+
+/// `GET /api/openapi.json`: open, it holds no secret.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "service", security(()),
+    responses((status = 200, description = "This document", content_type = "application/json")))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
 /// Body of `POST /api/rent`. Every field is optional; unknown fields are refused.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RentBody {
     /// One OpenSSH public key line; without it a password is generated.
@@ -126,6 +216,16 @@ struct RentBody {
     ttl: Option<TtlInput>,
 }
 
+#[utoipa::path(post, path = "/api/rent", tag = "rentals",
+    request_body(content = Option<RentBody>, description = "Every field optional; an empty body is `{}`"),
+    responses(
+        (status = 201, description = "Rented: connection details (and the password, once, when no key was given)", body = RentedView),
+        (status = 409, description = "The username is taken", body = ErrorBody),
+        (status = 422, description = "A field is not acceptable", body = ErrorBody),
+        (status = 429, description = "The tenant's quota is reached", body = ErrorBody),
+        (status = 502, description = "Provisioning failed", body = ErrorBody),
+        (status = 503, description = "No free worker", body = ErrorBody),
+    ))]
 async fn rent(
     State(ctx): State<Context>,
     caller: Caller,
@@ -174,11 +274,10 @@ async fn rent(
         },
     )
     .await?;
-    let view = RentalView::from(rented.rental);
-    let mut body = serde_json::to_value(&view).map_err(|e| ApiError::Unexpected(e.into()))?;
-    if let Some(password) = rented.password {
-        body["password"] = json!(password);
-    }
+    let body = RentedView {
+        rental: RentalView::from(rented.rental),
+        password: rented.password,
+    };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
@@ -191,6 +290,12 @@ fn parse_json<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, 
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
+#[utoipa::path(get, path = "/api/rentals/{id}", tag = "rentals",
+    params(("id" = String, Path, description = "The rental's id")),
+    responses(
+        (status = 200, description = "The rental, with its placement history", body = RentalView),
+        (status = 404, description = "No such rental (or another tenant's)", body = ErrorBody),
+    ))]
 async fn get_rental(
     State(ctx): State<Context>,
     caller: Caller,
@@ -206,9 +311,14 @@ async fn get_rental(
     Ok(Json(RentalView::from(detail)).into_response())
 }
 
+#[utoipa::path(get, path = "/api/rentals", tag = "rentals",
+    responses(
+        (status = 200, description = "Every rental not over that the caller may see", body = RentalList),
+        (status = 401, description = "No valid token", body = ErrorBody),
+    ))]
 async fn list_rentals(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
-    let views = rentals_not_over(&ctx, &caller).await?;
-    Ok(Json(json!({ "rentals": views })).into_response())
+    let rentals = rentals_not_over(&ctx, &caller).await?;
+    Ok(Json(RentalList { rentals }).into_response())
 }
 
 /// Every rental that is not over and that `caller` may see: by status, oldest first in each.
@@ -223,6 +333,13 @@ async fn rentals_not_over(ctx: &Context, caller: &Caller) -> Result<Vec<RentalVi
         .collect())
 }
 
+#[utoipa::path(delete, path = "/api/rentals/{id}", tag = "rentals",
+    params(("id" = String, Path, description = "The rental's id")),
+    responses(
+        (status = 204, description = "Released (or already released)"),
+        (status = 404, description = "No such rental", body = ErrorBody),
+        (status = 409, description = "Not releasable now", body = ErrorBody),
+    ))]
 async fn release_rental(
     State(ctx): State<Context>,
     caller: Caller,
@@ -233,13 +350,21 @@ async fn release_rental(
 }
 
 /// Body of `POST /api/rentals/{id}/renew`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RenewBody {
     /// The rental's new time to live, from now: seconds, or e.g. `"2h"`.
     ttl: Option<TtlInput>,
 }
 
+#[utoipa::path(post, path = "/api/rentals/{id}/renew", tag = "rentals",
+    params(("id" = String, Path, description = "The rental's id")),
+    request_body(content = Option<RenewBody>, description = "Without `ttl`: the configured default"),
+    responses(
+        (status = 200, description = "Renewed", body = RentalView),
+        (status = 404, description = "No such live rental", body = ErrorBody),
+        (status = 422, description = "The ttl is not acceptable", body = ErrorBody),
+    ))]
 async fn renew_rental(
     State(ctx): State<Context>,
     caller: Caller,
@@ -266,26 +391,38 @@ async fn renew_rental(
     Ok(Json(RentalView::from(detail)).into_response())
 }
 
+#[utoipa::path(get, path = "/api/workers", tag = "workers",
+    responses(
+        (status = 200, description = "Every worker, with the rental holding it", body = WorkerList),
+        (status = 403, description = "A tenant token", body = ErrorBody),
+    ))]
 async fn list_workers(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
     require_admin(&caller)?;
-    Ok(Json(json!({ "workers": workers_json(&ctx).await? })).into_response())
+    Ok(Json(WorkerList {
+        workers: fleet(&ctx).await?,
+    })
+    .into_response())
 }
 
 /// Every worker as `GET /api/workers` shows it: the stored fields, `allocated`, and
 /// `rental` (`{id, tenant, username, serving}` of the rental holding it, or null).
-async fn workers_json(ctx: &Context) -> Result<Vec<serde_json::Value>, ApiError> {
+async fn fleet(ctx: &Context) -> Result<Vec<FleetWorkerView>, ApiError> {
     let workers = ctx.store.list_workers_with_occupants().await?;
     Ok(workers
-        .iter()
-        .map(|(w, occupant)| {
-            let mut v = serde_json::to_value(w).expect("a worker serialises");
-            v["allocated"] = json!(w.allocated());
-            v["rental"] = json!(occupant);
-            v
+        .into_iter()
+        .map(|(w, rental)| FleetWorkerView {
+            worker: WorkerView::from(w),
+            rental,
         })
         .collect())
 }
 
+#[utoipa::path(post, path = "/api/workers/{name}/drain", tag = "workers",
+    params(("name" = String, Path, description = "The worker's name")),
+    responses(
+        (status = 200, description = "Drained: no new rentals; its tenants move away", body = WorkerView),
+        (status = 404, description = "No such worker", body = ErrorBody),
+    ))]
 async fn drain_worker(
     State(ctx): State<Context>,
     caller: Caller,
@@ -294,6 +431,12 @@ async fn drain_worker(
     set_drained(ctx, caller, name, true).await
 }
 
+#[utoipa::path(post, path = "/api/workers/{name}/undrain", tag = "workers",
+    params(("name" = String, Path, description = "The worker's name")),
+    responses(
+        (status = 200, description = "Back in service", body = WorkerView),
+        (status = 404, description = "No such worker", body = ErrorBody),
+    ))]
 async fn undrain_worker(
     State(ctx): State<Context>,
     caller: Caller,
@@ -321,20 +464,25 @@ async fn set_drained(
         .worker_by_name(&name)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such worker".into()))?;
-    let mut body = serde_json::to_value(&worker).map_err(|e| ApiError::Unexpected(e.into()))?;
-    body["allocated"] = json!(worker.allocated());
-    Ok(Json(body).into_response())
+    Ok(Json(WorkerView::from(worker)).into_response())
 }
 
 /// Body of `POST /api/tokens`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TokenBody {
+    /// Required: the tenant the token acts for.
     tenant: Option<String>,
     /// This token's limit on the tenant's live rentals (default: `tenants.max_rentals`).
     max_rentals: Option<u32>,
 }
 
+#[utoipa::path(post, path = "/api/tokens", tag = "tokens",
+    request_body = TokenBody,
+    responses(
+        (status = 201, description = "The token (shown once) and its record", body = CreatedToken),
+        (status = 422, description = "A field is not acceptable", body = ErrorBody),
+    ))]
 async fn create_token(
     State(ctx): State<Context>,
     caller: Caller,
@@ -359,25 +507,36 @@ async fn create_token(
         .store
         .create_token(&tenant, &auth::token_hash(&token), max_rentals)
         .await?;
-    let mut body = serde_json::to_value(&record).map_err(|e| ApiError::Unexpected(e.into()))?;
-    body["token"] = json!(token);
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    Ok((StatusCode::CREATED, Json(CreatedToken { record, token })).into_response())
 }
 
+#[utoipa::path(get, path = "/api/tokens", tag = "tokens",
+    responses(
+        (status = 200, description = "Every token's record (never the token)", body = TokenList),
+        (status = 403, description = "A tenant token", body = ErrorBody),
+    ))]
 async fn list_tokens(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
     require_admin(&caller)?;
-    Ok(Json(json!({ "tokens": ctx.store.list_tokens().await? })).into_response())
+    let tokens = ctx.store.list_tokens().await?;
+    Ok(Json(TokenList { tokens }).into_response())
 }
 
 /// Query of `DELETE /api/tokens/{id}`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct RevokeQuery {
     /// Also release every live rental made with the token.
     #[serde(default)]
     release_rentals: bool,
 }
 
+#[utoipa::path(delete, path = "/api/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path, description = "The token's id"), RevokeQuery),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 404, description = "No such live token", body = ErrorBody),
+    ))]
 async fn revoke_token(
     State(ctx): State<Context>,
     caller: Caller,
@@ -401,8 +560,9 @@ async fn revoke_token(
 }
 
 /// Query of `GET /api/events`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
     /// Only events with a larger id (0: from the start).
     #[serde(default)]
@@ -413,6 +573,12 @@ struct EventsQuery {
     last: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/api/events", tag = "events",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "A page of events, oldest first", body = EventPage),
+        (status = 422, description = "A bound is out of range", body = ErrorBody),
+    ))]
 async fn list_events(
     State(ctx): State<Context>,
     caller: Caller,
@@ -435,13 +601,20 @@ async fn list_events(
         None => ctx.store.events_after(query.after, limit).await?,
     };
     let next = events.last().map_or(query.after, |e| e.id);
-    Ok(Json(json!({ "events": events, "next": next })).into_response())
+    Ok(Json(EventPage { events, next }).into_response())
 }
 
 /// How often the event stream looks for new events. Polling the table (rather than an
 /// in-process channel) shows the events of every Orion process sharing the database.
 const STREAM_POLL: Duration = Duration::from_millis(250);
 
+#[utoipa::path(get, path = "/api/events/stream", tag = "events",
+    params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event (default: from now)")),
+    responses(
+        (status = 200, description = "Server-Sent Events: `id` the event id, `event` its kind, `data` the Event as JSON",
+            content_type = "text/event-stream", body = crate::store::Event),
+        (status = 403, description = "A tenant token", body = ErrorBody),
+    ))]
 async fn stream_events(
     State(ctx): State<Context>,
     caller: Caller,
@@ -489,6 +662,11 @@ async fn stream_events(
 
 /// Prometheus text format. The fleet and rental gauges are read from the database now,
 /// so they are right whichever Orion process made the changes.
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4", body = String),
+        (status = 403, description = "A tenant token", body = ErrorBody),
+    ))]
 async fn prometheus_metrics(
     State(ctx): State<Context>,
     caller: Caller,
@@ -526,4 +704,53 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed("method not allowed on this route".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_describes_every_route() {
+        let doc = ApiDoc::openapi();
+        for (method, path) in routes() {
+            let item = doc
+                .paths
+                .paths
+                .get(path)
+                .unwrap_or_else(|| panic!("{path} is missing from the OpenAPI document"));
+            let operation = match method {
+                Method::GET => &item.get,
+                Method::POST => &item.post,
+                Method::DELETE => &item.delete,
+                other => panic!("no check for {other} routes"),
+            };
+            assert!(
+                operation.is_some(),
+                "{method} {path} is missing from the OpenAPI document"
+            );
+        }
+    }
+
+    #[test]
+    fn the_openapi_document_describes_no_route_that_does_not_exist() {
+        let routes = routes();
+        let doc = ApiDoc::openapi();
+        for (path, item) in &doc.paths.paths {
+            for (method, operation) in [
+                (Method::GET, &item.get),
+                (Method::POST, &item.post),
+                (Method::DELETE, &item.delete),
+                (Method::PUT, &item.put),
+                (Method::PATCH, &item.patch),
+            ] {
+                if operation.is_some() {
+                    assert!(
+                        routes.contains(&(method.clone(), path.as_str())),
+                        "the document describes {method} {path}, which is no route"
+                    );
+                }
+            }
+        }
+    }
 }

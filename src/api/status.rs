@@ -19,8 +19,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde_json::json;
 
+use super::views::{ErrorDetail, HealthView, StatusView};
 use super::{ApiError, require_admin};
 use crate::auth::Caller;
 use crate::context::Context;
@@ -72,22 +72,33 @@ impl Readiness {
 
 /// `GET /health`: 200 `{"status": "ok", "database": "up", "version"}`, or 503 with
 /// `"database": "down"` and the JSON error.
+#[utoipa::path(get, path = "/health", tag = "service", security(()),
+    responses(
+        (status = 200, description = "Up, and the database answers", body = HealthView),
+        (status = 503, description = "The database does not answer", body = HealthView),
+    ))]
 pub(super) async fn health(
     State(ctx): State<Context>,
     Extension(readiness): Extension<std::sync::Arc<Readiness>>,
 ) -> Response {
     let version = env!("CARGO_PKG_VERSION");
     if readiness.database_up(&ctx.store).await {
-        Json(json!({ "status": "ok", "database": "up", "version": version })).into_response()
+        Json(HealthView {
+            status: "ok",
+            database: "up",
+            version,
+            error: None,
+        })
+        .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "degraded",
-                "database": "down",
-                "version": version,
-                "error": { "code": "unavailable", "message": "the database is unreachable" },
-            })),
+            Json(HealthView {
+                status: "degraded",
+                database: "down",
+                version,
+                error: Some(database_unreachable()),
+            }),
         )
             .into_response()
     }
@@ -95,6 +106,13 @@ pub(super) async fn health(
 
 /// `GET /api/status` (admin): database, fleet counts, loops, requests rate limited;
 /// 503 (loops still shown) when the database is down.
+#[utoipa::path(get, path = "/api/status", tag = "service",
+    responses(
+        (status = 200, description = "Database, fleet counts, loops", body = StatusView),
+        (status = 401, description = "No valid token", body = super::views::ErrorBody),
+        (status = 403, description = "A tenant token", body = super::views::ErrorBody),
+        (status = 503, description = "The database does not answer (loops still shown)", body = StatusView),
+    ))]
 pub(super) async fn status(
     State(ctx): State<Context>,
     caller: Caller,
@@ -103,27 +121,37 @@ pub(super) async fn status(
     let loops = ctx.loops.snapshot();
     let rate_limited = ctx.limiter.refused();
     Ok(match ctx.store.worker_counts().await {
-        Ok(counts) => Json(json!({
-            "status": "ok",
-            "database": "up",
-            "workers": counts,
-            "loops": loops,
-            "rate_limited": rate_limited,
-        }))
+        Ok(counts) => Json(StatusView {
+            status: "ok",
+            database: "up",
+            workers: Some(counts),
+            loops,
+            rate_limited,
+            error: None,
+        })
         .into_response(),
         Err(e) => {
             tracing::debug!(error = %e, "status: database unreachable");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({
-                    "status": "degraded",
-                    "database": "down",
-                    "loops": loops,
-                    "rate_limited": rate_limited,
-                    "error": { "code": "unavailable", "message": "the database is unreachable" },
-                })),
+                Json(StatusView {
+                    status: "degraded",
+                    database: "down",
+                    workers: None,
+                    loops,
+                    rate_limited,
+                    error: Some(database_unreachable()),
+                }),
             )
                 .into_response()
         }
     })
+}
+
+fn database_unreachable() -> ErrorDetail {
+    ErrorDetail {
+        code: "unavailable",
+        message: "the database is unreachable".into(),
+        field: None,
+    }
 }

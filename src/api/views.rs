@@ -2,14 +2,20 @@
 //! dashboard's script, a tenant's `notify_url`). The store returns rows; the shapes are
 //! decided here, so a column can change without a client noticing.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use utoipa::ToSchema;
 
+use crate::loops::LoopState;
 use crate::model::{PlacementState, RentalStatus};
-use crate::store::{PlacementRecord, RentalDetail};
+use crate::store::{
+    Event, Occupant, PlacementRecord, RentalDetail, TokenRecord, Worker, WorkerCounts,
+};
 
 /// A rental as a client sees it: where it lives now and where it has lived.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct RentalView {
     pub id: String,
     pub tenant: String,
@@ -21,6 +27,7 @@ pub struct RentalView {
     pub host: Option<String>,
     pub port: Option<u16>,
     /// How the tenant logs in: `publickey`, `password`, or both.
+    #[schema(value_type = Vec<String>, example = json!(["publickey"]))]
     pub auth: Vec<&'static str>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -32,7 +39,7 @@ pub struct RentalView {
 }
 
 /// One stay of a rental on a worker.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct PlacementView {
     pub worker: String,
     pub state: PlacementState,
@@ -82,4 +89,121 @@ impl From<RentalDetail> for RentalView {
             placements: placements.into_iter().map(PlacementView::from).collect(),
         }
     }
+}
+
+/// The answer to `POST /api/rent`: the rental, and the generated password when no key
+/// was given (shown once).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RentedView {
+    #[serde(flatten)]
+    pub rental: RentalView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+/// A worker as `POST /api/workers/{name}/drain` shows it: the stored fields and whether
+/// a rental holds it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WorkerView {
+    #[serde(flatten)]
+    pub worker: Worker,
+    /// Held by a rental, serving it or awaiting cleanup of its account.
+    pub allocated: bool,
+}
+
+impl From<Worker> for WorkerView {
+    fn from(worker: Worker) -> Self {
+        Self {
+            allocated: worker.allocated(),
+            worker,
+        }
+    }
+}
+
+/// A worker as `GET /api/workers` shows it: also the rental holding it (`null`: none).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FleetWorkerView {
+    #[serde(flatten)]
+    pub worker: WorkerView,
+    pub rental: Option<Occupant>,
+}
+
+/// The answer to `POST /api/tokens`: the record, and the token itself (shown once).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CreatedToken {
+    #[serde(flatten)]
+    pub record: TokenRecord,
+    pub token: String,
+}
+
+/// `GET /api/rentals`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RentalList {
+    pub rentals: Vec<RentalView>,
+}
+
+/// `GET /api/workers`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WorkerList {
+    pub workers: Vec<FleetWorkerView>,
+}
+
+/// `GET /api/tokens`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TokenList {
+    pub tokens: Vec<TokenRecord>,
+}
+
+/// `GET /api/events`: a page of events, and the `after` of the next page.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EventPage {
+    pub events: Vec<Event>,
+    pub next: u64,
+}
+
+/// Every error answer: `{"error": {"code", "message", "field"?}}`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `invalid_input`, `not_found`, `no_free_worker`, …
+    pub code: &'static str,
+    pub message: String,
+    /// The request field at fault, for `invalid_input`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<&'static str>,
+}
+
+/// `GET /health`: 200 with `"status": "ok"` and `"database": "up"`, or 503 with
+/// `"degraded"`, `"down"` and the error.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct HealthView {
+    /// `ok` or `degraded`.
+    pub status: &'static str,
+    /// `up` or `down`.
+    pub database: &'static str,
+    pub version: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+/// `GET /api/status`: as [`HealthView`], with the fleet counts (absent while the
+/// database is down), each control loop's state and the requests rate limited.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct StatusView {
+    /// `ok` or `degraded`.
+    pub status: &'static str,
+    /// `up` or `down`.
+    pub database: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<WorkerCounts>,
+    /// Keyed by loop name.
+    #[schema(value_type = BTreeMap<String, LoopState>)]
+    pub loops: BTreeMap<&'static str, LoopState>,
+    pub rate_limited: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
 }

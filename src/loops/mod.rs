@@ -56,7 +56,7 @@ pub struct Wakers {
 }
 
 /// What one control loop last did, as shown on `/api/status`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct LoopState {
     pub last_success: Option<DateTime<Utc>>,
     pub last_error: Option<String>,

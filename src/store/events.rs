@@ -6,7 +6,7 @@ use sqlx::{FromRow, MySql, Transaction};
 
 use super::{Store, StoreError};
 
-#[derive(Debug, Clone, Serialize, FromRow)]
+#[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
 pub struct Event {
     pub id: u64,
     pub at: DateTime<Utc>,

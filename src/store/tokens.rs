@@ -7,7 +7,7 @@ use sqlx::FromRow;
 use super::{Store, StoreError, events};
 
 /// A token as listed to the admin: never the token itself.
-#[derive(Debug, Clone, Serialize, FromRow)]
+#[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
 pub struct TokenRecord {
     pub id: String,
     pub tenant: String,

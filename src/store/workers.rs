@@ -16,7 +16,7 @@ pub(super) const USABLE: &str =
     "(status = 'alive' AND quarantine_reason IS NULL AND NOT retired AND NOT drained)";
 
 /// A worker row.
-#[derive(Debug, Clone, Serialize, FromRow)]
+#[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
 pub struct Worker {
     #[serde(skip)]
     pub id: u64,
@@ -92,7 +92,7 @@ pub(super) const WORKER_COLUMNS: &str = "id, name, site, ssh_host, ssh_port, pub
     last_seen_alive, probe_latency_ms, last_probe_error";
 
 /// The rental holding a worker, as the fleet view shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Occupant {
     #[serde(rename = "id")]
     pub rental_id: String,
@@ -117,7 +117,7 @@ pub struct ProbeRecord {
 }
 
 /// Fleet counts for `/health`.
-#[derive(Debug, Clone, Default, Serialize, FromRow)]
+#[derive(Debug, Clone, Default, Serialize, FromRow, utoipa::ToSchema)]
 pub struct WorkerCounts {
     pub total: i64,
     pub alive: i64,

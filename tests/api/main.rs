@@ -12,6 +12,7 @@ mod fuzz;
 mod guard;
 mod helpers;
 mod isolation;
+mod openapi;
 mod outage;
 mod playbooks;
 mod probe;

@@ -309,7 +309,7 @@ pub fn parse_tenant(value: &str) -> Result<String, InvalidInput> {
 pub struct NotifyUrl(String);
 
 /// A rental's time to live as a client sends it: seconds, or a duration such as `"2h"`.
-#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum TtlInput {
     Seconds(u64),

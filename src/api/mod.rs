@@ -53,7 +53,7 @@ use serde::Deserialize;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa::{IntoParams, OpenApi};
 
 pub use error::ApiError;
 pub use guard::client_address;
@@ -61,11 +61,11 @@ pub use guard::client_address;
 use crate::auth::{self, Caller};
 
 use crate::context::Context;
-use crate::model::{NotifyUrl, TenantKey, TtlInput, Username};
+use crate::model::{NotifyUrl, TenantKey, Username};
 use crate::rentals::{self, RentRequest};
 use views::{
-    CreatedToken, ErrorBody, EventPage, FleetWorkerView, RentalList, RentalView, RentedView,
-    TokenList, WorkerList, WorkerView,
+    CreatedToken, ErrorBody, EventPage, FleetWorkerView, RenewBody, RentBody, RentalList,
+    RentalView, RentedView, TokenBody, TokenList, WorkerList, WorkerView,
 };
 
 /// Largest request body accepted; a rent request is a few hundred bytes.
@@ -202,20 +202,6 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
-/// Body of `POST /api/rent`. Every field is optional; unknown fields are refused.
-#[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-struct RentBody {
-    /// One OpenSSH public key line; without it a password is generated.
-    ssh_public_key: Option<String>,
-    /// Login name wanted on the worker; generated if absent.
-    username: Option<String>,
-    /// Where to POST the new connection details when the rental moves.
-    notify_url: Option<String>,
-    /// How long the rental lives unless renewed: seconds, or e.g. `"2h"`.
-    ttl: Option<TtlInput>,
-}
-
 #[utoipa::path(post, path = "/api/rent", tag = "rentals",
     request_body(content = Option<RentBody>, description = "Every field optional; an empty body is `{}`"),
     responses(
@@ -349,14 +335,6 @@ async fn release_rental(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Body of `POST /api/rentals/{id}/renew`.
-#[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-struct RenewBody {
-    /// The rental's new time to live, from now: seconds, or e.g. `"2h"`.
-    ttl: Option<TtlInput>,
-}
-
 #[utoipa::path(post, path = "/api/rentals/{id}/renew", tag = "rentals",
     params(("id" = String, Path, description = "The rental's id")),
     request_body(content = Option<RenewBody>, description = "Without `ttl`: the configured default"),
@@ -465,16 +443,6 @@ async fn set_drained(
         .await?
         .ok_or_else(|| ApiError::NotFound("no such worker".into()))?;
     Ok(Json(WorkerView::from(worker)).into_response())
-}
-
-/// Body of `POST /api/tokens`.
-#[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-struct TokenBody {
-    /// Required: the tenant the token acts for.
-    tenant: Option<String>,
-    /// This token's limit on the tenant's live rentals (default: `tenants.max_rentals`).
-    max_rentals: Option<u32>,
 }
 
 #[utoipa::path(post, path = "/api/tokens", tag = "tokens",

@@ -1,15 +1,17 @@
-//! What the API shows of the store's records: the JSON shapes clients read (the CLI, the
-//! dashboard's script, a tenant's `notify_url`). The store returns rows; the shapes are
-//! decided here, so a column can change without a client noticing.
+//! The JSON the API reads and shows: request bodies (which the CLI sends too), and what
+//! it shows of the store's records, the shapes clients read (the CLI, the dashboard's
+//! script, a tenant's `notify_url`). The store returns rows; the shapes are decided
+//! here, so a column can change without a client noticing. Each derives `ToSchema`, for
+//! the OpenAPI document ([`super::ApiDoc`]).
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::loops::LoopState;
-use crate::model::{PlacementState, RentalStatus};
+use crate::model::{PlacementState, RentalStatus, TtlInput};
 use crate::store::{
     Event, Occupant, PlacementRecord, RentalDetail, TokenRecord, Worker, WorkerCounts,
 };
@@ -206,4 +208,43 @@ pub struct StatusView {
     pub rate_limited: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorDetail>,
+}
+
+/// Body of `POST /api/rent`. Every field is optional; unknown fields are refused.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RentBody {
+    /// One OpenSSH public key line; without it a password is generated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssh_public_key: Option<String>,
+    /// Login name wanted on the worker; generated if absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Where to POST the new connection details when the rental moves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notify_url: Option<String>,
+    /// How long the rental lives unless renewed: seconds, or e.g. `"2h"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<TtlInput>,
+}
+
+/// Body of `POST /api/rentals/{id}/renew`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenewBody {
+    /// The rental's new time to live, from now: seconds, or e.g. `"2h"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<TtlInput>,
+}
+
+/// Body of `POST /api/tokens`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBody {
+    /// Required: the tenant the token acts for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// This token's limit on the tenant's live rentals (default: `tenants.max_rentals`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rentals: Option<u32>,
 }

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use eventsource_stream::Eventsource as _;
 use futures::StreamExt as _;
-use serde_json::{Value, json};
+use serde_json::Value;
+
+use crate::api::views::RentBody;
 
 mod commands;
 mod tables;
@@ -119,16 +121,20 @@ impl Client {
         key: Option<&Path>,
         username: Option<&str>,
     ) -> Result<Value, ClientError> {
-        let mut body = json!({});
-        if let Some(path) = key {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ClientError::Usage(format!("cannot read --key {}: {e}", path.display()))
-            })?;
-            body["ssh_public_key"] = json!(text.trim());
-        }
-        if let Some(name) = username {
-            body["username"] = json!(name);
-        }
+        let ssh_public_key = key
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .map(|text| text.trim().to_owned())
+                    .map_err(|e| {
+                        ClientError::Usage(format!("cannot read --key {}: {e}", path.display()))
+                    })
+            })
+            .transpose()?;
+        let body = RentBody {
+            ssh_public_key,
+            username: username.map(str::to_owned),
+            ..RentBody::default()
+        };
         self.send(self.request(reqwest::Method::POST, "/api/rent").json(&body))
             .await
     }

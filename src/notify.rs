@@ -186,16 +186,19 @@ impl Notifier {
         let view = crate::api::views::RentalView::from(detail);
         let body = json!({ "event": "rental.migrated", "rental": view });
         let mut last_error = String::new();
-        for attempt in 0..self.attempts {
+        // The resolver guards names at each try; an address literal is checked once here.
+        let literal = NotifyUrl::parse(&url)
+            .map_err(|e| e.to_string())
+            .and_then(|valid| literal_check(&self.policy, &valid));
+        let attempts = if let Err(e) = literal {
+            last_error = e;
+            0
+        } else {
+            self.attempts
+        };
+        for attempt in 0..attempts {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_secs(1 << (attempt - 1).min(6))).await;
-            }
-            // The resolver guards names; an address literal is checked here.
-            if let Ok(valid) = NotifyUrl::parse(&url)
-                && let Err(e) = literal_check(&self.policy, &valid)
-            {
-                last_error = e;
-                break;
             }
             match self
                 .http

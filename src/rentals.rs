@@ -17,8 +17,8 @@ use crate::store::{Claim, NewRental, RentalDetail, RentalRecord, StoreError, Wor
 /// connection that died unnoticed, a worker that went away since its last probe).
 const RENT_ATTEMPTS: usize = 3;
 
-/// Tries at recording an activation through a database blip, spread over about a second.
-const ACTIVATE_ATTEMPTS: u32 = 4;
+/// Tries at a store call a rent must not lose, through a database blip of about a second.
+const BLIP_ATTEMPTS: u32 = 4;
 
 /// A validated rent request.
 #[derive(Debug, Clone)]
@@ -165,24 +165,33 @@ async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Re
     tracing::info!("rental active");
     // The rental is active: its view is read back through a blip rather than answering
     // an error for a rental that exists.
+    let rental = through_blip("read the new rental back", || {
+        ctx.store.rental_detail(&record.id)
+    })
+    .await?
+    .ok_or_else(|| StoreError::Invariant("an active rental has no row".into()))?;
+    Ok(Rented { rental, password })
+}
+
+/// Runs a store call again through a short database blip (`BLIP_ATTEMPTS` tries,
+/// 200 ms, 400 ms, 800 ms apart): for the writes and reads a rent must not lose once its
+/// account exists.
+async fn through_blip<T, F, Fut>(what: &str, mut call: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
     let mut attempt = 0;
-    let rental = loop {
-        match ctx.store.rental_detail(&record.id).await {
-            Ok(Some(detail)) => break detail,
-            Ok(None) => {
-                return Err(RentError::Store(StoreError::Invariant(
-                    "an active rental has no row".into(),
-                )));
-            }
-            Err(e) if attempt + 1 < ACTIVATE_ATTEMPTS => {
+    loop {
+        match call().await {
+            Err(e) if attempt + 1 < BLIP_ATTEMPTS => {
                 attempt += 1;
-                tracing::warn!(error = %e, "cannot read the new rental back; retrying");
+                tracing::warn!(error = %e, "cannot {what}; retrying");
                 tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
             }
-            Err(e) => return Err(e.into()),
+            other => return other,
         }
-    };
-    Ok(Rented { rental, password })
+    }
 }
 
 /// Records that a new rental's account exists: the client gets its 201 only once this is
@@ -195,26 +204,15 @@ async fn activate_rent(
     record: &RentalRecord,
     claim: &Claim,
 ) -> Result<(), RentError> {
-    let mut attempt = 0;
-    let activated = loop {
-        match ctx
-            .store
+    let activated = through_blip("record the activation", || {
+        ctx.store
             .activate(&record.id, &claim.worker, RentalStatus::Provisioning)
-            .await
-        {
-            Ok(activated) => break activated,
-            Err(e) if attempt + 1 < ACTIVATE_ATTEMPTS => {
-                attempt += 1;
-                tracing::warn!(error = %e, "cannot record the activation; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e,
-                    "cannot record the activation; the loops will fail the rental and remove its account");
-                return Err(e.into());
-            }
-        }
-    };
+    })
+    .await
+    .inspect_err(|e| {
+        tracing::error!(error = %e,
+            "cannot record the activation; the loops will fail the rental and remove its account");
+    })?;
     if activated {
         return Ok(());
     }

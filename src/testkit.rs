@@ -462,18 +462,25 @@ impl TestApp {
 
     /// Makes a tenant token with the admin token; returns its id and the token.
     pub async fn tenant_token(&self, tenant: &str) -> (String, String) {
+        self.tenant_token_with(serde_json::json!({ "tenant": tenant }))
+            .await
+    }
+
+    /// Makes a tenant token from a `POST /api/tokens` body (e.g. with `max_rentals`);
+    /// returns its id and the token.
+    pub async fn tenant_token_with(&self, body: Value) -> (String, String) {
         let resp = self
             .http
             .post(self.url("/api/tokens"))
-            .json(&serde_json::json!({ "tenant": tenant }))
+            .json(&body)
             .send()
             .await
             .expect("token request failed");
-        assert_eq!(resp.status(), 201, "making a token for {tenant}");
-        let body: Value = resp.json().await.expect("a token is JSON");
+        assert_eq!(resp.status(), 201, "making a token: {body}");
+        let made: Value = resp.json().await.expect("a token is JSON");
         (
-            body["id"].as_str().expect("token id").to_owned(),
-            body["token"].as_str().expect("token").to_owned(),
+            made["id"].as_str().expect("token id").to_owned(),
+            made["token"].as_str().expect("token").to_owned(),
         )
     }
 

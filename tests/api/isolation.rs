@@ -423,21 +423,12 @@ async fn a_notify_url_that_redirects_to_loopback_is_not_followed() {
     assert!(message.contains("307"), "{message}");
 }
 
-/// A tenant token with its own limit.
+/// A tenant token with its own limit, and a client that sends it.
 async fn token_with_limit(app: &TestApp, tenant: &str, limit: u32) -> (String, reqwest::Client) {
-    let resp = app
-        .http
-        .post(app.url("/api/tokens"))
-        .json(&json!({ "tenant": tenant, "max_rentals": limit }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let body: Value = resp.json().await.unwrap();
-    (
-        body["id"].as_str().unwrap().to_owned(),
-        crate::helpers::client_with_token(body["token"].as_str().unwrap()),
-    )
+    let (id, token) = app
+        .tenant_token_with(json!({ "tenant": tenant, "max_rentals": limit }))
+        .await;
+    (id, crate::helpers::client_with_token(&token))
 }
 
 #[tokio::test]

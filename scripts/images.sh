@@ -3,6 +3,7 @@
 #   orion/debian:bookworm  (scripts/base-image.sh)
 #   orion/worker:latest    (docker/worker)
 #   orion/mariadb:latest   (docker/mariadb)
+#   orion/demo-app:latest  (docker/demo-app: a tiny HTTP server to try apps with)
 # Re-running is cheap: unchanged steps come from Docker's layer cache.
 #
 # Env: ORION_BUILD_NETWORK  network for RUN steps (default host: apt inside
@@ -37,4 +38,5 @@ build() {
 
 build orion/worker:latest docker/worker
 build orion/mariadb:latest docker/mariadb
+build orion/demo-app:latest docker/demo-app
 log "all images ready in $((SECONDS - t_all))s"

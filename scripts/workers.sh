@@ -18,6 +18,16 @@
 #        Limits, not reservations: idle workers cost what they use.
 #      Every worker also runs with --security-opt no-new-privileges. The limits apply
 #      to workers created by `up`; remove and re-create a worker to change them.
+#
+# Apps: each worker gets the host's Docker socket at /var/lib/orion/runtime/docker.sock
+# (root-only inside; only /usr/local/sbin/orion-runtime uses it). App instances then run
+# as sibling containers on the host's engine that join the worker's PID and network
+# namespaces, so `docker stop worker_1` takes its instances down too. The inventory says,
+# per worker:
+#   instances_join  the worker's container name: whose namespaces its instances join
+#   app_host        the worker container's IP address on its Docker network: where an
+#                   instance's port is reached from the host
+# Without /var/run/docker.sock on the host, workers start without it and run no apps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +38,9 @@ base=${ORION_WORKER_BASE_PORT:-22220}
 image=orion/worker:latest
 pids=${ORION_WORKER_PIDS:-1024}
 memory=${ORION_WORKER_MEMORY:-512m}
+
+sock=/var/run/docker.sock
+sock_in=/var/lib/orion/runtime/docker.sock
 
 log() { echo "workers: $*" >&2; }
 die() { echo "workers: ERROR: $*" >&2; exit 1; }
@@ -41,6 +54,12 @@ up() {
   [[ -s "$pub" ]] || die "no Orion public key at $pub: run scripts/platform.sh up (it makes one)"
   docker image inspect "$image" >/dev/null 2>&1 || die "image $image is missing: run scripts/images.sh"
   local key; key=$(cat "$pub")
+  local runtime=()
+  if [[ -S "$sock" ]]; then
+    runtime=(-v "$sock:$sock_in")
+  else
+    log "WARNING: no Docker socket at $sock: apps cannot run on these workers"
+  fi
   for ((i = 1; i <= n; i++)); do
     local name="${prefix}worker_$i" port=$((base + i))
     if docker container inspect "$name" >/dev/null 2>&1; then
@@ -51,6 +70,11 @@ up() {
         log "starting $name"
         docker start "$name" >/dev/null
       fi
+      local mounts
+      mounts=$(docker inspect -f '{{range .Mounts}}{{println .Destination}}{{end}}' "$name")
+      if [[ ${#runtime[@]} -gt 0 ]] && ! grep -qxF "$sock_in" <<<"$mounts"; then
+        log "WARNING: $name was created without the runtime socket: remove it (docker rm -f $name) to recreate"
+      fi
     else
       log "creating $name on port $port"
       # --restart no: a stopped worker stays stopped, that is the failure drill.
@@ -58,7 +82,7 @@ up() {
       docker run -d --name "$name" --hostname "$name" --restart no \
         --label "orion.platform=$project" -p "$port:22" \
         --pids-limit "$pids" --memory "$memory" --memory-swap "$memory" \
-        --security-opt no-new-privileges \
+        --security-opt no-new-privileges ${runtime[@]+"${runtime[@]}"} \
         -e ORION_AUTHORIZED_KEY="$key" "$image" >/dev/null
     fi
   done
@@ -71,6 +95,9 @@ write_inventory() {
     echo "# Written by scripts/workers.sh up $n: worker_1..worker_$n on the Docker host."
     echo "# Orion (in a container) reaches them through host.docker.internal; clients"
     echo "# on the host use localhost. Format: see inventory/compose.toml."
+    echo "# Apps: instances_join = the worker's container, whose PID and network namespaces"
+    echo "# its app instances join; app_host = that container's IP address on its Docker"
+    echo "# network, where an instance's port is reached from the host."
     echo
     echo "[defaults]"
     echo "site = \"local\""
@@ -81,6 +108,15 @@ write_inventory() {
       echo "name = \"worker_$i\""
       echo "host = \"host.docker.internal\""
       echo "port = $((base + i))"
+      local name="${prefix}worker_$i" ip
+      echo "instances_join = \"$name\""
+      ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}' "$name" 2>/dev/null || true)
+      ip=${ip%% *}
+      if [[ -n "$ip" ]]; then
+        echo "app_host = \"$ip\""
+      else
+        log "WARNING: $name has no IP address (not running?): no app_host in the inventory"
+      fi
     done
   } >"$file"
   # Read by orion's unprivileged user in its container; holds no secret.

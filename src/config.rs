@@ -46,6 +46,8 @@ pub struct Config {
     #[serde(default)]
     pub cleanup: CleanupConfig,
     #[serde(default)]
+    pub apps: AppsConfig,
+    #[serde(default)]
     pub tenants: TenantsConfig,
     pub auth: AuthConfig,
     #[serde(default)]
@@ -326,6 +328,65 @@ impl Default for CleanupConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct AppsConfig {
+    /// Time between two passes that make the workers hold exactly the apps' instances.
+    /// A change of an app, of a worker's status, or a container starting or dying on a
+    /// worker also wakes the loop at once; this is the bound when nothing does.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Whether apps may run on a worker rented to a tenant. Off: a rented worker hosts no
+    /// instance (they move off it), and rents prefer workers without instances.
+    pub shared_workers: bool,
+    /// The user instances run as (`uid:gid`): unprivileged, whatever the image says.
+    pub user: String,
+    /// Most memory of one instance, swap included (bytes, or e.g. `256m`).
+    pub instance_memory: String,
+    /// Most processes and threads in one instance.
+    pub instance_pids: u32,
+}
+
+impl Default for AppsConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            shared_workers: false,
+            user: "65534:65534".into(),
+            instance_memory: "256m".into(),
+            instance_pids: 256,
+        }
+    }
+}
+
+impl AppsConfig {
+    /// `instance_memory` in bytes.
+    pub fn memory_bytes(&self) -> Result<u64, String> {
+        let s = self.instance_memory.trim().to_ascii_lowercase();
+        let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+            Some(i) => (&s[..i], &s[i..]),
+            None => (s.as_str(), ""),
+        };
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("apps.instance_memory `{s}` is not a size such as 256m"))?;
+        let factor = match unit {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            _ => return Err(format!("apps.instance_memory `{s}`: unknown unit `{unit}`")),
+        };
+        let bytes = n.saturating_mul(factor);
+        if bytes < 6 << 20 {
+            return Err(format!(
+                "apps.instance_memory `{s}` is below Docker's 6 MiB minimum"
+            ));
+        }
+        Ok(bytes)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` for people, `json` for log collectors.
     pub format: LogFormat,
@@ -361,6 +422,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "provisioning",
     "migration",
     "cleanup",
+    "apps",
     "tenants",
     "auth",
     "http",
@@ -444,6 +506,24 @@ impl Config {
         }
         if self.cleanup.interval.is_zero() {
             return bad("cleanup.interval", "must be longer than zero");
+        }
+        if self.apps.interval.is_zero() {
+            return bad("apps.interval", "must be longer than zero");
+        }
+        if let Err(e) = self.apps.memory_bytes() {
+            return Err(ConfigError::Invalid(e));
+        }
+        if self.apps.instance_pids == 0 {
+            return bad("apps.instance_pids", "must be at least 1");
+        }
+        let user_ok = self.apps.user.split_once(':').is_some_and(|(u, g)| {
+            u.parse::<u32>().is_ok_and(|u| u > 0) && g.parse::<u32>().is_ok_and(|g| g > 0)
+        });
+        if !user_ok {
+            return bad(
+                "apps.user",
+                "must be `uid:gid`, numbers above 0 (never root)",
+            );
         }
         if self.provisioning.uid_min < 1000 {
             return bad(

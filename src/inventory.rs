@@ -28,6 +28,14 @@ pub struct WorkerSpec {
     /// Host key pinned by the operator, in OpenSSH one-line form. `None`: trusted on
     /// first use and recorded in the database.
     pub host_key: Option<String>,
+    /// Where apps' instances on this worker are reached (their port on this host).
+    /// `None`: the public host.
+    pub app_host: Option<String>,
+    /// The container on the worker's engine whose PID and network namespaces instances
+    /// join: the lab, where a worker is a container sharing the host's engine, so that a
+    /// stopped worker takes its instances with it. `None`: instances publish their port
+    /// on the worker itself.
+    pub instances_join: Option<String>,
 }
 
 /// A validated inventory.
@@ -79,6 +87,8 @@ struct RawWorker {
     public_port: Option<Spanned<u16>>,
     site: Option<Spanned<String>>,
     host_key: Option<Spanned<String>>,
+    app_host: Option<Spanned<String>>,
+    instances_join: Option<Spanned<String>>,
 }
 
 /// The site of workers whose inventory names none.
@@ -174,6 +184,13 @@ impl Inventory {
                 ),
                 None => None,
             };
+            if let Some(h) = &w.app_host {
+                check_host(h.get_ref()).map_err(|m| at(h.span(), &field("app_host"), m))?;
+            }
+            if let Some(j) = &w.instances_join {
+                check_label(j, "instances_join")
+                    .map_err(|m| at(j.span(), &field("instances_join"), m))?;
+            }
             workers.push(WorkerSpec {
                 name,
                 site,
@@ -182,6 +199,8 @@ impl Inventory {
                 public_host,
                 public_port,
                 host_key,
+                app_host: w.app_host.as_ref().map(|h| h.get_ref().clone()),
+                instances_join: w.instances_join.as_ref().map(|j| j.get_ref().clone()),
             });
         }
         Ok(Inventory { workers })

@@ -23,6 +23,9 @@
 //! - [`playbook`]: playbook templates (minijinja, every value shell-quoted by the
 //!   formatter) and the executor that runs them on a worker.
 //! - [`rentals`]: the rent and release operations shared by the API and the loops.
+//! - [`apps`]: container workloads on the workers: validation of what tenants ask, the
+//!   pure scheduling and reconciling decisions, and the protocol of `orion-runtime`, the
+//!   wrapper each worker carries.
 //! - [`loops`]: the control loops, one file each, and the driver that runs them (interval,
 //!   wake-ups, capped back-off, last success and last error):
 //!   - [`loops::health`]: probe every worker each round, record what hysteresis concludes;
@@ -30,7 +33,10 @@
 //!     re-probed within milliseconds;
 //!   - [`loops::migration`]: move rentals off dead workers, same credentials;
 //!   - [`loops::cleanup`]: remove leftover tenant accounts from workers before they are
-//!     offered again.
+//!     offered again;
+//!   - [`loops::apps`]: make the workers hold exactly the apps' instances (observe with
+//!     one SSH command per worker, remove, start), woken by the workers' own container
+//!     events.
 //! - [`probe`]: probing one worker (confirmation, hysteresis, recording), shared by the
 //!   health and watch loops.
 //! - [`probe_policy`]: the pure rules of probing (how deep a probe goes, when a status
@@ -54,6 +60,7 @@
 //! - [`startup`]: builds the application from a config and runs it until shutdown.
 
 pub mod api;
+pub mod apps;
 pub mod auth;
 pub mod check;
 pub mod client;

@@ -22,15 +22,30 @@ pub enum Playbook {
     CreateUser,
     /// Removes the tenant's account, its processes and its home (idempotent).
     DeleteUser,
+    /// Runs an app's instance: creates its container, or starts it again (idempotent).
+    AppRun,
+    /// Removes containers of a worker's node (idempotent).
+    AppRemove,
 }
 
 impl Playbook {
-    pub const ALL: [Playbook; 2] = [Playbook::CreateUser, Playbook::DeleteUser];
+    /// The playbooks of tenants' accounts, rendered with [`Vars`].
+    pub const ACCOUNTS: [Playbook; 2] = [Playbook::CreateUser, Playbook::DeleteUser];
+    /// The playbooks of apps' instances, rendered with [`AppVars`].
+    pub const APPS: [Playbook; 2] = [Playbook::AppRun, Playbook::AppRemove];
+    pub const ALL: [Playbook; 4] = [
+        Playbook::CreateUser,
+        Playbook::DeleteUser,
+        Playbook::AppRun,
+        Playbook::AppRemove,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Playbook::CreateUser => "create_user",
             Playbook::DeleteUser => "delete_user",
+            Playbook::AppRun => "app_run",
+            Playbook::AppRemove => "app_remove",
         }
     }
 
@@ -52,6 +67,14 @@ pub struct Vars {
     pub public_key: Option<String>,
     /// SHA-512 crypt hash for `/etc/shadow`, or none (key-only login).
     pub password_hash: Option<String>,
+}
+
+/// The values an app playbook is rendered with: the spec `orion-runtime` reads on its
+/// stdin, as one base64 word ([`crate::apps::runtime::encode`]), so that neither the
+/// shell nor Ansible's templating ever reads what a tenant wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppVars {
+    pub spec: String,
 }
 
 /// What a playbook sees: the rental's values and the uid floor from the configuration.
@@ -174,6 +197,15 @@ impl Playbooks {
         vars: &Vars,
         uid_min: u32,
     ) -> Result<String, PlaybookError> {
+        self.render_with(playbook, &Rendered { vars, uid_min })
+    }
+
+    /// Renders a playbook with any values (strict: a value it prints must be there).
+    fn render_with(
+        &self,
+        playbook: Playbook,
+        values: &impl Serialize,
+    ) -> Result<String, PlaybookError> {
         let name = playbook.template();
         let template_error = |cause| PlaybookError::Template {
             name: name.clone(),
@@ -181,7 +213,7 @@ impl Playbooks {
         };
         self.env
             .get_template(&name)
-            .and_then(|t| t.render(Rendered { vars, uid_min }))
+            .and_then(|t| t.render(values))
             .map_err(template_error)
     }
 }
@@ -265,10 +297,32 @@ impl Executor {
         target: &Target,
     ) -> Result<(), PlaybookError> {
         self.check(playbook, vars, target)?;
+        let uid_min = self.uid_min;
+        self.execute(playbook, &Rendered { vars, uid_min }, target)
+            .await
+    }
+
+    /// Runs an app playbook ([`Playbook::APPS`]) on `target`, as [`Executor::run`] does.
+    pub async fn run_app(
+        &self,
+        playbook: Playbook,
+        vars: &AppVars,
+        target: &Target,
+    ) -> Result<(), PlaybookError> {
+        debug_assert!(Playbook::APPS.contains(&playbook));
+        self.execute(playbook, vars, target).await
+    }
+
+    async fn execute(
+        &self,
+        playbook: Playbook,
+        values: &impl Serialize,
+        target: &Target,
+    ) -> Result<(), PlaybookError> {
         if let Some(ansible) = &self.ansible {
-            return ansible.run(playbook, vars, self.uid_min, target).await;
+            return ansible.run(playbook, values, target).await;
         }
-        let script = self.playbooks.render(playbook, vars, self.uid_min)?;
+        let script = self.playbooks.render_with(playbook, values)?;
         let ssh_error = |cause| PlaybookError::Ssh {
             playbook: playbook.name(),
             worker: target.name.clone(),
@@ -367,8 +421,7 @@ impl Ansible {
     async fn run(
         &self,
         playbook: Playbook,
-        vars: &Vars,
-        uid_min: u32,
+        values: &impl Serialize,
         target: &Target,
     ) -> Result<(), PlaybookError> {
         let failed = |message: String, ran: bool| PlaybookError::Ansible {
@@ -411,7 +464,7 @@ impl Ansible {
         )?;
         write(
             &extra_vars,
-            serde_json::to_string(&Rendered { vars, uid_min }).expect("vars serialise"),
+            serde_json::to_string(values).expect("vars serialise"),
         )?;
         let playbook_file = self.playbooks.join(format!("{}.yml", playbook.name()));
         let ssh_args = format!(
@@ -556,7 +609,7 @@ mod tests {
     #[test]
     fn every_shipped_playbook_renders() {
         let playbooks = shipped();
-        for playbook in Playbook::ALL {
+        for playbook in Playbook::ACCOUNTS {
             let script = playbooks.render(playbook, &vars("alice"), 200_000).unwrap();
             assert!(script.contains("'alice'"), "{script}");
             assert!(
@@ -603,7 +656,7 @@ mod tests {
     #[test]
     fn the_uid_and_its_floor_reach_every_playbook_quoted() {
         let playbooks = shipped();
-        for playbook in Playbook::ALL {
+        for playbook in Playbook::ACCOUNTS {
             let script = playbooks.render(playbook, &vars("dave"), 200_000).unwrap();
             assert!(script.contains("uid='200123'"), "{script}");
             assert!(script.contains("uid_min='200000'"), "{script}");

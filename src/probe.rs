@@ -224,6 +224,10 @@ async fn probe_locked(
     if died || matches!(&outcome, Err(SshError::HostKeyMismatch { .. })) {
         ctx.wake.migration.notify_one();
     }
+    if health.status != worker.status || matches!(&outcome, Err(SshError::HostKeyMismatch { .. })) {
+        // Its instances move away, or it may take instances again.
+        ctx.wake.apps.notify_one();
+    }
     Ok(health.status)
 }
 

@@ -119,6 +119,14 @@ pub fn attempts(status: WorkerStatus, t: Thresholds) -> u32 {
     }
 }
 
+/// Whether to hold all moves (of rentals and of apps' instances): with at least 3
+/// workers, more than `max_fraction` of them dead or failing their probes at the same
+/// moment, which looks more like Orion cut off from the fleet than like the fleet dying.
+pub fn should_hold(counts: &crate::store::WorkerCounts, max_fraction: f64) -> bool {
+    let unhealthy = counts.dead + counts.failing;
+    counts.total >= 3 && (unhealthy as f64) > max_fraction * counts.total as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

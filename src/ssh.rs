@@ -692,6 +692,49 @@ impl Session {
             })?
     }
 
+    /// Runs a long-lived `command` (a stream of events) and calls `each` with every line
+    /// of its stdout as it arrives, until the command ends or the connection drops. No
+    /// command timeout: the caller bounds it (by dropping the future).
+    pub async fn follow(&self, command: &str, mut each: impl FnMut(&str)) -> Result<(), SshError> {
+        let protocol = |cause| SshError::Protocol {
+            addr: self.addr.clone(),
+            cause,
+        };
+        let mut channel =
+            match tokio::time::timeout(self.open_timeout, self.handle.channel_open_session()).await
+            {
+                Ok(Ok(channel)) => channel,
+                Ok(Err(e)) => {
+                    return Err(SshError::ChannelOpen {
+                        addr: self.addr.clone(),
+                        cause: e.to_string(),
+                    });
+                }
+                Err(_) => {
+                    return Err(SshError::ChannelOpen {
+                        addr: self.addr.clone(),
+                        cause: format!("no answer within {:?}", self.open_timeout),
+                    });
+                }
+            };
+        channel.exec(true, command).await.map_err(protocol)?;
+        channel.eof().await.map_err(protocol)?;
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(msg) = channel.wait().await {
+            if let ChannelMsg::Data { data } = msg {
+                pending.extend_from_slice(&data);
+                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    each(String::from_utf8_lossy(&line).trim_end());
+                }
+                if pending.len() > MAX_CAPTURE {
+                    pending.clear();
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A keepalive request that the server must answer. OpenSSH answers it with a
     /// failure, as for any request it does not know: the answer is what counts.
     pub async fn keepalive(&self) -> Result<(), SshError> {

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::config::ExecutorKind;
 use crate::context::Context;
 use crate::inventory::Inventory;
-use crate::loops::{self, LoopRegistry, cleanup, health, migration, watch};
+use crate::loops::{self, LoopRegistry, apps, cleanup, health, migration, watch};
 use crate::playbook::{Ansible, Executor, Playbook, Playbooks};
 use crate::ssh::SshClient;
 use crate::store::Store;
@@ -31,6 +31,8 @@ pub struct Loops {
     pub probes: Arc<crate::probe::Probes>,
     /// Private to the migration loop.
     pub migration: Arc<crate::loops::migration::State>,
+    /// Private to the apps loop.
+    pub apps: Arc<crate::loops::apps::State>,
 }
 
 impl Loops {
@@ -39,6 +41,7 @@ impl Loops {
         Self {
             probes: Arc::new(crate::probe::Probes::new(max_connections)),
             migration: Arc::default(),
+            apps: Arc::default(),
         }
     }
 }
@@ -193,12 +196,14 @@ impl Application {
             stop(),
         )));
         running.spawn(tasks.track_future(cleanup::run(ctx.clone(), stop())));
+        running.spawn(tasks.track_future(apps::run(ctx.clone(), loops.apps.clone(), stop())));
         if ctx.config.health.watch {
             running.spawn(tasks.track_future(watch::run(
                 ctx.clone(),
                 loops.probes.clone(),
                 shutdown.clone(),
             )));
+            running.spawn(tasks.track_future(apps::follow_runtimes(ctx.clone(), shutdown.clone())));
         }
         let deadline_after = ctx.config.shutdown_deadline;
 

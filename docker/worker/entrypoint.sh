@@ -9,6 +9,15 @@ die() { echo "orion-worker: ERROR: $*" >&2; exit 1; }
 mkdir -p /run/sshd
 chmod 0755 /run/sshd
 
+# Apps: the host's engine socket is bind-mounted at
+# /var/lib/orion/runtime/docker.sock and is root's alone. Its directories are
+# what keeps tenants out (the socket's own mode is the host's: never chmod or
+# chown the socket itself), so re-assert them at every start.
+chown root:root /var/lib/orion /var/lib/orion/runtime
+chmod 0700 /var/lib/orion /var/lib/orion/runtime
+[[ -S /var/lib/orion/runtime/docker.sock ]] \
+  || echo "orion-worker: no container runtime socket at /var/lib/orion/runtime/docker.sock: apps cannot run here" >&2
+
 # Host keys live in the container's writable layer: generate the key only if
 # missing, so `docker stop`/`docker start` keeps the worker's identity. One
 # ed25519 key, the only host key sshd_config offers: no NIST curve, no RSA

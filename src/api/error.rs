@@ -153,7 +153,9 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(_) => ApiError::Unavailable(e),
-            StoreError::UsernameTaken(_) => ApiError::Conflict(e.to_string()),
+            StoreError::UsernameTaken(_) | StoreError::NameTaken(_) => {
+                ApiError::Conflict(e.to_string())
+            }
             other => ApiError::Unexpected(other.into()),
         }
     }

@@ -57,12 +57,7 @@ pub struct PassSummary {
 /// waiting or a failed move is retried then.
 impl Pass for PassSummary {}
 
-/// Whether to hold all moves: with at least 3 workers, more than `max_fraction` of them
-/// dead or failing their probes at the same moment.
-pub fn should_hold(counts: &WorkerCounts, max_fraction: f64) -> bool {
-    let unhealthy = counts.dead + counts.failing;
-    counts.total >= 3 && (unhealthy as f64) > max_fraction * counts.total as f64
-}
+pub use crate::probe_policy::should_hold;
 
 /// Whether the workers not declared dead still answer, now: watch sessions cut by a
 /// fault between Orion and the fleet drop one by one, each at its own keepalive, so the

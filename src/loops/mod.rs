@@ -14,6 +14,7 @@
 //! The driver keeps each loop's last success and last error in a [`LoopRegistry`]
 //! (shown on `/api/status`) and backs off, capped, while a pass fails.
 
+pub mod apps;
 pub mod cleanup;
 pub mod health;
 pub mod migration;
@@ -53,6 +54,9 @@ pub trait Pass: Debug {
 pub struct Wakers {
     /// Wakes the migration loop: a worker was declared dead, quarantined or drained.
     pub migration: Arc<Notify>,
+    /// Wakes the apps loop: an app changed, a worker changed status, or a worker's
+    /// engine reported a container starting or dying.
+    pub apps: Arc<Notify>,
 }
 
 /// What one control loop last did, as shown on `/api/status`.

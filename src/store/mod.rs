@@ -4,6 +4,7 @@
 //! short transaction, so that two Orion tasks (or two Orion processes) can never both
 //! believe they hold the same worker.
 
+mod apps;
 mod events;
 mod placements;
 mod rentals;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{Connection, Executor};
 
+pub use apps::{AppChange, AppRecord, InstanceRecord, InstanceUpdate, NewApp};
 pub use events::Event;
 pub use placements::PlacementRecord;
 pub use rentals::{Claim, NewRental, RentalDetail, RentalRecord};
@@ -30,6 +32,9 @@ pub enum StoreError {
     /// A live rental already uses this username.
     #[error("username `{0}` is already used by another rental")]
     UsernameTaken(String),
+    /// The tenant already has a live app of this name.
+    #[error("the tenant already has an app named `{0}`")]
+    NameTaken(String),
     /// The tenant already holds as many live rentals as it may.
     #[error("the tenant already holds its limit of {limit} live rentals")]
     QuotaExceeded { limit: u32 },

@@ -30,6 +30,12 @@ pub struct Worker {
     pub public_host: String,
     #[serde(rename = "port")]
     pub public_port: u16,
+    /// Where its apps' instances are reached (`None`: the public host).
+    #[serde(skip)]
+    pub app_host: Option<String>,
+    /// The container whose namespaces its instances join (the lab), if any.
+    #[serde(skip)]
+    pub instances_join: Option<String>,
     #[serde(skip)]
     pub pinned_host_key: Option<String>,
     #[serde(skip)]
@@ -87,7 +93,7 @@ impl Worker {
 }
 
 pub(super) const WORKER_COLUMNS: &str = "id, name, site, ssh_host, ssh_port, public_host, \
-    public_port, pinned_host_key, known_host_key, status, consecutive_failures, \
+    public_port, app_host, instances_join, pinned_host_key, known_host_key, status, consecutive_failures, \
     consecutive_successes, quarantine_reason, retired, drained, rental_id, last_checked, \
     last_seen_alive, probe_latency_ms, last_probe_error";
 
@@ -171,8 +177,9 @@ impl Store {
                 None => {
                     sqlx::query(
                         "INSERT INTO workers (name, site, ssh_host, ssh_port, public_host, \
-                         public_port, pinned_host_key, created_at, updated_at) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+                         public_port, app_host, instances_join, pinned_host_key, created_at, \
+                         updated_at) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
                     )
                     .bind(&spec.name)
                     .bind(&spec.site)
@@ -180,6 +187,8 @@ impl Store {
                     .bind(spec.ssh_port)
                     .bind(&spec.public_host)
                     .bind(spec.public_port)
+                    .bind(&spec.app_host)
+                    .bind(&spec.instances_join)
                     .bind(&spec.host_key)
                     .execute(&mut *tx)
                     .await?;
@@ -198,6 +207,8 @@ impl Store {
                         && w.public_host == spec.public_host
                         && w.public_port == spec.public_port
                         && w.pinned_host_key == spec.host_key
+                        && w.app_host == spec.app_host
+                        && w.instances_join == spec.instances_join
                         && !w.retired;
                     if same {
                         continue;
@@ -207,7 +218,8 @@ impl Store {
                     let key_changed = w.pinned_host_key != spec.host_key;
                     sqlx::query(
                         "UPDATE workers SET site = ?, ssh_host = ?, ssh_port = ?, \
-                         public_host = ?, public_port = ?, pinned_host_key = ?, retired = FALSE, \
+                         public_host = ?, public_port = ?, app_host = ?, instances_join = ?, \
+                         pinned_host_key = ?, retired = FALSE, \
                          known_host_key = IF(?, NULL, known_host_key), \
                          quarantine_reason = IF(?, NULL, quarantine_reason), \
                          updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
@@ -217,6 +229,8 @@ impl Store {
                     .bind(spec.ssh_port)
                     .bind(&spec.public_host)
                     .bind(spec.public_port)
+                    .bind(&spec.app_host)
+                    .bind(&spec.instances_join)
                     .bind(&spec.host_key)
                     .bind(key_changed)
                     .bind(key_changed)
@@ -591,10 +605,14 @@ pub(super) async fn claim_free_worker(
         let ids: Vec<String> = exclude.iter().map(u64::to_string).collect();
         format!("AND id NOT IN ({}) ", ids.join(", "))
     };
+    // Workers hosting no app instance first: a rented worker hosts none (unless
+    // `apps.shared_workers`), so its instances would have to move.
     let candidate: Option<Worker> = sqlx::query_as(&format!(
         "SELECT {WORKER_COLUMNS} FROM workers \
          WHERE rental_id IS NULL AND {USABLE} {excluded}\
-         ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+         ORDER BY (SELECT COUNT(*) FROM instances i \
+                   WHERE i.worker_id = workers.id AND i.ended_at IS NULL), id \
+         LIMIT 1 FOR UPDATE SKIP LOCKED"
     ))
     .fetch_optional(&mut **tx)
     .await?;

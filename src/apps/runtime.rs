@@ -1,0 +1,153 @@
+//! What Orion says to `orion-runtime`, the wrapper each worker carries
+//! (`docker/worker/orion-runtime`), and what it answers. The wrapper alone talks to the
+//! worker's container engine (Docker's API, which Podman serves too), and only ever
+//! lists, starts, reads or removes containers labelled with the worker's node: Orion sees
+//! and touches that worker's own containers and nothing else on the engine.
+//!
+//! Specs travel as JSON on the wrapper's stdin, base64-encoded inside the playbooks:
+//! environment values and commands never pass through a shell or a command line.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Where the wrapper is on a worker.
+pub const PROGRAM: &str = "/usr/local/sbin/orion-runtime";
+
+/// Labels Orion puts on every instance's container.
+pub const LABEL_NODE: &str = "orion.node";
+pub const LABEL_APP: &str = "orion.app";
+pub const LABEL_TENANT: &str = "orion.tenant";
+pub const LABEL_INSTANCE: &str = "orion.instance";
+
+/// One container the wrapper listed (`orion-runtime ps NODE`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Observed {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub state: String,
+    pub exit_code: Option<i64>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl Observed {
+    pub fn is_running(&self) -> bool {
+        matches!(self.state.as_str(), "running" | "restarting" | "paused")
+    }
+
+    /// The Orion instance the container says it belongs to.
+    pub fn instance(&self) -> Option<u64> {
+        self.labels.get(LABEL_INSTANCE)?.parse().ok()
+    }
+}
+
+/// The command that lists a node's containers.
+pub fn ps_command(node: &str) -> String {
+    format!("{PROGRAM} ps {}", crate::playbook::shell_quote(node))
+}
+
+/// The command that follows a node's container events, one JSON line each.
+pub fn events_command(node: &str) -> String {
+    format!("{PROGRAM} events {}", crate::playbook::shell_quote(node))
+}
+
+/// The command that prints the tail of an instance's log.
+pub fn logs_command(node: &str, container: &str, tail: u32) -> String {
+    format!(
+        "{PROGRAM} logs {} {} {tail}",
+        crate::playbook::shell_quote(node),
+        crate::playbook::shell_quote(container)
+    )
+}
+
+/// Parses `orion-runtime ps`: one JSON array.
+pub fn parse_ps(stdout: &str) -> Result<Vec<Observed>, serde_json::Error> {
+    serde_json::from_str(stdout.trim())
+}
+
+/// One event line of `orion-runtime events`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RuntimeEvent {
+    pub action: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub exit_code: Option<serde_json::Value>,
+}
+
+/// What `orion-runtime run` makes: one instance's container.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSpec {
+    pub node: String,
+    pub name: String,
+    pub image: String,
+    pub command: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub port: Option<u16>,
+    /// The container whose PID and network namespaces the instance joins (the lab).
+    pub join: Option<String>,
+    pub user: String,
+    pub memory: u64,
+    pub pids: u32,
+}
+
+/// What `orion-runtime rm` removes.
+#[derive(Debug, Clone, Serialize)]
+pub struct RemoveSpec {
+    pub node: String,
+    pub names: Vec<String>,
+}
+
+/// A spec as the playbooks carry it: JSON, then base64, so that it is one plain word
+/// for the shell twin and nothing a template engine would read for the Ansible one.
+pub fn encode<T: Serialize>(spec: &T) -> String {
+    let json = serde_json::to_vec(spec).expect("specs serialise");
+    base64::engine::general_purpose::STANDARD.encode(json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ps_output_parses_with_nulls_and_labels() {
+        let out = r#"[{"name":"n.web.3","id":"abc","image":"orion/demo-app","labels":{"orion.instance":"3","orion.node":"n"},"state":"exited","exit_code":137,"started_at":"2026-11-23T10:00:00.123456789Z","finished_at":"2026-11-23T10:01:00Z"},{"name":"n.x.4","id":"d","image":"i","labels":{},"state":"created","exit_code":null,"started_at":null,"finished_at":null}]"#;
+        let list = parse_ps(out).unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].instance(), Some(3));
+        assert_eq!(list[0].exit_code, Some(137));
+        assert!(!list[0].is_running());
+        assert_eq!(list[1].instance(), None);
+        assert!(list[1].started_at.is_none());
+    }
+
+    #[test]
+    fn specs_are_one_shell_word_whatever_they_hold() {
+        let spec = RemoveSpec {
+            node: "n".into(),
+            names: vec!["'; rm -rf / #\n$(id)".into()],
+        };
+        let word = encode(&spec);
+        assert!(
+            word.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c))
+        );
+        let back = base64::engine::general_purpose::STANDARD
+            .decode(word)
+            .unwrap();
+        assert!(String::from_utf8(back).unwrap().contains("rm -rf"));
+    }
+
+    #[test]
+    fn commands_quote_the_node() {
+        assert_eq!(
+            ps_command("w 1;x"),
+            "/usr/local/sbin/orion-runtime ps 'w 1;x'"
+        );
+    }
+}

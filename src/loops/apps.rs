@@ -1,0 +1,632 @@
+//! Apps: make the workers hold exactly the instances the apps ask for.
+//!
+//! Each pass, in order:
+//! 1. instances on a dead (or quarantined, or retired) worker are over: lost with it,
+//!    unless too many workers fail at once (the guard the migration loop uses: then it
+//!    looks like Orion is cut off, and nothing moves);
+//! 2. each app is scheduled ([`crate::apps::plan::schedule`]): new instances placed as
+//!    rows, unwanted ones marked stopping;
+//! 3. each alive worker is observed with **one** SSH command (`orion-runtime ps`, every
+//!    container labelled with its node) and made to match
+//!    ([`crate::apps::plan::reconcile_node`]): what is unknown, over or stopping is
+//!    removed first (so a worker that comes back is fenced before it runs anything new),
+//!    then what is missing or exited is started, through the `app_run`/`app_remove`
+//!    playbooks;
+//! 4. deleted apps whose instances are all gone are forgotten.
+//!
+//! The loop runs every `apps.interval`, and at once when woken: an app changed, a worker
+//! changed status, or a worker's engine reported a container starting or dying. That
+//! last signal comes from [`follow_runtimes`]: on every watched worker, `orion-runtime
+//! events` runs on the open watch connection, so an instance killed by hand is seen at
+//! once rather than at the next pass.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::Utc;
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+use super::{Next, Pass, run_loop};
+use crate::apps::plan::{self, AppWish, Candidate, Live, Record, Wanted};
+use crate::apps::runtime::{self, RemoveSpec, RunSpec};
+use crate::apps::{InstanceState, container_name};
+use crate::context::Context;
+use crate::model::WorkerStatus;
+use crate::playbook::{AppVars, Playbook};
+use crate::probe_policy::should_hold;
+use crate::store::{AppRecord, InstanceRecord, InstanceUpdate, Worker};
+
+pub const LOOP: &str = "apps";
+
+/// Workers reconciled at once; each is a few SSH round trips.
+const CONCURRENT_NODES: usize = 16;
+
+/// Lines of an instance's log kept when it exits.
+const LOG_TAIL_LINES: u32 = 20;
+
+/// What the apps loop remembers between passes.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Whether the last pass held (too many workers failing), to log changes only.
+    held: AtomicBool,
+    /// Apps short of workers at the last pass, and by how many: an event when it changes.
+    unplaced: std::sync::Mutex<HashMap<u64, u32>>,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassSummary {
+    pub placed: usize,
+    pub stopped: usize,
+    pub started: usize,
+    pub removed: usize,
+    pub lost: usize,
+    /// Instances wanted that no worker could take.
+    pub unplaced: u32,
+    /// Workers that could not be observed or changed (tried again next pass).
+    pub failed_workers: usize,
+    /// True when nothing was declared lost because too many workers fail at once.
+    pub held: bool,
+    /// The earliest end of a crash back-off, if one is waiting.
+    pub next_restart: Option<Duration>,
+}
+
+/// The next pass comes at the interval, or when a back-off ends if that is sooner.
+impl Pass for PassSummary {
+    fn next(&self) -> Next {
+        match self.next_restart {
+            Some(after) => Next::After(after),
+            None => Next::Interval,
+        }
+    }
+}
+
+/// Whether the apps on `worker` may stay there / be placed there.
+fn fit(ctx: &Context, worker: &Worker) -> bool {
+    worker.is_usable() && (ctx.config.apps.shared_workers || worker.rental_id.is_none())
+}
+
+/// Whether the worker's instances are lost with it.
+fn lost(worker: &Worker) -> bool {
+    worker.status == WorkerStatus::Dead || worker.quarantine_reason.is_some() || worker.retired
+}
+
+/// One pass: see the module's documentation.
+pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSummary> {
+    let mut summary = PassSummary::default();
+    let workers = ctx
+        .store
+        .list_workers()
+        .await
+        .context("Failed to list workers")?;
+    let by_id: HashMap<u64, &Worker> = workers.iter().map(|w| (w.id, w)).collect();
+    let mut live = ctx
+        .store
+        .live_instances(None)
+        .await
+        .context("Failed to list instances")?;
+
+    // 1. Instances lost with their worker.
+    let counts = ctx
+        .store
+        .worker_counts()
+        .await
+        .context("Failed to count workers")?;
+    let hold = should_hold(&counts, ctx.config.migration.max_dead_fraction);
+    let was_held = state.held.swap(hold, Ordering::Relaxed);
+    let doomed: Vec<&InstanceRecord> = live
+        .iter()
+        .filter(|i| by_id.get(&i.worker_id).is_none_or(|w| lost(w)))
+        .collect();
+    if hold {
+        summary.held = true;
+        if !was_held && !doomed.is_empty() {
+            tracing::warn!("too many workers fail at once: no instance is moved");
+            ctx.store
+                .append_event(
+                    "apps.held",
+                    None,
+                    None,
+                    "too many workers fail at once: apps' instances are not moved (Orion may be cut off from the fleet)",
+                )
+                .await?;
+        }
+    } else if !doomed.is_empty() {
+        summary.lost = doomed.len();
+        ctx.store
+            .end_instances(
+                &doomed,
+                "instance.lost",
+                "its worker is gone; replaced elsewhere",
+            )
+            .await?;
+        live = ctx.store.live_instances(None).await?;
+    }
+
+    // 2. Schedule each app.
+    let apps = ctx.store.all_apps().await.context("Failed to list apps")?;
+    let app_by_id: HashMap<u64, &AppRecord> = apps.iter().map(|a| (a.id, a)).collect();
+    let mut candidates: Vec<Candidate> = workers
+        .iter()
+        .filter(|w| !w.retired)
+        .map(|w| Candidate {
+            id: w.id,
+            site: w.site.clone(),
+            fit: fit(ctx, w) && !hold,
+            load: 0,
+            ports: HashSet::new(),
+        })
+        .collect();
+    for i in &live {
+        if let Some(c) = candidates.iter_mut().find(|c| c.id == i.worker_id) {
+            c.load += 1;
+            if let Some(port) = app_by_id.get(&i.app_id).and_then(|a| a.port) {
+                c.ports.insert(port);
+            }
+        }
+    }
+    let mut unplaced_now = HashMap::new();
+    for app in &apps {
+        let wish = AppWish {
+            id: app.id,
+            replicas: app.replicas,
+            generation: app.generation,
+            port: app.port,
+            deleting: app.deleting,
+        };
+        let app_live: Vec<Live> = live
+            .iter()
+            .filter(|i| i.app_id == app.id)
+            .map(|i| Live {
+                id: i.id,
+                app_id: i.app_id,
+                worker_id: i.worker_id,
+                generation: i.generation,
+                state: i.state,
+            })
+            .collect();
+        let decided = plan::schedule(&wish, &app_live, &candidates);
+        for worker_id in &decided.place {
+            let w = by_id[worker_id];
+            let node = node_of(w);
+            ctx.store.place_instance(app, w.id, &w.name, &node).await?;
+            if let Some(c) = candidates.iter_mut().find(|c| c.id == *worker_id) {
+                c.load += 1;
+                c.ports.extend(app.port);
+            }
+        }
+        ctx.store.stop_instances(&decided.stop).await?;
+        summary.placed += decided.place.len();
+        summary.stopped += decided.stop.len();
+        summary.unplaced += decided.unplaced;
+        if decided.unplaced > 0 {
+            unplaced_now.insert(app.id, decided.unplaced);
+        }
+    }
+    report_unplaced(ctx, state, &apps, unplaced_now).await?;
+    if summary.placed + summary.stopped > 0 {
+        live = ctx.store.live_instances(None).await?;
+    }
+
+    // 3. Make each alive worker hold exactly its instances.
+    let reachable: Vec<&Worker> = workers
+        .iter()
+        .filter(|w| w.status == WorkerStatus::Alive && w.quarantine_reason.is_none() && !w.retired)
+        .collect();
+    let mut passes = Vec::with_capacity(reachable.len());
+    for w in reachable {
+        let wanted: Vec<InstanceRecord> = live
+            .iter()
+            .filter(|i| i.worker_id == w.id)
+            .cloned()
+            .collect();
+        passes.push(node_pass(ctx, w, wanted, &app_by_id));
+    }
+    let outcomes: Vec<Result<NodeOutcome, (String, anyhow::Error)>> = futures::stream::iter(passes)
+        .buffer_unordered(CONCURRENT_NODES)
+        .collect()
+        .await;
+    for o in outcomes {
+        match o {
+            Ok(o) => {
+                summary.started += o.started;
+                summary.removed += o.removed;
+                summary.next_restart = match (summary.next_restart, o.next_restart) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            Err((worker, e)) => {
+                summary.failed_workers += 1;
+                tracing::warn!(worker = %worker, error = format!("{e:#}"), "apps: cannot reconcile the worker");
+            }
+        }
+    }
+
+    // 4. Forget deleted apps with nothing left.
+    ctx.store.purge_deleted_apps().await?;
+    Ok(summary)
+}
+
+/// The label value that scopes a worker's containers on its engine.
+fn node_of(worker: &Worker) -> String {
+    worker
+        .instances_join
+        .clone()
+        .unwrap_or_else(|| worker.name.clone())
+}
+
+/// An event when an app becomes short of workers, or stops being.
+async fn report_unplaced(
+    ctx: &Context,
+    state: &State,
+    apps: &[AppRecord],
+    now: HashMap<u64, u32>,
+) -> anyhow::Result<()> {
+    let before = std::mem::replace(
+        &mut *state.unplaced.lock().expect("unplaced poisoned"),
+        now.clone(),
+    );
+    for app in apps {
+        let (was, is) = (before.get(&app.id), now.get(&app.id));
+        if was == is {
+            continue;
+        }
+        let message = match is {
+            Some(n) => format!(
+                "app {} of {}: {n} instance(s) wanted that no worker can take (each replica needs a worker of its own)",
+                app.name, app.tenant
+            ),
+            None => format!("app {} of {}: every instance placed", app.name, app.tenant),
+        };
+        ctx.store
+            .append_event("app.unplaced", None, None, &message)
+            .await?;
+    }
+    Ok(())
+}
+
+/// What a worker's pass did.
+#[derive(Debug, Default)]
+struct NodeOutcome {
+    started: usize,
+    removed: usize,
+    next_restart: Option<Duration>,
+}
+
+async fn node_pass(
+    ctx: &Context,
+    worker: &Worker,
+    instances: Vec<InstanceRecord>,
+    apps: &HashMap<u64, &AppRecord>,
+) -> Result<NodeOutcome, (String, anyhow::Error)> {
+    node_pass_inner(ctx, worker, instances, apps)
+        .await
+        .map_err(|e| (worker.name.clone(), e))
+}
+
+async fn node_pass_inner(
+    ctx: &Context,
+    worker: &Worker,
+    instances: Vec<InstanceRecord>,
+    apps: &HashMap<u64, &AppRecord>,
+) -> anyhow::Result<NodeOutcome> {
+    let mut outcome = NodeOutcome::default();
+    let target = worker.target();
+    let node = node_of(worker);
+    let session = ctx.ssh.session(&target).await?;
+    let out = session.exec(&runtime::ps_command(&node), None).await;
+    session.close().await;
+    let out = out?;
+    anyhow::ensure!(
+        out.success(),
+        "orion-runtime ps exited with {:?}: {}",
+        out.exit_status,
+        out.stderr.trim()
+    );
+    let observed =
+        runtime::parse_ps(&out.stdout).context("orion-runtime ps answered no JSON list")?;
+    let now = Utc::now();
+    let wanted: Vec<Wanted> = instances
+        .iter()
+        .map(|i| Wanted {
+            id: i.id,
+            container: i.container.clone(),
+            state: i.state,
+            crashes: i.crashes,
+            next_start_at: i.next_start_at,
+        })
+        .collect();
+    let decided = plan::reconcile_node(&wanted, &observed, now);
+    let by_id: HashMap<u64, &InstanceRecord> = instances.iter().map(|i| (i.id, i)).collect();
+
+    // Remove first: a worker back from the dead is fenced before it runs anything new.
+    if !decided.remove.is_empty() {
+        let names: Vec<String> = decided.remove.iter().map(|(n, _)| n.clone()).collect();
+        let spec = RemoveSpec {
+            node: node.clone(),
+            names,
+        };
+        ctx.executor
+            .run_app(
+                Playbook::AppRemove,
+                &AppVars {
+                    spec: runtime::encode(&spec),
+                },
+                &target,
+            )
+            .await?;
+        outcome.removed = decided.remove.len();
+        let ended: Vec<&InstanceRecord> = decided
+            .remove
+            .iter()
+            .filter_map(|(_, id)| id.and_then(|id| by_id.get(&id).copied()))
+            .filter(|i| i.state == InstanceState::Stopping)
+            .collect();
+        ctx.store
+            .end_instances(&ended, "instance.removed", "removed from its worker")
+            .await?;
+        let unknown = decided
+            .remove
+            .iter()
+            .filter(|(n, _)| !instances.iter().any(|i| &i.container == n));
+        for (name, _) in unknown {
+            ctx.store
+                .append_event(
+                    "instance.unknown",
+                    Some(&worker.name),
+                    None,
+                    &format!(
+                        "container {name} carried Orion's labels but no live instance: removed"
+                    ),
+                )
+                .await?;
+        }
+    }
+    let gone: Vec<&InstanceRecord> = decided
+        .gone
+        .iter()
+        .filter_map(|id| by_id.get(id).copied())
+        .collect();
+    ctx.store
+        .end_instances(&gone, "instance.removed", "its container is gone")
+        .await?;
+
+    for record in &decided.record {
+        match record {
+            Record::Running { id, started_at } => {
+                let update = InstanceUpdate::Running {
+                    started_at: *started_at,
+                };
+                ctx.store.update_instance(by_id[id], &update).await?;
+            }
+            Record::Exited {
+                id,
+                exit_code,
+                crashes,
+                next_start_at,
+            } => {
+                let instance = by_id[id];
+                let log_tail = log_tail(ctx, worker, &node, &instance.container).await;
+                let update = InstanceUpdate::Exited {
+                    exit_code: *exit_code,
+                    crashes: *crashes,
+                    next_start_at: *next_start_at,
+                    log_tail,
+                };
+                ctx.store.update_instance(instance, &update).await?;
+            }
+        }
+    }
+
+    for id in &decided.start {
+        let instance = by_id[id];
+        let Some(app) = apps.get(&instance.app_id) else {
+            continue;
+        };
+        let spec = run_spec(ctx, worker, &node, app, instance)?;
+        let result = ctx
+            .executor
+            .run_app(
+                Playbook::AppRun,
+                &AppVars {
+                    spec: runtime::encode(&spec),
+                },
+                &target,
+            )
+            .await;
+        let restart = instance.state != InstanceState::Pending;
+        let update = match result {
+            Ok(()) => {
+                outcome.started += 1;
+                InstanceUpdate::Started { restart }
+            }
+            Err(e) => {
+                let crashes = instance.crashes + 1;
+                let next_start_at = Utc::now()
+                    + chrono::Duration::from_std(plan::backoff(crashes.max(2))).unwrap_or_default();
+                InstanceUpdate::StartFailed {
+                    error: e.to_string(),
+                    crashes,
+                    next_start_at,
+                }
+            }
+        };
+        ctx.store.update_instance(instance, &update).await?;
+    }
+
+    // When the next back-off ends, among this worker's exited instances.
+    let waiting = decided
+        .record
+        .iter()
+        .filter_map(|r| match r {
+            Record::Exited { next_start_at, .. } if *next_start_at > now => Some(*next_start_at),
+            _ => None,
+        })
+        .chain(
+            instances
+                .iter()
+                .filter(|i| i.state == InstanceState::Exited && !decided.start.contains(&i.id))
+                .filter_map(|i| i.next_start_at),
+        )
+        .filter(|t| *t > now)
+        .min();
+    outcome.next_restart = waiting.map(|t| (t - now).to_std().unwrap_or_default());
+    Ok(outcome)
+}
+
+/// The container an instance runs: the app's image, command and environment, Orion's
+/// labels and variables, the configured limits and user, and (in the lab) the worker's
+/// namespaces.
+fn run_spec(
+    ctx: &Context,
+    worker: &Worker,
+    node: &str,
+    app: &AppRecord,
+    instance: &InstanceRecord,
+) -> anyhow::Result<RunSpec> {
+    let cfg = &ctx.config.apps;
+    let mut env = app.env();
+    env.insert("ORION_APP".into(), app.name.clone());
+    env.insert("ORION_INSTANCE".into(), instance.id.to_string());
+    env.insert("ORION_WORKER".into(), worker.name.clone());
+    let labels = [
+        (runtime::LABEL_APP, app.name.clone()),
+        (runtime::LABEL_TENANT, app.tenant.clone()),
+        (runtime::LABEL_INSTANCE, instance.id.to_string()),
+        ("orion.generation", instance.generation.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    debug_assert_eq!(
+        instance.container,
+        container_name(node, &app.name, instance.id)
+    );
+    Ok(RunSpec {
+        node: node.to_owned(),
+        name: instance.container.clone(),
+        image: app.image.clone(),
+        command: app.command(),
+        env,
+        labels,
+        port: app.port,
+        join: worker.instances_join.clone(),
+        user: cfg.user.clone(),
+        memory: cfg.memory_bytes().map_err(anyhow::Error::msg)?,
+        pids: cfg.instance_pids,
+    })
+}
+
+/// The last lines an exited instance wrote, for its view; `None` if they cannot be read.
+async fn log_tail(ctx: &Context, worker: &Worker, node: &str, container: &str) -> Option<String> {
+    let out = instance_logs(ctx, worker, node, container, LOG_TAIL_LINES)
+        .await
+        .ok()?;
+    let tail = out.trim_end();
+    (!tail.is_empty()).then(|| tail.to_owned())
+}
+
+/// The last `lines` lines of an instance's log, read on its worker.
+pub async fn instance_logs(
+    ctx: &Context,
+    worker: &Worker,
+    node: &str,
+    container: &str,
+    lines: u32,
+) -> anyhow::Result<String> {
+    let session = ctx.ssh.session(&worker.target()).await?;
+    let out = session
+        .exec(&runtime::logs_command(node, container, lines), None)
+        .await;
+    session.close().await;
+    let out = out?;
+    anyhow::ensure!(
+        out.success(),
+        "orion-runtime logs exited with {:?}: {}",
+        out.exit_status,
+        out.stderr.trim()
+    );
+    Ok(out.stdout)
+}
+
+/// Runs the apps loop until `shutdown`.
+pub async fn run(ctx: Context, state: Arc<State>, shutdown: impl Future<Output = ()>) {
+    run_loop(
+        LOOP,
+        &ctx.loops,
+        ctx.config.apps.interval,
+        Some(&ctx.wake.apps),
+        shutdown,
+        || apps_pass(&ctx, &state),
+    )
+    .await;
+}
+
+/// How often the followers look for workers to follow (newly alive ones).
+const FOLLOW_RECHECK: Duration = Duration::from_secs(1);
+
+/// Follows every watched worker's container events (`orion-runtime events`) on its
+/// watch connection, and wakes the apps loop at each start or death, until `shutdown`.
+/// A worker without a watch connection is not followed (the loop's interval is the
+/// bound there): a follower must not hold a session of its own per worker.
+pub async fn follow_runtimes(ctx: Context, shutdown: CancellationToken) {
+    let mut followers: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    while !shutdown.is_cancelled() {
+        followers.retain(|_, task| !task.is_finished());
+        if let Ok(workers) = ctx.store.probe_targets().await {
+            for w in workers {
+                let followable = w.status == WorkerStatus::Alive && w.quarantine_reason.is_none();
+                if !followable || followers.contains_key(&w.name) {
+                    continue;
+                }
+                let task = tokio::spawn(follow_worker(ctx.clone(), w.clone(), shutdown.clone()));
+                followers.insert(w.name.clone(), task);
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(FOLLOW_RECHECK) => {}
+            () = shutdown.cancelled() => {}
+        }
+    }
+    for (_, task) in followers {
+        task.abort();
+    }
+}
+
+/// Follows one worker's container events until its connection drops or `shutdown`.
+async fn follow_worker(ctx: Context, worker: Worker, shutdown: CancellationToken) {
+    let Ok(session) = ctx.ssh.session(&worker.target()).await else {
+        return;
+    };
+    if !session.is_shared() {
+        session.close().await;
+        return;
+    }
+    let node = node_of(&worker);
+    let wake = ctx.wake.apps.clone();
+    let command = runtime::events_command(&node);
+    let follow = session.follow(&command, |line| {
+        let Ok(event) = serde_json::from_str::<runtime::RuntimeEvent>(line) else {
+            return;
+        };
+        if matches!(event.action.as_str(), "die" | "destroy" | "oom" | "start") {
+            tracing::debug!(worker = %worker.name, action = %event.action, container = ?event.name, "runtime event");
+            wake.notify_one();
+        }
+    });
+    tokio::select! {
+        result = follow => {
+            if let Err(e) = result {
+                tracing::debug!(worker = %worker.name, error = %e, "runtime events ended");
+            }
+        }
+        () = shutdown.cancelled() => {}
+    }
+    // A follower that ended at once (no runtime there) is not restarted in a tight loop.
+    tokio::time::sleep(FOLLOW_RECHECK).await;
+}

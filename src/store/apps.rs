@@ -1,0 +1,500 @@
+//! Apps and their instances: what tenants asked for, and each container placed for it.
+//!
+//! The API writes an app's wish; the apps loop places instances (rows first, containers
+//! after), records what it observes on the workers, and ends instances once their
+//! container is gone. An instance row is never reused: a restarted container keeps its
+//! row, a replacement gets a new one.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::FromRow;
+
+use super::{Store, StoreError, events, retry_on_conflict};
+use crate::apps::InstanceState;
+
+/// An app row.
+#[derive(Debug, Clone, FromRow)]
+pub struct AppRecord {
+    pub id: u64,
+    pub tenant: String,
+    pub name: String,
+    pub image: String,
+    pub replicas: u32,
+    /// JSON array of strings, or none.
+    pub command: Option<String>,
+    /// JSON object of strings.
+    pub env: String,
+    pub port: Option<u16>,
+    pub generation: u32,
+    pub deleting: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl AppRecord {
+    pub fn command(&self) -> Option<Vec<String>> {
+        self.command
+            .as_deref()
+            .and_then(|c| serde_json::from_str(c).ok())
+    }
+
+    pub fn env(&self) -> BTreeMap<String, String> {
+        serde_json::from_str(&self.env).unwrap_or_default()
+    }
+}
+
+const APP_COLUMNS: &str = "id, tenant, name, image, replicas, command, env, port, generation, \
+    deleting, created_at, updated_at";
+
+/// An instance row, with what the loop and the views need of its worker.
+#[derive(Debug, Clone, FromRow)]
+pub struct InstanceRecord {
+    pub id: u64,
+    pub app_id: u64,
+    pub worker_id: u64,
+    /// The worker's name.
+    pub worker: String,
+    /// Where the instance's port is reached.
+    pub host: String,
+    /// The label that scopes the worker's containers (`instances_join`, else its name).
+    pub node: String,
+    pub generation: u32,
+    pub state: InstanceState,
+    pub container: String,
+    pub restarts: u32,
+    pub crashes: u32,
+    pub exit_code: Option<i32>,
+    pub last_error: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub next_start_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+const INSTANCE_SELECT: &str = "SELECT i.id, i.app_id, i.worker_id, w.name AS worker, \
+    COALESCE(w.app_host, w.public_host) AS host, COALESCE(w.instances_join, w.name) AS node, \
+    i.generation, i.state, i.container, i.restarts, i.crashes, i.exit_code, i.last_error, \
+    i.started_at, i.next_start_at, i.created_at \
+    FROM instances i JOIN workers w ON w.id = i.worker_id";
+
+/// A new app, validated.
+#[derive(Debug, Clone)]
+pub struct NewApp {
+    pub tenant: String,
+    pub name: String,
+    pub image: String,
+    pub replicas: u32,
+    pub command: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+    pub port: Option<u16>,
+}
+
+/// A change to an app, validated.
+#[derive(Debug, Clone, Default)]
+pub struct AppChange {
+    pub replicas: Option<u32>,
+    pub image: Option<String>,
+}
+
+/// What one observation or action on an instance changes.
+#[derive(Debug, Clone)]
+pub enum InstanceUpdate {
+    Running {
+        started_at: Option<DateTime<Utc>>,
+    },
+    Exited {
+        exit_code: Option<i64>,
+        crashes: u32,
+        next_start_at: DateTime<Utc>,
+        log_tail: Option<String>,
+    },
+    /// A container was (re)started for it; `restart`: it had run before.
+    Started {
+        restart: bool,
+    },
+    /// Its start failed; tried again after `next_start_at`.
+    StartFailed {
+        error: String,
+        crashes: u32,
+        next_start_at: DateTime<Utc>,
+    },
+}
+
+impl Store {
+    /// Records a new app. Its name must not be held by another live app of the tenant.
+    pub async fn create_app(&self, app: &NewApp) -> Result<AppRecord, StoreError> {
+        let command = app
+            .command
+            .as_ref()
+            .map(|c| serde_json::to_string(c).expect("strings serialise"));
+        let env = serde_json::to_string(&app.env).expect("strings serialise");
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO apps (tenant, name, image, replicas, command, env, port, created_at, \
+             updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+        )
+        .bind(&app.tenant)
+        .bind(&app.name)
+        .bind(&app.image)
+        .bind(app.replicas)
+        .bind(&command)
+        .bind(&env)
+        .bind(app.port)
+        .execute(&mut *tx)
+        .await;
+        let id = match inserted {
+            Ok(r) => r.last_insert_id(),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                return Err(StoreError::NameTaken(app.name.clone()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let message = format!(
+            "app {} of {}: {} × {}",
+            app.name, app.tenant, app.replicas, app.image
+        );
+        events::append_in(&mut tx, "app.created", None, None, &message).await?;
+        tx.commit().await?;
+        self.app_by_id(id)
+            .await?
+            .ok_or_else(|| StoreError::Invariant(format!("app {id} vanished after insert")))
+    }
+
+    pub async fn app_by_id(&self, id: u64) -> Result<Option<AppRecord>, StoreError> {
+        Ok(
+            sqlx::query_as(&format!("SELECT {APP_COLUMNS} FROM apps WHERE id = ?"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// A tenant's live app by name.
+    pub async fn app_by_name(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<AppRecord>, StoreError> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {APP_COLUMNS} FROM apps WHERE tenant = ? AND name = ? AND NOT deleting"
+        ))
+        .bind(tenant)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Live apps (not being deleted), of one tenant or (`None`) of all, by tenant and name.
+    pub async fn live_apps(&self, tenant: Option<&str>) -> Result<Vec<AppRecord>, StoreError> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {APP_COLUMNS} FROM apps WHERE NOT deleting AND (? IS NULL OR tenant = ?) \
+             ORDER BY tenant, name"
+        ))
+        .bind(tenant)
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Every app, those being deleted too: what the apps loop works on.
+    pub async fn all_apps(&self) -> Result<Vec<AppRecord>, StoreError> {
+        Ok(
+            sqlx::query_as(&format!("SELECT {APP_COLUMNS} FROM apps ORDER BY id"))
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Changes an app's replicas and image; a new image is a new generation (its
+    /// instances are replaced one at a time). `None` if the app is not there.
+    pub async fn change_app(
+        &self,
+        id: u64,
+        change: &AppChange,
+    ) -> Result<Option<AppRecord>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current: Option<AppRecord> = sqlx::query_as(&format!(
+            "SELECT {APP_COLUMNS} FROM apps WHERE id = ? AND NOT deleting FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(app) = current else {
+            return Ok(None);
+        };
+        let replicas = change.replicas.unwrap_or(app.replicas);
+        let image = change.image.clone().unwrap_or_else(|| app.image.clone());
+        let new_generation = image != app.image;
+        if replicas == app.replicas && !new_generation {
+            return Ok(Some(app));
+        }
+        sqlx::query(
+            "UPDATE apps SET replicas = ?, image = ?, generation = generation + ?, \
+             updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+        )
+        .bind(replicas)
+        .bind(&image)
+        .bind(u32::from(new_generation))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let mut what = Vec::new();
+        if replicas != app.replicas {
+            what.push(format!("replicas {} → {replicas}", app.replicas));
+        }
+        if new_generation {
+            what.push(format!("image {} → {image}", app.image));
+        }
+        let message = format!("app {} of {}: {}", app.name, app.tenant, what.join(", "));
+        events::append_in(&mut tx, "app.changed", None, None, &message).await?;
+        tx.commit().await?;
+        self.app_by_id(id).await
+    }
+
+    /// Marks an app deleted: its name is free at once, its instances are stopping and
+    /// the apps loop removes them, then the app. `false` if it was not there.
+    pub async fn delete_app(&self, id: u64) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let app: Option<AppRecord> = sqlx::query_as(&format!(
+            "SELECT {APP_COLUMNS} FROM apps WHERE id = ? AND NOT deleting FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(app) = app else {
+            return Ok(false);
+        };
+        sqlx::query("UPDATE apps SET deleting = TRUE, updated_at = UTC_TIMESTAMP(6) WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE instances SET state = 'stopping', updated_at = UTC_TIMESTAMP(6) \
+             WHERE app_id = ? AND ended_at IS NULL",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let message = format!("app {} of {}: deleted", app.name, app.tenant);
+        events::append_in(&mut tx, "app.deleted", None, None, &message).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Instances not over, of the given apps (every app: `None`), by app then id.
+    pub async fn live_instances(
+        &self,
+        app_id: Option<u64>,
+    ) -> Result<Vec<InstanceRecord>, StoreError> {
+        Ok(sqlx::query_as(&format!(
+            "{INSTANCE_SELECT} WHERE i.ended_at IS NULL AND (? IS NULL OR i.app_id = ?) \
+             ORDER BY i.app_id, i.id"
+        ))
+        .bind(app_id)
+        .bind(app_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Places a new instance of `app` on a worker: a pending row whose container name
+    /// is fixed now, from the worker's node and the row's id.
+    pub async fn place_instance(
+        &self,
+        app: &AppRecord,
+        worker_id: u64,
+        worker: &str,
+        node: &str,
+    ) -> Result<u64, StoreError> {
+        retry_on_conflict(|| async {
+            let mut tx = self.pool.begin().await?;
+            let id = sqlx::query(
+                "INSERT INTO instances (app_id, worker_id, generation, state, container, \
+                 created_at, updated_at) \
+                 VALUES (?, ?, ?, 'pending', UUID(), UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+            )
+            .bind(app.id)
+            .bind(worker_id)
+            .bind(app.generation)
+            .execute(&mut *tx)
+            .await?
+            .last_insert_id();
+            let container = crate::apps::container_name(node, &app.name, id);
+            sqlx::query("UPDATE instances SET container = ? WHERE id = ?")
+                .bind(&container)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            let message = format!("app {} of {}: instance {id} placed", app.name, app.tenant);
+            events::append_in(&mut tx, "instance.placed", Some(worker), None, &message).await?;
+            tx.commit().await?;
+            Ok(id)
+        })
+        .await
+    }
+
+    /// Marks instances no longer wanted: the node pass removes their containers.
+    pub async fn stop_instances(&self, ids: &[u64]) -> Result<(), StoreError> {
+        for id in ids {
+            sqlx::query(
+                "UPDATE instances SET state = 'stopping', updated_at = UTC_TIMESTAMP(6) \
+                 WHERE id = ? AND ended_at IS NULL",
+            )
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Records what happened to an instance, with an event when it says something.
+    pub async fn update_instance(
+        &self,
+        instance: &InstanceRecord,
+        update: &InstanceUpdate,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (kind, message) = match update {
+            InstanceUpdate::Running { started_at } => {
+                sqlx::query(
+                    "UPDATE instances SET state = 'running', \
+                     started_at = COALESCE(?, started_at, UTC_TIMESTAMP(6)), \
+                     next_start_at = NULL, updated_at = UTC_TIMESTAMP(6) \
+                     WHERE id = ? AND state IN ('pending', 'exited', 'running')",
+                )
+                .bind(started_at)
+                .bind(instance.id)
+                .execute(&mut *tx)
+                .await?;
+                (
+                    "instance.running",
+                    format!("instance {} running", instance.id),
+                )
+            }
+            InstanceUpdate::Exited {
+                exit_code,
+                crashes,
+                next_start_at,
+                log_tail,
+            } => {
+                sqlx::query(
+                    "UPDATE instances SET state = 'exited', exit_code = ?, crashes = ?, \
+                     next_start_at = ?, last_error = COALESCE(?, last_error), \
+                     updated_at = UTC_TIMESTAMP(6) \
+                     WHERE id = ? AND state IN ('pending', 'exited', 'running')",
+                )
+                .bind(exit_code)
+                .bind(crashes)
+                .bind(next_start_at)
+                .bind(log_tail)
+                .bind(instance.id)
+                .execute(&mut *tx)
+                .await?;
+                let code = exit_code.map_or("?".to_owned(), |c| c.to_string());
+                (
+                    "instance.exited",
+                    format!(
+                        "instance {} exited with {code} (exit {crashes} in a row)",
+                        instance.id
+                    ),
+                )
+            }
+            InstanceUpdate::Started { restart } => {
+                sqlx::query(
+                    "UPDATE instances SET state = 'running', restarts = restarts + ?, \
+                     started_at = UTC_TIMESTAMP(6), next_start_at = NULL, \
+                     updated_at = UTC_TIMESTAMP(6) \
+                     WHERE id = ? AND state IN ('pending', 'exited', 'running')",
+                )
+                .bind(u32::from(*restart))
+                .bind(instance.id)
+                .execute(&mut *tx)
+                .await?;
+                if *restart {
+                    (
+                        "instance.restarted",
+                        format!("instance {} started again", instance.id),
+                    )
+                } else {
+                    (
+                        "instance.started",
+                        format!("instance {} started", instance.id),
+                    )
+                }
+            }
+            InstanceUpdate::StartFailed {
+                error,
+                crashes,
+                next_start_at,
+            } => {
+                sqlx::query(
+                    "UPDATE instances SET state = 'exited', crashes = ?, next_start_at = ?, \
+                     last_error = ?, updated_at = UTC_TIMESTAMP(6) \
+                     WHERE id = ? AND state IN ('pending', 'exited', 'running')",
+                )
+                .bind(crashes)
+                .bind(next_start_at)
+                .bind(error)
+                .bind(instance.id)
+                .execute(&mut *tx)
+                .await?;
+                (
+                    "instance.failed",
+                    format!("instance {} could not start: {error}", instance.id),
+                )
+            }
+        };
+        events::append_in(&mut tx, kind, Some(&instance.worker), None, &message).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ends instances whose container is gone from their worker (removed, or lost with a
+    /// dead worker), with one event each saying why.
+    pub async fn end_instances(
+        &self,
+        ended: &[&InstanceRecord],
+        kind: &str,
+        why: &str,
+    ) -> Result<(), StoreError> {
+        for i in ended {
+            let mut tx = self.pool.begin().await?;
+            let done = sqlx::query(
+                "UPDATE instances SET state = 'gone', ended_at = UTC_TIMESTAMP(6), \
+                 updated_at = UTC_TIMESTAMP(6) WHERE id = ? AND ended_at IS NULL",
+            )
+            .bind(i.id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if done == 1 {
+                let message = format!("instance {}: {why}", i.id);
+                events::append_in(&mut tx, kind, Some(&i.worker), None, &message).await?;
+            }
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Removes deleted apps none of whose instances is left, with their history.
+    pub async fn purge_deleted_apps(&self) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<u64> = sqlx::query_scalar(
+            "SELECT a.id FROM apps a WHERE a.deleting AND NOT EXISTS \
+             (SELECT 1 FROM instances i WHERE i.app_id = a.id AND i.ended_at IS NULL) FOR UPDATE",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for id in &ids {
+            sqlx::query("DELETE FROM instances WHERE app_id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM apps WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(ids.len() as u64)
+    }
+}

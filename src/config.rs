@@ -343,6 +343,9 @@ pub struct AppsConfig {
     pub instance_memory: String,
     /// Most processes and threads in one instance.
     pub instance_pids: u32,
+    /// Most instances a tenant's apps may ask for, all apps together (the admin's are
+    /// not bounded).
+    pub max_instances_per_tenant: u32,
 }
 
 impl Default for AppsConfig {
@@ -353,6 +356,7 @@ impl Default for AppsConfig {
             user: "65534:65534".into(),
             instance_memory: "256m".into(),
             instance_pids: 256,
+            max_instances_per_tenant: 20,
         }
     }
 }

@@ -112,6 +112,9 @@ pub fn worker_limit_args() -> Vec<String> {
     ]
 }
 
+/// The host's container engine socket, mounted where `orion-runtime` looks for it.
+pub const RUNTIME_SOCKET_MOUNT: &str = "/var/run/docker.sock:/var/lib/orion/runtime/docker.sock";
+
 /// One sshd worker container, published on a fixed loopback port so that a stop and a
 /// start keep its address. Removed when dropped.
 pub struct Worker {
@@ -132,6 +135,9 @@ impl Worker {
         let limits = worker_limit_args();
         let mut args = vec!["run", "-d", "--name", &container];
         args.extend(["--label", "orion.test=1", "-p", &publish, "-e", &key]);
+        // The engine's socket, root-only inside the worker: apps' instances run as its
+        // siblings, in its namespaces (as scripts/workers.sh does).
+        args.extend(["-v", RUNTIME_SOCKET_MOUNT]);
         args.extend(limits.iter().map(String::as_str));
         args.push(&image);
         docker(&args);
@@ -186,6 +192,16 @@ impl Worker {
         self.exec("orion-rotate-host-keys >/dev/null");
         std::thread::sleep(Duration::from_millis(300));
         self.wait_for_sshd();
+    }
+
+    /// The worker's address on its Docker network: where its apps' instances listen.
+    pub fn address(&self) -> String {
+        docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &self.container,
+        ])
     }
 
     /// Whether a login exists on the worker.
@@ -296,6 +312,13 @@ pub async fn spawn_app_on(
     workers: Vec<Worker>,
     tweak: Tweak,
 ) -> TestApp {
+    // ORION_TEST_LOG=<filter> (e.g. `orion=debug`) shows Orion's logs in a test's output.
+    if let Ok(filter) = std::env::var("ORION_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     let dir = tempfile::tempdir().unwrap();
     let key_path = key.path.clone();
     let inventory_path = dir.path().join("inventory.toml");
@@ -350,14 +373,19 @@ pub fn write_private_key(key: &PrivateKey, path: &std::path::Path) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-/// Inventory text for workers published on loopback.
+/// Inventory text for workers published on loopback. Their apps' instances join the
+/// worker container's namespaces and are reached at its address.
 pub fn inventory_for(workers: &[Worker]) -> String {
     workers
         .iter()
         .map(|w| {
             format!(
-                "[[workers]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nsite = \"test\"\n\n",
-                w.name, w.port
+                "[[workers]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nsite = \"test\"\n\
+                 instances_join = \"{}\"\napp_host = \"{}\"\n\n",
+                w.name,
+                w.port,
+                w.container,
+                w.address()
             )
         })
         .collect()
@@ -396,6 +424,8 @@ pub fn test_config(
         # Test receivers of notifications listen on loopback.
         notify_allow = ["127.0.0.1/32"]
         [cleanup]
+        interval = "1h"
+        [apps]
         interval = "1h"
         "#,
         inventory = inventory.display(),

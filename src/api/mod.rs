@@ -6,6 +6,11 @@
 //! | `GET /api/rentals` | every rental that is not over |
 //! | `GET /api/rentals/{id}` | one rental: status, current placement, history |
 //! | `DELETE /api/rentals/{id}` | release: remove the account, free the worker, 204 |
+//! | `POST /api/apps` | create an app: an image run as `replicas` instances on distinct workers |
+//! | `GET /api/apps`, `GET /api/apps/{name}` | apps and their instances (where, status, restarts) |
+//! | `PATCH /api/apps/{name}` | scale (`replicas`), or roll to a new `image` one instance at a time |
+//! | `DELETE /api/apps/{name}` | delete: every instance removed from its worker, 204 |
+//! | `GET /api/apps/{name}/logs?instance=&lines=` | the tail of an instance's log (text) |
 //! | `GET /api/workers` | admin: every worker with status, last probe, the rental holding it |
 //! | `POST /api/workers/{name}/drain` | admin: no new rentals there; its tenants move away |
 //! | `POST /api/workers/{name}/undrain` | admin: back in service |
@@ -32,6 +37,7 @@
 //! could make a logged-in browser send them), and requests without a valid token are
 //! rate limited per client address (429).
 
+pub mod apps;
 mod dashboard;
 mod error;
 mod guard;
@@ -107,6 +113,12 @@ fn endpoints() -> Vec<Endpoint> {
         endpoint(Method::GET, "/api/rentals/{id}", get_rental),
         endpoint(Method::DELETE, "/api/rentals/{id}", release_rental),
         endpoint(Method::POST, "/api/rentals/{id}/renew", renew_rental),
+        endpoint(Method::POST, "/api/apps", apps::create),
+        endpoint(Method::GET, "/api/apps", apps::list),
+        endpoint(Method::GET, "/api/apps/{name}", apps::get),
+        endpoint(Method::PATCH, "/api/apps/{name}", apps::change),
+        endpoint(Method::DELETE, "/api/apps/{name}", apps::delete),
+        endpoint(Method::GET, "/api/apps/{name}/logs", apps::logs),
         endpoint(Method::GET, "/api/workers", list_workers),
         endpoint(Method::POST, "/api/workers/{name}/drain", drain_worker),
         endpoint(Method::POST, "/api/workers/{name}/undrain", undrain_worker),
@@ -166,6 +178,7 @@ pub fn app(ctx: Context) -> Router {
     info(title = "Orion", description = "Rent worker machines over SSH; rentals move off dead workers."),
     paths(
         rent, list_rentals, get_rental, release_rental, renew_rental,
+        apps::create, apps::list, apps::get, apps::change, apps::delete, apps::logs,
         list_workers, drain_worker, undrain_worker,
         list_events, stream_events,
         list_tokens, create_token, revoke_token,

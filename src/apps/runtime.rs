@@ -110,6 +110,29 @@ pub fn encode<T: Serialize>(spec: &T) -> String {
     base64::engine::general_purpose::STANDARD.encode(json)
 }
 
+/// The last `lines` lines of an instance's log, read on its worker.
+pub async fn instance_logs(
+    ssh: &crate::ssh::SshClient,
+    worker: &crate::store::Worker,
+    node: &str,
+    container: &str,
+    lines: u32,
+) -> anyhow::Result<String> {
+    let session = ssh.session(&worker.target()).await?;
+    let out = session
+        .exec(&logs_command(node, container, lines), None)
+        .await;
+    session.close().await;
+    let out = out?;
+    anyhow::ensure!(
+        out.success(),
+        "orion-runtime logs exited with {:?}: {}",
+        out.exit_status,
+        out.stderr.trim()
+    );
+    Ok(out.stdout)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -524,34 +524,11 @@ fn run_spec(
 
 /// The last lines an exited instance wrote, for its view; `None` if they cannot be read.
 async fn log_tail(ctx: &Context, worker: &Worker, node: &str, container: &str) -> Option<String> {
-    let out = instance_logs(ctx, worker, node, container, LOG_TAIL_LINES)
+    let out = runtime::instance_logs(&ctx.ssh, worker, node, container, LOG_TAIL_LINES)
         .await
         .ok()?;
     let tail = out.trim_end();
     (!tail.is_empty()).then(|| tail.to_owned())
-}
-
-/// The last `lines` lines of an instance's log, read on its worker.
-pub async fn instance_logs(
-    ctx: &Context,
-    worker: &Worker,
-    node: &str,
-    container: &str,
-    lines: u32,
-) -> anyhow::Result<String> {
-    let session = ctx.ssh.session(&worker.target()).await?;
-    let out = session
-        .exec(&runtime::logs_command(node, container, lines), None)
-        .await;
-    session.close().await;
-    let out = out?;
-    anyhow::ensure!(
-        out.success(),
-        "orion-runtime logs exited with {:?}: {}",
-        out.exit_status,
-        out.stderr.trim()
-    );
-    Ok(out.stdout)
 }
 
 /// Runs the apps loop until `shutdown`.
@@ -614,7 +591,9 @@ async fn follow_worker(ctx: Context, worker: Worker, shutdown: CancellationToken
         let Ok(event) = serde_json::from_str::<runtime::RuntimeEvent>(line) else {
             return;
         };
-        if matches!(event.action.as_str(), "die" | "destroy" | "oom" | "start") {
+        // `hello`: the stream is up; what happened before it is read by a pass now (a
+        // list, then a watch, as Kubernetes' informers do).
+        if matches!(event.action.as_str(), "hello" | "die" | "destroy" | "oom" | "start") {
             tracing::debug!(worker = %worker.name, action = %event.action, container = ?event.name, "runtime event");
             wake.notify_one();
         }

@@ -2,6 +2,7 @@
 //! Run them with `scripts/test.sh`, which starts what they need.
 
 mod ansible;
+mod apps;
 mod auth;
 mod cli;
 mod crash;

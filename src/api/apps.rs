@@ -1,0 +1,429 @@
+//! The apps routes: a tenant's container workloads. The handlers validate and record
+//! the wish, wake the apps loop ([`crate::loops::apps`]) and answer; the loop makes the
+//! workers match. A tenant sees and changes only its own apps (another's answers 404).
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::views::ErrorBody;
+use super::{ApiError, parse_json};
+use crate::apps::{self, AppName, ImageRef, InstanceState};
+use crate::auth::Caller;
+use crate::context::Context;
+use crate::model::InvalidInput;
+use crate::store::{AppChange, AppRecord, InstanceRecord, NewApp};
+
+/// Body of `POST /api/apps`. Unknown fields are refused.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AppBody {
+    /// Required: a DNS label, unique among the tenant's apps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Required: the container image, e.g. `orion/demo-app:latest`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// How many instances, each on a worker of its own (default 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// The program and its arguments, instead of the image's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Environment variables (never shown back: they may be secrets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// The port the app listens on, reachable at each instance's `host`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+}
+
+/// Body of `PATCH /api/apps/{name}`: what to change.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AppPatch {
+    /// Scale to this many instances.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// Roll to this image: instances are replaced one at a time, each new one running
+    /// before an old one goes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+/// An app as its tenant sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AppView {
+    pub name: String,
+    pub tenant: String,
+    pub image: String,
+    pub replicas: u32,
+    /// Instances running the current image.
+    pub ready: u32,
+    pub port: Option<u16>,
+    pub command: Option<Vec<String>>,
+    /// The names of its environment variables (their values are never shown).
+    pub env: Vec<String>,
+    /// Bumped by each change of image.
+    pub generation: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub instances: Vec<InstanceView>,
+}
+
+/// One instance of an app.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InstanceView {
+    pub id: u64,
+    pub worker: String,
+    pub container: String,
+    /// `pending`, `running`, `crashloop` (exited, waiting out its back-off), `exited`
+    /// (to be started again now) or `stopping`.
+    pub status: String,
+    /// Where the app's `port` is reached on this instance (`null`: no port).
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub generation: u32,
+    pub started_at: Option<DateTime<Utc>>,
+    pub restarts: u32,
+    /// The code of its last exit.
+    pub exit_code: Option<i32>,
+    /// Why its last start failed, or the tail of its log at its last exit.
+    pub last_error: Option<String>,
+    /// When a crash-looping instance is started again.
+    pub next_start_at: Option<DateTime<Utc>>,
+}
+
+/// `GET /api/apps`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AppList {
+    pub apps: Vec<AppView>,
+}
+
+fn view(app: &AppRecord, instances: &[InstanceRecord]) -> AppView {
+    let now = Utc::now();
+    let mine: Vec<&InstanceRecord> = instances.iter().filter(|i| i.app_id == app.id).collect();
+    let ready = mine
+        .iter()
+        .filter(|i| i.state == InstanceState::Running && i.generation == app.generation)
+        .count() as u32;
+    AppView {
+        name: app.name.clone(),
+        tenant: app.tenant.clone(),
+        image: app.image.clone(),
+        replicas: app.replicas,
+        ready,
+        port: app.port,
+        command: app.command(),
+        env: app.env().into_keys().collect(),
+        generation: app.generation,
+        created_at: app.created_at,
+        updated_at: app.updated_at,
+        instances: mine
+            .into_iter()
+            .map(|i| InstanceView {
+                id: i.id,
+                worker: i.worker.clone(),
+                container: i.container.clone(),
+                status: match i.state {
+                    InstanceState::Exited if i.next_start_at.is_some_and(|t| t > now) => {
+                        "crashloop".to_owned()
+                    }
+                    other => other.to_string(),
+                },
+                host: app.port.map(|_| i.host.clone()),
+                port: app.port,
+                generation: i.generation,
+                started_at: i.started_at,
+                restarts: i.restarts,
+                exit_code: i.exit_code,
+                last_error: i.last_error.clone(),
+                next_start_at: i.next_start_at,
+            })
+            .collect(),
+    }
+}
+
+/// Query of the routes naming one app: the admin may name another tenant's.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AppQuery {
+    /// Admin only: the tenant whose app this is (default: the admin's own).
+    tenant: Option<String>,
+}
+
+/// The app `name` of the caller (or, for the admin, of `?tenant=`); another tenant's
+/// answers exactly like a missing one.
+async fn find(
+    ctx: &Context,
+    caller: &Caller,
+    name: &str,
+    query: Result<Query<AppQuery>, QueryRejection>,
+) -> Result<AppRecord, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
+    let tenant = match (&query.tenant, caller) {
+        (Some(t), Caller::Admin) => t.as_str(),
+        (Some(_), Caller::Tenant(_)) => {
+            return Err(ApiError::Forbidden(
+                "only the admin may name a tenant".into(),
+            ));
+        }
+        (None, _) => caller.tenant(),
+    };
+    ctx.store
+        .app_by_name(tenant, name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such app".into()))
+}
+
+async fn answer(ctx: &Context, app: &AppRecord, status: StatusCode) -> Result<Response, ApiError> {
+    let instances = ctx.store.live_instances(Some(app.id)).await?;
+    Ok((status, Json(view(app, &instances))).into_response())
+}
+
+#[utoipa::path(post, path = "/api/apps", tag = "apps",
+    request_body = AppBody,
+    responses(
+        (status = 201, description = "Recorded: its instances are being placed", body = AppView),
+        (status = 409, description = "The tenant already has an app of this name", body = ErrorBody),
+        (status = 422, description = "A field is not acceptable", body = ErrorBody),
+        (status = 429, description = "The tenant's instance quota is reached", body = ErrorBody),
+    ))]
+pub async fn create(
+    State(ctx): State<Context>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| ApiError::from_body_rejection(&e))?;
+    let body: AppBody = parse_json(&body)?;
+    // Validate everything before anything is written or run.
+    let name = AppName::parse(
+        body.name
+            .as_deref()
+            .ok_or_else(|| InvalidInput::new("name", "is required"))?,
+    )?;
+    let image = ImageRef::parse(
+        body.image
+            .as_deref()
+            .ok_or_else(|| InvalidInput::new("image", "is required"))?,
+    )?;
+    let replicas = apps::check_replicas(body.replicas.unwrap_or(1))?;
+    if let Some(command) = &body.command {
+        apps::check_command(command)?;
+    }
+    let env = body.env.unwrap_or_default();
+    apps::check_env(&env)?;
+    let port = body.port.map(apps::check_port).transpose()?;
+    check_quota(&ctx, &caller, replicas, None).await?;
+    let app = ctx
+        .store
+        .create_app(&NewApp {
+            tenant: caller.tenant().to_owned(),
+            name: name.as_str().to_owned(),
+            image: image.as_str().to_owned(),
+            replicas,
+            command: body.command,
+            env,
+            port,
+        })
+        .await?;
+    ctx.wake.apps.notify_one();
+    answer(&ctx, &app, StatusCode::CREATED).await
+}
+
+/// A tenant's apps may ask for `apps.max_instances_per_tenant` instances in all; the
+/// admin's are not bounded. `replacing`: the app being changed, whose current count
+/// is replaced by `replicas`.
+async fn check_quota(
+    ctx: &Context,
+    caller: &Caller,
+    replicas: u32,
+    replacing: Option<&AppRecord>,
+) -> Result<(), ApiError> {
+    let Caller::Tenant(tenant) = caller else {
+        return Ok(());
+    };
+    let limit = ctx.config.apps.max_instances_per_tenant;
+    let others: u32 = ctx
+        .store
+        .live_apps(Some(&tenant.tenant))
+        .await?
+        .iter()
+        .filter(|a| replacing.is_none_or(|r| r.id != a.id))
+        .map(|a| a.replicas)
+        .sum();
+    if others + replicas > limit {
+        return Err(ApiError::QuotaExceeded(format!(
+            "the tenant's apps may ask for {limit} instances in all; {others} are already asked for"
+        )));
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/api/apps", tag = "apps",
+    responses((status = 200, description = "The caller's apps (the admin: every app)", body = AppList)))]
+pub async fn list(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
+    let apps = ctx.store.live_apps(caller.scope()).await?;
+    let instances = ctx.store.live_instances(None).await?;
+    let apps = apps.iter().map(|a| view(a, &instances)).collect();
+    Ok(Json(AppList { apps }).into_response())
+}
+
+#[utoipa::path(get, path = "/api/apps/{name}", tag = "apps",
+    params(("name" = String, Path, description = "The app's name"), AppQuery),
+    responses(
+        (status = 200, description = "The app and its instances", body = AppView),
+        (status = 404, description = "No such app (or another tenant's)", body = ErrorBody),
+    ))]
+pub async fn get(
+    State(ctx): State<Context>,
+    caller: Caller,
+    Path(name): Path<String>,
+    query: Result<Query<AppQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let app = find(&ctx, &caller, &name, query).await?;
+    answer(&ctx, &app, StatusCode::OK).await
+}
+
+#[utoipa::path(patch, path = "/api/apps/{name}", tag = "apps",
+    params(("name" = String, Path, description = "The app's name"), AppQuery),
+    request_body = AppPatch,
+    responses(
+        (status = 200, description = "Changed: its instances follow", body = AppView),
+        (status = 404, description = "No such app", body = ErrorBody),
+        (status = 422, description = "A field is not acceptable, or nothing to change", body = ErrorBody),
+        (status = 429, description = "The tenant's instance quota is reached", body = ErrorBody),
+    ))]
+pub async fn change(
+    State(ctx): State<Context>,
+    caller: Caller,
+    Path(name): Path<String>,
+    query: Result<Query<AppQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| ApiError::from_body_rejection(&e))?;
+    let body: AppPatch = parse_json(&body)?;
+    let replicas = body.replicas.map(apps::check_replicas).transpose()?;
+    let image = body.image.as_deref().map(ImageRef::parse).transpose()?;
+    if replicas.is_none() && image.is_none() {
+        return Err(InvalidInput::new("replicas", "give `replicas` or `image` to change").into());
+    }
+    let app = find(&ctx, &caller, &name, query).await?;
+    if let Some(r) = replicas {
+        check_quota(&ctx, &caller, r, Some(&app)).await?;
+    }
+    let change = AppChange {
+        replicas,
+        image: image.map(|i| i.as_str().to_owned()),
+    };
+    let app = ctx
+        .store
+        .change_app(app.id, &change)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such app".into()))?;
+    ctx.wake.apps.notify_one();
+    answer(&ctx, &app, StatusCode::OK).await
+}
+
+#[utoipa::path(delete, path = "/api/apps/{name}", tag = "apps",
+    params(("name" = String, Path, description = "The app's name"), AppQuery),
+    responses(
+        (status = 204, description = "Deleted: its instances are being removed from their workers"),
+        (status = 404, description = "No such app", body = ErrorBody),
+    ))]
+pub async fn delete(
+    State(ctx): State<Context>,
+    caller: Caller,
+    Path(name): Path<String>,
+    query: Result<Query<AppQuery>, QueryRejection>,
+) -> Result<StatusCode, ApiError> {
+    let app = find(&ctx, &caller, &name, query).await?;
+    if !ctx.store.delete_app(app.id).await? {
+        return Err(ApiError::NotFound("no such app".into()));
+    }
+    ctx.wake.apps.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Query of `GET /api/apps/{name}/logs`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// Admin only: the tenant whose app this is.
+    tenant: Option<String>,
+    /// The instance (default: the app's first).
+    instance: Option<u64>,
+    /// How many lines, from the end (1..=1000, default 100).
+    lines: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/api/apps/{name}/logs", tag = "apps",
+    params(("name" = String, Path, description = "The app's name"), LogsQuery),
+    responses(
+        (status = 200, description = "The last lines of the instance's log", content_type = "text/plain"),
+        (status = 404, description = "No such app or instance", body = ErrorBody),
+        (status = 502, description = "The worker could not be read", body = ErrorBody),
+    ))]
+pub async fn logs(
+    State(ctx): State<Context>,
+    caller: Caller,
+    Path(name): Path<String>,
+    query: Result<Query<LogsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
+    let lines = query.lines.unwrap_or(100);
+    if !(1..=1000).contains(&lines) {
+        return Err(InvalidInput::new("lines", "must be between 1 and 1000").into());
+    }
+    let app = find(
+        &ctx,
+        &caller,
+        &name,
+        Ok(Query(AppQuery {
+            tenant: query.tenant,
+        })),
+    )
+    .await?;
+    let instances = ctx.store.live_instances(Some(app.id)).await?;
+    let instance = match query.instance {
+        Some(id) => instances.iter().find(|i| i.id == id),
+        None => instances.first(),
+    }
+    .ok_or_else(|| ApiError::NotFound("no such instance of this app".into()))?;
+    let worker = ctx
+        .store
+        .worker_by_name(&instance.worker)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such worker".into()))?;
+    let text = apps::runtime::instance_logs(
+        &ctx.ssh,
+        &worker,
+        &instance.node,
+        &instance.container,
+        lines,
+    )
+    .await
+    .map_err(|e| {
+        ApiError::Provisioning(format!("cannot read the log on {}: {e:#}", worker.name))
+    })?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}

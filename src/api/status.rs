@@ -150,7 +150,7 @@ pub(super) async fn status(
 
 fn database_unreachable() -> ErrorDetail {
     ErrorDetail {
-        code: "unavailable",
+        code: "unavailable".to_owned(),
         message: "the database is unreachable".into(),
         field: None,
     }

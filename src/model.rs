@@ -8,7 +8,7 @@ use std::fmt;
 
 use rand::Rng;
 use rand::distributions::Alphanumeric;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What the probes last concluded about a worker.
 #[derive(
@@ -18,6 +18,7 @@ use serde::Serialize;
     PartialEq,
     Eq,
     Serialize,
+    Deserialize,
     utoipa::ToSchema,
     sqlx::Encode,
     sqlx::Decode,
@@ -46,6 +47,7 @@ pub enum WorkerStatus {
     PartialEq,
     Eq,
     Serialize,
+    Deserialize,
     utoipa::ToSchema,
     sqlx::Encode,
     sqlx::Decode,
@@ -84,6 +86,7 @@ pub enum RentalStatus {
     PartialEq,
     Eq,
     Serialize,
+    Deserialize,
     utoipa::ToSchema,
     sqlx::Encode,
     sqlx::Decode,
@@ -482,21 +485,31 @@ mod tests {
         assert!(sha_crypt::sha512_check(&password, &hash).is_ok());
     }
 
+    /// Each variant's name (strum) is its JSON (serde), both ways.
+    fn round_trips<T>(variants: &[T])
+    where
+        T: fmt::Display + std::str::FromStr + Serialize + serde::de::DeserializeOwned,
+        T: PartialEq + fmt::Debug,
+        <T as std::str::FromStr>::Err: fmt::Debug,
+    {
+        for s in variants {
+            assert_eq!(s.to_string().parse::<T>().unwrap(), *s);
+            assert_eq!(serde_json::to_value(s).unwrap(), s.to_string());
+            assert_eq!(
+                serde_json::from_value::<T>(s.to_string().into()).unwrap(),
+                *s
+            );
+        }
+    }
+
     #[test]
     fn statuses_round_trip_through_their_names() {
         use strum::VariantArray;
-        for s in WorkerStatus::VARIANTS {
-            assert_eq!(s.to_string().parse::<WorkerStatus>().unwrap(), *s);
-            assert_eq!(serde_json::to_value(s).unwrap(), s.to_string());
-        }
-        for s in RentalStatus::VARIANTS {
-            assert_eq!(s.to_string().parse::<RentalStatus>().unwrap(), *s);
-            assert_eq!(serde_json::to_value(s).unwrap(), s.to_string());
-        }
-        for s in PlacementState::VARIANTS {
-            assert_eq!(s.to_string().parse::<PlacementState>().unwrap(), *s);
-        }
+        round_trips(WorkerStatus::VARIANTS);
+        round_trips(RentalStatus::VARIANTS);
+        round_trips(PlacementState::VARIANTS);
         assert_eq!(RentalStatus::Provisioning.to_string(), "provisioning");
         assert!("zombie".parse::<WorkerStatus>().is_err());
+        assert!(serde_json::from_str::<RentalStatus>("\"Active\"").is_err());
     }
 }

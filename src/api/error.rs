@@ -114,10 +114,10 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let error = ErrorDetail {
-            code,
+            code: code.to_owned(),
             message: self.to_string(),
             field: match &self {
-                ApiError::Invalid(invalid) => Some(invalid.field),
+                ApiError::Invalid(invalid) => Some(invalid.field.to_owned()),
                 _ => None,
             },
         };

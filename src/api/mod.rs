@@ -186,7 +186,7 @@ pub fn app(ctx: Context) -> Router {
         dashboard::page, dashboard::script, dashboard::style,
     ),
     components(schemas(ErrorBody, views::ErrorDetail)),
-    modifiers(&Security),
+    modifiers(&Security, &GuardAnswers),
     security(("bearer" = [])),
 )]
 pub struct ApiDoc;
@@ -208,6 +208,66 @@ impl utoipa::Modify for Security {
     }
 }
 
+/// The answers [`guard`] may give before any handler runs, added to every operation they
+/// can come from, unless it lists that status itself (then its description says all):
+/// 429 everywhere (requests without a valid token are rate limited), 401 where a token is
+/// needed, 415 where a request changes state.
+struct GuardAnswers;
+
+impl utoipa::Modify for GuardAnswers {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            let body = ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build();
+            ResponseBuilder::new()
+                .description(description)
+                .content("application/json", body)
+                .build()
+        };
+        // What `security(())` leaves on an open operation.
+        let open = [utoipa::openapi::security::SecurityRequirement::default()];
+        for item in doc.paths.paths.values_mut() {
+            let reads = [
+                &mut item.get,
+                &mut item.head,
+                &mut item.options,
+                &mut item.trace,
+            ];
+            let changes = [
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            let operations = reads.map(|op| (op, false)).into_iter();
+            for (operation, changes_state) in operations.chain(changes.map(|op| (op, true))) {
+                let Some(operation) = operation.as_mut() else {
+                    continue;
+                };
+                let needs_token = operation.security.as_deref() != Some(&open);
+                let responses = &mut operation.responses.responses;
+                for (status, applies, description) in [
+                    ("429", true, RATE_LIMITED),
+                    ("401", needs_token, "No valid token"),
+                    ("415", changes_state, UNSUPPORTED_MEDIA_TYPE),
+                ] {
+                    if applies {
+                        responses
+                            .entry(status.to_owned())
+                            .or_insert_with(|| error(description).into());
+                    }
+                }
+            }
+        }
+    }
+}
+
+const RATE_LIMITED: &str =
+    "Too many requests without a valid token from this address; see `Retry-After`";
+const UNSUPPORTED_MEDIA_TYPE: &str = "A body not sent as `Content-Type: application/json`";
+
 /// `GET /api/openapi.json`: open, it holds no secret.
 #[utoipa::path(get, path = "/api/openapi.json", tag = "service", security(()),
     responses((status = 200, description = "This document", content_type = "application/json")))]
@@ -221,7 +281,7 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
         (status = 201, description = "Rented: connection details (and the password, once, when no key was given)", body = RentedView),
         (status = 409, description = "The username is taken", body = ErrorBody),
         (status = 422, description = "A field is not acceptable", body = ErrorBody),
-        (status = 429, description = "The tenant's quota is reached", body = ErrorBody),
+        (status = 429, description = "The tenant's quota is reached, or too many requests without a valid token from this address (see `Retry-After`)", body = ErrorBody),
         (status = 502, description = "Provisioning failed", body = ErrorBody),
         (status = 503, description = "No free worker", body = ErrorBody),
     ))]
@@ -313,7 +373,6 @@ async fn get_rental(
 #[utoipa::path(get, path = "/api/rentals", tag = "rentals",
     responses(
         (status = 200, description = "Every rental not over that the caller may see", body = RentalList),
-        (status = 401, description = "No valid token", body = ErrorBody),
     ))]
 async fn list_rentals(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
     let rentals = rentals_not_over(&ctx, &caller).await?;
@@ -733,5 +792,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_guards_answers_are_documented_where_they_can_come() {
+        let doc = ApiDoc::openapi();
+        let statuses = |path: &str, method: Method| {
+            let item = &doc.paths.paths[path];
+            let operation = match method {
+                Method::GET => &item.get,
+                Method::POST => &item.post,
+                _ => &item.delete,
+            };
+            let responses = &operation.as_ref().unwrap().responses.responses;
+            responses.keys().cloned().collect::<Vec<_>>()
+        };
+        for (method, path) in routes() {
+            let listed = statuses(path, method.clone());
+            let has = |status: &str| listed.iter().any(|s| s == status);
+            let open = [
+                "/health",
+                "/api/openapi.json",
+                "/dashboard/app.js",
+                "/dashboard/app.css",
+            ]
+            .contains(&path);
+            assert!(has("429"), "{method} {path}: {listed:?}");
+            assert_eq!(has("401"), !open, "{method} {path}: {listed:?}");
+            assert_eq!(has("415"), !method.is_safe(), "{method} {path}: {listed:?}");
+        }
+        // A status a route lists itself keeps its own description.
+        let rent = doc.paths.paths["/api/rent"].post.as_ref().unwrap();
+        let utoipa::openapi::RefOr::T(quota) = &rent.responses.responses["429"] else {
+            panic!("429 of /api/rent is a reference");
+        };
+        assert!(quota.description.contains("quota"), "{}", quota.description);
     }
 }

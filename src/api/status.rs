@@ -109,7 +109,6 @@ pub(super) async fn health(
 #[utoipa::path(get, path = "/api/status", tag = "service",
     responses(
         (status = 200, description = "Database, fleet counts, loops", body = StatusView),
-        (status = 401, description = "No valid token", body = super::views::ErrorBody),
         (status = 403, description = "A tenant token", body = super::views::ErrorBody),
         (status = 503, description = "The database does not answer (loops still shown)", body = StatusView),
     ))]
@@ -150,7 +149,7 @@ pub(super) async fn status(
 
 fn database_unreachable() -> ErrorDetail {
     ErrorDetail {
-        code: "unavailable",
+        code: "unavailable".to_owned(),
         message: "the database is unreachable".into(),
         field: None,
     }

@@ -2,7 +2,8 @@
 //! it shows of the store's records, the shapes clients read (the CLI, the dashboard's
 //! script, a tenant's `notify_url`). The store returns rows; the shapes are decided
 //! here, so a column can change without a client noticing. Each derives `ToSchema`, for
-//! the OpenAPI document ([`super::ApiDoc`]).
+//! the OpenAPI document ([`super::ApiDoc`]), and those the CLI reads derive `Deserialize`
+//! too: it reads the answers as these very types.
 
 use std::collections::BTreeMap;
 
@@ -17,7 +18,7 @@ use crate::store::{
 };
 
 /// A rental as a client sees it: where it lives now and where it has lived.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RentalView {
     pub id: String,
     pub tenant: String,
@@ -29,8 +30,8 @@ pub struct RentalView {
     pub host: Option<String>,
     pub port: Option<u16>,
     /// How the tenant logs in: `publickey`, `password`, or both.
-    #[schema(value_type = Vec<String>, example = json!(["publickey"]))]
-    pub auth: Vec<&'static str>,
+    #[schema(example = json!(["publickey"]))]
+    pub auth: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
@@ -41,7 +42,7 @@ pub struct RentalView {
 }
 
 /// One stay of a rental on a worker.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PlacementView {
     pub worker: String,
     pub state: PlacementState,
@@ -69,10 +70,10 @@ impl From<RentalDetail> for RentalView {
         } = detail;
         let mut auth = Vec::new();
         if r.public_key.is_some() {
-            auth.push("publickey");
+            auth.push("publickey".to_owned());
         }
         if r.password_hash.is_some() {
-            auth.push("password");
+            auth.push("password".to_owned());
         }
         Self {
             id: r.id,
@@ -95,7 +96,7 @@ impl From<RentalDetail> for RentalView {
 
 /// The answer to `POST /api/rent`: the rental, and the generated password when no key
 /// was given (shown once).
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RentedView {
     #[serde(flatten)]
     pub rental: RentalView,
@@ -105,7 +106,7 @@ pub struct RentedView {
 
 /// A worker as `POST /api/workers/{name}/drain` shows it: the stored fields and whether
 /// a rental holds it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct WorkerView {
     #[serde(flatten)]
     pub worker: Worker,
@@ -123,7 +124,7 @@ impl From<Worker> for WorkerView {
 }
 
 /// A worker as `GET /api/workers` shows it: also the rental holding it (`null`: none).
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct FleetWorkerView {
     #[serde(flatten)]
     pub worker: WorkerView,
@@ -139,13 +140,13 @@ pub struct CreatedToken {
 }
 
 /// `GET /api/rentals`.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RentalList {
     pub rentals: Vec<RentalView>,
 }
 
 /// `GET /api/workers`.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct WorkerList {
     pub workers: Vec<FleetWorkerView>,
 }
@@ -157,26 +158,26 @@ pub struct TokenList {
 }
 
 /// `GET /api/events`: a page of events, and the `after` of the next page.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct EventPage {
     pub events: Vec<Event>,
     pub next: u64,
 }
 
 /// Every error answer: `{"error": {"code", "message", "field"?}}`.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable, machine-readable: `invalid_input`, `not_found`, `no_free_worker`, …
-    pub code: &'static str,
+    pub code: String,
     pub message: String,
     /// The request field at fault, for `invalid_input`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub field: Option<&'static str>,
+    pub field: Option<String>,
 }
 
 /// `GET /health`: 200 with `"status": "ok"` and `"database": "up"`, or 503 with
@@ -247,4 +248,122 @@ pub struct TokenBody {
     /// This token's limit on the tenant's live rentals (default: `tenants.max_rentals`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_rentals: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use serde::de::DeserializeOwned;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::model::WorkerStatus;
+
+    /// What the API writes, the client reads back whole: re-serialised, the same JSON.
+    fn reads_back<T: Serialize + DeserializeOwned>(answer: &T) -> Value {
+        let json = serde_json::to_value(answer).unwrap();
+        let read: T = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&read).unwrap(), json);
+        json
+    }
+
+    fn worker() -> Worker {
+        Worker {
+            id: 3,
+            name: "worker_1".into(),
+            site: "a".into(),
+            ssh_host: "10.0.0.1".into(),
+            ssh_port: 22,
+            public_host: "127.0.0.1".into(),
+            public_port: 2201,
+            pinned_host_key: None,
+            known_host_key: Some("ssh-ed25519 AAAA".into()),
+            status: WorkerStatus::Alive,
+            consecutive_failures: 0,
+            consecutive_successes: 4,
+            quarantine_reason: None,
+            retired: false,
+            drained: true,
+            rental_id: Some("r-1".into()),
+            last_checked: Some(Utc.with_ymd_and_hms(2025, 3, 1, 12, 0, 0).unwrap()),
+            last_seen_alive: None,
+            probe_latency_ms: Some(12),
+            last_probe_error: None,
+        }
+    }
+
+    #[test]
+    fn the_answers_the_client_reads_read_back_whole() {
+        let at = Utc.with_ymd_and_hms(2025, 3, 1, 12, 30, 5).unwrap()
+            + chrono::Duration::microseconds(123_456);
+        let rental = RentalView {
+            id: "r-1".into(),
+            tenant: "admin".into(),
+            username: "vic".into(),
+            status: RentalStatus::Active,
+            worker: Some("worker_1".into()),
+            site: Some("a".into()),
+            host: Some("127.0.0.1".into()),
+            port: Some(2201),
+            auth: vec!["password".into()],
+            created_at: at,
+            updated_at: at,
+            ended_at: None,
+            expires_at: None,
+            placements: vec![PlacementView {
+                worker: "worker_1".into(),
+                state: PlacementState::Active,
+                started_at: at,
+                ended_at: None,
+            }],
+        };
+        let rented = reads_back(&RentedView {
+            rental: rental.clone(),
+            password: Some("secret".into()),
+        });
+        assert_eq!(rented["password"], "secret");
+        assert_eq!(rented["created_at"], "2025-03-01T12:30:05.123456Z");
+        reads_back(&RentalList {
+            rentals: vec![rental],
+        });
+
+        let fleet = reads_back(&WorkerList {
+            workers: vec![FleetWorkerView {
+                worker: WorkerView::from(worker()),
+                rental: Some(Occupant {
+                    rental_id: "r-1".into(),
+                    tenant: "admin".into(),
+                    username: "vic".into(),
+                    serving: true,
+                }),
+            }],
+        });
+        let shown = &fleet["workers"][0];
+        assert_eq!(
+            (&shown["allocated"], &shown["rental"]["id"]),
+            (&true.into(), &"r-1".into())
+        );
+        assert!(shown.get("ssh_host").is_none(), "{shown}");
+        reads_back(&WorkerView::from(worker()));
+
+        reads_back(&EventPage {
+            events: vec![Event {
+                id: 1,
+                at,
+                kind: "worker.drained".into(),
+                worker: Some("worker_1".into()),
+                rental_id: None,
+                message: "drained".into(),
+            }],
+            next: 1,
+        });
+        let error = reads_back(&ErrorBody {
+            error: ErrorDetail {
+                code: "invalid_input".into(),
+                message: "username: is reserved".into(),
+                field: Some("username".into()),
+            },
+        });
+        assert_eq!(error["error"]["field"], "username");
+    }
 }

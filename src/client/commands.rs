@@ -1,13 +1,16 @@
 //! The client commands (`orion rent`, `rentals`, `workers`, `drain`, `events`…): one
-//! request each, and what it prints, a table or the API's JSON (`--json`).
+//! request each, and what it prints, a table or the API's JSON (`--json`). Answers are
+//! read as the API's own types ([`crate::api::views`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde::Serialize;
 
 use super::tables::{cell, event_line, table};
 use super::{Client, ClientError};
+use crate::api::views::{FleetWorkerView, RentalView};
+use crate::store::Event;
 
 /// A client command, as parsed from the command line.
 #[derive(Debug, Clone)]
@@ -32,41 +35,43 @@ pub enum Command {
     },
 }
 
-const RENTAL_COLUMNS: [&str; 7] = [
-    "id", "tenant", "username", "status", "worker", "host", "port",
+/// A table column: its header, and its cell for one item.
+type Column<T> = (&'static str, fn(&T) -> String);
+
+const RENTAL_COLUMNS: [Column<RentalView>; 7] = [
+    ("id", |r| cell(&r.id)),
+    ("tenant", |r| cell(&r.tenant)),
+    ("username", |r| cell(&r.username)),
+    ("status", |r| cell(&r.status)),
+    ("worker", |r| cell(&r.worker)),
+    ("host", |r| cell(&r.host)),
+    ("port", |r| cell(&r.port)),
 ];
 
-/// The worker fields shown, and their column headers.
-const WORKER_COLUMNS: [(&str, &str); 8] = [
-    ("name", "name"),
-    ("site", "site"),
-    ("status", "status"),
-    ("allocated", "allocated"),
-    ("drained", "drained"),
-    ("probe_latency_ms", "latency_ms"),
-    ("last_checked", "last_checked"),
-    ("quarantine_reason", "quarantine"),
+const WORKER_COLUMNS: [Column<FleetWorkerView>; 8] = [
+    ("name", |w| cell(&w.worker.worker.name)),
+    ("site", |w| cell(&w.worker.worker.site)),
+    ("status", |w| cell(&w.worker.worker.status)),
+    ("allocated", |w| cell(&w.worker.allocated)),
+    ("drained", |w| cell(&w.worker.worker.drained)),
+    ("latency_ms", |w| cell(&w.worker.worker.probe_latency_ms)),
+    ("last_checked", |w| cell(&w.worker.worker.last_checked)),
+    ("quarantine", |w| cell(&w.worker.worker.quarantine_reason)),
 ];
 
 /// Runs one command and prints its result: a table (or a line), or with `json` the
 /// API's JSON.
 pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), ClientError> {
-    let print_json =
-        |v: &Value| println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
     match command {
         Command::Rent { key, username } => {
-            let r = client.rent(key.as_deref(), username.as_deref()).await?;
+            let rented = client.rent(key.as_deref(), username.as_deref()).await?;
             if json {
-                print_json(&r);
+                print_json(&rented);
             } else {
-                println!("rental {} on {}", cell(&r["id"]), cell(&r["worker"]));
-                println!(
-                    "ssh -p {} {}@{}",
-                    cell(&r["port"]),
-                    cell(&r["username"]),
-                    cell(&r["host"])
-                );
-                if let Some(p) = r["password"].as_str() {
+                let r = &rented.rental;
+                println!("rental {} on {}", r.id, cell(&r.worker));
+                println!("ssh -p {} {}@{}", cell(&r.port), r.username, cell(&r.host));
+                if let Some(p) = &rented.password {
                     println!("password: {p}   (shown once)");
                 }
             }
@@ -82,8 +87,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Cl
             if json {
                 print_json(&r);
             } else {
-                let rows = rows(&r["rentals"], &RENTAL_COLUMNS);
-                println!("{}", table(&RENTAL_COLUMNS, &rows));
+                print_table(&RENTAL_COLUMNS, &r.rentals);
             }
         }
         Command::Workers => {
@@ -91,9 +95,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Cl
             if json {
                 print_json(&r);
             } else {
-                let fields = WORKER_COLUMNS.map(|(field, _)| field);
-                let headers = WORKER_COLUMNS.map(|(_, header)| header);
-                println!("{}", table(&headers, &rows(&r["workers"], &fields)));
+                print_table(&WORKER_COLUMNS, &r.workers);
             }
         }
         Command::Drain { worker, drained } => {
@@ -110,18 +112,18 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Cl
             }
         }
         Command::Events { follow, last } => {
-            let print = |e: &Value| {
+            // One line per event: `--json` prints each compact, as the stream sends it.
+            let print = |e: &Event| {
                 if json {
-                    println!("{e}");
+                    println!("{}", serde_json::to_string(e).expect("an event serialises"));
                 } else {
                     println!("{}", event_line(e));
                 }
             };
-            let page = client.latest_events(last).await?;
-            page["events"]
-                .as_array()
-                .map(|a| a.as_slice())
-                .unwrap_or_default()
+            client
+                .latest_events(last)
+                .await?
+                .events
                 .iter()
                 .for_each(print);
             if follow {
@@ -132,14 +134,21 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Cl
     Ok(())
 }
 
-/// The given fields of each object of a JSON array, as table cells.
-fn rows(list: &Value, fields: &[&str]) -> Vec<Vec<String>> {
-    list.as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
+fn print_json(answer: &impl Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(answer).expect("an answer serialises")
+    );
+}
+
+/// Prints `items` as a table of `columns`.
+fn print_table<T>(columns: &[Column<T>], items: &[T]) {
+    let headers: Vec<&str> = columns.iter().map(|(header, _)| *header).collect();
+    let rows: Vec<Vec<String>> = items
         .iter()
-        .map(|x| fields.iter().map(|k| cell(&x[*k])).collect())
-        .collect()
+        .map(|item| columns.iter().map(|(_, cell)| cell(item)).collect())
+        .collect();
+    println!("{}", table(&headers, &rows));
 }
 
 /// `orion healthcheck`: asks the local `orion serve` (on `port`) for its health.

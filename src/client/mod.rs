@@ -1,7 +1,8 @@
 //! The client side of the `orion` command: talks to the API (through Caddy or directly)
 //! and prints human-readable tables, or JSON with `--json`.
 //!
-//! - this file: the HTTP client and its errors;
+//! - this file: the HTTP client, which reads the API's answers as the API's own types
+//!   ([`crate::api::views`]), and its errors;
 //! - [`commands`]: one function per client command, printing its result;
 //! - [`tables`]: how tables, cells and event lines look.
 //!
@@ -12,9 +13,12 @@ use std::path::{Path, PathBuf};
 
 use eventsource_stream::Eventsource as _;
 use futures::StreamExt as _;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 
-use crate::api::views::RentBody;
+use crate::api::views::{
+    ErrorBody, EventPage, RentBody, RentalList, RentedView, WorkerList, WorkerView,
+};
+use crate::store::Event;
 
 mod commands;
 mod tables;
@@ -90,25 +94,20 @@ impl Client {
         }
     }
 
-    /// Sends a request and returns its JSON body (`null` for 204), mapping failures to
-    /// the error kinds above with the API's own message.
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, ClientError> {
+    /// Sends a request and returns the response if it succeeded, else the error kind
+    /// above with the API's own message ([`ErrorBody`]), or the bare status.
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
         let resp = req.send().await.map_err(|e| {
             ClientError::Unavailable(format!("cannot reach {}: {e}", self.endpoint.url))
         })?;
         let status = resp.status();
-        let body: Value = if status == reqwest::StatusCode::NO_CONTENT {
-            Value::Null
-        } else {
-            resp.json().await.unwrap_or(Value::Null)
-        };
         if status.is_success() {
-            return Ok(body);
+            return Ok(resp);
         }
-        let message = body["error"]["message"].as_str().map_or_else(
-            || format!("HTTP {status}"),
-            |m| format!("{m} (HTTP {})", status.as_u16()),
-        );
+        let message = match resp.json::<ErrorBody>().await {
+            Ok(body) => format!("{} (HTTP {})", body.error.message, status.as_u16()),
+            Err(_) => format!("HTTP {status}"),
+        };
         if status.is_server_error() {
             Err(ClientError::Unavailable(message))
         } else {
@@ -116,11 +115,21 @@ impl Client {
         }
     }
 
+    /// Sends a request and reads its answer as `T`.
+    async fn fetch<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        self.send(req).await?.json().await.map_err(|e| {
+            ClientError::Unavailable(format!("unexpected answer from {}: {e}", self.endpoint.url))
+        })
+    }
+
     pub async fn rent(
         &self,
         key: Option<&Path>,
         username: Option<&str>,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<RentedView, ClientError> {
         let ssh_public_key = key
             .map(|path| {
                 std::fs::read_to_string(path)
@@ -135,28 +144,30 @@ impl Client {
             username: username.map(str::to_owned),
             ..RentBody::default()
         };
-        self.send(self.request(reqwest::Method::POST, "/api/rent").json(&body))
+        self.fetch(self.request(reqwest::Method::POST, "/api/rent").json(&body))
             .await
     }
 
-    pub async fn release(&self, id: &str) -> Result<Value, ClientError> {
+    /// Releases a rental (204, no body).
+    pub async fn release(&self, id: &str) -> Result<(), ClientError> {
         self.send(self.request(reqwest::Method::DELETE, &format!("/api/rentals/{id}")))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn rentals(&self) -> Result<RentalList, ClientError> {
+        self.fetch(self.request(reqwest::Method::GET, "/api/rentals"))
             .await
     }
 
-    pub async fn rentals(&self) -> Result<Value, ClientError> {
-        self.send(self.request(reqwest::Method::GET, "/api/rentals"))
+    pub async fn workers(&self) -> Result<WorkerList, ClientError> {
+        self.fetch(self.request(reqwest::Method::GET, "/api/workers"))
             .await
     }
 
-    pub async fn workers(&self) -> Result<Value, ClientError> {
-        self.send(self.request(reqwest::Method::GET, "/api/workers"))
-            .await
-    }
-
-    pub async fn drain(&self, worker: &str, drained: bool) -> Result<Value, ClientError> {
+    pub async fn drain(&self, worker: &str, drained: bool) -> Result<WorkerView, ClientError> {
         let action = if drained { "drain" } else { "undrain" };
-        self.send(self.request(
+        self.fetch(self.request(
             reqwest::Method::POST,
             &format!("/api/workers/{worker}/{action}"),
         ))
@@ -164,35 +175,23 @@ impl Client {
     }
 
     /// The latest `last` events, oldest first.
-    pub async fn latest_events(&self, last: u32) -> Result<Value, ClientError> {
-        self.send(self.request(reqwest::Method::GET, &format!("/api/events?last={last}")))
+    pub async fn latest_events(&self, last: u32) -> Result<EventPage, ClientError> {
+        self.fetch(self.request(reqwest::Method::GET, &format!("/api/events?last={last}")))
             .await
     }
 
     /// Follows the live event stream, calling `each` with every event, until the server
     /// closes it.
-    pub async fn follow_events(&self, mut each: impl FnMut(&Value)) -> Result<(), ClientError> {
+    pub async fn follow_events(&self, mut each: impl FnMut(&Event)) -> Result<(), ClientError> {
         let resp = self
-            .request(reqwest::Method::GET, "/api/events/stream")
-            .send()
-            .await
-            .map_err(|e| {
-                ClientError::Unavailable(format!("cannot reach {}: {e}", self.endpoint.url))
-            })?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            return Err(if status.is_server_error() {
-                ClientError::Unavailable(format!("HTTP {status}"))
-            } else {
-                ClientError::Refused(format!("HTTP {status}"))
-            });
-        }
+            .send(self.request(reqwest::Method::GET, "/api/events/stream"))
+            .await?;
         let mut events = resp.bytes_stream().eventsource();
         while let Some(event) = events.next().await {
             let event =
                 event.map_err(|e| ClientError::Unavailable(format!("the stream broke: {e}")))?;
-            if let Ok(value) = serde_json::from_str::<Value>(&event.data) {
-                each(&value);
+            if let Ok(event) = serde_json::from_str::<Event>(&event.data) {
+                each(&event);
             }
         }
         Ok(())

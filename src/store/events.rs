@@ -1,12 +1,12 @@
 //! The append-only events log: what happened, when, to which worker and rental.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, MySql, Transaction};
 
 use super::{Store, StoreError};
 
-#[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, FromRow, utoipa::ToSchema)]
 pub struct Event {
     pub id: u64,
     pub at: DateTime<Utc>,

@@ -1,7 +1,7 @@
 //! Workers: the inventory as stored, and what the probes observed.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, MySql, Transaction};
 
 use super::placements::release_placement;
@@ -16,7 +16,10 @@ pub(super) const USABLE: &str =
     "(status = 'alive' AND quarantine_reason IS NULL AND NOT retired AND NOT drained)";
 
 /// A worker row.
-#[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
+// The API shows the fields not marked `skip`. Read back from its JSON (by the client), the
+// others are left empty (`Default`): `allocated()` and `target()` mean nothing there (the
+// client reads `allocated` from `WorkerView`).
+#[derive(Debug, Clone, Serialize, Deserialize, FromRow, utoipa::ToSchema)]
 pub struct Worker {
     #[serde(skip)]
     pub id: u64,
@@ -98,7 +101,7 @@ pub(super) const WORKER_COLUMNS: &str = "id, name, site, ssh_host, ssh_port, pub
     last_seen_alive, probe_latency_ms, last_probe_error";
 
 /// The rental holding a worker, as the fleet view shows it.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Occupant {
     #[serde(rename = "id")]
     pub rental_id: String,

@@ -763,6 +763,7 @@ mod tests {
                 Method::GET => &item.get,
                 Method::POST => &item.post,
                 Method::DELETE => &item.delete,
+                Method::PATCH => &item.patch,
                 other => panic!("no check for {other} routes"),
             };
             assert!(
@@ -802,6 +803,7 @@ mod tests {
             let operation = match method {
                 Method::GET => &item.get,
                 Method::POST => &item.post,
+                Method::PATCH => &item.patch,
                 _ => &item.delete,
             };
             let responses = &operation.as_ref().unwrap().responses.responses;

@@ -276,6 +276,8 @@ mod tests {
             ssh_port: 22,
             public_host: "127.0.0.1".into(),
             public_port: 2201,
+            app_host: None,
+            instances_join: None,
             pinned_host_key: None,
             known_host_key: Some("ssh-ed25519 AAAA".into()),
             status: WorkerStatus::Alive,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::client::table;
 use crate::config::Config;
 use crate::inventory::Inventory;
-use crate::playbook::{Playbook, Playbooks, Vars};
+use crate::playbook::{AppVars, Playbook, Playbooks, Vars};
 use crate::ssh::{self, SshClient, Target};
 
 /// Runs every check; the error says how many workers failed their probe.
@@ -20,8 +20,15 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         public_key: Some(ssh::host_key_line(ssh::generate_ed25519().public_key())),
         password_hash: Some(crate::model::hash_password("sample")),
     };
-    for playbook in Playbook::ALL {
+    for playbook in Playbook::ACCOUNTS {
         playbooks.render(playbook, &sample, config.provisioning.uid_min)?;
+    }
+    let spec = crate::apps::runtime::encode(&crate::apps::runtime::RemoveSpec {
+        node: "sample".into(),
+        names: vec!["sample.app.1".into()],
+    });
+    for playbook in Playbook::APPS {
+        playbooks.render_app(playbook, &AppVars { spec: spec.clone() })?;
     }
     let key = Arc::new(ssh::load_private_key(&config.ssh.key)?);
     println!(

@@ -79,6 +79,16 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// List apps and how many of their instances are ready.
+    Apps {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Create, show, scale, roll, delete an app, or read an instance's log.
+    App {
+        #[command(subcommand)]
+        action: AppAction,
+    },
     /// Show the events log; `--follow` streams new events as they happen (admin token).
     Events {
         #[arg(long, short)]
@@ -86,6 +96,65 @@ enum Command {
         /// How many of the latest events to show first.
         #[arg(long, default_value_t = 20)]
         last: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppAction {
+    /// Create an app: IMAGE run as REPLICAS instances, each on a worker of its own.
+    Create {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// The port the app listens on.
+        #[arg(long)]
+        port: Option<u32>,
+        /// An environment variable, `NAME=value` (repeat for more).
+        #[arg(long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// The program and its arguments, instead of the image's own (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show an app and its instances.
+    Show {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Scale an app to REPLICAS instances.
+    Scale {
+        name: String,
+        replicas: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Roll an app to another image, one instance at a time.
+    Roll {
+        name: String,
+        image: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete an app: every instance is removed from its worker.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Print the last lines of an instance's log (default: the app's first instance).
+    Logs {
+        name: String,
+        #[arg(long)]
+        instance: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        lines: u32,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -134,6 +203,63 @@ fn main() -> ExitCode {
             },
         ),
         Command::Events { follow, last, api } => (api, client::Command::Events { follow, last }),
+        Command::Apps { api } => (api, client::Command::Apps),
+        Command::App { action } => match action {
+            AppAction::Create {
+                name,
+                image,
+                replicas,
+                port,
+                env,
+                command,
+                api,
+            } => (
+                api,
+                client::Command::AppCreate {
+                    name,
+                    image,
+                    replicas,
+                    port,
+                    env,
+                    command,
+                },
+            ),
+            AppAction::Show { name, api } => (api, client::Command::AppShow { name }),
+            AppAction::Scale {
+                name,
+                replicas,
+                api,
+            } => (
+                api,
+                client::Command::AppChange {
+                    name,
+                    replicas: Some(replicas),
+                    image: None,
+                },
+            ),
+            AppAction::Roll { name, image, api } => (
+                api,
+                client::Command::AppChange {
+                    name,
+                    replicas: None,
+                    image: Some(image),
+                },
+            ),
+            AppAction::Delete { name, api } => (api, client::Command::AppDelete { name }),
+            AppAction::Logs {
+                name,
+                instance,
+                lines,
+                api,
+            } => (
+                api,
+                client::Command::AppLogs {
+                    name,
+                    instance,
+                    lines,
+                },
+            ),
+        },
     };
     match runtime.block_on(run_client(api, request)) {
         Ok(()) => ExitCode::SUCCESS,

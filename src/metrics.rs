@@ -29,6 +29,14 @@ pub mod names {
     pub const WORKERS: &str = "orion_workers";
     /// Gauge: rentals by `status`.
     pub const RENTALS: &str = "orion_rentals";
+    /// Gauge: the replicas each app asks for, by `tenant` and `app`.
+    pub const APP_REPLICAS: &str = "orion_app_replicas";
+    /// Gauge: each app's instances by `tenant`, `app` and `status` (pending, running,
+    /// exited, crashloop, stopping).
+    pub const APP_INSTANCES: &str = "orion_app_instances";
+    /// Counter: containers the apps loop started, by `outcome` (created, restarted,
+    /// failed), and removed (`outcome` removed).
+    pub const INSTANCE_ACTIONS: &str = "orion_instance_actions_total";
 }
 
 /// Buckets for the latency histograms: from 5 ms (a probe on loopback) to 30 s (an

@@ -200,6 +200,11 @@ impl Playbooks {
         self.render_with(playbook, &Rendered { vars, uid_min })
     }
 
+    /// Renders an app playbook ([`Playbook::APPS`]).
+    pub fn render_app(&self, playbook: Playbook, vars: &AppVars) -> Result<String, PlaybookError> {
+        self.render_with(playbook, vars)
+    }
+
     /// Renders a playbook with any values (strict: a value it prints must be there).
     fn render_with(
         &self,
@@ -614,6 +619,23 @@ mod tests {
             assert!(script.contains("'alice'"), "{script}");
             assert!(
                 script.starts_with("#!/bin/sh") || script.contains("set -eu"),
+                "{script}"
+            );
+        }
+    }
+
+    #[test]
+    fn app_playbooks_hand_the_spec_to_the_runtime_as_one_quoted_word() {
+        let spec =
+            crate::apps::runtime::encode(&serde_json::json!({"env": {"X": "'; rm -rf / #"}}));
+        for playbook in Playbook::APPS {
+            let script = shipped()
+                .render_app(playbook, &AppVars { spec: spec.clone() })
+                .unwrap();
+            assert!(script.contains(&format!("spec='{spec}'")), "{script}");
+            assert!(!script.contains("rm -rf"), "{script}");
+            assert!(
+                script.contains("| /usr/local/sbin/orion-runtime "),
                 "{script}"
             );
         }

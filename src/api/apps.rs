@@ -108,7 +108,8 @@ pub struct AppList {
     pub apps: Vec<AppView>,
 }
 
-fn view(app: &AppRecord, instances: &[InstanceRecord]) -> AppView {
+/// The view of `app`, with its instances among `instances`.
+pub fn view(app: &AppRecord, instances: &[InstanceRecord]) -> AppView {
     let now = Utc::now();
     let mine: Vec<&InstanceRecord> = instances.iter().filter(|i| i.app_id == app.id).collect();
     let ready = mine

@@ -728,6 +728,18 @@ async fn prometheus_metrics(
     for (status, n) in ctx.store.rental_counts().await? {
         metrics::gauge!(names::RENTALS, "status" => status).set(n as f64);
     }
+    let instances = ctx.store.live_instances(None).await?;
+    for app in ctx.store.live_apps(None).await? {
+        let (tenant, name) = (app.tenant.clone(), app.name.clone());
+        metrics::gauge!(names::APP_REPLICAS, "tenant" => tenant.clone(), "app" => name.clone())
+            .set(f64::from(app.replicas));
+        let view = apps::view(&app, &instances);
+        for status in ["pending", "running", "exited", "crashloop", "stopping"] {
+            let n = view.instances.iter().filter(|i| i.status == status).count();
+            metrics::gauge!(names::APP_INSTANCES, "tenant" => tenant.clone(), "app" => name.clone(), "status" => status)
+                .set(n as f64);
+        }
+    }
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::tables::{cell, event_line, table};
 use super::{Client, ClientError};
+use crate::api::apps::{AppBody, AppPatch, AppView, InstanceView};
 use crate::api::views::{FleetWorkerView, RentalView};
 use crate::store::Event;
 
@@ -33,7 +34,53 @@ pub enum Command {
         follow: bool,
         last: u32,
     },
+    Apps,
+    AppCreate {
+        name: String,
+        image: String,
+        replicas: u32,
+        port: Option<u32>,
+        /// `NAME=value` each.
+        env: Vec<String>,
+        command: Vec<String>,
+    },
+    AppShow {
+        name: String,
+    },
+    AppChange {
+        name: String,
+        replicas: Option<u32>,
+        image: Option<String>,
+    },
+    AppDelete {
+        name: String,
+    },
+    AppLogs {
+        name: String,
+        instance: Option<u64>,
+        lines: u32,
+    },
 }
+
+const APP_COLUMNS: [Column<AppView>; 6] = [
+    ("name", |a| cell(&a.name)),
+    ("tenant", |a| cell(&a.tenant)),
+    ("image", |a| cell(&a.image)),
+    ("replicas", |a| cell(&a.replicas)),
+    ("ready", |a| cell(&a.ready)),
+    ("port", |a| cell(&a.port)),
+];
+
+const INSTANCE_COLUMNS: [Column<InstanceView>; 8] = [
+    ("id", |i| cell(&i.id)),
+    ("worker", |i| cell(&i.worker)),
+    ("status", |i| cell(&i.status)),
+    ("host", |i| cell(&i.host)),
+    ("port", |i| cell(&i.port)),
+    ("restarts", |i| cell(&i.restarts)),
+    ("exit_code", |i| cell(&i.exit_code)),
+    ("started_at", |i| cell(&i.started_at)),
+];
 
 /// A table column: its header, and its cell for one item.
 type Column<T> = (&'static str, fn(&T) -> String);
@@ -130,8 +177,83 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Cl
                 client.follow_events(print).await?;
             }
         }
+        Command::Apps => {
+            let list = client.apps().await?;
+            if json {
+                print_json(&list);
+            } else {
+                print_table(&APP_COLUMNS, &list.apps);
+            }
+        }
+        Command::AppCreate {
+            name,
+            image,
+            replicas,
+            port,
+            env,
+            command,
+        } => {
+            let env = env
+                .iter()
+                .map(|pair| {
+                    pair.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| {
+                            ClientError::Usage(format!("--env `{pair}` is not NAME=value"))
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+            let body = AppBody {
+                name: Some(name),
+                image: Some(image),
+                replicas: Some(replicas),
+                command: (!command.is_empty()).then_some(command),
+                env: Some(env),
+                port,
+            };
+            show_app(&client.create_app(&body).await?, json);
+        }
+        Command::AppShow { name } => show_app(&client.app(&name).await?, json),
+        Command::AppChange {
+            name,
+            replicas,
+            image,
+        } => {
+            let patch = AppPatch { replicas, image };
+            show_app(&client.change_app(&name, &patch).await?, json);
+        }
+        Command::AppDelete { name } => {
+            client.delete_app(&name).await?;
+            if !json {
+                println!("deleted {name}: its instances are being removed");
+            }
+        }
+        Command::AppLogs {
+            name,
+            instance,
+            lines,
+        } => print!("{}", client.app_logs(&name, instance, lines).await?),
     }
     Ok(())
+}
+
+/// An app: a line about it, then its instances as a table.
+fn show_app(app: &AppView, json: bool) {
+    if json {
+        print_json(app);
+        return;
+    }
+    println!(
+        "{}: {} × {}, {} ready{}",
+        app.name,
+        app.replicas,
+        app.image,
+        app.ready,
+        app.port.map(|p| format!(", port {p}")).unwrap_or_default()
+    );
+    if !app.instances.is_empty() {
+        print_table(&INSTANCE_COLUMNS, &app.instances);
+    }
 }
 
 fn print_json(answer: &impl Serialize) {

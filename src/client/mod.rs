@@ -15,6 +15,7 @@ use eventsource_stream::Eventsource as _;
 use futures::StreamExt as _;
 use serde::de::DeserializeOwned;
 
+use crate::api::apps::{AppBody, AppList, AppPatch, AppView};
 use crate::api::views::{
     ErrorBody, EventPage, RentBody, RentalList, RentedView, WorkerList, WorkerView,
 };
@@ -174,6 +175,53 @@ impl Client {
         .await
     }
 
+    pub async fn apps(&self) -> Result<AppList, ClientError> {
+        self.fetch(self.request(reqwest::Method::GET, "/api/apps"))
+            .await
+    }
+
+    pub async fn app(&self, name: &str) -> Result<AppView, ClientError> {
+        self.fetch(self.request(reqwest::Method::GET, &app_path(name)))
+            .await
+    }
+
+    pub async fn create_app(&self, body: &AppBody) -> Result<AppView, ClientError> {
+        self.fetch(self.request(reqwest::Method::POST, "/api/apps").json(body))
+            .await
+    }
+
+    pub async fn change_app(&self, name: &str, patch: &AppPatch) -> Result<AppView, ClientError> {
+        self.fetch(
+            self.request(reqwest::Method::PATCH, &app_path(name))
+                .json(patch),
+        )
+        .await
+    }
+
+    /// Deletes an app (204, no body).
+    pub async fn delete_app(&self, name: &str) -> Result<(), ClientError> {
+        self.send(self.request(reqwest::Method::DELETE, &app_path(name)))
+            .await?;
+        Ok(())
+    }
+
+    /// The last `lines` lines of an instance's log, as text.
+    pub async fn app_logs(
+        &self,
+        name: &str,
+        instance: Option<u64>,
+        lines: u32,
+    ) -> Result<String, ClientError> {
+        let mut path = format!("{}/logs?lines={lines}", app_path(name));
+        if let Some(id) = instance {
+            path.push_str(&format!("&instance={id}"));
+        }
+        let resp = self.send(self.request(reqwest::Method::GET, &path)).await?;
+        resp.text().await.map_err(|e| {
+            ClientError::Unavailable(format!("the log could not be read to the end: {e}"))
+        })
+    }
+
     /// The latest `last` events, oldest first.
     pub async fn latest_events(&self, last: u32) -> Result<EventPage, ClientError> {
         self.fetch(self.request(reqwest::Method::GET, &format!("/api/events?last={last}")))
@@ -196,6 +244,18 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// The path of an app: its name percent-encoded (a bad name is the API's to refuse).
+fn app_path(name: &str) -> String {
+    let encoded: String = name
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect();
+    format!("/api/apps/{encoded}")
 }
 
 #[cfg(test)]

@@ -361,6 +361,8 @@ async fn node_pass_inner(
             )
             .await?;
         outcome.removed = decided.remove.len();
+        metrics::counter!(crate::metrics::names::INSTANCE_ACTIONS, "outcome" => "removed")
+            .increment(decided.remove.len() as u64);
         let ended: Vec<&InstanceRecord> = decided
             .remove
             .iter()
@@ -440,6 +442,13 @@ async fn node_pass_inner(
             )
             .await;
         let restart = instance.state != InstanceState::Pending;
+        let counted = match (&result, restart) {
+            (Err(_), _) => "failed",
+            (Ok(()), true) => "restarted",
+            (Ok(()), false) => "created",
+        };
+        metrics::counter!(crate::metrics::names::INSTANCE_ACTIONS, "outcome" => counted)
+            .increment(1);
         let update = match result {
             Ok(()) => {
                 outcome.started += 1;

@@ -596,6 +596,9 @@ where
 /// neither block nor deadlock, and never get the same worker. The order is the primary
 /// key's, which InnoDB reads without sorting: with a sort it would lock every candidate
 /// row before returning the first, and concurrent claims would skip them all.
+/// How many workers a claim tries in order of preference before taking any free one.
+const PREFERRED_TRIES: usize = 4;
+
 pub(super) async fn claim_free_worker(
     tx: &mut Transaction<'_, MySql>,
     rental_id: &str,
@@ -609,16 +612,40 @@ pub(super) async fn claim_free_worker(
         format!("AND id NOT IN ({}) ", ids.join(", "))
     };
     // Workers hosting no app instance first: a rented worker hosts none (unless
-    // `apps.shared_workers`), so its instances would have to move.
-    let candidate: Option<Worker> = sqlx::query_as(&format!(
-        "SELECT {WORKER_COLUMNS} FROM workers \
-         WHERE rental_id IS NULL AND {USABLE} {excluded}\
+    // `apps.shared_workers`), so its instances would have to move. The preference is
+    // read without locks, then the first few preferred workers are tried one by one:
+    // ordering the locking query itself by that count would make InnoDB lock every
+    // free row it sorts, and concurrent rents would all skip them.
+    let preferred: Vec<u64> = sqlx::query_scalar(&format!(
+        "SELECT id FROM workers WHERE rental_id IS NULL AND {USABLE} {excluded}\
          ORDER BY (SELECT COUNT(*) FROM instances i \
                    WHERE i.worker_id = workers.id AND i.ended_at IS NULL), id \
-         LIMIT 1 FOR UPDATE SKIP LOCKED"
+         LIMIT {PREFERRED_TRIES}"
     ))
-    .fetch_optional(&mut **tx)
+    .fetch_all(&mut **tx)
     .await?;
+    let mut candidate: Option<Worker> = None;
+    for id in preferred {
+        candidate = sqlx::query_as(&format!(
+            "SELECT {WORKER_COLUMNS} FROM workers \
+             WHERE id = ? AND rental_id IS NULL AND {USABLE} FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if candidate.is_some() {
+            break;
+        }
+    }
+    if candidate.is_none() {
+        candidate = sqlx::query_as(&format!(
+            "SELECT {WORKER_COLUMNS} FROM workers \
+             WHERE rental_id IS NULL AND {USABLE} {excluded}\
+             ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+        ))
+        .fetch_optional(&mut **tx)
+        .await?;
+    }
     let Some(mut worker) = candidate else {
         return Ok(None);
     };

@@ -549,3 +549,76 @@ async fn tenants_see_only_their_own_apps_and_cannot_reach_the_engine() {
     assert!(wrapper.stderr.contains("Permission denied"), "{wrapper:?}");
     session.close().await;
 }
+
+#[tokio::test]
+async fn the_ansible_twins_run_and_remove_instances_as_the_shell_ones_do() {
+    let app = spawn_app_with(
+        2,
+        Box::new(|c| c.provisioning.executor = orion::config::ExecutorKind::Ansible),
+    )
+    .await;
+    let _sweep = Sweep(&app);
+    let (status, _) = create(
+        &app,
+        json!({"name": "twin", "image": IMAGE, "replicas": 2, "port": 8080,
+               "env": {"TEMPLATE": "{{ lookup('pipe', 'touch /tmp/pwned') }}"}}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let view = wait_app(&app, "twin", Duration::from_secs(90), |v| v["ready"] == 2).await;
+    for i in running(&view) {
+        ask_until_up(i["host"].as_str().unwrap(), 8080).await;
+    }
+    for w in &app.workers {
+        assert_eq!(w.exec("ls /tmp/pwned 2>/dev/null || echo absent"), "absent");
+    }
+    assert!(
+        !std::path::Path::new("/tmp/pwned").exists(),
+        "templated on Orion's side"
+    );
+    let (status, _) = patch(&app, "twin", json!({"replicas": 1})).await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while containers(&app).len() != 1 {
+        assert!(Instant::now() < deadline, "{:?}", containers(&app));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_worker_paused_for_less_than_the_death_threshold_moves_nothing() {
+    let app = spawn_app_with(
+        2,
+        Box::new(|c| {
+            c.health.dead_after = 3;
+            c.health.retry_delay = Duration::from_millis(300);
+        }),
+    )
+    .await;
+    let _sweep = Sweep(&app);
+    let (status, _) = create(&app, json!({"name": "calm", "image": IMAGE})).await;
+    assert_eq!(status, 201);
+    let view = wait_app(&app, "calm", Duration::from_secs(60), |v| v["ready"] == 1).await;
+    let before = running(&view)[0].clone();
+    let worker = app.worker(before["worker"].as_str().unwrap());
+    docker(&["pause", &worker.container]);
+    // Shorter than keepalive_interval × (keepalive_max + 1) (5 s × 4): no keepalive
+    // goes unanswered long enough for a probe to start.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    docker(&["unpause", &worker.container]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, after) = app.get_json("/api/apps/calm").await;
+    assert_eq!(after["instances"].as_array().unwrap().len(), 1, "{after}");
+    assert_eq!(after["instances"][0]["id"], before["id"], "{after}");
+    assert_eq!(after["instances"][0]["status"], "running", "{after}");
+    assert_eq!(after["instances"][0]["restarts"], 0, "{after}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'instance.lost'")
+            .await,
+        0
+    );
+    assert_eq!(
+        app.worker_row(&worker.name).await.status,
+        orion::model::WorkerStatus::Alive
+    );
+}

@@ -214,6 +214,21 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        // Its apps' instances first: siblings on the engine, they outlive the worker.
+        let node = format!("label=orion.node={}", self.container);
+        if let Ok(out) = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &node])
+            .output()
+        {
+            let ids = String::from_utf8_lossy(&out.stdout);
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker")
+                    .args(["rm", "-f"])
+                    .args(&ids)
+                    .output();
+            }
+        }
         let _ = Command::new("docker")
             .args(["rm", "-f", "-v", &self.container])
             .output();

@@ -1,7 +1,7 @@
 // The live part of the dashboard, served as /dashboard/app.js (no build step, nothing
 // fetched from outside the page). It follows Orion's event stream, prepends each event
 // to the events table, and after events redraws the workers and rentals tables from
-// GET /api/workers and GET /api/rentals: the page never reloads.
+// GET /api/workers, GET /api/rentals and GET /api/apps: the page never reloads.
 //
 // - Rows are built with DOM text nodes only, never innerHTML, so a hostile value (an
 //   event message, a probe error) is shown, not run. They mirror the rows of
@@ -89,6 +89,21 @@
     );
   }
 
+  function appRow(a) {
+    const instances = a.instances.map((i) =>
+      el('span', { class: 'badge status-' + i.status, title: `instance ${i.id}, ${i.restarts} restart(s)` },
+        `${i.worker}: ${i.status}`));
+    return el(
+      'tr',
+      { id: `app-${a.tenant}-${a.name}`, 'data-ready': String(a.ready), 'data-replicas': String(a.replicas) },
+      el('td', {}, a.name),
+      el('td', {}, a.tenant),
+      el('td', {}, a.image),
+      el('td', { class: 'num' }, `${a.ready}/${a.replicas}`),
+      el('td', {}, ...(instances.length ? instances : ['—'])),
+    );
+  }
+
   function eventRow(e) {
     return el(
       'tr',
@@ -126,9 +141,12 @@
   async function refresh() {
     const updated = byId('updated');
     try {
-      const [workers, rentals] = await Promise.all([getJson('/api/workers'), getJson('/api/rentals')]);
+      const [workers, rentals, apps] = await Promise.all([
+        getJson('/api/workers'), getJson('/api/rentals'), getJson('/api/apps'),
+      ]);
       replaceRows('workers', workers.workers.map(workerRow), 'no workers in the inventory');
       replaceRows('rentals', rentals.rentals.map(rentalRow), 'no rentals');
+      replaceRows('apps', apps.apps.map(appRow), 'no apps');
       updated.textContent = `updated ${clock(new Date().toISOString())} UTC`;
       updated.classList.remove('error');
     } catch (err) {

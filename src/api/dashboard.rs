@@ -95,6 +95,14 @@ pub(super) async fn page(
     }
     let workers = super::fleet(&ctx).await?;
     let rentals = super::rentals_not_over(&ctx, &Caller::Admin).await?;
+    let instances = ctx.store.live_instances(None).await?;
+    let apps: Vec<_> = ctx
+        .store
+        .live_apps(None)
+        .await?
+        .iter()
+        .map(|a| super::apps::view(a, &instances))
+        .collect();
     let mut events = ctx.store.latest_events(EVENTS_SHOWN).await?;
     events.reverse();
     let last_event_id = events.first().map_or(0, |e| e.id);
@@ -104,6 +112,7 @@ pub(super) async fn page(
             t.render(json!({
                 "workers": workers,
                 "rentals": rentals,
+                "apps": apps,
                 "events": events,
                 "last_event_id": last_event_id,
                 "now": chrono::Utc::now(),
@@ -185,6 +194,12 @@ mod tests {
                 "worker": "worker_2", "status": "active", "host": "localhost", "port": 22222,
                 "created_at": "2026-05-01T12:00:00Z",
             }],
+            "apps": [{
+                "name": "web", "tenant": "acme", "image": "orion/demo-app", "ready": 1,
+                "replicas": 2,
+                "instances": [{"id": 4, "worker": "worker_2", "status": "running", "restarts": 0},
+                              {"id": 5, "worker": "worker_3", "status": "crashloop", "restarts": 3}],
+            }],
             "events": [{
                 "id": 7, "at": "2026-05-01T12:03:05Z", "kind": "worker.dead",
                 "worker": "worker_1", "rental_id": null,
@@ -211,6 +226,11 @@ mod tests {
             "{html}"
         );
         assert!(
+            html.contains(r#"<tr id="app-acme-web" data-ready="1" data-replicas="2">"#),
+            "{html}"
+        );
+        assert!(html.contains("worker_3: crashloop"), "{html}");
+        assert!(
             html.contains(r#"<tr id="event-7" data-kind="worker.dead">"#),
             "{html}"
         );
@@ -233,10 +253,11 @@ mod tests {
     #[test]
     fn empty_tables_say_so() {
         let html = render(json!({
-            "workers": [], "rentals": [], "events": [], "last_event_id": 0, "now": null,
+            "workers": [], "rentals": [], "apps": [], "events": [], "last_event_id": 0, "now": null,
         }));
         assert!(html.contains("no workers in the inventory"));
         assert!(html.contains("no rentals"));
+        assert!(html.contains("no apps"));
         assert!(html.contains("no events yet"));
     }
 

@@ -115,25 +115,9 @@ async fn patch(app: &TestApp, name: &str, body: Value) -> (reqwest::StatusCode, 
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-/// Removes every container a test left on its workers' nodes (they are siblings of
-/// the workers, not removed with them).
-struct Sweep<'a>(&'a TestApp);
-
-impl Drop for Sweep<'_> {
-    fn drop(&mut self) {
-        let names: Vec<String> = containers(self.0).into_iter().map(|(n, _)| n).collect();
-        if !names.is_empty() {
-            let mut args = vec!["rm", "-f"];
-            args.extend(names.iter().map(String::as_str));
-            let _ = std::process::Command::new("docker").args(&args).output();
-        }
-    }
-}
-
 #[tokio::test]
 async fn an_app_runs_on_distinct_workers_scales_rolls_and_goes_leaving_exactly_what_is_wanted() {
     let app = spawn_app(3).await;
-    let _sweep = Sweep(&app);
     let (status, created) = create(
         &app,
         json!({"name": "web", "image": IMAGE, "replicas": 2, "port": 8080,
@@ -306,7 +290,6 @@ async fn an_app_runs_on_distinct_workers_scales_rolls_and_goes_leaving_exactly_w
 #[tokio::test]
 async fn an_instance_removed_by_hand_runs_again_at_once() {
     let app = spawn_app(2).await;
-    let _sweep = Sweep(&app);
     let (status, _) = create(&app, json!({"name": "heal", "image": IMAGE, "port": 8080})).await;
     assert_eq!(status, 201);
     let view = wait_app(&app, "heal", Duration::from_secs(60), |v| v["ready"] == 1).await;
@@ -337,7 +320,6 @@ async fn an_instance_removed_by_hand_runs_again_at_once() {
 #[tokio::test]
 async fn a_crashing_instance_is_restarted_with_a_back_off_and_shows_why() {
     let app = spawn_app(1).await;
-    let _sweep = Sweep(&app);
     let (status, _) = create(
         &app,
         json!({"name": "crash", "image": IMAGE, "env": {"DEMO_EXIT_AFTER": "0"}}),
@@ -381,7 +363,6 @@ async fn a_stopped_worker_s_instance_moves_and_the_worker_is_fenced_when_it_retu
         }),
     )
     .await;
-    let _sweep = Sweep(&app);
     let (status, _) = create(&app, json!({"name": "move", "image": IMAGE, "port": 8080})).await;
     assert_eq!(status, 201);
     let view = wait_app(&app, "move", Duration::from_secs(60), |v| v["ready"] == 1).await;
@@ -432,7 +413,6 @@ async fn a_stopped_worker_s_instance_moves_and_the_worker_is_fenced_when_it_retu
 #[tokio::test]
 async fn hostile_app_input_is_refused_and_nothing_runs_anywhere() {
     let app = spawn_app(1).await;
-    let _sweep = Sweep(&app);
     let long = "a".repeat(5000);
     let bodies = [
         json!({"image": IMAGE}),
@@ -472,7 +452,6 @@ async fn hostile_app_input_is_refused_and_nothing_runs_anywhere() {
 #[tokio::test]
 async fn tenants_see_only_their_own_apps_and_cannot_reach_the_engine() {
     let app = spawn_app(1).await;
-    let _sweep = Sweep(&app);
     let (_, alice) = app.tenant_token_with(json!({"tenant": "alice"})).await;
     let (_, bob) = app.tenant_token_with(json!({"tenant": "bob"})).await;
     let alice_http = orion::testkit::client_with_token(&alice);
@@ -557,7 +536,6 @@ async fn the_ansible_twins_run_and_remove_instances_as_the_shell_ones_do() {
         Box::new(|c| c.provisioning.executor = orion::config::ExecutorKind::Ansible),
     )
     .await;
-    let _sweep = Sweep(&app);
     let (status, _) = create(
         &app,
         json!({"name": "twin", "image": IMAGE, "replicas": 2, "port": 8080,
@@ -595,7 +573,6 @@ async fn a_worker_paused_for_less_than_the_death_threshold_moves_nothing() {
         }),
     )
     .await;
-    let _sweep = Sweep(&app);
     let (status, _) = create(&app, json!({"name": "calm", "image": IMAGE})).await;
     assert_eq!(status, 201);
     let view = wait_app(&app, "calm", Duration::from_secs(60), |v| v["ready"] == 1).await;

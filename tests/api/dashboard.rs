@@ -282,6 +282,37 @@ async fn the_dashboard_shows_a_stopped_worker_die_and_its_rental_move_without_a_
         .await,
         new_worker
     );
+
+    // An app appears, then its instance running, without a reload.
+    let resp = app
+        .http
+        .post(app.url("/api/apps"))
+        .json(&json!({"name": "shown", "image": "orion/demo-app:latest"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    page.wait_for(
+        "the app's instance to run, on the page",
+        Duration::from_secs(60),
+        "const a = document.getElementById('app-admin-shown'); \
+         return a !== null && a.dataset.ready === '1' && a.textContent.includes(': running')",
+    )
+    .await;
+    let resp = app
+        .http
+        .delete(app.url("/api/apps/shown"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    page.wait_for(
+        "the app to leave the page",
+        Duration::from_secs(60),
+        "return document.getElementById('app-admin-shown') === null",
+    )
+    .await;
+    assert_eq!(page.eval("return window.__marker === 1").await, true);
     browser.close().await;
     println!("whole test: {} ms", started.elapsed().as_millis());
 }

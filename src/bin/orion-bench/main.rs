@@ -11,6 +11,7 @@ use orion::ssh::Auth;
 use orion::testkit::{spawn_app_with, tenant_key};
 use serde_json::{Value, json};
 
+mod apps;
 mod caddy;
 mod fleet;
 mod flood;
@@ -40,6 +41,18 @@ enum Bench {
         /// Workers in the fleet.
         #[arg(long, default_value_t = 3)]
         workers: usize,
+    },
+    /// Apps with default settings: an instance removed by hand (`docker rm -f`) until it
+    /// runs and answers again; its worker stopped until it runs and answers elsewhere;
+    /// then the cost of one steady reconcile pass over every worker.
+    Apps {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
+        /// Apps of one instance per worker each, for the pass cost.
+        #[arg(long, default_value_t = 3)]
+        apps: usize,
     },
     /// Rent latency, native executor against Ansible on the same workers in the same run:
     /// `POST /api/rent` until an SSH login with the rented key works, then release.
@@ -103,6 +116,11 @@ fn main() -> anyhow::Result<()> {
         match cli.bench {
             Bench::Failover { runs, workers } => failover(runs, workers).await,
             Bench::Rent { runs } => rent(runs).await,
+            Bench::Apps {
+                runs,
+                workers,
+                apps,
+            } => apps::run(runs, workers, apps).await,
             Bench::RentCaddy { runs } => caddy::run(runs).await,
             Bench::Flood { runs, flood } => flood::run(runs, flood).await,
             Bench::Probe {

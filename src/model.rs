@@ -126,6 +126,8 @@ macro_rules! varchar_type {
     )+};
 }
 
+pub(crate) use varchar_type;
+
 varchar_type!(WorkerStatus, RentalStatus, PlacementState);
 
 /// A client value that cannot be used, with a message saying what is wrong with it.

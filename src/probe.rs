@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::StreamExt as _;
 
 use crate::context::Context;
 use crate::model::WorkerStatus;
@@ -266,4 +267,48 @@ async fn trust_on_first_use(
 /// A duration in whole milliseconds, saturating.
 fn duration_ms(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+/// Whether the workers not declared dead still answer, now (before the migration and
+/// apps loops move anything off a dead worker): watch sessions cut by a
+/// fault between Orion and the fleet drop one by one, each at its own keepalive, so the
+/// first deaths are declared while the other workers still look alive in the database.
+/// Before a pass moves anything, every such worker is probed (without recording
+/// anything); returns how many did not answer. Stops as soon as the answer to "hold?"
+/// is known, so one hung worker does not delay a move.
+pub async fn unanswered_now(
+    ctx: &Context,
+    counts: &crate::store::WorkerCounts,
+) -> anyhow::Result<i64> {
+    let limit = ctx.config.migration.max_dead_fraction * counts.total as f64;
+    let workers = ctx
+        .store
+        .probe_targets()
+        .await
+        .context("Failed to list workers")?;
+    let targets: Vec<_> = workers
+        .iter()
+        // A quarantined worker is out of service for another reason than this fault.
+        .filter(|w| w.status != WorkerStatus::Dead && w.quarantine_reason.is_none())
+        .map(|w| w.target())
+        .collect();
+    let timeout = ctx.config.health.probe_timeout;
+    let mut probes: futures::stream::FuturesUnordered<_> = targets
+        .iter()
+        .map(|target| async move { ctx.ssh.probe(target, timeout).await.is_ok() })
+        .collect();
+    let candidates = targets.len() as i64;
+    let (mut answered, mut unanswered) = (0, 0);
+    while let Some(ok) = probes.next().await {
+        if ok {
+            answered += 1;
+        } else {
+            unanswered += 1;
+        }
+        let settled_hold = (counts.dead + unanswered) as f64 > limit;
+        let settled_go = (counts.dead + candidates - answered) as f64 <= limit;
+        if settled_hold || settled_go {
+            break;
+        }
+    }
+    Ok(unanswered)
 }

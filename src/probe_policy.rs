@@ -280,3 +280,50 @@ mod tests {
         assert_eq!(attempts(WorkerStatus::Dead, T), 1);
     }
 }
+
+#[cfg(test)]
+mod hold_tests {
+    use super::*;
+    use crate::store::WorkerCounts;
+
+    fn counts(total: i64, dead: i64) -> WorkerCounts {
+        WorkerCounts {
+            total,
+            dead,
+            ..WorkerCounts::default()
+        }
+    }
+
+    #[test]
+    fn one_dead_worker_out_of_three_is_moved() {
+        assert!(!should_hold(&counts(3, 1), 0.5));
+    }
+
+    #[test]
+    fn most_workers_dead_at_once_holds_all_moves() {
+        assert!(should_hold(&counts(3, 2), 0.5));
+        assert!(should_hold(&counts(10, 6), 0.5));
+    }
+
+    #[test]
+    fn workers_still_failing_their_confirmation_count_as_unhealthy() {
+        let c = WorkerCounts {
+            total: 3,
+            dead: 1,
+            failing: 1,
+            ..WorkerCounts::default()
+        };
+        assert!(should_hold(&c, 0.5));
+    }
+
+    #[test]
+    fn exactly_the_threshold_still_moves() {
+        assert!(!should_hold(&counts(10, 5), 0.5));
+    }
+
+    #[test]
+    fn tiny_fleets_are_never_held() {
+        assert!(!should_hold(&counts(2, 2), 0.5));
+        assert!(!should_hold(&counts(1, 1), 0.5));
+    }
+}

@@ -51,14 +51,7 @@ pub enum InstanceState {
     Gone,
 }
 
-impl sqlx::Type<sqlx::MySql> for InstanceState {
-    fn type_info() -> sqlx::mysql::MySqlTypeInfo {
-        <str as sqlx::Type<sqlx::MySql>>::type_info()
-    }
-    fn compatible(ty: &sqlx::mysql::MySqlTypeInfo) -> bool {
-        <str as sqlx::Type<sqlx::MySql>>::compatible(ty)
-    }
-}
+crate::model::varchar_type!(InstanceState);
 
 /// The most replicas one app may ask for.
 pub const MAX_REPLICAS: u32 = 100;

@@ -111,17 +111,24 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
         .context("Failed to list instances")?;
 
     // 1. Instances lost with their worker.
-    let counts = ctx
+    let mut counts = ctx
         .store
         .worker_counts()
         .await
         .context("Failed to count workers")?;
-    let hold = should_hold(&counts, ctx.config.migration.max_dead_fraction);
-    let was_held = state.held.swap(hold, Ordering::Relaxed);
+    let max_fraction = ctx.config.migration.max_dead_fraction;
     let doomed: Vec<&InstanceRecord> = live
         .iter()
         .filter(|i| by_id.get(&i.worker_id).is_none_or(|w| lost(w)))
         .collect();
+    let mut hold = should_hold(&counts, max_fraction);
+    if !hold && !doomed.is_empty() && counts.total >= 3 {
+        // A cut is declared one worker at a time: before moving anything, ask the
+        // workers not declared dead whether they still answer (as the migration loop does).
+        counts.failing = crate::probe::unanswered_now(ctx, &counts).await?;
+        hold = should_hold(&counts, max_fraction);
+    }
+    let was_held = state.held.swap(hold, Ordering::Relaxed);
     if hold {
         summary.held = true;
         if !was_held && !doomed.is_empty() {

@@ -22,9 +22,9 @@ use tracing::Instrument;
 
 use super::Pass;
 use crate::context::Context;
-use crate::model::{RentalStatus, WorkerStatus};
+use crate::model::RentalStatus;
 use crate::rentals;
-use crate::store::{RentalRecord, WorkerCounts};
+use crate::store::RentalRecord;
 
 /// Name of this loop in logs and on the status endpoint.
 pub const LOOP: &str = "migration";
@@ -57,48 +57,7 @@ pub struct PassSummary {
 /// waiting or a failed move is retried then.
 impl Pass for PassSummary {}
 
-pub use crate::probe_policy::should_hold;
-
-/// Whether the workers not declared dead still answer, now: watch sessions cut by a
-/// fault between Orion and the fleet drop one by one, each at its own keepalive, so the
-/// first deaths are declared while the other workers still look alive in the database.
-/// Before a pass moves anything, every such worker is probed (without recording
-/// anything); returns how many did not answer. Stops as soon as the answer to "hold?"
-/// is known, so one hung worker does not delay a move.
-async fn unanswered_now(ctx: &Context, counts: &WorkerCounts) -> anyhow::Result<i64> {
-    let limit = ctx.config.migration.max_dead_fraction * counts.total as f64;
-    let workers = ctx
-        .store
-        .probe_targets()
-        .await
-        .context("Failed to list workers")?;
-    let targets: Vec<_> = workers
-        .iter()
-        // A quarantined worker is out of service for another reason than this fault.
-        .filter(|w| w.status != WorkerStatus::Dead && w.quarantine_reason.is_none())
-        .map(|w| w.target())
-        .collect();
-    let timeout = ctx.config.health.probe_timeout;
-    let mut probes: futures::stream::FuturesUnordered<_> = targets
-        .iter()
-        .map(|target| async move { ctx.ssh.probe(target, timeout).await.is_ok() })
-        .collect();
-    let candidates = targets.len() as i64;
-    let (mut answered, mut unanswered) = (0, 0);
-    while let Some(ok) = probes.next().await {
-        if ok {
-            answered += 1;
-        } else {
-            unanswered += 1;
-        }
-        let settled_hold = (counts.dead + unanswered) as f64 > limit;
-        let settled_go = (counts.dead + candidates - answered) as f64 <= limit;
-        if settled_hold || settled_go {
-            break;
-        }
-    }
-    Ok(unanswered)
-}
+use crate::probe_policy::should_hold;
 
 /// One pass over every rental that must move.
 pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSummary> {
@@ -114,7 +73,7 @@ pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<Pass
         .await
         .context("Failed to list rentals to move")?;
     if !hold && !rentals.is_empty() && counts.free > 0 && counts.total >= 3 {
-        counts.failing = unanswered_now(ctx, &counts).await?;
+        counts.failing = crate::probe::unanswered_now(ctx, &counts).await?;
         hold = should_hold(&counts, ctx.config.migration.max_dead_fraction);
     }
     let was_held = state.held.swap(hold, Ordering::Relaxed);
@@ -282,50 +241,4 @@ pub async fn run(ctx: Context, state: std::sync::Arc<State>, shutdown: impl Futu
         },
     )
     .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn counts(total: i64, dead: i64) -> WorkerCounts {
-        WorkerCounts {
-            total,
-            dead,
-            ..WorkerCounts::default()
-        }
-    }
-
-    #[test]
-    fn one_dead_worker_out_of_three_is_moved() {
-        assert!(!should_hold(&counts(3, 1), 0.5));
-    }
-
-    #[test]
-    fn most_workers_dead_at_once_holds_all_moves() {
-        assert!(should_hold(&counts(3, 2), 0.5));
-        assert!(should_hold(&counts(10, 6), 0.5));
-    }
-
-    #[test]
-    fn workers_still_failing_their_confirmation_count_as_unhealthy() {
-        let c = WorkerCounts {
-            total: 3,
-            dead: 1,
-            failing: 1,
-            ..WorkerCounts::default()
-        };
-        assert!(should_hold(&c, 0.5));
-    }
-
-    #[test]
-    fn exactly_the_threshold_still_moves() {
-        assert!(!should_hold(&counts(10, 5), 0.5));
-    }
-
-    #[test]
-    fn tiny_fleets_are_never_held() {
-        assert!(!should_hold(&counts(2, 2), 0.5));
-        assert!(!should_hold(&counts(1, 1), 0.5));
-    }
 }

@@ -599,3 +599,55 @@ async fn a_worker_paused_for_less_than_the_death_threshold_moves_nothing() {
         orion::model::WorkerStatus::Alive
     );
 }
+
+#[tokio::test]
+async fn most_workers_lost_at_once_hold_every_instance_where_it_is() {
+    let app = spawn_app_with(
+        3,
+        Box::new(|c| {
+            c.health.dead_after = 2;
+            c.health.retry_delay = Duration::from_millis(200);
+        }),
+    )
+    .await;
+    let (status, _) = create(&app, json!({"name": "held", "image": IMAGE, "replicas": 3})).await;
+    assert_eq!(status, 201);
+    let view = wait_app(&app, "held", Duration::from_secs(60), |v| v["ready"] == 3).await;
+    let ids: Vec<Value> = running(&view).iter().map(|i| i["id"].clone()).collect();
+    // Two workers of three die at once: more than migration.max_dead_fraction (0.5),
+    // which looks like Orion cut off rather than the fleet dying.
+    app.workers[0].stop();
+    app.workers[1].stop();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app
+        .count("SELECT COUNT(*) FROM workers WHERE status = 'dead'")
+        .await
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stopped workers were never declared dead"
+        );
+        orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
+            .await
+            .unwrap();
+    }
+    let summary = orion::loops::apps::apps_pass(&app.ctx, &app.loops.apps)
+        .await
+        .unwrap();
+    assert!(summary.held, "{summary:?}");
+    assert_eq!((summary.lost, summary.placed), (0, 0), "{summary:?}");
+    let (_, after) = app.get_json("/api/apps/held").await;
+    let still: Vec<Value> = after["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].clone())
+        .collect();
+    assert_eq!(still, ids, "nothing was declared lost or moved: {after}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'apps.held'")
+            .await,
+        1
+    );
+}

@@ -181,8 +181,10 @@ async fn create(app: &TestApp, name: &str, replicas: u32, port: u16) -> anyhow::
     let resp = app
         .http
         .post(app.url("/api/apps"))
-        .json(&json!({"name": name, "image": IMAGE, "replicas": replicas, "port": port,
-                      "env": {"PORT": port.to_string()}}))
+        .json(
+            &json!({"name": name, "image": IMAGE, "replicas": replicas, "port": port,
+                      "env": {"PORT": port.to_string()}}),
+        )
         .send()
         .await?;
     if resp.status() != 201 {

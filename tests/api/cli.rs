@@ -177,3 +177,81 @@ async fn events_follow_prints_new_events_as_they_happen() {
     let live = live.expect("the stream ended");
     assert!(live.contains("worker.drained"), "{live}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_creates_shows_scales_and_deletes_an_app() {
+    let app = spawn_app(2).await;
+    let admin = Some(ADMIN_TOKEN);
+    let out = orion(
+        &app,
+        admin,
+        &[
+            "app",
+            "create",
+            "cli",
+            "--image",
+            "orion/demo-app",
+            "--port",
+            "8080",
+            "--env",
+            "GREETING=a b=c",
+            "--",
+            "python3",
+            "/srv/server.py",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout(&out).starts_with("cli: 1 × orion/demo-app"),
+        "{}",
+        stdout(&out)
+    );
+    // Ready: the table shows it running.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = orion(&app, admin, &["app", "show", "cli", "--json"]);
+        let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if view["ready"] == 1 {
+            assert_eq!(
+                view["command"],
+                serde_json::json!(["python3", "/srv/server.py"])
+            );
+            assert_eq!(view["env"], serde_json::json!(["GREETING"]));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready: {view}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let out = orion(&app, admin, &["app", "show", "cli"]);
+    let text = stdout(&out);
+    assert!(text.contains("1 ready, port 8080"), "{text}");
+    assert!(text.lines().nth(1).unwrap().starts_with("ID"), "{text}");
+    assert!(text.contains("running"), "{text}");
+    let out = orion(&app, admin, &["apps"]);
+    assert!(stdout(&out).starts_with("NAME"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("cli"), "{}", stdout(&out));
+    let out = orion(&app, admin, &["app", "logs", "cli", "--lines", "5"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("listening"), "{}", stdout(&out));
+
+    let out = orion(&app, admin, &["app", "scale", "cli", "2"]);
+    assert!(stdout(&out).contains("cli: 2 ×"), "{out:?}");
+    // Refusals exit 1 with the API's message; bad local input exits 2.
+    let out = orion(&app, admin, &["app", "scale", "nope", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no such app"),
+        "{out:?}"
+    );
+    let out = orion(
+        &app,
+        admin,
+        &["app", "create", "x", "--image", "i", "--env", "NOEQUALS"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = orion(&app, admin, &["app", "delete", "cli"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("deleted cli"), "{}", stdout(&out));
+    let out = orion(&app, admin, &["app", "show", "cli"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}

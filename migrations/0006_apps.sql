@@ -21,14 +21,17 @@ CREATE TABLE apps (
     -- JSON object of strings.
     env         TEXT NOT NULL,
     port        SMALLINT UNSIGNED NULL,
+    -- What Caddy's active health check requests on each instance.
+    health_path VARCHAR(255) NOT NULL DEFAULT '/',
     generation  INT UNSIGNED NOT NULL DEFAULT 1,
     -- Deleted by its tenant: its instances are being removed, then the row goes.
     deleting    BOOLEAN NOT NULL DEFAULT FALSE,
     created_at  DATETIME(6) NOT NULL,
     updated_at  DATETIME(6) NOT NULL,
-    -- A name is held by at most one app of a tenant that is not being deleted.
+    -- A name is held by at most one app that is not being deleted, whatever its tenant:
+    -- it is the app's address (`/apps/<name>/`, `<name>.apps.<site>`).
     live_name   VARCHAR(63) AS (IF(deleting, NULL, name)) PERSISTENT,
-    UNIQUE KEY apps_live_name (tenant, live_name),
+    UNIQUE KEY apps_live_name (live_name),
     KEY apps_tenant (tenant)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci;
 

@@ -48,6 +48,8 @@ pub struct Config {
     #[serde(default)]
     pub apps: AppsConfig,
     #[serde(default)]
+    pub caddy: CaddyConfig,
+    #[serde(default)]
     pub tenants: TenantsConfig,
     pub auth: AuthConfig,
     #[serde(default)]
@@ -391,6 +393,27 @@ impl AppsConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct CaddyConfig {
+    /// Caddy's admin API, through which apps' routes are kept in sync:
+    /// `unix:/path/to/admin.sock` (the platform's, in a volume only Caddy and Orion
+    /// mount) or `http://host:port`. Unset: apps are not routed through Caddy.
+    pub admin: Option<String>,
+    /// The site's host name (`ORION_SITE`): apps are served at
+    /// `https://<site>/apps/<name>/` and `https://<name>.apps.<site>/`.
+    pub site: String,
+}
+
+impl Default for CaddyConfig {
+    fn default() -> Self {
+        Self {
+            admin: None,
+            site: "localhost".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` for people, `json` for log collectors.
     pub format: LogFormat,
@@ -427,6 +450,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "migration",
     "cleanup",
     "apps",
+    "caddy",
     "tenants",
     "auth",
     "http",
@@ -510,6 +534,20 @@ impl Config {
         }
         if self.cleanup.interval.is_zero() {
             return bad("cleanup.interval", "must be longer than zero");
+        }
+        if let Some(admin) = &self.caddy.admin
+            && let Err(e) = crate::apps::caddy::Admin::parse(admin)
+        {
+            return Err(ConfigError::Invalid(e));
+        }
+        if self.caddy.site.is_empty()
+            || !self
+                .caddy
+                .site
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        {
+            return bad("caddy.site", "must be a host name");
         }
         if self.apps.interval.is_zero() {
             return bad("apps.interval", "must be longer than zero");

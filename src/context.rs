@@ -46,4 +46,6 @@ pub struct Context {
     /// Per client address, the budget of requests without a valid token
     /// (`[http]` in the configuration).
     pub limiter: Arc<crate::ratelimit::AddressLimiter>,
+    /// Keeps Caddy's app routes in sync (`[caddy] admin`), if apps are routed.
+    pub router: Option<Arc<crate::apps::caddy::Router>>,
 }

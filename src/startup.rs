@@ -110,6 +110,14 @@ impl Application {
                 timeout: config.ssh.command_timeout,
             });
         }
+        // Apps' routes through Caddy, when its admin API is configured.
+        let router = config
+            .caddy
+            .admin
+            .as_deref()
+            .map(|a| crate::apps::caddy::Admin::parse(a).map_err(anyhow::Error::msg))
+            .transpose()?
+            .map(|admin| Arc::new(crate::apps::caddy::Router::new(admin, &config.caddy.site)));
         let admin_token_hash = crate::auth::token_hash(config.auth.admin_token.expose());
         let loops = Loops::new(config.database.max_connections);
         let notifier = crate::notify::Notifier::new(
@@ -134,6 +142,7 @@ impl Application {
             stopping: CancellationToken::new(),
             notifier,
             limiter: Arc::new(limiter),
+            router,
         };
         let recovered = rentals::recover(&ctx)
             .await

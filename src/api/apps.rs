@@ -41,9 +41,13 @@ pub struct AppBody {
     /// Environment variables (never shown back: they may be secrets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
-    /// The port the app listens on, reachable at each instance's `host`.
+    /// The port the app listens on, reachable at each instance's `host`, and through
+    /// Caddy at the app's `url`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u32>,
+    /// What Caddy's health check requests on each instance (default `/`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_path: Option<String>,
 }
 
 /// Body of `PATCH /api/apps/{name}`: what to change.
@@ -69,6 +73,11 @@ pub struct AppView {
     /// Instances running the current image.
     pub ready: u32,
     pub port: Option<u16>,
+    /// Where the app answers through Caddy (`https://<site>/apps/<name>/`; also
+    /// `https://<name>.apps.<site>/`): `null` without a port, or when apps are not
+    /// routed through Caddy.
+    pub url: Option<String>,
+    pub health_path: String,
     pub command: Option<Vec<String>>,
     /// The names of its environment variables (their values are never shown).
     pub env: Vec<String>,
@@ -108,8 +117,13 @@ pub struct AppList {
     pub apps: Vec<AppView>,
 }
 
-/// The view of `app`, with its instances among `instances`.
-pub fn view(app: &AppRecord, instances: &[InstanceRecord]) -> AppView {
+/// The view of `app`, with its instances among `instances`; `router`: apps are routed
+/// through Caddy.
+pub fn view(
+    app: &AppRecord,
+    instances: &[InstanceRecord],
+    router: Option<&crate::apps::caddy::Router>,
+) -> AppView {
     let now = Utc::now();
     let mine: Vec<&InstanceRecord> = instances.iter().filter(|i| i.app_id == app.id).collect();
     let ready = mine
@@ -123,6 +137,10 @@ pub fn view(app: &AppRecord, instances: &[InstanceRecord]) -> AppView {
         replicas: app.replicas,
         ready,
         port: app.port,
+        url: router
+            .filter(|_| app.port.is_some())
+            .map(|r| r.url(&app.name)),
+        health_path: app.health_path.clone(),
         command: app.command(),
         env: app.env().into_keys().collect(),
         generation: app.generation,
@@ -189,14 +207,14 @@ async fn find(
 
 async fn answer(ctx: &Context, app: &AppRecord, status: StatusCode) -> Result<Response, ApiError> {
     let instances = ctx.store.live_instances(Some(app.id)).await?;
-    Ok((status, Json(view(app, &instances))).into_response())
+    Ok((status, Json(view(app, &instances, ctx.router.as_deref()))).into_response())
 }
 
 #[utoipa::path(post, path = "/api/apps", tag = "apps",
     request_body = AppBody,
     responses(
         (status = 201, description = "Recorded: its instances are being placed", body = AppView),
-        (status = 409, description = "The tenant already has an app of this name", body = ErrorBody),
+        (status = 409, description = "An app (of any tenant: the name is its address) has this name", body = ErrorBody),
         (status = 422, description = "A field is not acceptable", body = ErrorBody),
         (status = 429, description = "The tenant's instance quota is reached", body = ErrorBody),
     ))]
@@ -225,6 +243,8 @@ pub async fn create(
     let env = body.env.unwrap_or_default();
     apps::check_env(&env)?;
     let port = body.port.map(apps::check_port).transpose()?;
+    let health_path = body.health_path.unwrap_or_else(|| "/".to_owned());
+    apps::check_health_path(&health_path)?;
     check_quota(&ctx, &caller, replicas, None).await?;
     let app = ctx
         .store
@@ -236,6 +256,7 @@ pub async fn create(
             command: body.command,
             env,
             port,
+            health_path,
         })
         .await?;
     ctx.wake.apps.notify_one();
@@ -276,7 +297,10 @@ async fn check_quota(
 pub async fn list(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
     let apps = ctx.store.live_apps(caller.scope()).await?;
     let instances = ctx.store.live_instances(None).await?;
-    let apps = apps.iter().map(|a| view(a, &instances)).collect();
+    let apps = apps
+        .iter()
+        .map(|a| view(a, &instances, ctx.router.as_deref()))
+        .collect();
     Ok(Json(AppList { apps }).into_response())
 }
 

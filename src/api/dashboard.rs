@@ -101,7 +101,7 @@ pub(super) async fn page(
         .live_apps(None)
         .await?
         .iter()
-        .map(|a| super::apps::view(a, &instances))
+        .map(|a| super::apps::view(a, &instances, ctx.router.as_deref()))
         .collect();
     let mut events = ctx.store.latest_events(EVENTS_SHOWN).await?;
     events.reverse();

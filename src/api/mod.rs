@@ -733,7 +733,7 @@ async fn prometheus_metrics(
         let (tenant, name) = (app.tenant.clone(), app.name.clone());
         metrics::gauge!(names::APP_REPLICAS, "tenant" => tenant.clone(), "app" => name.clone())
             .set(f64::from(app.replicas));
-        let view = apps::view(&app, &instances);
+        let view = apps::view(&app, &instances, ctx.router.as_deref());
         for status in ["pending", "running", "exited", "crashloop", "stopping"] {
             let n = view.instances.iter().filter(|i| i.status == status).count();
             metrics::gauge!(names::APP_INSTANCES, "tenant" => tenant.clone(), "app" => name.clone(), "status" => status)

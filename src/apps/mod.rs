@@ -9,6 +9,7 @@
 //! - [`runtime`]: what Orion says to `orion-runtime`, the wrapper on each worker that
 //!   alone talks to the container engine, and what it answers.
 
+pub mod caddy;
 pub mod plan;
 pub mod runtime;
 
@@ -274,6 +275,21 @@ pub fn check_port(port: u32) -> Result<u16, InvalidInput> {
     }
 }
 
+/// The path Caddy's health check requests on each instance: an absolute path, printable
+/// ASCII, no spaces, at most 255 characters.
+pub fn check_health_path(path: &str) -> Result<(), InvalidInput> {
+    let ok =
+        path.starts_with('/') && path.len() <= 255 && path.chars().all(|c| c.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidInput::new(
+            "health_path",
+            "must be an absolute path of printable ASCII without spaces, at most 255 characters",
+        ))
+    }
+}
+
 pub fn check_replicas(replicas: u32) -> Result<u32, InvalidInput> {
     if replicas > MAX_REPLICAS {
         return Err(InvalidInput::new(
@@ -357,6 +373,15 @@ mod tests {
         assert!(check_env(&env("orion_x", "v")).is_err());
         assert!(check_env(&env("X", &"v".repeat(MAX_VALUE + 1))).is_err());
         assert!(check_env(&env("X", "a\0b")).is_err());
+    }
+
+    #[test]
+    fn health_paths_are_absolute_and_printable() {
+        assert!(check_health_path("/").is_ok());
+        assert!(check_health_path("/healthz?full=1").is_ok());
+        for bad in ["", "healthz", "/a b", "/a\nb", "/é"] {
+            assert!(check_health_path(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -210,6 +210,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Cl
                 command: (!command.is_empty()).then_some(command),
                 env: Some(env),
                 port,
+                health_path: None,
             };
             show_app(&client.create_app(&body).await?, json);
         }

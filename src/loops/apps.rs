@@ -12,7 +12,9 @@
 //!    removed first (so a worker that comes back is fenced before it runs anything new),
 //!    then what is missing or exited is started, through the `app_run`/`app_remove`
 //!    playbooks;
-//! 4. deleted apps whose instances are all gone are forgotten.
+//! 4. deleted apps whose instances are all gone are forgotten;
+//! 5. with `[caddy] admin` set, Caddy's routes are made to send each app's address to
+//!    its running instances ([`crate::apps::caddy`]).
 //!
 //! The loop runs every `apps.interval`, and at once when woken: an app changed, a worker
 //! changed status, or a worker's engine reported a container starting or dying. That
@@ -31,6 +33,7 @@ use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use super::{Next, Pass, run_loop};
+use crate::apps::caddy::{AppRoute, Router, Synced};
 use crate::apps::plan::{self, AppWish, Candidate, Live, Record, Wanted};
 use crate::apps::runtime::{self, RemoveSpec, RunSpec};
 use crate::apps::{InstanceState, container_name};
@@ -73,17 +76,27 @@ pub struct PassSummary {
     pub held: bool,
     /// The earliest end of a crash back-off, if one is waiting.
     pub next_restart: Option<Duration>,
+    /// What the sync of Caddy's routes changed.
+    pub routes: Synced,
+    /// True when Caddy's routes could not be synced (tried again next pass).
+    pub routing_failed: bool,
 }
 
 /// The next pass comes at the interval, or when a back-off ends if that is sooner.
 impl Pass for PassSummary {
     fn next(&self) -> Next {
-        match self.next_restart {
-            Some(after) => Next::After(after),
-            None => Next::Interval,
+        // Caddy unreachable (restarting): its routes are tried again soon.
+        let routing = self.routing_failed.then_some(ROUTING_RETRY);
+        match (self.next_restart, routing) {
+            (Some(a), Some(b)) => Next::After(a.min(b)),
+            (Some(a), None) | (None, Some(a)) => Next::After(a),
+            (None, None) => Next::Interval,
         }
     }
 }
+
+/// How soon a pass that could not sync Caddy's routes is followed by another.
+const ROUTING_RETRY: Duration = Duration::from_secs(2);
 
 /// Whether the apps on `worker` may stay there / be placed there.
 fn fit(ctx: &Context, worker: &Worker) -> bool {
@@ -256,7 +269,41 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
 
     // 4. Forget deleted apps with nothing left.
     ctx.store.purge_deleted_apps().await?;
+
+    // 5. Caddy serves each app's running instances, and nothing else.
+    if let Some(router) = &ctx.router {
+        match sync_routes(ctx, router).await {
+            Ok(synced) => summary.routes = synced,
+            Err(e) => {
+                summary.routing_failed = true;
+                tracing::warn!(error = format!("{e:#}"), "apps: cannot sync Caddy's routes");
+            }
+        }
+    }
     Ok(summary)
+}
+
+/// Makes Caddy route each live app with a port to its running instances.
+async fn sync_routes(ctx: &Context, router: &Router) -> anyhow::Result<Synced> {
+    let apps = ctx.store.live_apps(None).await?;
+    let live = ctx.store.live_instances(None).await?;
+    let routes: Vec<AppRoute> = apps
+        .iter()
+        .filter_map(|app| {
+            let port = app.port?;
+            let upstreams = live
+                .iter()
+                .filter(|i| i.app_id == app.id && i.state == InstanceState::Running)
+                .map(|i| format!("{}:{port}", i.host))
+                .collect();
+            Some(AppRoute {
+                name: app.name.clone(),
+                upstreams,
+                health_path: app.health_path.clone(),
+            })
+        })
+        .collect();
+    router.sync(&routes).await
 }
 
 /// The label value that scopes a worker's containers on its engine.

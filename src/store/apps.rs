@@ -26,6 +26,7 @@ pub struct AppRecord {
     /// JSON object of strings.
     pub env: String,
     pub port: Option<u16>,
+    pub health_path: String,
     pub generation: u32,
     pub deleting: bool,
     pub created_at: DateTime<Utc>,
@@ -44,8 +45,8 @@ impl AppRecord {
     }
 }
 
-const APP_COLUMNS: &str = "id, tenant, name, image, replicas, command, env, port, generation, \
-    deleting, created_at, updated_at";
+const APP_COLUMNS: &str = "id, tenant, name, image, replicas, command, env, port, health_path, \
+    generation, deleting, created_at, updated_at";
 
 /// An instance row, with what the loop and the views need of its worker.
 #[derive(Debug, Clone, FromRow)]
@@ -87,6 +88,7 @@ pub struct NewApp {
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
     pub port: Option<u16>,
+    pub health_path: String,
 }
 
 /// A change to an app, validated.
@@ -130,8 +132,9 @@ impl Store {
         let env = serde_json::to_string(&app.env).expect("strings serialise");
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO apps (tenant, name, image, replicas, command, env, port, created_at, \
-             updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+            "INSERT INTO apps (tenant, name, image, replicas, command, env, port, health_path, \
+             created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
         )
         .bind(&app.tenant)
         .bind(&app.name)
@@ -140,6 +143,7 @@ impl Store {
         .bind(&command)
         .bind(&env)
         .bind(app.port)
+        .bind(&app.health_path)
         .execute(&mut *tx)
         .await;
         let id = match inserted {

@@ -32,8 +32,8 @@ pub enum StoreError {
     /// A live rental already uses this username.
     #[error("username `{0}` is already used by another rental")]
     UsernameTaken(String),
-    /// The tenant already has a live app of this name.
-    #[error("the tenant already has an app named `{0}`")]
+    /// A live app (of any tenant: the name is its address) already has this name.
+    #[error("the app name `{0}` is taken")]
     NameTaken(String),
     /// The tenant already holds as many live rentals as it may.
     #[error("the tenant already holds its limit of {limit} live rentals")]

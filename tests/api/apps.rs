@@ -463,7 +463,7 @@ async fn tenants_see_only_their_own_apps_and_cannot_reach_the_engine() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 201);
-    // Bob may use the same name; he cannot see, change or delete Alice's app.
+    // Bob cannot see, change or delete Alice's app.
     let resp = bob_http.get(app.url("/api/apps/web")).send().await.unwrap();
     assert_eq!(resp.status(), 404);
     let resp = bob_http

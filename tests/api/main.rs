@@ -18,5 +18,6 @@ mod outage;
 mod playbooks;
 mod probe;
 mod rent;
+mod routing;
 mod startup;
 mod worker_hardening;

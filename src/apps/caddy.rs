@@ -1,0 +1,353 @@
+//! Apps behind Caddy: one stable address per app, kept in sync with its running
+//! instances through Caddy's admin API.
+//!
+//! Each app with a port gets one route in Caddy's HTTPS server, tagged `@id
+//! orion-app-<name>`, placed before Orion's own (catch-all) route. It answers
+//! `https://<site>/apps/<name>/…` (the prefix stripped before the instance sees it) and
+//! `https://<name>.apps.<site>/…`, and proxies to the app's running instances with
+//! Caddy's active health checks and a retry on another instance when one cannot be
+//! reached. With no instance running it answers 503 with Orion's JSON error shape.
+//! App names are DNS labels, so no route can ever match `/api`, `/health`, `/metrics` or
+//! `/dashboard`.
+//!
+//! [`Router::sync`] changes only what differs from what it last applied and checks that
+//! Caddy still holds it: a lost update is corrected at the next pass, and a restarted
+//! Caddy (which starts from its Caddyfile) gets every route back at the next pass.
+//!
+//! The admin API is reached on a unix socket (`caddy.admin = "unix:/path"`) in a volume
+//! only Caddy and Orion mount, never on a network port.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use serde_json::{Value, json};
+
+/// Prefix of the `@id` of every route Orion manages in Caddy.
+pub const ROUTE_ID_PREFIX: &str = "orion-app-";
+
+/// One app as Caddy should serve it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppRoute {
+    pub name: String,
+    /// `host:port` of each running instance.
+    pub upstreams: Vec<String>,
+    /// What Caddy's active health check requests on each instance.
+    pub health_path: String,
+}
+
+/// The route of one app, as Caddy's JSON config holds it.
+pub fn route_json(site: &str, app: &AppRoute) -> Value {
+    let prefix = format!("/apps/{}", app.name);
+    let by_path = json!({"host": [site], "path": [format!("{prefix}/*")]});
+    let by_host = json!({"host": [format!("{}.apps.{site}", app.name)]});
+    let serve = if app.upstreams.is_empty() {
+        json!({
+            "handler": "static_response",
+            "status_code": 503,
+            "headers": {"Content-Type": ["application/json"]},
+            "body": format!(
+                r#"{{"error":{{"code":"no_instance","message":"app {} has no running instance"}}}}"#,
+                app.name
+            ),
+        })
+    } else {
+        json!({
+            "handler": "reverse_proxy",
+            "upstreams": app.upstreams.iter().map(|u| json!({"dial": u})).collect::<Vec<_>>(),
+            "load_balancing": {
+                "selection_policy": {"policy": "round_robin"},
+                // A request whose instance cannot be reached goes to another one.
+                "try_duration": "3s",
+                "try_interval": "50ms",
+            },
+            "health_checks": {
+                "active": {"uri": app.health_path, "interval": "1s", "timeout": "1s"},
+                "passive": {"fail_duration": "5s", "max_fails": 1},
+            },
+        })
+    };
+    json!({
+        "@id": format!("{ROUTE_ID_PREFIX}{}", app.name),
+        "match": [by_path, by_host],
+        "handle": [{
+            "handler": "subroute",
+            "routes": [
+                {
+                    "match": [{"path": [format!("{prefix}/*")]}],
+                    "handle": [{"handler": "rewrite", "strip_path_prefix": prefix}],
+                },
+                {"handle": [serve]},
+            ],
+        }],
+        "terminal": true,
+    })
+}
+
+/// Where Caddy's admin API is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admin {
+    /// A unix socket (the platform's).
+    Unix(PathBuf),
+    /// `host:port` over plain HTTP (a Caddy on loopback).
+    Tcp(String),
+}
+
+impl Admin {
+    /// `unix:/path/to/admin.sock` or `http://host:port`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "caddy.admin `{text}`: the socket path must be absolute"
+                ));
+            }
+            return Ok(Admin::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = text.strip_prefix("http://") {
+            let addr = addr.trim_end_matches('/');
+            if addr.is_empty() || addr.contains('/') {
+                return Err(format!("caddy.admin `{text}`: expected http://host:port"));
+            }
+            return Ok(Admin::Tcp(addr.to_owned()));
+        }
+        Err(format!(
+            "caddy.admin `{text}`: expected unix:/path/to/admin.sock or http://host:port"
+        ))
+    }
+}
+
+/// Keeps Caddy's app routes equal to the apps' running instances.
+#[derive(Debug)]
+pub struct Router {
+    admin: Admin,
+    site: String,
+    /// The route last applied per app name, to change only what differs.
+    applied: Mutex<HashMap<String, Value>>,
+}
+
+/// What one sync changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Synced {
+    pub added: usize,
+    pub changed: usize,
+    pub removed: usize,
+}
+
+/// Bound on one admin request.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Router {
+    pub fn new(admin: Admin, site: &str) -> Self {
+        Self {
+            admin,
+            site: site.to_owned(),
+            applied: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The HTTPS address of an app's path route.
+    pub fn url(&self, app: &str) -> String {
+        format!("https://{}/apps/{app}/", self.site)
+    }
+
+    /// Makes Caddy serve exactly `apps`: adds, replaces and removes Orion's routes.
+    pub async fn sync(&self, apps: &[AppRoute]) -> anyhow::Result<Synced> {
+        let server = self.https_server().await?;
+        let routes_path = format!("/config/apps/http/servers/{server}/routes");
+        let current = self.request("GET", &routes_path, None).await?;
+        let present: HashMap<String, &Value> = current
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| {
+                let id = r.get("@id")?.as_str()?;
+                id.starts_with(ROUTE_ID_PREFIX).then(|| (id.to_owned(), r))
+            })
+            .collect();
+        let mut done = Synced::default();
+        let mut applied = self.applied.lock().expect("applied poisoned").clone();
+        for app in apps {
+            let id = format!("{ROUTE_ID_PREFIX}{}", app.name);
+            let want = route_json(&self.site, app);
+            if present.contains_key(&id) {
+                if applied.get(&app.name) == Some(&want) {
+                    continue;
+                }
+                self.request("PATCH", &format!("/id/{id}"), Some(&want))
+                    .await?;
+                done.changed += 1;
+            } else {
+                // Before Orion's own route, which matches everything on the site.
+                self.request("PUT", &format!("{routes_path}/0"), Some(&want))
+                    .await?;
+                done.added += 1;
+            }
+            applied.insert(app.name.clone(), want);
+        }
+        for id in present.keys() {
+            let name = &id[ROUTE_ID_PREFIX.len()..];
+            if !apps.iter().any(|a| a.name == name) {
+                self.request("DELETE", &format!("/id/{id}"), None).await?;
+                applied.remove(name);
+                done.removed += 1;
+            }
+        }
+        applied.retain(|name, _| apps.iter().any(|a| &a.name == name));
+        *self.applied.lock().expect("applied poisoned") = applied;
+        Ok(done)
+    }
+
+    /// The name of the server that listens on :443 (the Caddyfile's site).
+    async fn https_server(&self) -> anyhow::Result<String> {
+        let servers = self
+            .request("GET", "/config/apps/http/servers", None)
+            .await?;
+        let servers = servers
+            .as_object()
+            .context("Caddy has no HTTP servers configured")?;
+        for (name, server) in servers {
+            let listens = server["listen"].as_array().into_iter().flatten();
+            if listens
+                .filter_map(Value::as_str)
+                .any(|l| l.ends_with(":443"))
+            {
+                return Ok(name.clone());
+            }
+        }
+        bail!("no Caddy server listens on :443")
+    }
+
+    /// One admin API request; its JSON answer (`null` when empty).
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let work = async {
+            let body = body.map(|b| serde_json::to_vec(b).expect("JSON serialises"));
+            // Caddy's admin API checks the Host of what it gets: on a unix socket it
+            // must be present and empty.
+            let host = match &self.admin {
+                Admin::Unix(_) => "",
+                Admin::Tcp(addr) => addr.as_str(),
+            };
+            let request = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, host)
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+            let response = match &self.admin {
+                Admin::Unix(path) => {
+                    let stream =
+                        tokio::net::UnixStream::connect(path)
+                            .await
+                            .with_context(|| {
+                                format!("cannot reach Caddy's admin socket {}", path.display())
+                            })?;
+                    send(stream, request).await?
+                }
+                Admin::Tcp(addr) => {
+                    let stream = tokio::net::TcpStream::connect(addr)
+                        .await
+                        .with_context(|| format!("cannot reach Caddy's admin API at {addr}"))?;
+                    send(stream, request).await?
+                }
+            };
+            let status = response.status();
+            let bytes = response.into_body().collect().await?.to_bytes();
+            if !status.is_success() {
+                bail!(
+                    "Caddy's admin API answered {method} {path} with {status}: {}",
+                    String::from_utf8_lossy(&bytes).trim()
+                );
+            }
+            if bytes.iter().all(u8::is_ascii_whitespace) {
+                return Ok(Value::Null);
+            }
+            serde_json::from_slice(&bytes).context("Caddy's admin API answered no JSON")
+        };
+        tokio::time::timeout(ADMIN_TIMEOUT, work)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "Caddy's admin API did not answer {method} {path} within {ADMIN_TIMEOUT:?}"
+                )
+            })?
+    }
+}
+
+/// Sends one request on a fresh HTTP/1 connection.
+async fn send<S>(
+    stream: S,
+    request: hyper::Request<Full<Bytes>>,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender.send_request(request).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(upstreams: &[&str]) -> AppRoute {
+        AppRoute {
+            name: "web".into(),
+            upstreams: upstreams.iter().map(|u| u.to_string()).collect(),
+            health_path: "/".into(),
+        }
+    }
+
+    #[test]
+    fn a_route_serves_the_path_and_the_host_of_its_app_only() {
+        let r = route_json("example.org", &app(&["10.0.0.2:8080", "10.0.0.3:8080"]));
+        assert_eq!(r["@id"], "orion-app-web");
+        assert_eq!(r["match"][0]["path"][0], "/apps/web/*");
+        assert_eq!(r["match"][0]["host"][0], "example.org");
+        assert_eq!(r["match"][1]["host"][0], "web.apps.example.org");
+        let sub = &r["handle"][0]["routes"];
+        assert_eq!(sub[0]["handle"][0]["strip_path_prefix"], "/apps/web");
+        let proxy = &sub[1]["handle"][0];
+        assert_eq!(proxy["handler"], "reverse_proxy");
+        assert_eq!(proxy["upstreams"][1]["dial"], "10.0.0.3:8080");
+        assert_eq!(proxy["health_checks"]["active"]["uri"], "/");
+        assert!(proxy["load_balancing"]["try_duration"].is_string());
+    }
+
+    #[test]
+    fn an_app_with_nothing_running_answers_503_in_orions_error_shape() {
+        let r = route_json("example.org", &app(&[]));
+        let serve = &r["handle"][0]["routes"][1]["handle"][0];
+        assert_eq!(serve["status_code"], 503);
+        let body: Value = serde_json::from_str(serve["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "no_instance");
+    }
+
+    #[test]
+    fn admin_addresses_are_a_unix_socket_or_plain_http() {
+        assert_eq!(
+            Admin::parse("unix:/run/caddy-admin/admin.sock"),
+            Ok(Admin::Unix("/run/caddy-admin/admin.sock".into()))
+        );
+        assert_eq!(
+            Admin::parse("http://127.0.0.1:2019"),
+            Ok(Admin::Tcp("127.0.0.1:2019".into()))
+        );
+        assert!(Admin::parse("unix:relative.sock").is_err());
+        assert!(Admin::parse("https://x").is_err());
+        assert!(Admin::parse("http://x/y").is_err());
+    }
+}

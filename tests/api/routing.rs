@@ -1,0 +1,278 @@
+//! Apps behind a real Caddy: Orion keeps Caddy's routes in sync with each app's running
+//! instances through Caddy's admin API on a unix socket.
+
+use std::time::{Duration, Instant};
+
+use orion::testkit::{client_with_token, docker, free_port};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, spawn_app_with};
+
+const CADDYFILE: &str = r#"{
+	admin unix//run/caddy-admin/admin.sock
+}
+localhost, *.apps.localhost {
+	tls internal
+	respond `{"error":{"code":"not_found","message":"no such route"}}` 404
+}
+"#;
+
+/// A Caddy container with its admin API on a unix socket in a directory of the test's,
+/// HTTPS published on loopback. Removed when dropped.
+struct Caddy {
+    container: String,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Caddy {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("Caddyfile"), CADDYFILE).unwrap();
+        std::fs::create_dir(dir.path().join("admin")).unwrap();
+        let port = free_port();
+        let container = format!("orion-test-caddy-{port}");
+        let config = format!(
+            "{}:/etc/caddy/Caddyfile:ro",
+            dir.path().join("Caddyfile").display()
+        );
+        let admin = format!("{}:/run/caddy-admin", dir.path().join("admin").display());
+        let publish = format!("127.0.0.1:{port}:443");
+        docker(&[
+            "run",
+            "-d",
+            "--name",
+            &container,
+            "--label",
+            "orion.test=1",
+            "-p",
+            &publish,
+            "-v",
+            &config,
+            "-v",
+            &admin,
+            "orion/caddy:latest",
+        ]);
+        let caddy = Self {
+            container,
+            port,
+            dir,
+        };
+        caddy.wait_for_admin();
+        caddy
+    }
+
+    fn socket(&self) -> String {
+        format!(
+            "unix:{}",
+            self.dir.path().join("admin/admin.sock").display()
+        )
+    }
+
+    fn wait_for_admin(&self) {
+        let socket = self.dir.path().join("admin/admin.sock");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "Caddy's admin socket never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A client that reaches `localhost` and `*.apps.localhost` on this Caddy.
+    fn client(&self) -> reqwest::Client {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        reqwest::Client::builder()
+            // Caddy's internal CA: the TLS itself is the platform test's to check.
+            .danger_accept_invalid_certs(true)
+            .resolve("localhost", addr)
+            .resolve("web.apps.localhost", addr)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    }
+
+    fn url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.port)
+    }
+}
+
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f", &self.container])
+            .output();
+    }
+}
+
+async fn wait_app(app: &TestApp, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = app.get_json("/api/apps/web").await;
+        if pred(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "app never reached the state: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Requests `url` until `pred` holds on (status, body), or fails after 20 s.
+async fn until(client: &reqwest::Client, url: &str, pred: impl Fn(u16, &Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(resp) = client.get(url).send().await {
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            if pred(status, &body) {
+                return body;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} never answered as expected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_is_served_through_caddy_at_a_stable_address_that_follows_its_instances() {
+    let caddy = Caddy::start();
+    let socket = caddy.socket();
+    let app = spawn_app_with(
+        2,
+        Box::new(move |c| {
+            c.caddy.admin = Some(socket);
+            c.apps.interval = Duration::from_secs(2);
+        }),
+    )
+    .await;
+    let resp = app
+        .http
+        .post(app.url("/api/apps"))
+        .json(
+            &json!({"name": "web", "image": "orion/demo-app:latest", "replicas": 2, "port": 8080}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let view = wait_app(&app, |v| v["ready"] == 2).await;
+    assert_eq!(view["url"], "https://localhost/apps/web/");
+    let http = caddy.client();
+
+    // Both addresses; the prefix is stripped; requests are spread over both instances.
+    let path_url = caddy.url("localhost", "/apps/web/hello");
+    until(&http, &path_url, |s, b| s == 200 && b["path"] == "/hello").await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let b: Value = http
+            .get(&path_url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        seen.insert(b["instance"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen.len(), 2, "requests went to {seen:?}");
+    let host_url = caddy.url("web.apps.localhost", "/");
+    until(&http, &host_url, |s, b| s == 200 && b["app"] == "web").await;
+
+    // An instance killed by hand under load: no request fails.
+    let container = view["instances"][0]["container"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let load = {
+        let http = http.clone();
+        let url = path_url.clone();
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..150 {
+                let status = match http.get(&url).send().await {
+                    Ok(r) => r.status().as_u16(),
+                    Err(_) => 0,
+                };
+                statuses.push(status);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    docker(&["rm", "-f", &container]);
+    let statuses = load.await.unwrap();
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    println!(
+        "{} requests during an instance kill: {failed} failed",
+        statuses.len()
+    );
+    assert_eq!(failed, 0, "{statuses:?}");
+
+    // Caddy restarted: its routes come back from Orion, with no hand work.
+    docker(&["restart", &caddy.container]);
+    caddy.wait_for_admin();
+    until(&http, &path_url, |s, _| s == 200).await;
+
+    // Scaled to zero: 503 in Orion's JSON shape; deleted: the route is gone.
+    let resp = app
+        .http
+        .patch(app.url("/api/apps/web"))
+        .json(&json!({"replicas": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = until(&http, &path_url, |s, _| s == 503).await;
+    assert_eq!(body["error"]["code"], "no_instance");
+    let resp = app
+        .http
+        .delete(app.url("/api/apps/web"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    until(&http, &host_url, |s, b| {
+        s == 404 && b["error"]["code"] == "not_found"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_app_name_is_an_address_no_other_tenant_can_claim() {
+    let app = spawn_app_with(1, Box::new(|_| {})).await;
+    let (_, alice) = app.tenant_token_with(json!({"tenant": "alice"})).await;
+    let (_, bob) = app.tenant_token_with(json!({"tenant": "bob"})).await;
+    let body = json!({"name": "shop", "image": "orion/demo-app", "replicas": 0, "port": 8080});
+    let resp = client_with_token(&alice)
+        .post(app.url("/api/apps"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let resp = client_with_token(&bob)
+        .post(app.url("/api/apps"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["error"]["code"], "conflict", "{answer}");
+    let resp = client_with_token(&bob)
+        .post(app.url("/api/apps"))
+        .json(&json!({"name": "shop", "image": "orion/demo-app", "health_path": "no-slash"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+}

@@ -25,14 +25,18 @@
 # namespaces, so `docker stop worker_1` takes its instances down too. The inventory says,
 # per worker:
 #   instances_join  the worker's container name: whose namespaces its instances join
-#   app_host        the worker container's IP address on its Docker network: where an
-#                   instance's port is reached from the host
+#   app_host        the worker container's name: where an instance's port is reached,
+#                   by Caddy, on the network `$ORION_PROJECT-apps` that `up` makes and
+#                   joins every worker to (Docker's DNS resolves the name there, whatever
+#                   address a restarted worker gets)
 # Without /var/run/docker.sock on the host, workers start without it and run no apps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 project=${ORION_PROJECT:-orion}
 dir=.platform/$project
+# The workers' network for apps: Caddy joins it (docker-compose.yml) to reach instances.
+apps_net=$project-apps
 prefix=${ORION_WORKER_PREFIX:-}
 base=${ORION_WORKER_BASE_PORT:-22220}
 image=orion/worker:latest
@@ -60,6 +64,10 @@ up() {
   else
     log "WARNING: no Docker socket at $sock: apps cannot run on these workers"
   fi
+  if ! docker network inspect "$apps_net" >/dev/null 2>&1; then
+    log "creating the apps network $apps_net"
+    docker network create --label "orion.platform=$project" "$apps_net" >/dev/null
+  fi
   for ((i = 1; i <= n; i++)); do
     local name="${prefix}worker_$i" port=$((base + i))
     if docker container inspect "$name" >/dev/null 2>&1; then
@@ -85,6 +93,10 @@ up() {
         --security-opt no-new-privileges ${runtime[@]+"${runtime[@]}"} \
         -e ORION_AUTHORIZED_KEY="$key" "$image" >/dev/null
     fi
+    if ! docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{println $k}}{{end}}' "$name" \
+        | grep -qxF "$apps_net"; then
+      docker network connect "$apps_net" "$name"
+    fi
   done
   write_inventory "$n"
 }
@@ -96,8 +108,8 @@ write_inventory() {
     echo "# Orion (in a container) reaches them through host.docker.internal; clients"
     echo "# on the host use localhost. Format: see inventory/compose.toml."
     echo "# Apps: instances_join = the worker's container, whose PID and network namespaces"
-    echo "# its app instances join; app_host = that container's IP address on its Docker"
-    echo "# network, where an instance's port is reached from the host."
+    echo "# its app instances join; app_host = that container's name, where Caddy reaches"
+    echo "# an instance's port on the network $apps_net."
     echo
     echo "[defaults]"
     echo "site = \"local\""
@@ -108,15 +120,9 @@ write_inventory() {
       echo "name = \"worker_$i\""
       echo "host = \"host.docker.internal\""
       echo "port = $((base + i))"
-      local name="${prefix}worker_$i" ip
+      local name="${prefix}worker_$i"
       echo "instances_join = \"$name\""
-      ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}' "$name" 2>/dev/null || true)
-      ip=${ip%% *}
-      if [[ -n "$ip" ]]; then
-        echo "app_host = \"$ip\""
-      else
-        log "WARNING: $name has no IP address (not running?): no app_host in the inventory"
-      fi
+      echo "app_host = \"$name\""
     done
   } >"$file"
   # Read by orion's unprivileged user in its container; holds no secret.
@@ -125,12 +131,23 @@ write_inventory() {
 }
 
 down() {
-  local ids
+  local ids names name instances
+  names=$(docker ps -a --filter "label=orion.platform=$project" --format '{{.Names}}')
+  for name in $names; do
+    # Its apps' instances: siblings on the engine, they would outlive it.
+    instances=$(docker ps -aq --filter "label=orion.node=$name")
+    # shellcheck disable=SC2086
+    [[ -z "$instances" ]] || docker rm -f $instances >/dev/null
+  done
   ids=$(docker ps -aq --filter "label=orion.platform=$project")
   if [[ -n "$ids" ]]; then
     # shellcheck disable=SC2086
     docker rm -f $ids >/dev/null
     log "removed $(wc -w <<<"$ids") worker(s)"
+  fi
+  if docker network inspect "$apps_net" >/dev/null 2>&1; then
+    docker network rm "$apps_net" >/dev/null 2>&1 \
+      || log "WARNING: $apps_net is still in use (Caddy still up?): not removed"
   fi
 }
 

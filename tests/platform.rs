@@ -189,6 +189,7 @@ async fn the_readme_walk_through_caddy_over_https() {
     assert_eq!(resp.status(), 401);
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"]["code"], "unauthorized");
+    apps_through_caddy(&http, &base, platform.https_port).await;
     // Open: up and the database, nothing about the fleet.
     let health: Value = browser
         .get(format!("{base}/health"))
@@ -356,4 +357,80 @@ async fn the_readme_walk_through_caddy_over_https() {
     })
     .await;
     assert_eq!(tenant_login(new_port, "olga", key).await.unwrap(), "olga");
+}
+
+/// An app of 2 replicas answers through Caddy at `/apps/<name>/` and at
+/// `<name>.apps.localhost`, spread over both instances; deleted, its addresses answer
+/// Orion's 404.
+async fn apps_through_caddy(http: &reqwest::Client, base: &str, https_port: u16) {
+    let resp = http
+        .post(format!("{base}/api/apps"))
+        .json(
+            &json!({"name": "walk", "image": "orion/demo-app:latest", "replicas": 2, "port": 8080}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let view: Value = resp.json().await.unwrap();
+    assert_eq!(view["url"], "https://localhost/apps/walk/");
+    let by_host = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(
+                &std::fs::read(platform_dir().join("caddy-root.crt")).unwrap(),
+            )
+            .unwrap(),
+        )
+        .resolve(
+            "walk.apps.localhost",
+            std::net::SocketAddr::from(([127, 0, 0, 1], https_port)),
+        )
+        .build()
+        .unwrap();
+    let path_url = format!("{base}/apps/walk/hello");
+    let host_url = format!("https://walk.apps.localhost:{https_port}/");
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while seen.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "both instances never answered through Caddy: {seen:?}"
+        );
+        if let Ok(resp) = http.get(&path_url).send().await
+            && let Ok(body) = resp.json::<Value>().await
+            && body["path"] == "/hello"
+        {
+            seen.insert(body["instance"].as_str().unwrap_or("").to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body: Value = by_host
+        .get(&host_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["app"], "walk", "{body}");
+    let resp = http
+        .delete(format!("{base}/api/apps/walk"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    wait_for("the app's route to go", Duration::from_secs(30), || {
+        let (http, url) = (http.clone(), path_url.clone());
+        async move {
+            let Ok(resp) = http.get(url).send().await else {
+                return false;
+            };
+            resp.status() == 404
+                && resp
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|b| b["error"]["code"] == "not_found")
+        }
+    })
+    .await;
 }

@@ -308,6 +308,12 @@ impl SshClient {
         }
     }
 
+    /// A channel on the worker's open watch connection, or nothing: never a connection
+    /// of its own (for long-lived followers, which must not hold a session slot each).
+    pub fn existing_session(&self, target: &Target) -> Option<Session> {
+        self.shared_session(target)
+    }
+
     /// A channel on the worker's watch connection, if one is open and was verified with
     /// the host key expected now.
     fn shared_session(&self, target: &Target) -> Option<Session> {

@@ -35,7 +35,14 @@ pub struct Live {
     pub worker_id: u64,
     pub generation: u32,
     pub state: InstanceState,
+    /// Seen running for at least [`MIN_READY`] without a crash since: a rolling change
+    /// only goes on past such an instance (Kubernetes' `minReadySeconds`).
+    pub ready: bool,
 }
+
+/// How long a new instance must have been seen running, with no crash, before a rolling
+/// change stops an old one for it.
+pub const MIN_READY: Duration = Duration::from_secs(3);
 
 /// A worker that could host instances.
 #[derive(Debug, Clone)]
@@ -104,8 +111,8 @@ pub fn schedule(app: &AppWish, live: &[Live], workers: &[Candidate]) -> Schedule
         return out;
     }
 
-    // Rolling: one instance at a time, the new one running before an old one goes.
-    if current.iter().any(|i| i.state != InstanceState::Running) {
+    // Rolling: one instance at a time, the new one ready before an old one goes.
+    if current.iter().any(|i| !i.ready) {
         return out;
     }
     if current.len() + old_running.len() > wanted && !current.is_empty() {
@@ -114,10 +121,13 @@ pub fn schedule(app: &AppWish, live: &[Live], workers: &[Candidate]) -> Schedule
     } else if current.len() < wanted {
         out.place = place(1, app, &current, workers);
         if out.place.is_empty() {
-            // Nowhere to put the new one beside the old: replace in place, one at a time.
-            let oldest = old_running.iter().min_by_key(|i| i.id).expect("not empty");
-            out.stop.push(oldest.id);
             out.unplaced = 1;
+            // Nowhere to put the new one beside the old: replace in place, one at a
+            // time, and only while the app has all its instances (never below that).
+            if current.len() + old_running.len() >= wanted {
+                let oldest = old_running.iter().min_by_key(|i| i.id).expect("not empty");
+                out.stop.push(oldest.id);
+            }
         }
     } else {
         // Enough current ones already: the old ones are extra.
@@ -310,6 +320,7 @@ mod tests {
             worker_id,
             generation,
             state,
+            ready: state == Running,
         }
     }
 
@@ -410,6 +421,35 @@ mod tests {
         ];
         let s = schedule(&a, &step5, &workers);
         assert_eq!((s.place, s.stop), (vec![], vec![11]));
+    }
+
+    #[test]
+    fn a_roll_waits_for_a_new_instance_to_be_ready_not_merely_running() {
+        let workers = [worker(1, "a", 1), worker(2, "a", 1), worker(3, "a", 0)];
+        let mut a = app(2);
+        a.generation = 2;
+        let mut fresh = live(12, 3, 2, Running);
+        fresh.ready = false;
+        let l = [live(10, 1, 1, Running), live(11, 2, 1, Running), fresh];
+        assert_eq!(schedule(&a, &l, &workers), Schedule::default());
+    }
+
+    #[test]
+    fn replacing_in_place_never_takes_an_app_below_its_replicas() {
+        // No spare worker (each already holds the port): one old instance may be replaced
+        // in place while the app is whole, not once it is short.
+        let mut full: Vec<Candidate> = (1..=2).map(|i| worker(i, "a", 1)).collect();
+        for w in &mut full {
+            w.ports.insert(8080);
+        }
+        let mut a = app(2);
+        a.generation = 2;
+        let whole = [live(10, 1, 1, Running), live(11, 2, 1, Running)];
+        assert_eq!(schedule(&a, &whole, &full).stop, vec![10]);
+        let short = [live(11, 2, 1, Running)];
+        let s = schedule(&a, &short, &full);
+        assert!(s.stop.is_empty(), "{s:?}");
+        assert_eq!(s.unplaced, 1);
     }
 
     #[test]

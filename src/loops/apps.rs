@@ -74,7 +74,8 @@ pub struct PassSummary {
     pub failed_workers: usize,
     /// True when nothing was declared lost because too many workers fail at once.
     pub held: bool,
-    /// The earliest end of a crash back-off, if one is waiting.
+    /// The earliest end of a crash back-off, or of a new instance's wait to be ready
+    /// for a rolling change, if one is waiting.
     pub next_restart: Option<Duration>,
     /// What the sync of Caddy's routes changed.
     pub routes: Synced,
@@ -176,7 +177,7 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
         .map(|w| Candidate {
             id: w.id,
             site: w.site.clone(),
-            fit: fit(ctx, w) && !hold,
+            fit: fit(ctx, w),
             load: 0,
             ports: HashSet::new(),
         })
@@ -190,7 +191,12 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
         }
     }
     let mut unplaced_now = HashMap::new();
-    for app in &apps {
+    let min_ready = chrono::Duration::from_std(plan::MIN_READY).expect("a few seconds");
+
+    // Held: nothing is placed or stopped anywhere until enough workers answer again; the
+    // workers that do answer keep (and heal) what they run.
+    let scheduled: &[AppRecord] = if hold { &[] } else { &apps };
+    for app in scheduled {
         let wish = AppWish {
             id: app.id,
             replicas: app.replicas,
@@ -207,6 +213,9 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
                 worker_id: i.worker_id,
                 generation: i.generation,
                 state: i.state,
+                ready: i.state == InstanceState::Running
+                    && i.crashes == 0
+                    && i.started_at.is_some_and(|t| Utc::now() - t >= min_ready),
             })
             .collect();
         let decided = plan::schedule(&wish, &app_live, &candidates);
@@ -227,7 +236,9 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
             unplaced_now.insert(app.id, decided.unplaced);
         }
     }
-    report_unplaced(ctx, state, &apps, unplaced_now).await?;
+    if !hold {
+        report_unplaced(ctx, state, &apps, unplaced_now).await?;
+    }
     if summary.placed + summary.stopped > 0 {
         live = ctx.store.live_instances(None).await?;
     }
@@ -266,6 +277,24 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
             }
         }
     }
+
+    // A rolling change waits for new instances to be ready: a pass then sees them so.
+    let now = Utc::now();
+    let next_ready = ctx
+        .store
+        .live_instances(None)
+        .await?
+        .iter()
+        .filter(|i| i.state == InstanceState::Running && i.crashes == 0)
+        .filter_map(|i| i.started_at)
+        .map(|t| t + min_ready)
+        .filter(|ready_at| *ready_at > now)
+        .min()
+        .map(|ready_at| (ready_at - now).to_std().unwrap_or_default());
+    summary.next_restart = match (summary.next_restart, next_ready) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
 
     // 4. Forget deleted apps with nothing left.
     ctx.store.purge_deleted_apps().await?;
@@ -495,7 +524,8 @@ async fn node_pass_inner(
                 &target,
             )
             .await;
-        let restart = instance.state != InstanceState::Pending;
+        // Started before: this is a restart (its container exited or vanished).
+        let restart = instance.started_at.is_some();
         let counted = match (&result, restart) {
             (Err(_), _) => "failed",
             (Ok(()), true) => "restarted",
@@ -640,13 +670,9 @@ pub async fn follow_runtimes(ctx: Context, shutdown: CancellationToken) {
 
 /// Follows one worker's container events until its connection drops or `shutdown`.
 async fn follow_worker(ctx: Context, worker: Worker, shutdown: CancellationToken) {
-    let Ok(session) = ctx.ssh.session(&worker.target()).await else {
+    let Some(session) = ctx.ssh.existing_session(&worker.target()) else {
         return;
     };
-    if !session.is_shared() {
-        session.close().await;
-        return;
-    }
     let node = node_of(&worker);
     let wake = ctx.wake.apps.clone();
     let command = runtime::events_command(&node);

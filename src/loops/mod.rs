@@ -36,7 +36,7 @@ pub enum Next {
     /// After the loop's configured interval, or sooner if woken.
     #[default]
     Interval,
-    /// After this long, or sooner if woken.
+    /// After this long (at most the loop's interval), or sooner if woken.
     After(Duration),
 }
 
@@ -118,7 +118,8 @@ pub fn backoff(interval: Duration, errors: u32) -> Duration {
 pub fn delay(interval: Duration, outcome: Result<Next, u32>) -> Duration {
     match outcome {
         Ok(Next::Interval) => interval,
-        Ok(Next::After(d)) => d,
+        // Sooner than the interval, never later: one pass's wish does not slow the loop.
+        Ok(Next::After(d)) => d.min(interval),
         Err(errors) => backoff(interval, errors),
     }
 }
@@ -274,6 +275,19 @@ mod tests {
     async fn a_pass_that_asks_for_a_delay_runs_again_after_it() {
         let times = pass_times(0, Next::After(Duration::from_secs(3)), None).await;
         assert_eq!(times, secs(&[0, 3, 6, 9, 12, 15, 18, 21]));
+    }
+
+    #[test]
+    fn a_pass_never_delays_the_next_beyond_the_interval() {
+        let interval = Duration::from_secs(10);
+        assert_eq!(
+            delay(interval, Ok(Next::After(Duration::from_secs(300)))),
+            interval
+        );
+        assert_eq!(
+            delay(interval, Ok(Next::After(Duration::from_secs(2)))),
+            Duration::from_secs(2)
+        );
     }
 
     #[tokio::test(start_paused = true)]

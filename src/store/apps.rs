@@ -110,7 +110,8 @@ pub enum InstanceUpdate {
         next_start_at: DateTime<Utc>,
         log_tail: Option<String>,
     },
-    /// A container was (re)started for it; `restart`: it had run before.
+    /// A container was (re)started for it; `restart`: it had run before. It stays
+    /// pending until seen running.
     Started {
         restart: bool,
     },
@@ -357,9 +358,9 @@ impl Store {
         update: &InstanceUpdate,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let (kind, message) = match update {
+        let (changed, kind, message) = match update {
             InstanceUpdate::Running { started_at } => {
-                sqlx::query(
+                let changed = sqlx::query(
                     "UPDATE instances SET state = 'running', \
                      started_at = COALESCE(?, started_at, UTC_TIMESTAMP(6)), \
                      next_start_at = NULL, updated_at = UTC_TIMESTAMP(6) \
@@ -368,8 +369,10 @@ impl Store {
                 .bind(started_at)
                 .bind(instance.id)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
                 (
+                    changed,
                     "instance.running",
                     format!("instance {} running", instance.id),
                 )
@@ -380,7 +383,7 @@ impl Store {
                 next_start_at,
                 log_tail,
             } => {
-                sqlx::query(
+                let changed = sqlx::query(
                     "UPDATE instances SET state = 'exited', exit_code = ?, crashes = ?, \
                      next_start_at = ?, last_error = COALESCE(?, last_error), \
                      updated_at = UTC_TIMESTAMP(6) \
@@ -392,9 +395,11 @@ impl Store {
                 .bind(log_tail)
                 .bind(instance.id)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
                 let code = exit_code.map_or("?".to_owned(), |c| c.to_string());
                 (
+                    changed,
                     "instance.exited",
                     format!(
                         "instance {} exited with {code} (exit {crashes} in a row)",
@@ -403,8 +408,10 @@ impl Store {
                 )
             }
             InstanceUpdate::Started { restart } => {
-                sqlx::query(
-                    "UPDATE instances SET state = 'running', restarts = restarts + ?, \
+                // Pending until the container is seen running: a start that the engine
+                // accepted proves nothing about the program (it may exit at once).
+                let changed = sqlx::query(
+                    "UPDATE instances SET state = 'pending', restarts = restarts + ?, \
                      started_at = UTC_TIMESTAMP(6), next_start_at = NULL, \
                      updated_at = UTC_TIMESTAMP(6) \
                      WHERE id = ? AND state IN ('pending', 'exited', 'running')",
@@ -412,25 +419,21 @@ impl Store {
                 .bind(u32::from(*restart))
                 .bind(instance.id)
                 .execute(&mut *tx)
-                .await?;
-                if *restart {
-                    (
-                        "instance.restarted",
-                        format!("instance {} started again", instance.id),
-                    )
+                .await?
+                .rows_affected();
+                let (kind, what) = if *restart {
+                    ("instance.restarted", "started again")
                 } else {
-                    (
-                        "instance.started",
-                        format!("instance {} started", instance.id),
-                    )
-                }
+                    ("instance.started", "started")
+                };
+                (changed, kind, format!("instance {} {what}", instance.id))
             }
             InstanceUpdate::StartFailed {
                 error,
                 crashes,
                 next_start_at,
             } => {
-                sqlx::query(
+                let changed = sqlx::query(
                     "UPDATE instances SET state = 'exited', crashes = ?, next_start_at = ?, \
                      last_error = ?, updated_at = UTC_TIMESTAMP(6) \
                      WHERE id = ? AND state IN ('pending', 'exited', 'running')",
@@ -440,14 +443,19 @@ impl Store {
                 .bind(error)
                 .bind(instance.id)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
                 (
+                    changed,
                     "instance.failed",
                     format!("instance {} could not start: {error}", instance.id),
                 )
             }
         };
-        events::append_in(&mut tx, kind, Some(&instance.worker), None, &message).await?;
+        // An instance stopped or ended meanwhile was not changed: no event says it was.
+        if changed == 1 {
+            events::append_in(&mut tx, kind, Some(&instance.worker), None, &message).await?;
+        }
         tx.commit().await?;
         Ok(())
     }

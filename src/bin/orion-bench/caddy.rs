@@ -15,15 +15,15 @@ use orion::testkit::{free_port, free_port_block};
 
 use crate::rents;
 
-const PROJECT: &str = "orion-bench";
+pub const PROJECT: &str = "orion-bench";
 const WORKERS: u16 = 2;
 
-struct Platform {
+pub struct Platform {
     env: Vec<(&'static str, String)>,
 }
 
 impl Platform {
-    fn script(&self, args: &[&str], extra: &[(&str, &str)]) -> anyhow::Result<()> {
+    pub fn script(&self, args: &[&str], extra: &[(&str, &str)]) -> anyhow::Result<()> {
         let status = Command::new(repo().join("scripts/platform.sh"))
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -47,25 +47,33 @@ impl Drop for Platform {
     }
 }
 
-fn repo() -> PathBuf {
+pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+impl Platform {
+    /// The benchmarks' own platform (project `orion-bench`, its own ports and worker
+    /// names), taken down when dropped.
+    pub fn new(https_port: u16, workers: u16) -> anyhow::Result<Self> {
+        let binary = std::env::current_exe()?.with_file_name("orion");
+        Ok(Platform {
+            env: vec![
+                ("ORION_PROJECT", PROJECT.into()),
+                ("ORION_HTTPS_PORT", https_port.to_string()),
+                ("ORION_WORKER_PREFIX", format!("{PROJECT}-")),
+                (
+                    "ORION_WORKER_BASE_PORT",
+                    free_port_block(workers).to_string(),
+                ),
+                ("ORION_BINARY", binary.display().to_string()),
+            ],
+        })
+    }
 }
 
 pub async fn run(runs: usize) -> anyhow::Result<()> {
     let https_port = free_port();
-    let binary = std::env::current_exe()?.with_file_name("orion");
-    let platform = Platform {
-        env: vec![
-            ("ORION_PROJECT", PROJECT.into()),
-            ("ORION_HTTPS_PORT", https_port.to_string()),
-            ("ORION_WORKER_PREFIX", format!("{PROJECT}-")),
-            (
-                "ORION_WORKER_BASE_PORT",
-                free_port_block(WORKERS).to_string(),
-            ),
-            ("ORION_BINARY", binary.display().to_string()),
-        ],
-    };
+    let platform = Platform::new(https_port, WORKERS)?;
     platform.script(&["down", "--volumes"], &[])?;
     println!(
         "rent latency through Caddy (HTTPS, docker-compose platform): {runs} rents per \
@@ -80,7 +88,7 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
             &[("ORION_EXECUTOR", executor)],
         )?;
         let http = https_client()?;
-        wait_all_alive(&http, &base).await?;
+        wait_all_alive(&http, &base, WORKERS as usize).await?;
         results.push(rents::run(&http, &base, runs, executor).await?);
     }
     println!();
@@ -89,7 +97,7 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
 }
 
 /// A client that trusts the platform's Caddy CA and sends the admin token.
-fn https_client() -> anyhow::Result<reqwest::Client> {
+pub fn https_client() -> anyhow::Result<reqwest::Client> {
     let dir = repo().join(format!(".platform/{PROJECT}"));
     let cert = std::fs::read(dir.join("caddy-root.crt")).context("Caddy's root certificate")?;
     let env = std::fs::read_to_string(dir.join(".env")).context("the platform's .env")?;
@@ -100,9 +108,9 @@ fn https_client() -> anyhow::Result<reqwest::Client> {
     Ok(orion::testkit::client_with_token_and_ca(token, &cert))
 }
 
-async fn wait_all_alive(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+pub async fn wait_all_alive(http: &reqwest::Client, base: &str, n: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while crate::footprint::alive_workers(http, base).await.ok() != Some(WORKERS as usize) {
+    while crate::footprint::alive_workers(http, base).await.ok() != Some(n) {
         if Instant::now() > deadline {
             bail!("the platform's workers are not all alive after 120 s");
         }

@@ -12,6 +12,7 @@ use orion::testkit::{spawn_app_with, tenant_key};
 use serde_json::{Value, json};
 
 mod apps;
+mod apps_caddy;
 mod caddy;
 mod fleet;
 mod flood;
@@ -53,6 +54,17 @@ enum Bench {
         /// Apps of one instance per worker each, for the pass cost.
         #[arg(long, default_value_t = 3)]
         apps: usize,
+    },
+    /// An app of 2 replicas behind Caddy on the docker-compose platform under a steady
+    /// load over HTTPS: requests lost when one instance is removed by hand, then when a
+    /// worker hosting one is stopped; time from an instance running to traffic reaching it.
+    AppsCaddy {
+        /// Requests per second.
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+        /// How long the load lasts; the kill comes at 1/4, the stop at 1/2.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Rent latency, native executor against Ansible on the same workers in the same run:
     /// `POST /api/rent` until an SSH login with the rented key works, then release.
@@ -121,6 +133,7 @@ fn main() -> anyhow::Result<()> {
                 workers,
                 apps,
             } => apps::run(runs, workers, apps).await,
+            Bench::AppsCaddy { rate, seconds } => apps_caddy::run(rate, seconds).await,
             Bench::RentCaddy { runs } => caddy::run(runs).await,
             Bench::Flood { runs, flood } => flood::run(runs, flood).await,
             Bench::Probe {

@@ -339,8 +339,12 @@ pub struct AppsConfig {
     /// Whether apps may run on a worker rented to a tenant. Off: a rented worker hosts no
     /// instance (they move off it), and rents prefer workers without instances.
     pub shared_workers: bool,
-    /// The user instances run as (`uid:gid`): unprivileged, whatever the image says.
-    pub user: String,
+    /// Instances of an app run as uid and gid `uid_base` + the app's id: unprivileged
+    /// whatever the image says, and never the uid of another app, so that one app's
+    /// processes cannot signal or read another's (`/proc/<pid>/environ`) where they
+    /// share a worker. Far above tenants' account uids (`provisioning.uid_min` + a
+    /// placement's id).
+    pub uid_base: u32,
     /// Most memory of one instance, swap included (bytes, or e.g. `256m`).
     pub instance_memory: String,
     /// Most processes and threads in one instance.
@@ -355,7 +359,7 @@ impl Default for AppsConfig {
         Self {
             interval: Duration::from_secs(10),
             shared_workers: false,
-            user: "65534:65534".into(),
+            uid_base: 1_000_000_000,
             instance_memory: "256m".into(),
             instance_pids: 256,
             max_instances_per_tenant: 20,
@@ -558,13 +562,10 @@ impl Config {
         if self.apps.instance_pids == 0 {
             return bad("apps.instance_pids", "must be at least 1");
         }
-        let user_ok = self.apps.user.split_once(':').is_some_and(|(u, g)| {
-            u.parse::<u32>().is_ok_and(|u| u > 0) && g.parse::<u32>().is_ok_and(|g| g > 0)
-        });
-        if !user_ok {
+        if self.apps.uid_base <= self.provisioning.uid_min || self.apps.uid_base > 2_000_000_000 {
             return bad(
-                "apps.user",
-                "must be `uid:gid`, numbers above 0 (never root)",
+                "apps.uid_base",
+                "must be above provisioning.uid_min and at most 2000000000",
             );
         }
         if self.provisioning.uid_min < 1000 {

@@ -54,7 +54,8 @@ const LOG_TAIL_LINES: u32 = 20;
 /// What the apps loop remembers between passes.
 #[derive(Debug, Default)]
 pub struct State {
-    /// Whether the last pass held (too many workers failing), to log changes only.
+    /// Whether the current hold (too many workers failing) has been reported, so that it
+    /// is said once, not at every pass.
     held: AtomicBool,
     /// Apps short of workers at the last pass, and by how many: an event when it changes.
     unplaced: std::sync::Mutex<HashMap<u64, u32>>,
@@ -142,10 +143,10 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
         counts.failing = crate::probe::unanswered_now(ctx, &counts).await?;
         hold = should_hold(&counts, max_fraction);
     }
-    let was_held = state.held.swap(hold, Ordering::Relaxed);
     if hold {
         summary.held = true;
-        if !was_held && !doomed.is_empty() {
+        // Said once per hold, at the first pass that holds something back.
+        if !doomed.is_empty() && !state.held.swap(true, Ordering::Relaxed) {
             tracing::warn!("too many workers fail at once: no instance is moved");
             ctx.store
                 .append_event(
@@ -156,7 +157,10 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
                 )
                 .await?;
         }
-    } else if !doomed.is_empty() {
+    } else if state.held.swap(false, Ordering::Relaxed) {
+        tracing::info!("enough workers answer again: apps' instances move again");
+    }
+    if !hold && !doomed.is_empty() {
         summary.lost = doomed.len();
         ctx.store
             .end_instances(
@@ -609,7 +613,11 @@ fn run_spec(
         labels,
         port: app.port,
         join: worker.instances_join.clone(),
-        user: cfg.user.clone(),
+        user: {
+            // One uid per app, never another app's (`apps.uid_base`).
+            let uid = u64::from(cfg.uid_base) + app.id;
+            format!("{uid}:{uid}")
+        },
         memory: cfg.memory_bytes().map_err(anyhow::Error::msg)?,
         pids: cfg.instance_pids,
     })

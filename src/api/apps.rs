@@ -245,7 +245,6 @@ pub async fn create(
     let port = body.port.map(apps::check_port).transpose()?;
     let health_path = body.health_path.unwrap_or_else(|| "/".to_owned());
     apps::check_health_path(&health_path)?;
-    check_quota(&ctx, &caller, replicas, None).await?;
     let app = ctx
         .store
         .create_app(&NewApp {
@@ -257,39 +256,20 @@ pub async fn create(
             env,
             port,
             health_path,
+            max_instances: instance_limit(&ctx, &caller),
         })
         .await?;
     ctx.wake.apps.notify_one();
     answer(&ctx, &app, StatusCode::CREATED).await
 }
 
-/// A tenant's apps may ask for `apps.max_instances_per_tenant` instances in all; the
-/// admin's are not bounded. `replacing`: the app being changed, whose current count
-/// is replaced by `replicas`.
-async fn check_quota(
-    ctx: &Context,
-    caller: &Caller,
-    replicas: u32,
-    replacing: Option<&AppRecord>,
-) -> Result<(), ApiError> {
-    let Caller::Tenant(tenant) = caller else {
-        return Ok(());
-    };
-    let limit = ctx.config.apps.max_instances_per_tenant;
-    let others: u32 = ctx
-        .store
-        .live_apps(Some(&tenant.tenant))
-        .await?
-        .iter()
-        .filter(|a| replacing.is_none_or(|r| r.id != a.id))
-        .map(|a| a.replicas)
-        .sum();
-    if others + replicas > limit {
-        return Err(ApiError::QuotaExceeded(format!(
-            "the tenant's apps may ask for {limit} instances in all; {others} are already asked for"
-        )));
+/// The most instances the caller's apps may ask for in all: a tenant's
+/// `apps.max_instances_per_tenant`; the admin's are not bounded.
+fn instance_limit(ctx: &Context, caller: &Caller) -> Option<u32> {
+    match caller {
+        Caller::Admin => None,
+        Caller::Tenant(_) => Some(ctx.config.apps.max_instances_per_tenant),
     }
-    Ok(())
 }
 
 #[utoipa::path(get, path = "/api/apps", tag = "apps",
@@ -344,12 +324,10 @@ pub async fn change(
         return Err(InvalidInput::new("replicas", "give `replicas` or `image` to change").into());
     }
     let app = find(&ctx, &caller, &name, query).await?;
-    if let Some(r) = replicas {
-        check_quota(&ctx, &caller, r, Some(&app)).await?;
-    }
     let change = AppChange {
         replicas,
         image: image.map(|i| i.as_str().to_owned()),
+        max_instances: instance_limit(&ctx, &caller),
     };
     let app = ctx
         .store

@@ -153,6 +153,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(_) => ApiError::Unavailable(e),
+            StoreError::InstanceQuota { .. } => ApiError::QuotaExceeded(e.to_string()),
             StoreError::UsernameTaken(_) | StoreError::NameTaken(_) => {
                 ApiError::Conflict(e.to_string())
             }

@@ -89,6 +89,8 @@ pub struct NewApp {
     pub env: BTreeMap<String, String>,
     pub port: Option<u16>,
     pub health_path: String,
+    /// The most instances the tenant's apps may ask for in all (`None`: no bound).
+    pub max_instances: Option<u32>,
 }
 
 /// A change to an app, validated.
@@ -96,6 +98,37 @@ pub struct NewApp {
 pub struct AppChange {
     pub replicas: Option<u32>,
     pub image: Option<String>,
+    /// The most instances the tenant's apps may ask for in all (`None`: no bound).
+    pub max_instances: Option<u32>,
+}
+
+/// Under the tenant's row lock, whether its apps (but `except`) and `replicas` more stay
+/// within `limit`.
+async fn check_instance_quota(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    tenant: &str,
+    replicas: u32,
+    except: Option<u64>,
+    limit: Option<u32>,
+) -> Result<(), StoreError> {
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    super::lock_tenant(tx, tenant).await?;
+    let others: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE(SUM(replicas), 0) AS SIGNED) FROM apps \
+         WHERE tenant = ? AND NOT deleting AND (? IS NULL OR id <> ?)",
+    )
+    .bind(tenant)
+    .bind(except)
+    .bind(except)
+    .fetch_one(&mut **tx)
+    .await?;
+    let others = u32::try_from(others).unwrap_or(u32::MAX);
+    if others.saturating_add(replicas) > limit {
+        return Err(StoreError::InstanceQuota { limit, others });
+    }
+    Ok(())
 }
 
 /// What one observation or action on an instance changes.
@@ -132,6 +165,7 @@ impl Store {
             .map(|c| serde_json::to_string(c).expect("strings serialise"));
         let env = serde_json::to_string(&app.env).expect("strings serialise");
         let mut tx = self.pool.begin().await?;
+        check_instance_quota(&mut tx, &app.tenant, app.replicas, None, app.max_instances).await?;
         let inserted = sqlx::query(
             "INSERT INTO apps (tenant, name, image, replicas, command, env, port, health_path, \
              created_at, updated_at) \
@@ -228,6 +262,16 @@ impl Store {
             return Ok(None);
         };
         let replicas = change.replicas.unwrap_or(app.replicas);
+        if replicas > app.replicas {
+            check_instance_quota(
+                &mut tx,
+                &app.tenant,
+                replicas,
+                Some(app.id),
+                change.max_instances,
+            )
+            .await?;
+        }
         let image = change.image.clone().unwrap_or_else(|| app.image.clone());
         let new_generation = image != app.image;
         if replicas == app.replicas && !new_generation {

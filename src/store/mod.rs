@@ -38,6 +38,11 @@ pub enum StoreError {
     /// The tenant already holds as many live rentals as it may.
     #[error("the tenant already holds its limit of {limit} live rentals")]
     QuotaExceeded { limit: u32 },
+    /// The tenant's apps would ask for more instances than it may have.
+    #[error(
+        "the tenant's apps may ask for {limit} instances in all; {others} are already asked for"
+    )]
+    InstanceQuota { limit: u32, others: u32 },
     /// Something the store guarantees did not hold: a bug.
     #[error("store invariant broken: {0}")]
     Invariant(String),
@@ -110,6 +115,22 @@ where
             other => return other,
         }
     }
+}
+
+/// Takes the tenant's row lock (making the row if needed): the tenant's rents, and its
+/// apps' creations and changes, are then counted against its quotas one at a time.
+async fn lock_tenant(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    tenant: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO tenants (name, created_at) VALUES (?, UTC_TIMESTAMP(6)) \
+         ON DUPLICATE KEY UPDATE name = name",
+    )
+    .bind(tenant)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Handle on the database, cheap to clone.

@@ -92,13 +92,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         if let Some(limit) = rental.max_rentals {
             // The tenant's row lock: concurrent rents of one tenant count one at a time.
-            sqlx::query(
-                "INSERT INTO tenants (name, created_at) VALUES (?, UTC_TIMESTAMP(6)) \
-                 ON DUPLICATE KEY UPDATE name = name",
-            )
-            .bind(&rental.tenant)
-            .execute(&mut *tx)
-            .await?;
+            super::lock_tenant(&mut tx, &rental.tenant).await?;
             let live: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM rentals WHERE tenant = ? \
                  AND status NOT IN ('released', 'failed')",

@@ -755,3 +755,31 @@ async fn one_tenants_app_cannot_read_another_apps_secrets_on_the_same_worker() {
         "killed by the snoop: {vault}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_never_take_a_tenant_past_its_instance_quota() {
+    let app = spawn_app(1).await;
+    let (_, token) = app.tenant_token_with(json!({"tenant": "greedy"})).await;
+    let http = orion::testkit::client_with_token(&token);
+    // 20 instances in all (apps.max_instances_per_tenant): 10 creates of 3 at once may
+    // only ever give 6 apps.
+    let creates = (0..10).map(|i| {
+        let (http, url) = (http.clone(), app.url("/api/apps"));
+        async move {
+            http.post(url)
+                .json(&json!({"name": format!("g{i}"), "image": IMAGE, "replicas": 3}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    let mut statuses = futures::future::join_all(creates).await;
+    statuses.sort_unstable();
+    assert_eq!(statuses, [201, 201, 201, 201, 201, 201, 429, 429, 429, 429]);
+    let asked = app
+        .count("SELECT CAST(SUM(replicas) AS SIGNED) FROM apps WHERE tenant = 'greedy'")
+        .await;
+    assert_eq!(asked, 18);
+}

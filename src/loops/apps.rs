@@ -432,27 +432,17 @@ async fn node_pass_inner(
     let by_id: HashMap<u64, &InstanceRecord> = instances.iter().map(|i| (i.id, i)).collect();
 
     // Remove first: a worker back from the dead is fenced before it runs anything new.
+    let mut unremoved: HashSet<String> = HashSet::new();
     if !decided.remove.is_empty() {
         let names: Vec<String> = decided.remove.iter().map(|(n, _)| n.clone()).collect();
-        let spec = RemoveSpec {
-            node: node.clone(),
-            names,
-        };
-        ctx.executor
-            .run_app(
-                Playbook::AppRemove,
-                &AppVars {
-                    spec: runtime::encode(&spec),
-                },
-                &target,
-            )
-            .await?;
-        outcome.removed = decided.remove.len();
+        unremoved = remove_containers(ctx, &target, &node, names).await;
+        outcome.removed = decided.remove.len() - unremoved.len();
         metrics::counter!(crate::metrics::names::INSTANCE_ACTIONS, "outcome" => "removed")
-            .increment(decided.remove.len() as u64);
+            .increment(outcome.removed as u64);
         let ended: Vec<&InstanceRecord> = decided
             .remove
             .iter()
+            .filter(|(name, _)| !unremoved.contains(name))
             .filter_map(|(_, id)| id.and_then(|id| by_id.get(&id).copied()))
             .filter(|i| i.state == InstanceState::Stopping)
             .collect();
@@ -462,6 +452,7 @@ async fn node_pass_inner(
         let unknown = decided
             .remove
             .iter()
+            .filter(|(n, _)| !unremoved.contains(n))
             .filter(|(n, _)| !instances.iter().any(|i| &i.container == n));
         for (name, _) in unknown {
             ctx.store
@@ -512,7 +503,16 @@ async fn node_pass_inner(
         }
     }
 
-    for id in &decided.start {
+    // A container that is not Orion's to keep (unknown, or of an instance that is over)
+    // and could not be removed: nothing new starts beside it (the worker is not fenced).
+    let fenced = decided.remove.iter().all(|(name, id)| {
+        !unremoved.contains(name)
+            || id
+                .and_then(|id| by_id.get(&id))
+                .is_some_and(|i| i.state == InstanceState::Stopping)
+    });
+    let starts: &[u64] = if fenced { &decided.start } else { &[] };
+    for id in starts {
         let instance = by_id[id];
         let Some(app) = apps.get(&instance.app_id) else {
             continue;
@@ -574,6 +574,45 @@ async fn node_pass_inner(
         .min();
     outcome.next_restart = waiting.map(|t| (t - now).to_std().unwrap_or_default());
     Ok(outcome)
+}
+
+/// Removes containers of the worker's node: all at once, and if that fails, one by one,
+/// so that one the engine cannot remove holds nothing else back. Returns the names that
+/// could not be removed (tried again next pass).
+async fn remove_containers(
+    ctx: &Context,
+    target: &crate::ssh::Target,
+    node: &str,
+    names: Vec<String>,
+) -> HashSet<String> {
+    let remove = |names: Vec<String>| {
+        let spec = RemoveSpec {
+            node: node.to_owned(),
+            names,
+        };
+        async move {
+            ctx.executor
+                .run_app(
+                    Playbook::AppRemove,
+                    &AppVars {
+                        spec: runtime::encode(&spec),
+                    },
+                    target,
+                )
+                .await
+        }
+    };
+    if remove(names.clone()).await.is_ok() {
+        return HashSet::new();
+    }
+    let mut failed = HashSet::new();
+    for name in names {
+        if let Err(e) = remove(vec![name.clone()]).await {
+            tracing::warn!(worker = %target.name, container = %name, error = %e, "apps: cannot remove a container");
+            failed.insert(name);
+        }
+    }
+    failed
 }
 
 /// The container an instance runs: the app's image, command and environment, Orion's

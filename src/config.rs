@@ -349,6 +349,11 @@ pub struct AppsConfig {
     pub instance_memory: String,
     /// Most processes and threads in one instance.
     pub instance_pids: u32,
+    /// Most CPU one instance may use, in CPUs (e.g. `0.5`).
+    pub instance_cpus: f64,
+    /// Largest log file of one instance (two are kept), e.g. `10m`: a chatty instance
+    /// cannot fill its worker's disk.
+    pub instance_log_max: String,
     /// Most instances a tenant's apps may ask for, all apps together (the admin's are
     /// not bounded).
     pub max_instances_per_tenant: u32,
@@ -362,6 +367,8 @@ impl Default for AppsConfig {
             uid_base: 1_000_000_000,
             instance_memory: "256m".into(),
             instance_pids: 256,
+            instance_cpus: 1.0,
+            instance_log_max: "10m".into(),
             max_instances_per_tenant: 20,
         }
     }
@@ -370,29 +377,58 @@ impl Default for AppsConfig {
 impl AppsConfig {
     /// `instance_memory` in bytes.
     pub fn memory_bytes(&self) -> Result<u64, String> {
-        let s = self.instance_memory.trim().to_ascii_lowercase();
-        let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-            Some(i) => (&s[..i], &s[i..]),
-            None => (s.as_str(), ""),
-        };
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("apps.instance_memory `{s}` is not a size such as 256m"))?;
-        let factor = match unit {
-            "" | "b" => 1,
-            "k" | "kb" | "kib" => 1 << 10,
-            "m" | "mb" | "mib" => 1 << 20,
-            "g" | "gb" | "gib" => 1 << 30,
-            _ => return Err(format!("apps.instance_memory `{s}`: unknown unit `{unit}`")),
-        };
-        let bytes = n.saturating_mul(factor);
+        let bytes = parse_size("apps.instance_memory", &self.instance_memory)?;
         if bytes < 6 << 20 {
             return Err(format!(
-                "apps.instance_memory `{s}` is below Docker's 6 MiB minimum"
+                "apps.instance_memory `{}` is below Docker's 6 MiB minimum",
+                self.instance_memory
             ));
         }
         Ok(bytes)
     }
+
+    /// `instance_log_max` in bytes.
+    pub fn log_max_bytes(&self) -> Result<u64, String> {
+        let bytes = parse_size("apps.instance_log_max", &self.instance_log_max)?;
+        if bytes < 1 << 20 {
+            return Err(format!(
+                "apps.instance_log_max `{}` is below 1 MiB",
+                self.instance_log_max
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// `instance_cpus` in thousandths of a CPU.
+    pub fn cpus_milli(&self) -> Result<u32, String> {
+        let c = self.instance_cpus;
+        if !(0.01..=1024.0).contains(&c) {
+            return Err(format!(
+                "apps.instance_cpus {c} must be between 0.01 and 1024"
+            ));
+        }
+        Ok((c * 1000.0).round() as u32)
+    }
+}
+
+/// A size such as `256m`, `10k`, `1g` or a number of bytes.
+fn parse_size(field: &str, text: &str) -> Result<u64, String> {
+    let s = text.trim().to_ascii_lowercase();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s.as_str(), ""),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{field} `{s}` is not a size such as 256m"))?;
+    let factor = match unit {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("{field} `{s}`: unknown unit `{unit}`")),
+    };
+    Ok(n.saturating_mul(factor))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -556,7 +592,12 @@ impl Config {
         if self.apps.interval.is_zero() {
             return bad("apps.interval", "must be longer than zero");
         }
-        if let Err(e) = self.apps.memory_bytes() {
+        if let Err(e) = self
+            .apps
+            .memory_bytes()
+            .and(self.apps.log_max_bytes())
+            .and(self.apps.cpus_milli())
+        {
             return Err(ConfigError::Invalid(e));
         }
         if self.apps.instance_pids == 0 {

@@ -94,6 +94,10 @@ pub struct RunSpec {
     pub user: String,
     pub memory: u64,
     pub pids: u32,
+    /// CPU share, in thousandths of a CPU.
+    pub cpus_milli: Option<u32>,
+    /// Largest log file (two are kept).
+    pub log_max_bytes: Option<u64>,
 }
 
 /// What `orion-runtime rm` removes.

@@ -659,6 +659,8 @@ fn run_spec(
         },
         memory: cfg.memory_bytes().map_err(anyhow::Error::msg)?,
         pids: cfg.instance_pids,
+        cpus_milli: Some(cfg.cpus_milli().map_err(anyhow::Error::msg)?),
+        log_max_bytes: Some(cfg.log_max_bytes().map_err(anyhow::Error::msg)?),
     })
 }
 

@@ -141,6 +141,18 @@ async fn an_app_runs_on_distinct_workers_scales_rolls_and_goes_leaving_exactly_w
         assert_eq!(answer["app"], "web");
     }
     assert_eq!(containers(&app).len(), 2);
+    // Bounded: the configured CPU share, memory, processes, and log size; its own uid.
+    let limits = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}} {{.HostConfig.PidsLimit}} \
+         {{index .HostConfig.LogConfig.Config \"max-size\"}} {{.Config.User}}",
+        instances[0]["container"].as_str().unwrap(),
+    ]);
+    assert_eq!(
+        limits,
+        "1000000000 268435456 256 10485760 1000000001:1000000001"
+    );
     for w in &app.workers {
         assert_eq!(w.exec("ls /tmp/pwned 2>/dev/null || echo absent"), "absent");
     }

@@ -254,4 +254,13 @@ async fn the_cli_creates_shows_scales_and_deletes_an_app() {
     assert!(stdout(&out).contains("deleted cli"), "{}", stdout(&out));
     let out = orion(&app, admin, &["app", "show", "cli"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // Gone from the workers too (no container outlives the test).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while app.count("SELECT COUNT(*) FROM apps").await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deleted app's instances stayed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

@@ -23,12 +23,12 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
     for playbook in Playbook::ACCOUNTS {
         playbooks.render(playbook, &sample, config.provisioning.uid_min)?;
     }
-    let spec = crate::apps::runtime::encode(&crate::apps::runtime::RemoveSpec {
+    let sample_app = AppVars::new(&crate::apps::runtime::RemoveSpec {
         node: "sample".into(),
         names: vec!["sample.app.1".into()],
     });
     for playbook in Playbook::APPS {
-        playbooks.render_app(playbook, &AppVars { spec: spec.clone() })?;
+        playbooks.render_app(playbook, &sample_app)?;
     }
     let key = Arc::new(ssh::load_private_key(&config.ssh.key)?);
     println!(

@@ -77,6 +77,15 @@ pub struct AppVars {
     pub spec: String,
 }
 
+impl AppVars {
+    /// The values that hand `spec` to `orion-runtime`.
+    pub fn new(spec: &impl Serialize) -> Self {
+        Self {
+            spec: crate::apps::runtime::encode(spec),
+        }
+    }
+}
+
 /// What a playbook sees: the rental's values and the uid floor from the configuration.
 #[derive(Serialize)]
 struct Rendered<'a> {

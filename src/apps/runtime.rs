@@ -114,6 +114,26 @@ pub fn encode<T: Serialize>(spec: &T) -> String {
     base64::engine::general_purpose::STANDARD.encode(json)
 }
 
+/// Runs one `orion-runtime` command on a worker (on its watch connection when one is
+/// open) and returns its stdout; a failure says the command and its stderr.
+pub async fn run(
+    ssh: &crate::ssh::SshClient,
+    target: &crate::ssh::Target,
+    command: &str,
+) -> anyhow::Result<String> {
+    let session = ssh.session(target).await?;
+    let out = session.exec(command, None).await;
+    session.close().await;
+    let out = out?;
+    anyhow::ensure!(
+        out.success(),
+        "`{command}` exited with {:?}: {}",
+        out.exit_status,
+        out.stderr.trim()
+    );
+    Ok(out.stdout)
+}
+
 /// The last `lines` lines of an instance's log, read on its worker.
 pub async fn instance_logs(
     ssh: &crate::ssh::SshClient,
@@ -122,19 +142,7 @@ pub async fn instance_logs(
     container: &str,
     lines: u32,
 ) -> anyhow::Result<String> {
-    let session = ssh.session(&worker.target()).await?;
-    let out = session
-        .exec(&logs_command(node, container, lines), None)
-        .await;
-    session.close().await;
-    let out = out?;
-    anyhow::ensure!(
-        out.success(),
-        "orion-runtime logs exited with {:?}: {}",
-        out.exit_status,
-        out.stderr.trim()
-    );
-    Ok(out.stdout)
+    run(ssh, &worker.target(), &logs_command(node, container, lines)).await
 }
 
 #[cfg(test)]

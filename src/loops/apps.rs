@@ -33,7 +33,7 @@ use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use super::{Next, Pass, run_loop};
-use crate::apps::caddy::{AppRoute, Router, Synced};
+use crate::apps::caddy::{AppRoute, Synced};
 use crate::apps::plan::{self, AppWish, Candidate, Live, Record, Wanted};
 use crate::apps::runtime::{self, RemoveSpec, RunSpec};
 use crate::apps::{InstanceState, container_name};
@@ -282,12 +282,11 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
         }
     }
 
-    // A rolling change waits for new instances to be ready: a pass then sees them so.
+    // What the node passes left: when a new instance will be ready for a rolling change
+    // (a pass is due then), and what Caddy routes to.
+    let settled = ctx.store.live_instances(None).await?;
     let now = Utc::now();
-    let next_ready = ctx
-        .store
-        .live_instances(None)
-        .await?
+    let next_ready = settled
         .iter()
         .filter(|i| i.state == InstanceState::Running && i.crashes == 0)
         .filter_map(|i| i.started_at)
@@ -305,7 +304,7 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
 
     // 5. Caddy serves each app's running instances, and nothing else.
     if let Some(router) = &ctx.router {
-        match sync_routes(ctx, router).await {
+        match router.sync(&routes(&apps, &settled)).await {
             Ok(synced) => summary.routes = synced,
             Err(e) => {
                 summary.routing_failed = true;
@@ -316,12 +315,10 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
     Ok(summary)
 }
 
-/// Makes Caddy route each live app with a port to its running instances.
-async fn sync_routes(ctx: &Context, router: &Router) -> anyhow::Result<Synced> {
-    let apps = ctx.store.live_apps(None).await?;
-    let live = ctx.store.live_instances(None).await?;
-    let routes: Vec<AppRoute> = apps
-        .iter()
+/// What Caddy should route: each app with a port, not deleted, to its running instances.
+fn routes(apps: &[AppRecord], live: &[InstanceRecord]) -> Vec<AppRoute> {
+    apps.iter()
+        .filter(|app| !app.deleting)
         .filter_map(|app| {
             let port = app.port?;
             let upstreams = live
@@ -335,8 +332,7 @@ async fn sync_routes(ctx: &Context, router: &Router) -> anyhow::Result<Synced> {
                 health_path: app.health_path.clone(),
             })
         })
-        .collect();
-    router.sync(&routes).await
+        .collect()
 }
 
 /// The label value that scopes a worker's containers on its engine.
@@ -405,18 +401,8 @@ async fn node_pass_inner(
     let mut outcome = NodeOutcome::default();
     let target = worker.target();
     let node = node_of(worker);
-    let session = ctx.ssh.session(&target).await?;
-    let out = session.exec(&runtime::ps_command(&node), None).await;
-    session.close().await;
-    let out = out?;
-    anyhow::ensure!(
-        out.success(),
-        "orion-runtime ps exited with {:?}: {}",
-        out.exit_status,
-        out.stderr.trim()
-    );
-    let observed =
-        runtime::parse_ps(&out.stdout).context("orion-runtime ps answered no JSON list")?;
+    let listed = runtime::run(&ctx.ssh, &target, &runtime::ps_command(&node)).await?;
+    let observed = runtime::parse_ps(&listed).context("orion-runtime ps answered no JSON list")?;
     let now = Utc::now();
     let wanted: Vec<Wanted> = instances
         .iter()
@@ -520,13 +506,7 @@ async fn node_pass_inner(
         let spec = run_spec(ctx, worker, &node, app, instance)?;
         let result = ctx
             .executor
-            .run_app(
-                Playbook::AppRun,
-                &AppVars {
-                    spec: runtime::encode(&spec),
-                },
-                &target,
-            )
+            .run_app(Playbook::AppRun, &AppVars::new(&spec), &target)
             .await;
         // Started before: this is a restart (its container exited or vanished).
         let restart = instance.started_at.is_some();
@@ -592,13 +572,7 @@ async fn remove_containers(
         };
         async move {
             ctx.executor
-                .run_app(
-                    Playbook::AppRemove,
-                    &AppVars {
-                        spec: runtime::encode(&spec),
-                    },
-                    target,
-                )
+                .run_app(Playbook::AppRemove, &AppVars::new(&spec), target)
                 .await
         }
     };

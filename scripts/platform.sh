@@ -11,6 +11,8 @@
 # .platform/$ORION_PROJECT (mode 700, never committed).
 # Env: ORION_PROJECT (default orion)  compose project name; several platforms can coexist
 #      ORION_HTTPS_PORT (default 443) host port of Caddy's HTTPS
+#      ORION_GATEWAY_PORTS (default 2200-2219) host ports of the SSH gateway: one per
+#                                     rental, stable across its moves
 #      ORION_WORKER_PREFIX, ORION_WORKER_BASE_PORT: see scripts/workers.sh
 #      ORION_BINARY: use this orion binary instead of `cargo build --release`
 #      ORION_EXECUTOR (default native)  provisioning executor: native or ansible
@@ -57,6 +59,18 @@ ensure_key() {
     sh -c 'chown 10001:10001 /p/orion_ed25519 && chmod 600 /p/orion_ed25519'
 }
 
+# Orion's SSH host certificate authority: it signs every worker's host key, so tenants
+# trust one `@cert-authority` line (GET /api/ssh/known_hosts). A file here rather than
+# made by orion itself, so that every orion replica signs with the same key.
+ensure_host_ca() {
+  local key=$dir/host_ca_ed25519
+  [[ -e "$key" ]] && return
+  log "making Orion's SSH host certificate authority $key"
+  ssh-keygen -q -t ed25519 -N '' -C "orion-host-ca@$project" -f "$key"
+  docker run --rm -v "$PWD/$dir:/p" orion/debian:bookworm \
+    sh -c 'chown 10001:10001 /p/host_ca_ed25519 && chmod 600 /p/host_ca_ed25519'
+}
+
 ensure_env() {
   local env=$dir/.env
   if [[ ! -e "$env" ]]; then
@@ -71,6 +85,9 @@ ORION_INVENTORY=$PWD/$dir/inventory.toml
 ORION_SSH_KEY=$PWD/$dir/orion_ed25519
 ENV
   fi
+  # Added after the first platforms were made: appended to an older .env.
+  grep -qE '^ORION_HOST_CA_KEY=.+' "$env" || echo "ORION_HOST_CA_KEY=$PWD/$dir/host_ca_ed25519" >>"$env"
+  grep -qE '^ORION_GATEWAY_PORTS=.+' "$env" || echo "ORION_GATEWAY_PORTS=${ORION_GATEWAY_PORTS:-2200-2219}" >>"$env"
   local var
   for var in ORION_DB_ROOT_PASSWORD ORION_DB_PASSWORD ORION_ADMIN_TOKEN ORION_HTTPS_PORT ORION_INVENTORY ORION_SSH_KEY; do
     grep -qE "^$var=.+" "$env" || die "$env has no $var. Delete $env and run 'scripts/platform.sh down --volumes' (the database was made with the old passwords), then 'up' again"
@@ -132,6 +149,7 @@ up() {
   mkdir -p "$dir" && chmod 700 "$dir"
   scripts/base-image.sh >&2
   ensure_key
+  ensure_host_ca
   ensure_env
   build_images
   # From here on, a failure takes down what was started: nothing half-started stays.
@@ -151,8 +169,10 @@ POST /api/tokens):
   TOKEN=\$(grep ^ORION_ADMIN_TOKEN= $dir/.env | cut -d= -f2)
   curl --cacert \$CA -H "Authorization: Bearer \$TOKEN" -X POST https://localhost:$port/api/rent \\
        --json "{\"ssh_public_key\": \"\$(cat ~/.ssh/id_ed25519.pub)\"}"
-  ssh -p <port> <username>@localhost          # from the answer
+  curl --cacert \$CA -H "Authorization: Bearer \$TOKEN" https://localhost:$port/api/ssh/known_hosts >> ~/.ssh/known_hosts
+  ssh -p <endpoint.port> <username>@localhost # from the answer: the rental's own port
   docker stop ${ORION_WORKER_PREFIX:-}worker_1                  # the failure drill
+  ssh -p <endpoint.port> <username>@localhost # the same endpoint, the same files
   curl --cacert \$CA -H "Authorization: Bearer \$TOKEN" https://localhost:$port/api/rentals/<id>
 
 Tear down with: scripts/platform.sh down   (add --volumes to drop the data and workers)

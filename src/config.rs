@@ -50,6 +50,10 @@ pub struct Config {
     #[serde(default)]
     pub caddy: CaddyConfig,
     #[serde(default)]
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub snapshots: SnapshotsConfig,
+    #[serde(default)]
     pub tenants: TenantsConfig,
     pub auth: AuthConfig,
     #[serde(default)]
@@ -152,6 +156,18 @@ pub struct SshConfig {
     /// work queues instead of exhausting file descriptors or the workers' `MaxStartups`.
     #[serde_inline_default(256)]
     pub max_sessions: usize,
+    /// Orion's SSH host certificate authority (an OpenSSH ed25519 private key, made at
+    /// first start if the file is missing). It signs each worker's pinned host key, so
+    /// that one `@cert-authority` line (`GET /api/ssh/known_hosts`) lets tenants' SSH
+    /// clients trust every worker, before and after a move. Unset: no host certificates.
+    /// Every control-plane replica must use the same key.
+    #[serde(default)]
+    pub host_ca_key: Option<PathBuf>,
+    /// How long a worker's host certificate is valid; a new one is installed when less
+    /// than a quarter of this is left.
+    #[serde_inline_default(Duration::from_secs(30 * 86_400))]
+    #[serde(with = "humantime_serde")]
+    pub host_cert_validity: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -411,6 +427,16 @@ impl AppsConfig {
     }
 }
 
+/// A DNS host name or an IP address: what a host certificate's principal and a
+/// `known_hosts` pattern may hold.
+fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
+}
+
 /// A size such as `256m`, `10k`, `1g` or a number of bytes.
 fn parse_size(field: &str, text: &str) -> Result<u64, String> {
     let s = text.trim().to_ascii_lowercase();
@@ -449,6 +475,116 @@ impl Default for CaddyConfig {
             admin: None,
             site: "localhost".into(),
         }
+    }
+}
+
+/// The SSH gateway: one port per rental, stable for its whole life, whose connections
+/// are forwarded (bytes only: SSH runs end to end between the client and the worker) to
+/// the worker serving the rental now.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The ports rentals are given, `first-last` (e.g. `2200-2299`); the gateway listens
+    /// on all of them. Unset: no gateway, rentals have no endpoint.
+    pub ports: Option<String>,
+    /// Address the gateway's ports are bound on.
+    pub listen: std::net::IpAddr,
+    /// The host name clients are told to connect to (the endpoint's `host`). It is also a
+    /// principal of every worker's host certificate.
+    pub host: String,
+    /// More names the gateway is reached by (principals of the host certificates, and
+    /// patterns of the `@cert-authority` line).
+    pub names: Vec<String>,
+    /// How long a new connection waits for its rental to be active again (a move in
+    /// progress) before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            ports: None,
+            listen: std::net::IpAddr::from([0, 0, 0, 0]),
+            host: "localhost".into(),
+            names: Vec::new(),
+            wait: Duration::from_secs(20),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// The port range, if the gateway is on.
+    pub fn port_range(&self) -> Result<Option<std::ops::RangeInclusive<u16>>, String> {
+        let Some(text) = &self.ports else {
+            return Ok(None);
+        };
+        let bad = || format!("gateway.ports `{text}` is not a range such as 2200-2299");
+        let (first, last) = text.trim().split_once('-').ok_or_else(bad)?;
+        let first: u16 = first.trim().parse().map_err(|_| bad())?;
+        let last: u16 = last.trim().parse().map_err(|_| bad())?;
+        if first == 0 || last < first {
+            return Err(bad());
+        }
+        if last - first >= 4096 {
+            return Err(format!(
+                "gateway.ports `{text}`: at most 4096 ports (one listener each)"
+            ));
+        }
+        Ok(Some(first..=last))
+    }
+
+    /// Every name the gateway is reached by, `host` first.
+    pub fn all_names(&self) -> Vec<String> {
+        let mut names = vec![self.host.clone()];
+        for n in &self.names {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        names
+    }
+}
+
+/// Snapshots of rentals' homes, restored on the new worker when a rental moves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotsConfig {
+    /// Whether homes are snapshotted (and restored after a move).
+    pub enabled: bool,
+    /// Time between two snapshots of a home; one is taken only if something changed.
+    /// What a failover loses is at most about this much of the tenant's work.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Largest snapshot of one home (compressed), e.g. `256m`: a bigger home keeps its
+    /// last snapshot, with a `snapshot.too_big` event.
+    pub max_bytes: String,
+    /// Homes snapshotted at once.
+    pub concurrency: usize,
+}
+
+impl Default for SnapshotsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(60),
+            max_bytes: "256m".into(),
+            concurrency: 4,
+        }
+    }
+}
+
+impl SnapshotsConfig {
+    /// `max_bytes` in bytes.
+    pub fn max_bytes(&self) -> Result<u64, String> {
+        let bytes = parse_size("snapshots.max_bytes", &self.max_bytes)?;
+        if bytes < 1 << 20 {
+            return Err(format!(
+                "snapshots.max_bytes `{}` is below 1 MiB",
+                self.max_bytes
+            ));
+        }
+        Ok(bytes)
     }
 }
 
@@ -588,6 +724,24 @@ impl Config {
                 .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
         {
             return bad("caddy.site", "must be a host name");
+        }
+        if let Err(e) = self.gateway.port_range() {
+            return Err(ConfigError::Invalid(e));
+        }
+        if self.gateway.all_names().iter().any(|n| !is_host_name(n)) {
+            return bad("gateway.host", "and gateway.names must be host names");
+        }
+        if let Err(e) = self.snapshots.max_bytes() {
+            return Err(ConfigError::Invalid(e));
+        }
+        if self.snapshots.interval.is_zero() || self.snapshots.concurrency == 0 {
+            return bad(
+                "snapshots.interval",
+                "and snapshots.concurrency must be above zero",
+            );
+        }
+        if self.ssh.host_cert_validity < Duration::from_secs(3600) {
+            return bad("ssh.host_cert_validity", "must be at least 1h");
         }
         if self.apps.interval.is_zero() {
             return bad("apps.interval", "must be longer than zero");

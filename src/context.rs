@@ -48,4 +48,6 @@ pub struct Context {
     pub limiter: Arc<crate::ratelimit::AddressLimiter>,
     /// Keeps Caddy's app routes in sync (`[caddy] admin`), if apps are routed.
     pub router: Option<Arc<crate::apps::caddy::Router>>,
+    /// Signs workers' host keys (`ssh.host_ca_key`), if configured.
+    pub host_ca: Option<Arc<crate::hostca::HostCa>>,
 }

@@ -33,10 +33,17 @@
 //!     re-probed within milliseconds;
 //!   - [`loops::migration`]: move rentals off dead workers, same credentials;
 //!   - [`loops::cleanup`]: remove leftover tenant accounts from workers before they are
-//!     offered again;
+//!     offered again, and keep each worker's host certificate current;
+//!   - [`loops::snapshots`]: snapshot each active rental's home when it changed;
 //!   - [`loops::apps`]: make the workers hold exactly the apps' instances (observe with
 //!     one SSH command per worker, remove, start), woken by the workers' own container
 //!     events.
+//! - [`gateway`]: the SSH gateway: one stable port per rental, forwarded byte for byte
+//!   to the worker serving it now.
+//! - [`hostca`]: Orion's SSH host certificate authority: signs and installs each worker's
+//!   host certificate, and gives tenants the one `known_hosts` line they need.
+//! - [`snapshots`]: taking a home's snapshot (streamed over SSH into the database) and
+//!   restoring it on a rental's new worker.
 //! - [`probe`]: probing one worker (confirmation, hysteresis, recording), shared by the
 //!   health and watch loops.
 //! - [`probe_policy`]: the pure rules of probing (how deep a probe goes, when a status
@@ -66,6 +73,8 @@ pub mod check;
 pub mod client;
 pub mod config;
 pub mod context;
+pub mod gateway;
+pub mod hostca;
 pub mod inventory;
 pub mod loops;
 pub mod metrics;
@@ -77,6 +86,7 @@ pub mod probe_policy;
 pub mod progress;
 pub mod ratelimit;
 pub mod rentals;
+pub mod snapshots;
 pub mod ssh;
 pub mod startup;
 pub mod store;

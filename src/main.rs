@@ -62,6 +62,12 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Print the `known_hosts` line that makes ssh trust every worker through Orion's
+    /// host CA (append it to ~/.ssh/known_hosts once).
+    KnownHosts {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// List the workers (admin token).
     Workers {
         #[command(flatten)]
@@ -187,6 +193,7 @@ fn main() -> ExitCode {
         Command::Rent { key, username, api } => (api, client::Command::Rent { key, username }),
         Command::Release { id, api } => (api, client::Command::Release { id }),
         Command::Rentals { api } => (api, client::Command::Rentals),
+        Command::KnownHosts { api } => (api, client::Command::KnownHosts),
         Command::Workers { api } => (api, client::Command::Workers),
         Command::Drain { worker, api } => (
             api,

@@ -37,6 +37,15 @@ pub mod names {
     /// Counter: containers the apps loop started, by `outcome` (created, restarted,
     /// failed), and removed (`outcome` removed).
     pub const INSTANCE_ACTIONS: &str = "orion_instance_actions_total";
+    /// Counter: connections to the SSH gateway, by `outcome` (forwarded, refused).
+    pub const GATEWAY_CONNECTIONS: &str = "orion_gateway_connections_total";
+    /// Counter: bytes the SSH gateway forwarded, both ways.
+    pub const GATEWAY_BYTES: &str = "orion_gateway_bytes_total";
+    /// Counter: bytes of home snapshots stored (compressed).
+    pub const SNAPSHOT_BYTES: &str = "orion_snapshot_bytes_total";
+    /// Counter: snapshots restored onto a rental's new worker, by `outcome` (restored,
+    /// incomplete, none).
+    pub const RESTORES: &str = "orion_restores_total";
 }
 
 /// Buckets for the latency histograms: from 5 ms (a probe on loopback) to 30 s (an

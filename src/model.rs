@@ -78,6 +78,20 @@ pub enum RentalStatus {
     Failed,
 }
 
+impl RentalStatus {
+    /// Whether a rental in this state will be active again without anyone asking: it is
+    /// being made, moved, or waits for a worker to move to.
+    pub fn may_become_active(self) -> bool {
+        matches!(
+            self,
+            RentalStatus::Active
+                | RentalStatus::Provisioning
+                | RentalStatus::Migrating
+                | RentalStatus::Waiting
+        )
+    }
+}
+
 /// The part a worker plays for one rental, recorded in the placement history.
 #[derive(
     Debug,

@@ -179,11 +179,11 @@ impl Notifier {
     /// POSTs the rental's new placement to its `notify_url`, retrying with back-off; runs
     /// in its own task and records the outcome as an event. A redirect is an answer, not
     /// a success: it is not followed.
-    pub async fn deliver(self, store: Store, rental_id: String, url: String) {
+    pub async fn deliver(self, store: Store, rental_id: String, url: String, gateway_host: String) {
         let Ok(Some(detail)) = store.rental_detail(&rental_id).await else {
             return;
         };
-        let view = crate::api::views::RentalView::from(detail);
+        let view = crate::api::views::RentalView::new(detail, &gateway_host);
         let body = json!({ "event": "rental.migrated", "rental": view });
         let mut last_error = String::new();
         // The resolver guards names at each try; an address literal is checked once here.

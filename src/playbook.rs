@@ -26,6 +26,12 @@ pub enum Playbook {
     AppRun,
     /// Removes containers of a worker's node (idempotent).
     AppRemove,
+    /// Installs the worker's host certificate and has sshd present it (idempotent).
+    HostCert,
+    /// Streams a snapshot of a tenant's home (shell only: see [`Playbook::STREAMS`]).
+    SnapshotHome,
+    /// Restores a snapshot into a tenant's new home (shell only).
+    RestoreHome,
 }
 
 impl Playbook {
@@ -33,11 +39,27 @@ impl Playbook {
     pub const ACCOUNTS: [Playbook; 2] = [Playbook::CreateUser, Playbook::DeleteUser];
     /// The playbooks of apps' instances, rendered with [`AppVars`].
     pub const APPS: [Playbook; 2] = [Playbook::AppRun, Playbook::AppRemove];
-    pub const ALL: [Playbook; 4] = [
+    /// The playbooks that stream a home's archive over the SSH channel (out of, or into,
+    /// the worker). They always run with Orion's own SSH client, whatever the executor:
+    /// Ansible moves files, not streams, and would have to stage every archive on disk
+    /// on both sides.
+    pub const STREAMS: [Playbook; 2] = [Playbook::SnapshotHome, Playbook::RestoreHome];
+    /// The playbooks with an Ansible twin (`<name>.yml`).
+    pub const WITH_TWINS: [Playbook; 5] = [
         Playbook::CreateUser,
         Playbook::DeleteUser,
         Playbook::AppRun,
         Playbook::AppRemove,
+        Playbook::HostCert,
+    ];
+    pub const ALL: [Playbook; 7] = [
+        Playbook::CreateUser,
+        Playbook::DeleteUser,
+        Playbook::AppRun,
+        Playbook::AppRemove,
+        Playbook::HostCert,
+        Playbook::SnapshotHome,
+        Playbook::RestoreHome,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +68,9 @@ impl Playbook {
             Playbook::DeleteUser => "delete_user",
             Playbook::AppRun => "app_run",
             Playbook::AppRemove => "app_remove",
+            Playbook::HostCert => "host_cert",
+            Playbook::SnapshotHome => "snapshot_home",
+            Playbook::RestoreHome => "restore_home",
         }
     }
 
@@ -53,6 +78,9 @@ impl Playbook {
         format!("{}.sh.j2", self.name())
     }
 }
+
+/// Template pieces other playbooks include (`{% include %}`).
+const PARTIALS: [&str; 1] = ["_end_processes.sh.j2"];
 
 /// The values a playbook is rendered with.
 #[derive(Debug, Clone, Serialize)]
@@ -84,6 +112,27 @@ impl AppVars {
             spec: crate::apps::runtime::encode(spec),
         }
     }
+}
+
+/// The values `host_cert` is rendered with.
+#[derive(Debug, Clone, Serialize)]
+pub struct CertVars {
+    /// The certificate, one OpenSSH line.
+    pub certificate: String,
+    /// The host key it certifies (the one Orion trusts), one OpenSSH line.
+    pub host_key: String,
+}
+
+/// The values the home playbooks ([`Playbook::STREAMS`]) are rendered with.
+#[derive(Debug, Clone, Serialize)]
+pub struct HomeVars {
+    pub username: String,
+    /// The account's uid on the worker.
+    pub uid: u32,
+    /// The last snapshot's fingerprint (`snapshot_home`; empty: none).
+    pub fingerprint: String,
+    /// A planned move's last snapshot: the tenant's sessions end first (`snapshot_home`).
+    pub r#final: bool,
 }
 
 /// What a playbook sees: the rental's values and the uid floor from the configuration.
@@ -182,8 +231,11 @@ impl Playbooks {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_formatter(shell_quoting_formatter);
-        for playbook in Playbook::ALL {
-            let name = playbook.template();
+        let names = Playbook::ALL
+            .iter()
+            .map(|p| p.template())
+            .chain(PARTIALS.iter().map(|p| p.to_string()));
+        for name in names {
             let path = dir.join(&name);
             let text = std::fs::read_to_string(&path).map_err(|cause| PlaybookError::Read {
                 path: path.clone(),
@@ -212,6 +264,32 @@ impl Playbooks {
     /// Renders an app playbook ([`Playbook::APPS`]).
     pub fn render_app(&self, playbook: Playbook, vars: &AppVars) -> Result<String, PlaybookError> {
         self.render_with(playbook, vars)
+    }
+
+    /// Renders `host_cert`.
+    pub fn render_cert(&self, vars: &CertVars) -> Result<String, PlaybookError> {
+        self.render_with(Playbook::HostCert, vars)
+    }
+
+    /// Renders a home playbook ([`Playbook::STREAMS`]) into the command that runs it
+    /// (`sh -c '<script>'`: the channel's stdin and stdout carry the archive). Nothing
+    /// secret is in it; `uid_min` is the floor below which it refuses.
+    pub fn render_home(
+        &self,
+        playbook: Playbook,
+        vars: &HomeVars,
+        uid_min: u32,
+    ) -> Result<String, PlaybookError> {
+        debug_assert!(Playbook::STREAMS.contains(&playbook));
+        if vars.uid < uid_min {
+            return Err(PlaybookError::Refused {
+                playbook: playbook.name(),
+                worker: String::new(),
+                reason: format!("uid {} is below Orion's floor {uid_min}", vars.uid),
+            });
+        }
+        let script = self.render_with(playbook, vars)?;
+        Ok(format!("sh -c {}", shell_quote(&script)))
     }
 
     /// Renders a playbook with any values (strict: a value it prints must be there).
@@ -314,6 +392,11 @@ impl Executor {
         let uid_min = self.uid_min;
         self.execute(playbook, &Rendered { vars, uid_min }, target)
             .await
+    }
+
+    /// Installs a host certificate on `target`, as [`Executor::run`] runs a playbook.
+    pub async fn run_cert(&self, vars: &CertVars, target: &Target) -> Result<(), PlaybookError> {
+        self.execute(Playbook::HostCert, vars, target).await
     }
 
     /// Runs an app playbook ([`Playbook::APPS`]) on `target`, as [`Executor::run`] does.
@@ -648,6 +731,50 @@ mod tests {
                 "{script}"
             );
         }
+    }
+
+    #[test]
+    fn the_home_playbooks_render_into_one_command_with_their_values_quoted() {
+        let playbooks = shipped();
+        let mut vars = HomeVars {
+            username: "erin".into(),
+            uid: 200_321,
+            fingerprint: "abc'; rm -rf / #".into(),
+            r#final: false,
+        };
+        let snapshot = playbooks
+            .render_home(Playbook::SnapshotHome, &vars, 200_000)
+            .unwrap();
+        assert!(snapshot.starts_with("sh -c '"), "{snapshot}");
+        assert!(snapshot.contains("user='\\''erin'\\''"), "{snapshot}");
+        assert!(snapshot.contains("final='\\''no'\\''"), "{snapshot}");
+        vars.r#final = true;
+        let last = playbooks
+            .render_home(Playbook::SnapshotHome, &vars, 200_000)
+            .unwrap();
+        assert!(last.contains("final='\\''yes'\\''"), "{last}");
+        assert!(last.contains("kill -KILL -1"), "{last}");
+        let restore = playbooks
+            .render_home(Playbook::RestoreHome, &vars, 200_000)
+            .unwrap();
+        assert!(restore.contains("--no-same-owner"), "{restore}");
+        vars.uid = 5;
+        assert!(
+            playbooks
+                .render_home(Playbook::RestoreHome, &vars, 200_000)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_host_certificate_playbook_gets_the_certificate_and_the_key_quoted() {
+        let vars = CertVars {
+            certificate: "ssh-ed25519-cert-v01@openssh.com AAAA w1".into(),
+            host_key: "ssh-ed25519 BBBB".into(),
+        };
+        let script = shipped().render_cert(&vars).unwrap();
+        assert!(script.contains("certificate='ssh-ed25519-cert-v01@openssh.com AAAA w1'"));
+        assert!(script.contains("host_key='ssh-ed25519 BBBB'"));
     }
 
     #[test]

@@ -118,6 +118,7 @@ async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Re
         notify_url: request.notify_url.map(|u| u.as_str().to_owned()),
         ttl: request.ttl,
         max_rentals: request.max_rentals,
+        endpoint_ports: ctx.config.gateway.port_range().ok().flatten(),
     };
     let uid_min = ctx.executor.uid_min();
     let mut tried = Vec::new();
@@ -245,6 +246,12 @@ pub async fn provision(
         password_hash: rental.password_hash.clone(),
     };
     let worker = &claim.worker;
+    // The tenant's client trusts the worker through Orion's CA: its certificate must be
+    // there before the tenant logs in (normally the cleanup loop installed it already).
+    if let Err(e) = crate::hostca::ensure_certificate(ctx, worker).await {
+        tracing::warn!(worker = %worker.name, error = format!("{e:#}"),
+            "no host certificate on the worker: the tenant's client will not trust it by the CA");
+    }
     let result = ctx
         .executor
         .run(Playbook::CreateUser, &vars, &worker.target())

@@ -653,41 +653,18 @@ impl Session {
             addr: self.addr.clone(),
             cause,
         };
-        let not_opened = |cause: String| SshError::ChannelOpen {
-            addr: self.addr.clone(),
-            cause,
-        };
-        let mut channel =
-            match tokio::time::timeout(self.open_timeout, self.handle.channel_open_session()).await
-            {
-                Ok(Ok(channel)) => channel,
-                Ok(Err(e)) => return Err(not_opened(e.to_string())),
-                Err(_) => {
-                    return Err(not_opened(format!(
-                        "no answer within {:?}",
-                        self.open_timeout
-                    )));
-                }
-            };
+        let mut channel = self.open_channel().await?;
         let work = async {
             channel.exec(true, command).await.map_err(protocol)?;
             if let Some(input) = stdin {
                 channel.data(input).await.map_err(protocol)?;
             }
             channel.eof().await.map_err(protocol)?;
-            let mut out = Output::default();
-            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            let mut collected = Collected::default();
             while let Some(msg) = channel.wait().await {
-                match msg {
-                    ChannelMsg::Data { data } => append_capped(&mut stdout, &data),
-                    ChannelMsg::ExtendedData { data, .. } => append_capped(&mut stderr, &data),
-                    ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
-                    _ => {}
-                }
+                collected.take(msg);
             }
-            out.stdout = String::from_utf8_lossy(&stdout).into_owned();
-            out.stderr = String::from_utf8_lossy(&stderr).into_owned();
-            Ok(out)
+            Ok(collected.output())
         };
         tokio::time::timeout(self.command_timeout, work)
             .await
@@ -706,23 +683,7 @@ impl Session {
             addr: self.addr.clone(),
             cause,
         };
-        let mut channel =
-            match tokio::time::timeout(self.open_timeout, self.handle.channel_open_session()).await
-            {
-                Ok(Ok(channel)) => channel,
-                Ok(Err(e)) => {
-                    return Err(SshError::ChannelOpen {
-                        addr: self.addr.clone(),
-                        cause: e.to_string(),
-                    });
-                }
-                Err(_) => {
-                    return Err(SshError::ChannelOpen {
-                        addr: self.addr.clone(),
-                        cause: format!("no answer within {:?}", self.open_timeout),
-                    });
-                }
-            };
+        let mut channel = self.open_channel().await?;
         channel.exec(true, command).await.map_err(protocol)?;
         channel.eof().await.map_err(protocol)?;
         let mut pending: Vec<u8> = Vec::new();
@@ -739,6 +700,118 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Opens a session channel, bounded by the open timeout: a live server answers at
+    /// once, and a connection that died unnoticed fails here, before anything ran.
+    async fn open_channel(&self) -> Result<russh::Channel<client::Msg>, SshError> {
+        let not_opened = |cause: String| SshError::ChannelOpen {
+            addr: self.addr.clone(),
+            cause,
+        };
+        match tokio::time::timeout(self.open_timeout, self.handle.channel_open_session()).await {
+            Ok(Ok(channel)) => Ok(channel),
+            Ok(Err(e)) => Err(not_opened(e.to_string())),
+            Err(_) => Err(not_opened(format!(
+                "no answer within {:?}",
+                self.open_timeout
+            ))),
+        }
+    }
+
+    /// Starts `command` and returns its stdout as it comes, piece by piece
+    /// ([`Reading::next`]): a stream too big to hold (a home's archive). The channel is
+    /// not read while the caller works on a piece, so a slow reader slows the sender
+    /// rather than filling memory.
+    pub async fn exec_reading(&self, command: &str) -> Result<Reading, SshError> {
+        let channel = self.open_channel().await?;
+        let protocol = |cause| SshError::Protocol {
+            addr: self.addr.clone(),
+            cause,
+        };
+        channel.exec(true, command).await.map_err(protocol)?;
+        channel.eof().await.map_err(protocol)?;
+        let (read, write) = channel.split();
+        Ok(Reading {
+            read,
+            _write: write,
+            exit_status: None,
+            stderr: Vec::new(),
+            addr: self.addr.clone(),
+            idle: self.command_timeout,
+        })
+    }
+
+    /// Runs `command` with the pieces of `source` as its stdin, then end-of-file, and
+    /// collects its (capped) output. Output is read while stdin is written, so a
+    /// command that talks back cannot stall the stream. Fails if the command ends
+    /// before it took everything, or if nothing moves for the command timeout.
+    pub async fn exec_writing(
+        &self,
+        command: &str,
+        source: impl futures::Stream<Item = anyhow::Result<Vec<u8>>>,
+    ) -> anyhow::Result<Output> {
+        use futures::StreamExt;
+        let channel = self.open_channel().await?;
+        let protocol = |cause| SshError::Protocol {
+            addr: self.addr.clone(),
+            cause,
+        };
+        channel.exec(true, command).await.map_err(protocol)?;
+        let (mut read, write) = channel.split();
+        let idle = self.command_timeout;
+        // When the stream last moved: the command may stay silent while it takes input.
+        let base = Instant::now();
+        let moved_ms = std::sync::atomic::AtomicU64::new(0);
+        let since_moved = || {
+            let at = Duration::from_millis(moved_ms.load(std::sync::atomic::Ordering::Relaxed));
+            base.elapsed().saturating_sub(at)
+        };
+        let send = async {
+            let sent = async {
+                futures::pin_mut!(source);
+                while let Some(piece) = source.next().await {
+                    let piece = piece?;
+                    tokio::time::timeout(idle, write.data(&piece[..]))
+                        .await
+                        .map_err(|_| {
+                            anyhow::anyhow!("{}: the command took no input for {idle:?}", self.addr)
+                        })?
+                        .map_err(protocol)?;
+                    moved_ms.store(
+                        base.elapsed().as_millis() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+                write.eof().await.map_err(protocol)?;
+                anyhow::Ok(())
+            }
+            .await;
+            if sent.is_err() {
+                // The command must not wait for the rest: closing ends it.
+                let _ = write.close().await;
+            }
+            sent
+        };
+        let receive = async {
+            let mut collected = Collected::default();
+            loop {
+                match tokio::time::timeout(idle, read.wait()).await {
+                    Ok(Some(msg)) => collected.take(msg),
+                    Ok(None) => break,
+                    Err(_) if since_moved() < idle => continue,
+                    Err(_) => break,
+                };
+            }
+            collected.output()
+        };
+        let (sent, out) = tokio::join!(send, receive);
+        if let Err(e) = sent
+            && out.exit_status.is_none()
+        {
+            return Err(e);
+        }
+        Ok(out)
     }
 
     /// A keepalive request that the server must answer. OpenSSH answers it with a
@@ -772,6 +845,81 @@ impl Session {
             .handle
             .disconnect(Disconnect::ByApplication, "", "en")
             .await;
+    }
+}
+
+/// A command's stdout, read as it comes ([`Session::exec_reading`]).
+pub struct Reading {
+    read: russh::ChannelReadHalf,
+    /// Kept so the channel stays open until the command ends.
+    _write: russh::ChannelWriteHalf<client::Msg>,
+    exit_status: Option<u32>,
+    stderr: Vec<u8>,
+    addr: String,
+    /// The command fails if nothing arrives for this long.
+    idle: Duration,
+}
+
+impl Reading {
+    /// The next piece of stdout; `None` once the command has ended (then [`Reading::finish`]
+    /// tells how).
+    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, SshError> {
+        loop {
+            let msg = tokio::time::timeout(self.idle, self.read.wait())
+                .await
+                .map_err(|_| SshError::Timeout {
+                    addr: self.addr.clone(),
+                    stage: "stream",
+                    after: self.idle,
+                })?;
+            match msg {
+                None => return Ok(None),
+                Some(ChannelMsg::Data { data }) => return Ok(Some(data.to_vec())),
+                Some(ChannelMsg::ExtendedData { data, .. }) => {
+                    append_capped(&mut self.stderr, &data)
+                }
+                Some(ChannelMsg::ExitStatus { exit_status }) => {
+                    self.exit_status = Some(exit_status)
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// The command's exit status and (capped) stderr, once [`Reading::next`] said `None`.
+    pub fn finish(self) -> Output {
+        Output {
+            exit_status: self.exit_status,
+            stdout: String::new(),
+            stderr: String::from_utf8_lossy(&self.stderr).into_owned(),
+        }
+    }
+}
+
+/// A command's output as it arrives: stdout and stderr capped, the exit status.
+#[derive(Default)]
+struct Collected {
+    exit_status: Option<u32>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+impl Collected {
+    fn take(&mut self, msg: ChannelMsg) {
+        match msg {
+            ChannelMsg::Data { data } => append_capped(&mut self.stdout, &data),
+            ChannelMsg::ExtendedData { data, .. } => append_capped(&mut self.stderr, &data),
+            ChannelMsg::ExitStatus { exit_status } => self.exit_status = Some(exit_status),
+            _ => {}
+        }
+    }
+
+    fn output(self) -> Output {
+        Output {
+            exit_status: self.exit_status,
+            stdout: String::from_utf8_lossy(&self.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&self.stderr).into_owned(),
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::config::ExecutorKind;
 use crate::context::Context;
 use crate::inventory::Inventory;
-use crate::loops::{self, LoopRegistry, apps, cleanup, health, migration, watch};
+use crate::loops::{self, LoopRegistry, apps, cleanup, health, migration, snapshots, watch};
 use crate::playbook::{Ansible, Executor, Playbook, Playbooks};
 use crate::ssh::SshClient;
 use crate::store::Store;
@@ -49,6 +49,8 @@ impl Loops {
 /// A built, not yet running, Orion: API listener bound, schema applied, inventory synced.
 pub struct Application {
     listener: TcpListener,
+    /// The SSH gateway's listeners (`gateway.ports`), if it is on.
+    gateway: Option<crate::gateway::Gateway>,
     ctx: Context,
     loops: Loops,
 }
@@ -94,7 +96,7 @@ impl Application {
             config.provisioning.uid_min,
         );
         if config.provisioning.executor == ExecutorKind::Ansible {
-            for playbook in Playbook::ALL {
+            for playbook in Playbook::WITH_TWINS {
                 let path = config.playbooks.join(format!("{}.yml", playbook.name()));
                 anyhow::ensure!(
                     path.is_file(),
@@ -118,6 +120,24 @@ impl Application {
             .map(|a| crate::apps::caddy::Admin::parse(a).map_err(anyhow::Error::msg))
             .transpose()?
             .map(|admin| Arc::new(crate::apps::caddy::Router::new(admin, &config.caddy.site)));
+        let host_ca = config
+            .ssh
+            .host_ca_key
+            .as_deref()
+            .map(crate::hostca::HostCa::load_or_create)
+            .transpose()
+            .context("Failed to load the SSH host certificate authority")?
+            .map(Arc::new);
+        let gateway = match config.gateway.port_range().map_err(anyhow::Error::msg)? {
+            Some(ports) => {
+                store
+                    .sync_endpoints(ports.clone())
+                    .await
+                    .context("Failed to record the gateway's ports")?;
+                Some(crate::gateway::Gateway::bind(config.gateway.listen, ports).await?)
+            }
+            None => None,
+        };
         let admin_token_hash = crate::auth::token_hash(config.auth.admin_token.expose());
         let loops = Loops::new(config.database.max_connections);
         let notifier = crate::notify::Notifier::new(
@@ -143,6 +163,7 @@ impl Application {
             notifier,
             limiter: Arc::new(limiter),
             router,
+            host_ca,
         };
         let recovered = rentals::recover(&ctx)
             .await
@@ -155,6 +176,7 @@ impl Application {
             .with_context(|| format!("Failed to listen on {}", ctx.config.listen))?;
         Ok(Self {
             listener,
+            gateway,
             ctx,
             loops,
         })
@@ -183,6 +205,7 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             listener,
+            gateway,
             ctx,
             loops,
         } = self;
@@ -206,6 +229,17 @@ impl Application {
         )));
         running.spawn(tasks.track_future(cleanup::run(ctx.clone(), stop())));
         running.spawn(tasks.track_future(apps::run(ctx.clone(), loops.apps.clone(), stop())));
+        if ctx.config.snapshots.enabled {
+            running.spawn(tasks.track_future(snapshots::run(ctx.clone(), stop())));
+        }
+        if let Some(gateway) = gateway {
+            let forwarding = crate::gateway::Forwarding {
+                store: ctx.store.clone(),
+                connect_timeout: ctx.config.ssh.connect_timeout,
+                wait: ctx.config.gateway.wait,
+            };
+            running.spawn(tasks.track_future(gateway.serve(forwarding, shutdown.clone())));
+        }
         if ctx.config.health.watch {
             running.spawn(tasks.track_future(watch::run(
                 ctx.clone(),

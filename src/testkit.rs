@@ -413,6 +413,7 @@ pub fn test_config(
     inventory: &std::path::Path,
     key: &std::path::Path,
 ) -> Config {
+    let gateway = free_gateway_ports();
     let text = format!(
         r#"
         listen = "127.0.0.1:0"
@@ -424,6 +425,7 @@ pub fn test_config(
         acquire_timeout = "3s"
         [ssh]
         key = "{key}"
+        host_ca_key = "{host_ca}"
         connect_timeout = "3s"
         command_timeout = "20s"
         [health]
@@ -442,7 +444,16 @@ pub fn test_config(
         interval = "1h"
         [apps]
         interval = "1h"
+        [snapshots]
+        interval = "1h"
+        [gateway]
+        ports = "{first}-{last}"
+        listen = "127.0.0.1"
+        host = "localhost"
         "#,
+        host_ca = inventory.with_file_name("host_ca").display(),
+        first = gateway.start(),
+        last = gateway.end(),
         inventory = inventory.display(),
         playbooks = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("playbooks")
@@ -451,6 +462,24 @@ pub fn test_config(
         admin_token = ADMIN_TOKEN,
     );
     Config::from_toml_str(&text).expect("test config is valid")
+}
+
+/// Ports of the SSH gateway of one test: a window of loopback ports free right now
+/// (tests run in parallel, each with its own gateway).
+pub fn free_gateway_ports() -> std::ops::RangeInclusive<u16> {
+    const WIDTH: u16 = 8;
+    loop {
+        // Below the kernel's ephemeral range (32768+), where outgoing connections live.
+        let first = 20_000 + (rand::random::<u16>() % 1_500) * WIDTH;
+        let ports = first..=first + WIDTH - 1;
+        let bound: Vec<_> = ports
+            .clone()
+            .map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if bound.len() == usize::from(WIDTH) {
+            return ports;
+        }
+    }
 }
 
 /// Creates a fresh database for one test and returns its URL.
@@ -561,6 +590,27 @@ impl TestApp {
         auth: Auth,
     ) -> Result<String, String> {
         whoami(&self.tenant_ssh, host, port, user, auth).await
+    }
+
+    /// Polls the rental until `pred` holds, or fails the test after `timeout`.
+    pub async fn wait_rental(
+        &self,
+        id: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let (_, rental) = self.get_json(&format!("/api/rentals/{id}")).await;
+            if pred(&rental) {
+                return rental;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rental never reached the expected state: {rental}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Counts rows of a table in this test's database.

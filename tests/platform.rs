@@ -113,6 +113,8 @@ where
 async fn the_readme_walk_through_caddy_over_https() {
     let https_port = free_port();
     let worker_base = free_port_block(3);
+    // The gateway's 4 ports, in the same free block of 50 as the workers' (base + 1..=3).
+    let gateway = worker_base + 11;
     let platform = Platform {
         https_port,
         env: vec![
@@ -120,6 +122,7 @@ async fn the_readme_walk_through_caddy_over_https() {
             ("ORION_HTTPS_PORT", https_port.to_string()),
             ("ORION_WORKER_PREFIX", PREFIX.into()),
             ("ORION_WORKER_BASE_PORT", worker_base.to_string()),
+            ("ORION_GATEWAY_PORTS", format!("{gateway}-{}", gateway + 3)),
             ("ORION_BINARY", env!("CARGO_BIN_EXE_orion").into()),
         ],
     };
@@ -239,6 +242,14 @@ async fn the_readme_walk_through_caddy_over_https() {
         tenant_login(port, "olga", key.clone()).await.unwrap(),
         "olga"
     );
+    // Its endpoint on the gateway, published by the orion container.
+    assert_eq!(rental["endpoint"]["host"], "localhost", "{rental}");
+    let endpoint = rental["endpoint"]["port"].as_u64().unwrap() as u16;
+    assert!((gateway..gateway + 4).contains(&endpoint), "{rental}");
+    assert_eq!(
+        tenant_login(endpoint, "olga", key.clone()).await.unwrap(),
+        "olga"
+    );
 
     // The dashboard, through Caddy: a browser's Basic login with the admin token.
     let token = admin_token();
@@ -282,6 +293,14 @@ async fn the_readme_walk_through_caddy_over_https() {
     };
     let new_port = moved["port"].as_u64().unwrap() as u16;
     assert_ne!(new_port, port);
+    assert_eq!(
+        moved["endpoint"], rental["endpoint"],
+        "the endpoint never changes"
+    );
+    assert_eq!(
+        tenant_login(endpoint, "olga", key.clone()).await.unwrap(),
+        "olga"
+    );
     assert_eq!(
         tenant_login(new_port, "olga", key.clone()).await.unwrap(),
         "olga"

@@ -85,6 +85,8 @@
       el('td', {}, orDash(r.worker)),
       el('td', {}, badge(r.status)),
       el('td', {}, r.host ? `${r.host}:${r.port}` : '—'),
+      el('td', {}, r.endpoint ? `${r.endpoint.host}:${r.endpoint.port}` : '—'),
+      el('td', {}, r.last_snapshot_at ? clock(r.last_snapshot_at) : '—'),
       el('td', {}, clock(r.created_at)),
     );
   }

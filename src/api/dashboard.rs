@@ -192,6 +192,8 @@ mod tests {
             "rentals": [{
                 "id": "0123456789abcdef", "username": "ivan", "tenant": "acme",
                 "worker": "worker_2", "status": "active", "host": "localhost", "port": 22222,
+                "endpoint": { "host": "localhost", "port": 2200 },
+                "last_snapshot_at": "2026-05-01T12:02:00Z",
                 "created_at": "2026-05-01T12:00:00Z",
             }],
             "apps": [{

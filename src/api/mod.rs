@@ -127,6 +127,7 @@ fn endpoints() -> Vec<Endpoint> {
         endpoint(Method::GET, "/api/tokens", list_tokens),
         endpoint(Method::POST, "/api/tokens", create_token),
         endpoint(Method::DELETE, "/api/tokens/{id}", revoke_token),
+        endpoint(Method::GET, "/api/ssh/known_hosts", known_hosts),
         endpoint(Method::GET, "/api/status", status::status),
         endpoint(Method::GET, "/api/openapi.json", openapi_json),
         endpoint(Method::GET, "/health", status::health),
@@ -182,7 +183,7 @@ pub fn app(ctx: Context) -> Router {
         list_workers, drain_worker, undrain_worker,
         list_events, stream_events,
         list_tokens, create_token, revoke_token,
-        status::status, status::health, openapi_json, prometheus_metrics,
+        known_hosts, status::status, status::health, openapi_json, prometheus_metrics,
         dashboard::page, dashboard::script, dashboard::style,
     ),
     components(schemas(ErrorBody, views::ErrorDetail)),
@@ -334,7 +335,7 @@ async fn rent(
     )
     .await?;
     let body = RentedView {
-        rental: RentalView::from(rented.rental),
+        rental: RentalView::new(rented.rental, &ctx.config.gateway.host),
         password: rented.password,
     };
     Ok((StatusCode::CREATED, Json(body)).into_response())
@@ -367,7 +368,7 @@ async fn get_rental(
         .await?
         .filter(|d| caller.scope().is_none_or(|t| t == d.rental.tenant))
         .ok_or_else(|| ApiError::NotFound("no such rental".into()))?;
-    Ok(Json(RentalView::from(detail)).into_response())
+    Ok(Json(RentalView::new(detail, &ctx.config.gateway.host)).into_response())
 }
 
 #[utoipa::path(get, path = "/api/rentals", tag = "rentals",
@@ -387,7 +388,7 @@ async fn rentals_not_over(ctx: &Context, caller: &Caller) -> Result<Vec<RentalVi
         .await?
         .into_iter()
         .filter(|d| caller.scope().is_none_or(|t| t == d.rental.tenant))
-        .map(RentalView::from)
+        .map(|d| RentalView::new(d, &ctx.config.gateway.host))
         .collect())
 }
 
@@ -438,7 +439,7 @@ async fn renew_rental(
         .rental_detail(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such rental".into()))?;
-    Ok(Json(RentalView::from(detail)).into_response())
+    Ok(Json(RentalView::new(detail, &ctx.config.gateway.host)).into_response())
 }
 
 #[utoipa::path(get, path = "/api/workers", tag = "workers",
@@ -697,6 +698,32 @@ async fn stream_events(
     use futures::StreamExt;
     Ok(Sse::new(stream.flatten().take_until(stopping))
         .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The `known_hosts` line that makes a plain OpenSSH client trust every worker through
+/// Orion's host CA, on the gateway's names (any port): add it to `~/.ssh/known_hosts`
+/// and log in through a rental's endpoint with `StrictHostKeyChecking=yes`, before and
+/// after the rental moves. Any token may read it: it holds only a public key.
+#[utoipa::path(get, path = "/api/ssh/known_hosts", tag = "rentals",
+    responses(
+        (status = 200, description = "One `@cert-authority` line", content_type = "text/plain", body = String),
+        (status = 404, description = "Orion has no host CA (`ssh.host_ca_key` is not set)", body = ErrorBody),
+    ))]
+async fn known_hosts(State(ctx): State<Context>, _caller: Caller) -> Result<Response, ApiError> {
+    let Some(ca) = &ctx.host_ca else {
+        return Err(ApiError::NotFound(
+            "Orion has no SSH host certificate authority (ssh.host_ca_key is not set)".into(),
+        ));
+    };
+    let line = ca.known_hosts(&ctx.config.gateway.all_names());
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        line,
+    )
         .into_response())
 }
 

@@ -39,6 +39,27 @@ pub struct RentalView {
     pub expires_at: Option<DateTime<Utc>>,
     /// Every worker it has lived on, oldest first.
     pub placements: Vec<PlacementView>,
+    /// Its stable SSH address on the gateway, for its whole life, whichever worker serves
+    /// it (`null`: no gateway). Log in with `ssh -p <port> <username>@<host>`.
+    pub endpoint: Option<EndpointView>,
+    /// When its home was last snapshotted (what a failover restores), and the
+    /// snapshot's size, compressed.
+    pub last_snapshot_at: Option<DateTime<Utc>>,
+    pub snapshot_bytes: Option<u64>,
+}
+
+/// A rental's address on the SSH gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EndpointView {
+    pub host: String,
+    pub port: u16,
+}
+
+impl EndpointView {
+    /// The `ssh` command that logs `username` in through this endpoint.
+    pub fn ssh_command(&self, username: &str) -> String {
+        format!("ssh -p {} {username}@{}", self.port, self.host)
+    }
 }
 
 /// One stay of a rental on a worker.
@@ -61,12 +82,14 @@ impl From<PlacementRecord> for PlacementView {
     }
 }
 
-impl From<RentalDetail> for RentalView {
-    fn from(detail: RentalDetail) -> Self {
+impl RentalView {
+    /// The view of `detail`; `gateway_host` is the host name of its endpoint.
+    pub fn new(detail: RentalDetail, gateway_host: &str) -> Self {
         let RentalDetail {
             rental: r,
             worker,
             placements,
+            snapshot,
         } = detail;
         let mut auth = Vec::new();
         if r.public_key.is_some() {
@@ -90,6 +113,12 @@ impl From<RentalDetail> for RentalView {
             ended_at: r.ended_at,
             expires_at: r.expires_at,
             placements: placements.into_iter().map(PlacementView::from).collect(),
+            endpoint: r.endpoint_port.map(|port| EndpointView {
+                host: gateway_host.to_owned(),
+                port,
+            }),
+            last_snapshot_at: snapshot.as_ref().map(|s| s.taken_at),
+            snapshot_bytes: snapshot.as_ref().map(|s| s.bytes),
         }
     }
 }
@@ -280,6 +309,8 @@ mod tests {
             instances_join: None,
             pinned_host_key: None,
             known_host_key: Some("ssh-ed25519 AAAA".into()),
+            host_cert_key: None,
+            host_cert_expires: None,
             status: WorkerStatus::Alive,
             consecutive_failures: 0,
             consecutive_successes: 4,
@@ -318,6 +349,12 @@ mod tests {
                 started_at: at,
                 ended_at: None,
             }],
+            endpoint: Some(EndpointView {
+                host: "localhost".into(),
+                port: 2200,
+            }),
+            last_snapshot_at: Some(at),
+            snapshot_bytes: Some(4096),
         };
         let rented = reads_back(&RentedView {
             rental: rental.clone(),

@@ -24,6 +24,8 @@ pub enum Command {
         id: String,
     },
     Rentals,
+    /// The host CA's `known_hosts` line.
+    KnownHosts,
     Workers,
     /// `drained: false` puts the worker back in service.
     Drain {
@@ -85,7 +87,7 @@ const INSTANCE_COLUMNS: [Column<InstanceView>; 8] = [
 /// A table column: its header, and its cell for one item.
 type Column<T> = (&'static str, fn(&T) -> String);
 
-const RENTAL_COLUMNS: [Column<RentalView>; 7] = [
+const RENTAL_COLUMNS: [Column<RentalView>; 9] = [
     ("id", |r| cell(&r.id)),
     ("tenant", |r| cell(&r.tenant)),
     ("username", |r| cell(&r.username)),
@@ -93,6 +95,14 @@ const RENTAL_COLUMNS: [Column<RentalView>; 7] = [
     ("worker", |r| cell(&r.worker)),
     ("host", |r| cell(&r.host)),
     ("port", |r| cell(&r.port)),
+    ("endpoint", |r| {
+        cell(
+            &r.endpoint
+                .as_ref()
+                .map(|e| format!("{}:{}", e.host, e.port)),
+        )
+    }),
+    ("last_snapshot", |r| cell(&r.last_snapshot_at)),
 ];
 
 const WORKER_COLUMNS: [Column<FleetWorkerView>; 8] = [
@@ -117,12 +127,22 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Cl
             } else {
                 let r = &rented.rental;
                 println!("rental {} on {}", r.id, cell(&r.worker));
-                println!("ssh -p {} {}@{}", cell(&r.port), r.username, cell(&r.host));
+                match &r.endpoint {
+                    // The endpoint stays the same when the rental moves.
+                    Some(endpoint) => {
+                        println!("{}", endpoint.ssh_command(&r.username));
+                        println!(
+                            "(trust its workers once: orion known-hosts >> ~/.ssh/known_hosts)"
+                        );
+                    }
+                    None => println!("ssh -p {} {}@{}", cell(&r.port), r.username, cell(&r.host)),
+                }
                 if let Some(p) = &rented.password {
                     println!("password: {p}   (shown once)");
                 }
             }
         }
+        Command::KnownHosts => print!("{}", client.known_hosts().await?),
         Command::Release { id } => {
             client.release(&id).await?;
             if !json {

@@ -149,6 +149,20 @@ impl Client {
             .await
     }
 
+    /// The `@cert-authority` line of Orion's host CA, for `~/.ssh/known_hosts`.
+    pub async fn known_hosts(&self) -> Result<String, ClientError> {
+        self.send(self.request(reqwest::Method::GET, "/api/ssh/known_hosts"))
+            .await?
+            .text()
+            .await
+            .map_err(|e| {
+                ClientError::Unavailable(format!(
+                    "unexpected answer from {}: {e}",
+                    self.endpoint.url
+                ))
+            })
+    }
+
     /// Releases a rental (204, no body).
     pub async fn release(&self, id: &str) -> Result<(), ClientError> {
         self.send(self.request(reqwest::Method::DELETE, &format!("/api/rentals/{id}")))

@@ -1,7 +1,8 @@
 //! The cleanup loop: removes tenant accounts left on workers by rentals that no longer
 //! live there (released while the worker was down, failed mid-provisioning, moved away),
 //! and only then frees the worker. A worker is never offered to a new tenant while an old
-//! tenant's account may still be on it.
+//! tenant's account may still be on it. It also keeps every worker's host certificate
+//! current (a new worker, a certificate near its end).
 
 use std::future::Future;
 
@@ -20,6 +21,8 @@ pub const LOOP: &str = "cleanup";
 pub struct CleanupSummary {
     /// Leftover accounts removed (their workers are free again).
     pub removed: usize,
+    /// Host certificates installed (new workers, new keys, certificates near their end).
+    pub certified: usize,
 }
 
 /// A pass runs again after `cleanup.interval`; an account whose worker failed is retried
@@ -50,7 +53,24 @@ pub async fn cleanup_pass(ctx: &Context) -> anyhow::Result<CleanupSummary> {
                 error = format!("{e:#}"), "could not remove a leftover account; will retry"),
         }
     }
-    Ok(CleanupSummary { removed })
+    let mut certified = 0;
+    if ctx.host_ca.is_some() {
+        let until = chrono::Utc::now() + ctx.config.ssh.host_cert_validity / 4;
+        for worker in ctx
+            .store
+            .workers_needing_host_cert(until)
+            .await
+            .context("Failed to list workers needing a host certificate")?
+        {
+            match crate::hostca::ensure_certificate(ctx, &worker).await {
+                Ok(true) => certified += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(worker = %worker.name, error = format!("{e:#}"),
+                    "could not install the host certificate; will retry"),
+            }
+        }
+    }
+    Ok(CleanupSummary { removed, certified })
 }
 
 async fn remove_account(ctx: &Context, cleanup: &Cleanup) -> anyhow::Result<()> {

@@ -24,6 +24,7 @@ use super::Pass;
 use crate::context::Context;
 use crate::model::RentalStatus;
 use crate::rentals;
+use crate::snapshots;
 use crate::store::RentalRecord;
 
 /// Name of this loop in logs and on the status endpoint.
@@ -162,6 +163,9 @@ async fn migrate(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Outcome>
 
 async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Outcome> {
     let started = tokio::time::Instant::now();
+    // A planned move (drained, retired): the old worker still answers, so the home's last
+    // state is taken there once the move is recorded (see `final_snapshot`).
+    let planned = planned_move(ctx, &rental).await?;
     let Some(claim) = ctx
         .store
         .begin_migration(&rental.id, ctx.executor.uid_min())
@@ -175,7 +179,14 @@ async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Ou
     };
     let worker = &claim.worker;
     tracing::Span::current().record("worker", worker.name.as_str());
-    match rentals::provision(ctx, &rental, &claim).await {
+    if let Some(job) = planned {
+        final_snapshot(ctx, &job).await;
+    }
+    let provisioned = match rentals::provision(ctx, &rental, &claim).await {
+        Ok(()) => restore_home(ctx, &rental, &claim).await,
+        Err(e) => Err(e.into()),
+    };
+    match provisioned {
         Ok(()) => {
             let activated = ctx
                 .store
@@ -200,21 +211,110 @@ async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Ou
                     ctx.store.clone(),
                     rental.id.clone(),
                     url,
+                    ctx.config.gateway.host.clone(),
                 ));
             }
             Ok(Outcome::Moved)
         }
         Err(e) => {
+            let e = format!("{e:#}");
             tracing::warn!(error = %e, "move failed; will retry");
             metrics::counter!(crate::metrics::names::MIGRATIONS, "outcome" => "failed")
                 .increment(1);
             ctx.store
-                .abort_migration(&rental.id, worker, &e.to_string())
+                .abort_migration(&rental.id, worker, &e)
                 .await
                 .context("Failed to record a failed move")?;
             Ok(Outcome::Failed)
         }
     }
+}
+
+/// The old worker's side of a planned move, if this is one: the rental is active on a
+/// worker that still answers (drained or retired, not dead, not quarantined: a changed
+/// host key is not to be trusted with anything) and snapshots are on.
+async fn planned_move(
+    ctx: &Context,
+    rental: &RentalRecord,
+) -> anyhow::Result<Option<crate::store::SnapshotJob>> {
+    if !ctx.config.snapshots.enabled || rental.status != RentalStatus::Active {
+        return Ok(None);
+    }
+    let Some(old) = (match rental.worker_id {
+        Some(id) => ctx.store.worker_by_id(id).await?,
+        None => None,
+    }) else {
+        return Ok(None);
+    };
+    if old.status != crate::model::WorkerStatus::Alive || old.quarantine_reason.is_some() {
+        return Ok(None);
+    }
+    let Some(uid) = ctx.store.live_uid(&rental.id, old.id).await? else {
+        return Ok(None);
+    };
+    Ok(Some(crate::store::SnapshotJob {
+        rental_id: rental.id.clone(),
+        username: rental.username.clone(),
+        uid,
+        worker: old,
+        fingerprint: None,
+    }))
+}
+
+/// A planned move's last snapshot on the old worker: the tenant's sessions there end
+/// first, so nothing written before the move is lost. If the old worker fails now, the
+/// move goes on with the last snapshot taken.
+async fn final_snapshot(ctx: &Context, job: &crate::store::SnapshotJob) {
+    match snapshots::take(ctx, job, true).await {
+        Ok(taken) => {
+            tracing::info!(?taken, from = %job.worker.name, "final snapshot of a planned move")
+        }
+        Err(e) => tracing::warn!(from = %job.worker.name, error = format!("{e:#}"),
+            "no final snapshot; the move restores the last one taken"),
+    }
+}
+
+/// Restores the rental's last snapshot into its new account, before it is active.
+async fn restore_home(
+    ctx: &Context,
+    rental: &RentalRecord,
+    claim: &crate::store::Claim,
+) -> anyhow::Result<()> {
+    if !ctx.config.snapshots.enabled {
+        return Ok(());
+    }
+    let restored = snapshots::restore(ctx, rental, claim).await?;
+    let outcome = match &restored {
+        None => "none",
+        Some(r) if r.incomplete.is_some() => "incomplete",
+        Some(_) => "restored",
+    };
+    metrics::counter!(crate::metrics::names::RESTORES, "outcome" => outcome).increment(1);
+    let Some(restored) = restored else {
+        return Ok(());
+    };
+    let mut message = format!(
+        "home restored on {} from the snapshot of {} ({} bytes)",
+        claim.worker.name,
+        restored.taken_at.format("%Y-%m-%d %H:%M:%S%.3f UTC"),
+        restored.bytes
+    );
+    let kind = match &restored.incomplete {
+        Some(what) => {
+            message.push_str(&format!("; not restored: {what}"));
+            "snapshot.restore_incomplete"
+        }
+        None => "snapshot.restored",
+    };
+    tracing::info!(
+        bytes = restored.bytes,
+        incomplete = restored.incomplete.is_some(),
+        "home restored"
+    );
+    ctx.store
+        .append_event(kind, Some(&claim.worker.name), Some(&rental.id), &message)
+        .await?;
+    Ok(())
 }
 
 /// Runs migration passes every `migration.interval`, and at once when woken

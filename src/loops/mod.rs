@@ -9,7 +9,9 @@
 //! - [`health`]: probe every worker each `health.interval`, record what hysteresis concludes.
 //! - [`watch`]: one idle SSH session per worker, re-probed the moment it drops.
 //! - [`migration`]: move rentals off dead workers, same credentials.
-//! - [`cleanup`]: remove leftover accounts before a worker is offered again.
+//! - [`cleanup`]: remove leftover accounts before a worker is offered again, and keep
+//!   every worker's host certificate current.
+//! - [`snapshots`]: snapshot each active rental's home when it changed.
 //!
 //! The driver keeps each loop's last success and last error in a [`LoopRegistry`]
 //! (shown on `/api/status`) and backs off, capped, while a pass fails.
@@ -18,6 +20,7 @@ pub mod apps;
 pub mod cleanup;
 pub mod health;
 pub mod migration;
+pub mod snapshots;
 pub mod watch;
 
 use std::collections::BTreeMap;

@@ -5,9 +5,11 @@
 //! believe they hold the same worker.
 
 mod apps;
+mod endpoints;
 mod events;
 mod placements;
 mod rentals;
+mod snapshots;
 mod tokens;
 mod workers;
 
@@ -17,9 +19,11 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{Connection, Executor};
 
 pub use apps::{AppChange, AppRecord, InstanceRecord, InstanceUpdate, NewApp};
+pub use endpoints::EndpointTarget;
 pub use events::Event;
 pub use placements::PlacementRecord;
 pub use rentals::{Claim, NewRental, RentalDetail, RentalRecord};
+pub use snapshots::{SnapshotInfo, SnapshotJob};
 pub use tokens::TokenRecord;
 pub use workers::{Cleanup, Occupant, ProbeRecord, Worker, WorkerCounts};
 

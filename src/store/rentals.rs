@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, MySql, Transaction};
 
+use super::endpoints::claim_endpoint;
 use super::placements::{
     PlacementRecord, end_placement, insert_placement, live_uid, placements_of, stale_live_placement,
 };
@@ -27,6 +28,8 @@ pub struct NewRental {
     pub ttl: Option<std::time::Duration>,
     /// Most live rentals the tenant may hold, this one included (`None`: no limit).
     pub max_rentals: Option<u32>,
+    /// The gateway's ports, one of which the rental is given (`None`: no gateway).
+    pub endpoint_ports: Option<std::ops::RangeInclusive<u16>>,
 }
 
 /// A worker claimed for a rental, and the uid its account gets there.
@@ -49,6 +52,8 @@ pub struct RentalRecord {
     pub notify_url: Option<String>,
     pub status: RentalStatus,
     pub worker_id: Option<u64>,
+    /// Its port on the gateway, for its whole life (`None`: no gateway, or none free).
+    pub endpoint_port: Option<u16>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
@@ -56,7 +61,7 @@ pub struct RentalRecord {
 }
 
 const RENTAL_COLUMNS: &str = "id, tenant, token_id, username, public_key, password_hash, \
-    notify_url, status, worker_id, created_at, updated_at, ended_at, expires_at";
+    notify_url, status, worker_id, endpoint_port, created_at, updated_at, ended_at, expires_at";
 
 /// A rental with its current worker and the workers it has lived on, for the API to show.
 #[derive(Debug, Clone)]
@@ -66,6 +71,8 @@ pub struct RentalDetail {
     pub worker: Option<Worker>,
     /// Oldest first.
     pub placements: Vec<PlacementRecord>,
+    /// Its home's last complete snapshot.
+    pub snapshot: Option<super::SnapshotInfo>,
 }
 
 impl Store {
@@ -109,11 +116,22 @@ impl Store {
             tx.rollback().await?;
             return Ok(None);
         };
+        let endpoint_port = match &rental.endpoint_ports {
+            Some(ports) => {
+                let port = claim_endpoint(&mut tx, &rental.id, ports).await?;
+                if port.is_none() {
+                    tracing::warn!(rental_id = %rental.id,
+                        "every gateway port is taken: the rental has no endpoint (widen gateway.ports)");
+                }
+                port
+            }
+            None => None,
+        };
         let ttl_micros = rental.ttl.map(|t| t.as_micros() as u64);
         let inserted = sqlx::query(
             "INSERT INTO rentals (id, tenant, token_id, username, public_key, password_hash, \
-             notify_url, status, worker_id, created_at, updated_at, expires_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, 'provisioning', ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), \
+             notify_url, status, worker_id, endpoint_port, created_at, updated_at, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, 'provisioning', ?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), \
              IF(? IS NULL, NULL, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND))",
         )
         .bind(&rental.id)
@@ -124,6 +142,7 @@ impl Store {
         .bind(&rental.password_hash)
         .bind(&rental.notify_url)
         .bind(worker.id)
+        .bind(endpoint_port)
         .bind(ttl_micros)
         .bind(ttl_micros)
         .execute(&mut *tx)
@@ -439,6 +458,11 @@ impl Store {
             .bind(rental_id)
             .execute(&mut *tx)
             .await?;
+            // Its home's snapshots go with it.
+            sqlx::query("DELETE FROM snapshots WHERE rental_id = ?")
+                .bind(rental_id)
+                .execute(&mut *tx)
+                .await?;
             let msg = match worker {
                 Some(w) => {
                     end_placement(&mut tx, rental_id, w.id, account_removed).await?;
@@ -609,7 +633,8 @@ impl Store {
         self.details_of(rentals).await
     }
 
-    /// The current workers and placements of `rentals`, in two statements.
+    /// The current workers, placements and last snapshots of `rentals`, in three
+    /// statements.
     async fn details_of(
         &self,
         rentals: Vec<RentalRecord>,
@@ -625,11 +650,18 @@ impl Store {
             .into_iter()
             .map(|w| (w.id, w))
             .collect();
+        let mut snapshots: HashMap<String, super::SnapshotInfo> = self
+            .latest_snapshots(&ids)
+            .await?
+            .into_iter()
+            .map(|s| (s.rental_id.clone(), s))
+            .collect();
         Ok(rentals
             .into_iter()
             .map(|rental| RentalDetail {
                 worker: rental.worker_id.and_then(|id| workers.get(&id).cloned()),
                 placements: placements.remove(&rental.id).unwrap_or_default(),
+                snapshot: snapshots.remove(&rental.id),
                 rental,
             })
             .collect())

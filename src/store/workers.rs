@@ -43,6 +43,12 @@ pub struct Worker {
     pub pinned_host_key: Option<String>,
     #[serde(skip)]
     pub known_host_key: Option<String>,
+    /// The host key Orion's CA last certified on this worker.
+    #[serde(skip)]
+    pub host_cert_key: Option<String>,
+    /// When that certificate ends.
+    #[serde(skip)]
+    pub host_cert_expires: Option<DateTime<Utc>>,
     pub status: WorkerStatus,
     #[serde(skip)]
     pub consecutive_failures: u32,
@@ -86,6 +92,14 @@ impl Worker {
         }
     }
 
+    /// Whether the worker presents a host certificate for the key Orion trusts, valid
+    /// past `until`: if not, one must be installed before tenants log in.
+    pub fn host_cert_current(&self, until: DateTime<Utc>) -> bool {
+        self.host_cert_key.is_some()
+            && self.host_cert_key.as_deref() == self.expected_host_key()
+            && self.host_cert_expires.is_some_and(|e| e > until)
+    }
+
     /// Whether the worker may be given a new rental or keep one: the rule of [`USABLE`].
     pub fn is_usable(&self) -> bool {
         self.status == WorkerStatus::Alive
@@ -96,7 +110,8 @@ impl Worker {
 }
 
 pub(super) const WORKER_COLUMNS: &str = "id, name, site, ssh_host, ssh_port, public_host, \
-    public_port, app_host, instances_join, pinned_host_key, known_host_key, status, consecutive_failures, \
+    public_port, app_host, instances_join, pinned_host_key, known_host_key, host_cert_key, \
+    host_cert_expires, status, consecutive_failures, \
     consecutive_successes, quarantine_reason, retired, drained, rental_id, last_checked, \
     last_seen_alive, probe_latency_ms, last_probe_error";
 
@@ -408,6 +423,44 @@ impl Store {
              last_checked = UTC_TIMESTAMP(6), updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
         )
         .bind(failures)
+        .bind(worker.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Alive, trusted workers whose host certificate is missing, for another key, or
+    /// ends before `until`.
+    pub async fn workers_needing_host_cert(
+        &self,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<Worker>, StoreError> {
+        let workers: Vec<Worker> = sqlx::query_as(&format!(
+            "SELECT {WORKER_COLUMNS} FROM workers WHERE status = 'alive' \
+             AND quarantine_reason IS NULL AND NOT retired \
+             AND COALESCE(pinned_host_key, known_host_key) IS NOT NULL"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(workers
+            .into_iter()
+            .filter(|w| !w.host_cert_current(until))
+            .collect())
+    }
+
+    /// A certificate for `key` now sits on the worker, valid until `expires`.
+    pub async fn record_host_cert(
+        &self,
+        worker: &Worker,
+        key: &str,
+        expires: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE workers SET host_cert_key = ?, host_cert_expires = ?, \
+             updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+        )
+        .bind(key)
+        .bind(expires)
         .bind(worker.id)
         .execute(&self.pool)
         .await?;

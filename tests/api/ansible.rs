@@ -206,3 +206,84 @@ async fn an_ansible_run_that_failed_half_way_is_undone() {
     );
     assert!(!app.worker_row("worker_1").await.allocated());
 }
+
+#[tokio::test]
+async fn both_executors_install_the_host_certificate_idempotently_and_refuse_a_foreign_key() {
+    require_ansible();
+    let app = spawn_app(2).await;
+    let ca = orion::hostca::HostCa::from_key(orion::ssh::generate_ed25519());
+    let native = app.ctx.executor.clone();
+    let ansible = ansible_executor(&app);
+    for (executor, name) in [(&native, "worker_1"), (&ansible, "worker_2")] {
+        let row = app.worker_row(name).await;
+        let host_key = row
+            .known_host_key
+            .clone()
+            .expect("probed: its key is trusted");
+        let key = orion::ssh::parse_host_key(&host_key).unwrap();
+        let cert = ca
+            .sign(&key, name, &["localhost".into()], Duration::from_secs(3600))
+            .unwrap();
+        let vars = orion::playbook::CertVars {
+            certificate: cert.line.clone(),
+            host_key: host_key.clone(),
+        };
+        let target = row.target();
+        for _ in 0..2 {
+            executor.run_cert(&vars, &target).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let worker = app.worker(name);
+        assert_eq!(
+            worker
+                .exec("cat /etc/ssh/ssh_host_ed25519_key-cert.pub")
+                .trim(),
+            cert.line,
+            "{name}"
+        );
+        // sshd presents it: a client asking for certificates gets this one.
+        let scan = std::process::Command::new("ssh-keyscan")
+            .args([
+                "-c",
+                "-t",
+                "ed25519",
+                "-p",
+                &worker.port.to_string(),
+                "127.0.0.1",
+            ])
+            .output()
+            .expect("ssh-keyscan runs");
+        let scanned = String::from_utf8_lossy(&scan.stdout);
+        let body = cert.line.split_whitespace().nth(1).unwrap();
+        assert!(
+            scanned.contains(body),
+            "{name} does not present it: {scanned}"
+        );
+
+        // A certificate for a key the worker does not hold is refused, changing nothing.
+        let other = orion::ssh::generate_ed25519();
+        let foreign = orion::playbook::CertVars {
+            certificate: ca
+                .sign(
+                    other.public_key(),
+                    name,
+                    &["localhost".into()],
+                    Duration::from_secs(3600),
+                )
+                .unwrap()
+                .line,
+            host_key: orion::ssh::host_key_line(other.public_key()),
+        };
+        let refused = executor.run_cert(&foreign, &target).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("not the one Orion trusts"),
+            "{name}: {refused}"
+        );
+        assert_eq!(
+            worker
+                .exec("cat /etc/ssh/ssh_host_ed25519_key-cert.pub")
+                .trim(),
+            cert.line
+        );
+    }
+}

@@ -48,11 +48,21 @@ async fn the_cli_rents_lists_drains_and_releases_with_reliable_exit_codes() {
     );
     assert!(out.status.success(), "{out:?}");
     let text = stdout(&out);
-    assert!(text.contains("vic@127.0.0.1"), "{text}");
+    // The command to log in goes through the rental's endpoint on the gateway.
+    assert!(
+        text.contains("ssh -p ") && text.contains(" vic@localhost"),
+        "{text}"
+    );
+    assert!(text.contains("orion known-hosts"), "{text}");
     let id = text.split_whitespace().nth(1).unwrap().to_owned();
 
     let out = orion(&app, admin, &["rentals"]);
     assert!(stdout(&out).contains("vic"), "{}", stdout(&out));
+    let out = orion(&app, admin, &["known-hosts"]);
+    assert!(
+        stdout(&out).starts_with("@cert-authority localhost,[localhost]:* ssh-ed25519 "),
+        "{out:?}"
+    );
     let out = orion(&app, admin, &["drain", "worker_2"]);
     assert!(stdout(&out).contains("worker_2: drained"), "{out:?}");
     let out = orion(&app, admin, &["events", "--last", "5"]);

@@ -8,27 +8,6 @@ use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, spawn_app, spawn_app_with, tenant_key};
 
-/// Polls the rental until `pred` holds, or fails the test after `timeout`.
-async fn wait_rental(
-    app: &TestApp,
-    id: &str,
-    timeout: Duration,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (_, rental) = app.get_json(&format!("/api/rentals/{id}")).await;
-        if pred(&rental) {
-            return rental;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rental never reached the expected state: {rental}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A tiny HTTP server that records the JSON bodies POSTed to it.
 async fn notification_sink() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -69,10 +48,11 @@ async fn the_stop_the_worker_drill_moves_the_rental_with_the_same_key_and_fences
 
     let stopped = Instant::now();
     app.worker(&first).stop();
-    let moved = wait_rental(&app, &id, Duration::from_secs(30), |r| {
-        r["status"] == "active" && r["worker"] != first.as_str()
-    })
-    .await;
+    let moved = app
+        .wait_rental(&id, Duration::from_secs(30), |r| {
+            r["status"] == "active" && r["worker"] != first.as_str()
+        })
+        .await;
     let port = moved["port"].as_u64().unwrap() as u16;
     let whoami = loop {
         match app
@@ -172,10 +152,8 @@ async fn with_no_free_worker_the_rental_waits_then_moves_when_one_frees() {
     let password = a["password"].as_str().unwrap().to_owned();
     app.worker(a["worker"].as_str().unwrap()).stop();
 
-    wait_rental(&app, &a_id, Duration::from_secs(30), |r| {
-        r["status"] == "waiting"
-    })
-    .await;
+    app.wait_rental(&a_id, Duration::from_secs(30), |r| r["status"] == "waiting")
+        .await;
     assert_eq!(
         app.count("SELECT COUNT(*) FROM events WHERE kind = 'rental.waiting'")
             .await,
@@ -192,10 +170,9 @@ async fn with_no_free_worker_the_rental_waits_then_moves_when_one_frees() {
     orion::loops::migration::migration_pass(&app.ctx, &app.loops.migration)
         .await
         .unwrap();
-    let moved = wait_rental(&app, &a_id, Duration::from_secs(10), |r| {
-        r["status"] == "active"
-    })
-    .await;
+    let moved = app
+        .wait_rental(&a_id, Duration::from_secs(10), |r| r["status"] == "active")
+        .await;
     assert_eq!(moved["worker"], b["worker"]);
     let port = moved["port"].as_u64().unwrap() as u16;
     let who = app
@@ -250,10 +227,11 @@ async fn most_workers_dead_at_once_holds_migrations_until_it_clears() {
         .await
         .unwrap();
     assert!(!summary.held, "{summary:?}");
-    let moved = wait_rental(&app, &id, Duration::from_secs(10), |r| {
-        r["status"] == "active" && r["worker"] != rented.as_str()
-    })
-    .await;
+    let moved = app
+        .wait_rental(&id, Duration::from_secs(10), |r| {
+            r["status"] == "active" && r["worker"] != rented.as_str()
+        })
+        .await;
     assert_eq!(moved["placements"].as_array().unwrap().len(), 2, "{moved}");
     assert_eq!(
         app.count("SELECT COUNT(*) FROM events WHERE kind = 'migration.resumed'")
@@ -307,7 +285,7 @@ async fn a_fault_declared_one_worker_at_a_time_still_holds_migrations() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    wait_rental(&app, &id, Duration::from_secs(20), |r| {
+    app.wait_rental(&id, Duration::from_secs(20), |r| {
         r["status"] == "active" && r["worker"] != rented.as_str()
     })
     .await;
@@ -333,10 +311,11 @@ async fn a_drained_worker_hands_its_tenant_over_and_gets_no_new_rentals() {
     assert_eq!(resp.status(), 200);
     let worker: Value = resp.json().await.unwrap();
     assert_eq!(worker["drained"], true);
-    let moved = wait_rental(&app, &id, Duration::from_secs(20), |r| {
-        r["status"] == "active" && r["worker"] != first.as_str()
-    })
-    .await;
+    let moved = app
+        .wait_rental(&id, Duration::from_secs(20), |r| {
+            r["status"] == "active" && r["worker"] != first.as_str()
+        })
+        .await;
     let port = moved["port"].as_u64().unwrap() as u16;
     let who = app
         .tenant_whoami("127.0.0.1", port, "uma", Auth::Key(key))

@@ -410,7 +410,7 @@ async fn a_notify_url_that_redirects_to_loopback_is_not_followed() {
     app.ctx
         .notifier
         .clone()
-        .deliver(app.ctx.store.clone(), id.clone(), url)
+        .deliver(app.ctx.store.clone(), id.clone(), url, "localhost".into())
         .await;
     assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect was followed");
     let message: String = sqlx::query_scalar(

@@ -5,6 +5,7 @@ mod ansible;
 mod apps;
 mod auth;
 mod cli;
+mod continuity;
 mod crash;
 mod dashboard;
 mod events;

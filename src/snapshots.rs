@@ -1,0 +1,303 @@
+//! Snapshots of tenants' homes: taken from the worker (a gzip'd tar streamed over SSH,
+//! read as the tenant), stored in the database in chunks, and restored onto the new
+//! worker when a rental moves, before it is active again.
+//!
+//! Why the database and not a peer worker (as Proxmox replicates to a peer node): every
+//! control-plane replica reaches it, the database's own replication (Galera) keeps its
+//! copies, and no worker — a machine another tenant may rent — ever holds a tenant's
+//! files. The cost is the database's disk and write traffic, bounded by
+//! `snapshots.max_bytes` per rental and by sending nothing when nothing changed.
+
+use anyhow::Context as _;
+
+use crate::context::Context;
+use crate::playbook::{HomeVars, Playbook};
+use crate::ssh::Output;
+use crate::store::{Claim, RentalRecord, SnapshotJob};
+
+/// Size of one stored chunk: well below MariaDB's default `max_allowed_packet` (16 MiB)
+/// and small enough to keep each write, and each Galera write set, short.
+const CHUNK: usize = 1 << 20;
+
+/// The snapshot script's exit status when the home did not change since the last one.
+const UNCHANGED: u32 = 10;
+
+/// What taking a snapshot did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Taken {
+    /// The home is as it was at the last snapshot: nothing was sent.
+    Unchanged,
+    /// A new snapshot of this many bytes (compressed) is the rental's now.
+    Stored(u64),
+    /// The home is over `snapshots.max_bytes`: the last snapshot is kept.
+    TooBig,
+    /// The rental moved or ended while it was taken: it was dropped.
+    Superseded,
+}
+
+/// The cap was reached mid-stream.
+#[derive(Debug, thiserror::Error)]
+#[error("the snapshot is over {0} bytes")]
+struct TooBig(u64);
+
+/// A snapshot being written, chunk by chunk.
+struct Writing {
+    id: Option<u64>,
+    seq: u32,
+    buf: Vec<u8>,
+    bytes: u64,
+}
+
+/// Takes a snapshot of the rental's home on its worker, unless nothing changed since the
+/// last one. `moving`: the last snapshot of a planned move, after the tenant's sessions
+/// on the worker are ended (always sent; kept if the rental is `migrating`).
+pub async fn take(ctx: &Context, job: &SnapshotJob, moving: bool) -> anyhow::Result<Taken> {
+    let vars = HomeVars {
+        username: job.username.clone(),
+        uid: job.uid,
+        fingerprint: job.fingerprint.clone().unwrap_or_default(),
+        r#final: moving,
+    };
+    let command = ctx.executor.playbooks().render_home(
+        Playbook::SnapshotHome,
+        &vars,
+        ctx.executor.uid_min(),
+    )?;
+    let max = ctx
+        .config
+        .snapshots
+        .max_bytes()
+        .map_err(anyhow::Error::msg)?;
+    let session = ctx.ssh.session(&job.worker.target()).await?;
+    let store = &ctx.store;
+    let mut writing = Writing {
+        id: None,
+        seq: 0,
+        buf: Vec::with_capacity(CHUNK),
+        bytes: 0,
+    };
+    let (rental_id, worker_id) = (&job.rental_id, job.worker.id);
+    let streamed = stream_into(
+        store,
+        &session,
+        &command,
+        &mut writing,
+        rental_id,
+        worker_id,
+        max,
+    )
+    .await;
+    session.close().await;
+    let out = match streamed {
+        Ok(out) => out,
+        Err(e) => {
+            if let Some(id) = writing.id {
+                store.discard_snapshot(id).await.ok();
+            }
+            if e.downcast_ref::<TooBig>().is_some() {
+                let message = format!(
+                    "the home of {} on {} is over snapshots.max_bytes ({max} bytes compressed): \
+                     its last snapshot is kept, newer files would be lost in a failover",
+                    job.username, job.worker.name
+                );
+                if store
+                    .snapshot_oversize(rental_id, &job.worker.name, &message)
+                    .await?
+                {
+                    tracing::warn!(rental_id = %rental_id, "{message}");
+                }
+                return Ok(Taken::TooBig);
+            }
+            return Err(e.context("Failed to stream the home's snapshot"));
+        }
+    };
+    let fingerprint = fingerprint(&out);
+    match out.exit_status {
+        Some(UNCHANGED) if !moving => return Ok(Taken::Unchanged),
+        Some(0) => {}
+        _ => {
+            if let Some(id) = writing.id {
+                store.discard_snapshot(id).await.ok();
+            }
+            anyhow::bail!(
+                "snapshot of {} on {} failed ({}): {}",
+                job.username,
+                job.worker.name,
+                out.exit_status
+                    .map_or("no exit status".to_owned(), |s| format!("exit {s}")),
+                out.stderr.trim()
+            );
+        }
+    }
+    let Some(fingerprint) = fingerprint else {
+        anyhow::bail!("the snapshot script said no fingerprint");
+    };
+    let last = std::mem::take(&mut writing.buf);
+    if !last.is_empty() || writing.id.is_none() {
+        store_chunk(store, &mut writing, rental_id, worker_id, &last).await?;
+    }
+    let id = writing.id.expect("a chunk was stored");
+    let kept = store
+        .finish_snapshot(
+            id,
+            rental_id,
+            worker_id,
+            &fingerprint,
+            writing.bytes,
+            moving,
+        )
+        .await?;
+    Ok(if kept {
+        tracing::debug!(rental_id = %rental_id, bytes = writing.bytes, "snapshot stored");
+        Taken::Stored(writing.bytes)
+    } else {
+        Taken::Superseded
+    })
+}
+
+/// Runs the snapshot command and stores its stdout in chunks as it comes.
+async fn stream_into(
+    store: &crate::store::Store,
+    session: &crate::ssh::Session,
+    command: &str,
+    writing: &mut Writing,
+    rental_id: &str,
+    worker_id: u64,
+    max: u64,
+) -> anyhow::Result<Output> {
+    let mut reading = session.exec_reading(command).await?;
+    while let Some(data) = reading.next().await? {
+        writing.bytes += data.len() as u64;
+        if writing.bytes > max {
+            return Err(TooBig(max).into());
+        }
+        writing.buf.extend_from_slice(&data);
+        while writing.buf.len() >= CHUNK {
+            let rest = writing.buf.split_off(CHUNK);
+            let chunk = std::mem::replace(&mut writing.buf, rest);
+            store_chunk(store, writing, rental_id, worker_id, &chunk).await?;
+        }
+    }
+    Ok(reading.finish())
+}
+
+async fn store_chunk(
+    store: &crate::store::Store,
+    writing: &mut Writing,
+    rental_id: &str,
+    worker_id: u64,
+    chunk: &[u8],
+) -> anyhow::Result<()> {
+    let id = match writing.id {
+        Some(id) => id,
+        None => {
+            let id = store.begin_snapshot(rental_id, worker_id).await?;
+            writing.id = Some(id);
+            id
+        }
+    };
+    store.put_snapshot_chunk(id, writing.seq, chunk).await?;
+    writing.seq += 1;
+    Ok(())
+}
+
+/// The fingerprint the script reported on stderr.
+fn fingerprint(out: &Output) -> Option<String> {
+    out.stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("orion: fingerprint "))
+        .map(|f| f.trim().to_owned())
+        .filter(|f| !f.is_empty() && f.len() <= 64)
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// Size of the snapshot restored (compressed).
+    pub bytes: u64,
+    /// When it was taken.
+    pub taken_at: chrono::DateTime<chrono::Utc>,
+    /// What could not be restored (the archive's own faults), if anything.
+    pub incomplete: Option<String>,
+}
+
+/// Restores the rental's last snapshot into its new account on `claim`'s worker. `None`
+/// if it has no snapshot. An archive that can be only partly restored (a crafted one)
+/// still succeeds, saying what was left out; a worker that refuses or cannot be
+/// reached fails the restore (and the move is tried again).
+pub async fn restore(
+    ctx: &Context,
+    rental: &RentalRecord,
+    claim: &Claim,
+) -> anyhow::Result<Option<Restored>> {
+    let Some(snapshot) = ctx.store.latest_snapshot(&rental.id).await? else {
+        return Ok(None);
+    };
+    let vars = HomeVars {
+        username: rental.username.clone(),
+        uid: claim.uid,
+        fingerprint: String::new(),
+        r#final: false,
+    };
+    let command = ctx.executor.playbooks().render_home(
+        Playbook::RestoreHome,
+        &vars,
+        ctx.executor.uid_min(),
+    )?;
+    let store = ctx.store.clone();
+    let id = snapshot.id;
+    // Chunk by chunk from the database, never the whole archive in memory.
+    let source = futures::stream::try_unfold(0u32, move |seq| {
+        let store = store.clone();
+        async move {
+            let chunk = store
+                .snapshot_chunk(id, seq)
+                .await
+                .context("Failed to read a snapshot chunk")?;
+            Ok(chunk.map(|data| (data, seq + 1)))
+        }
+    });
+    let session = ctx.ssh.session(&claim.worker.target()).await?;
+    let out = session.exec_writing(&command, source).await;
+    session.close().await;
+    let out = out.context("Failed to stream the snapshot to the new worker")?;
+    if !out.success() {
+        anyhow::bail!(
+            "restore on {} failed ({}): {}",
+            claim.worker.name,
+            out.exit_status
+                .map_or("no exit status".to_owned(), |s| format!("exit {s}")),
+            out.stderr.trim()
+        );
+    }
+    let incomplete = out
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("orion: restore incomplete: "))
+        .map(|s| s.trim().to_owned());
+    Ok(Some(Restored {
+        bytes: snapshot.bytes,
+        taken_at: snapshot.taken_at,
+        incomplete,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fingerprint_is_read_from_its_own_line() {
+        let out = Output {
+            exit_status: Some(0),
+            stdout: String::new(),
+            stderr: "tar: x\norion: fingerprint 0123abcd\n".into(),
+        };
+        assert_eq!(fingerprint(&out).as_deref(), Some("0123abcd"));
+        let none = Output {
+            stderr: "orion: fingerprint \n".into(),
+            ..out
+        };
+        assert_eq!(fingerprint(&none), None);
+    }
+}

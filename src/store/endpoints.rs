@@ -1,0 +1,107 @@
+//! The gateway's ports: which live rental each one leads to.
+
+use std::ops::RangeInclusive;
+
+use sqlx::{FromRow, MySql, Transaction};
+
+use super::{Store, StoreError};
+use crate::model::RentalStatus;
+
+/// Ports looked at, least recently given first, when a rental is given one. Each is then
+/// locked alone (`SKIP LOCKED`), so concurrent rents take different ports without
+/// locking every free row.
+const CANDIDATES: u32 = 32;
+
+/// Where a connection to a gateway port goes.
+#[derive(Debug, Clone, FromRow)]
+pub struct EndpointTarget {
+    pub rental_id: String,
+    pub status: RentalStatus,
+    /// The SSH address Orion reaches the rental's worker at (`None`: no worker now).
+    #[sqlx(skip)]
+    pub worker: Option<(String, u16)>,
+    #[sqlx(default)]
+    ssh_host: Option<String>,
+    #[sqlx(default)]
+    ssh_port: Option<u16>,
+}
+
+impl Store {
+    /// Makes sure every port of `ports` has its row (ports outside are kept, never given).
+    pub async fn sync_endpoints(&self, ports: RangeInclusive<u16>) -> Result<(), StoreError> {
+        // Numbers only: written into the statement, they cannot inject anything.
+        let rows: Vec<String> = ports.map(|p| format!("({p})")).collect();
+        for batch in rows.chunks(1024) {
+            sqlx::query(&format!(
+                "INSERT IGNORE INTO endpoints (port) VALUES {}",
+                batch.join(", ")
+            ))
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The rental a connection to `port` leads to, and its worker's SSH address.
+    pub async fn endpoint_target(&self, port: u16) -> Result<Option<EndpointTarget>, StoreError> {
+        let target: Option<EndpointTarget> = sqlx::query_as(
+            "SELECT r.id AS rental_id, r.status, w.ssh_host, w.ssh_port \
+             FROM endpoints e JOIN rentals r ON r.id = e.rental_id \
+             LEFT JOIN workers w ON w.id = r.worker_id WHERE e.port = ?",
+        )
+        .bind(port)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(target.map(|mut t| {
+            t.worker = t.ssh_host.take().zip(t.ssh_port);
+            t
+        }))
+    }
+}
+
+/// Gives `rental_id` a free port of `ports`, in the caller's transaction: the one given
+/// longest ago (never given first). `None` when every port is held by a live rental.
+pub(super) async fn claim_endpoint(
+    tx: &mut Transaction<'_, MySql>,
+    rental_id: &str,
+    ports: &RangeInclusive<u16>,
+) -> Result<Option<u16>, sqlx::Error> {
+    let candidates: Vec<u16> = sqlx::query_scalar(&format!(
+        "SELECT e.port FROM endpoints e LEFT JOIN rentals r ON r.id = e.rental_id \
+         WHERE e.port BETWEEN ? AND ? \
+         AND (e.rental_id IS NULL OR r.id IS NULL OR r.status IN ('released', 'failed')) \
+         ORDER BY r.ended_at IS NOT NULL, r.ended_at, e.port LIMIT {CANDIDATES}"
+    ))
+    .bind(ports.start())
+    .bind(ports.end())
+    .fetch_all(&mut **tx)
+    .await?;
+    for port in candidates {
+        let locked: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT rental_id FROM endpoints WHERE port = ? FOR UPDATE SKIP LOCKED",
+        )
+        .bind(port)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(holder) = locked else {
+            continue; // another rent is taking it
+        };
+        if let Some(holder) = holder {
+            let live: Option<RentalStatus> =
+                sqlx::query_scalar("SELECT status FROM rentals WHERE id = ?")
+                    .bind(&holder)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            if live.is_some_and(|s| !matches!(s, RentalStatus::Released | RentalStatus::Failed)) {
+                continue; // given since the candidates were read
+            }
+        }
+        sqlx::query("UPDATE endpoints SET rental_id = ? WHERE port = ?")
+            .bind(rental_id)
+            .bind(port)
+            .execute(&mut **tx)
+            .await?;
+        return Ok(Some(port));
+    }
+    Ok(None)
+}

@@ -1,0 +1,273 @@
+//! Snapshots of rentals' homes, stored in chunks.
+//!
+//! A snapshot is written chunk by chunk under its own id and becomes the rental's only
+//! once complete ([`Store::finish_snapshot`]), which also drops the older ones: a
+//! snapshot cut short (the worker died mid-stream) never replaces a whole one.
+
+use chrono::{DateTime, Utc};
+use sqlx::FromRow;
+
+use super::workers::{USABLE, WORKER_COLUMNS, Worker};
+use super::{Store, StoreError, events, retry_on_conflict};
+
+/// A rental's last complete snapshot.
+#[derive(Debug, Clone, FromRow)]
+pub struct SnapshotInfo {
+    pub id: u64,
+    pub rental_id: String,
+    pub fingerprint: String,
+    pub bytes: u64,
+    pub taken_at: DateTime<Utc>,
+}
+
+/// An active rental whose home the snapshot loop looks at.
+#[derive(Debug, Clone)]
+pub struct SnapshotJob {
+    pub rental_id: String,
+    pub username: String,
+    /// The account's uid on its worker.
+    pub uid: u32,
+    pub worker: Worker,
+    /// The fingerprint of its last snapshot (`None`: none yet).
+    pub fingerprint: Option<String>,
+}
+
+#[derive(FromRow)]
+struct JobRow {
+    rental_id: String,
+    username: String,
+    uid: u32,
+    worker_id: u64,
+    fingerprint: Option<String>,
+}
+
+impl Store {
+    /// Every active rental on a usable worker, with its account's uid there and its last
+    /// snapshot's fingerprint.
+    pub async fn snapshot_jobs(&self) -> Result<Vec<SnapshotJob>, StoreError> {
+        let rows: Vec<JobRow> = sqlx::query_as(
+            "SELECT r.id AS rental_id, r.username, p.uid, r.worker_id, \
+             (SELECT s.fingerprint FROM snapshots s WHERE s.rental_id = r.id AND s.complete \
+              ORDER BY s.id DESC LIMIT 1) AS fingerprint \
+             FROM rentals r JOIN placements p ON p.rental_id = r.id \
+             AND p.worker_id = r.worker_id AND p.state = 'active' \
+             WHERE r.status = 'active' AND p.uid IS NOT NULL ORDER BY r.created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let workers: Vec<Worker> = sqlx::query_as(&format!(
+            "SELECT {WORKER_COLUMNS} FROM workers WHERE {USABLE}"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| {
+                let worker = workers.iter().find(|w| w.id == row.worker_id)?.clone();
+                Some(SnapshotJob {
+                    rental_id: row.rental_id,
+                    username: row.username,
+                    uid: row.uid,
+                    worker,
+                    fingerprint: row.fingerprint,
+                })
+            })
+            .collect())
+    }
+
+    /// The rental's last complete snapshot.
+    pub async fn latest_snapshot(
+        &self,
+        rental_id: &str,
+    ) -> Result<Option<SnapshotInfo>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, rental_id, fingerprint, bytes, taken_at FROM snapshots \
+             WHERE rental_id = ? AND complete ORDER BY id DESC LIMIT 1",
+        )
+        .bind(rental_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// The last complete snapshot of each of `rental_ids` (for the rentals' views).
+    pub async fn latest_snapshots(
+        &self,
+        rental_ids: &[&str],
+    ) -> Result<Vec<SnapshotInfo>, StoreError> {
+        if rental_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; rental_ids.len()].join(", ");
+        let sql = format!(
+            "SELECT id, rental_id, fingerprint, bytes, taken_at FROM snapshots s \
+             WHERE complete AND rental_id IN ({marks}) AND id = (SELECT MAX(id) FROM snapshots t \
+             WHERE t.rental_id = s.rental_id AND t.complete)"
+        );
+        let mut query = sqlx::query_as(&sql);
+        for id in rental_ids {
+            query = query.bind(*id);
+        }
+        Ok(query.fetch_all(&self.pool).await?)
+    }
+
+    /// Starts a snapshot of the rental's home taken on `worker_id`; snapshots of the
+    /// rental left incomplete (cut short) go now.
+    pub async fn begin_snapshot(&self, rental_id: &str, worker_id: u64) -> Result<u64, StoreError> {
+        sqlx::query("DELETE FROM snapshots WHERE rental_id = ? AND NOT complete")
+            .bind(rental_id)
+            .execute(&self.pool)
+            .await?;
+        let done = sqlx::query(
+            "INSERT INTO snapshots (rental_id, worker_id, fingerprint, taken_at) \
+             VALUES (?, ?, '', UTC_TIMESTAMP(6))",
+        )
+        .bind(rental_id)
+        .bind(worker_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.last_insert_id())
+    }
+
+    /// One chunk of a snapshot being written.
+    pub async fn put_snapshot_chunk(
+        &self,
+        snapshot_id: u64,
+        seq: u32,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO snapshot_chunks (snapshot_id, seq, data) VALUES (?, ?, ?)")
+            .bind(snapshot_id)
+            .bind(seq)
+            .bind(data)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The snapshot is whole: it becomes the rental's, and its older ones go — if the
+    /// rental is still active on the worker it was taken on, or (`moving`, a planned
+    /// move's last snapshot) is moving off it. Otherwise it is dropped and false returned: the rental moved or
+    /// ended meanwhile, and this snapshot is not of its current home.
+    pub async fn finish_snapshot(
+        &self,
+        snapshot_id: u64,
+        rental_id: &str,
+        worker_id: u64,
+        fingerprint: &str,
+        bytes: u64,
+        moving: bool,
+    ) -> Result<bool, StoreError> {
+        retry_on_conflict(|| async move {
+            let mut tx = self.pool.begin().await?;
+            let current: Option<(String, Option<u64>)> =
+                sqlx::query_as("SELECT status, worker_id FROM rentals WHERE id = ? FOR UPDATE")
+                    .bind(rental_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let still_its = match current {
+                Some((status, worker)) if !moving => {
+                    status == "active" && worker == Some(worker_id)
+                }
+                Some((status, _)) => status == "migrating",
+                None => false,
+            };
+            if !still_its {
+                sqlx::query("DELETE FROM snapshots WHERE id = ?")
+                    .bind(snapshot_id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                return Ok(false);
+            }
+            sqlx::query(
+                "UPDATE snapshots SET complete = TRUE, fingerprint = ?, bytes = ?, \
+                 taken_at = UTC_TIMESTAMP(6) WHERE id = ?",
+            )
+            .bind(fingerprint)
+            .bind(bytes)
+            .bind(snapshot_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM snapshots WHERE rental_id = ? AND id <> ?")
+                .bind(rental_id)
+                .bind(snapshot_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE rentals SET snapshot_oversize = FALSE WHERE id = ?")
+                .bind(rental_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Drops a snapshot that was cut short.
+    pub async fn discard_snapshot(&self, snapshot_id: u64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM snapshots WHERE id = ?")
+            .bind(snapshot_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The rental's home is over the size cap: its last snapshot is kept. The event is
+    /// written when it goes over, not at every pass; returns whether it was.
+    pub async fn snapshot_oversize(
+        &self,
+        rental_id: &str,
+        worker: &str,
+        message: &str,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let newly = sqlx::query(
+            "UPDATE rentals SET snapshot_oversize = TRUE WHERE id = ? AND NOT snapshot_oversize",
+        )
+        .bind(rental_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if newly {
+            events::append_in(
+                &mut tx,
+                "snapshot.too_big",
+                Some(worker),
+                Some(rental_id),
+                message,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(newly)
+    }
+
+    /// One chunk of a snapshot, in order from 0; `None` past the last.
+    pub async fn snapshot_chunk(
+        &self,
+        snapshot_id: u64,
+        seq: u32,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(
+            sqlx::query_scalar(
+                "SELECT data FROM snapshot_chunks WHERE snapshot_id = ? AND seq = ?",
+            )
+            .bind(snapshot_id)
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await?,
+        )
+    }
+
+    /// Snapshots of rentals that are over. Returns how many went.
+    pub async fn purge_snapshots(&self) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "DELETE FROM snapshots WHERE rental_id IN \
+             (SELECT id FROM rentals WHERE status IN ('released', 'failed'))",
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::client::table;
 use crate::config::Config;
 use crate::inventory::Inventory;
-use crate::playbook::{AppVars, Playbook, Playbooks, Vars};
+use crate::playbook::{AppVars, CertVars, HomeVars, Playbook, Playbooks, Vars};
 use crate::ssh::{self, SshClient, Target};
 
 /// Runs every check; the error says how many workers failed their probe.
@@ -29,6 +29,20 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
     });
     for playbook in Playbook::APPS {
         playbooks.render_app(playbook, &sample_app)?;
+    }
+    let sample_key = ssh::host_key_line(ssh::generate_ed25519().public_key());
+    playbooks.render_cert(&CertVars {
+        certificate: sample_key.clone(),
+        host_key: sample_key,
+    })?;
+    let sample_home = HomeVars {
+        username: "sample".into(),
+        uid: config.provisioning.uid_min,
+        fingerprint: String::new(),
+        r#final: true,
+    };
+    for playbook in Playbook::STREAMS {
+        playbooks.render_home(playbook, &sample_home, config.provisioning.uid_min)?;
     }
     let key = Arc::new(ssh::load_private_key(&config.ssh.key)?);
     println!(

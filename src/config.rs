@@ -627,6 +627,8 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "cleanup",
     "apps",
     "caddy",
+    "gateway",
+    "snapshots",
     "tenants",
     "auth",
     "http",
@@ -1000,5 +1002,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/orion.toml"), "{err}");
+    }
+
+    #[test]
+    fn the_gateway_ports_are_a_bounded_range_and_its_names_host_names() {
+        let ports = |p: &str| GatewayConfig {
+            ports: Some(p.into()),
+            ..GatewayConfig::default()
+        };
+        assert_eq!(ports("2200-2219").port_range().unwrap(), Some(2200..=2219));
+        assert_eq!(ports(" 22 - 22 ").port_range().unwrap(), Some(22..=22));
+        for bad in ["2200", "2219-2200", "0-10", "a-b", "1-70000", "1000-9000"] {
+            assert!(ports(bad).port_range().is_err(), "{bad}");
+        }
+        assert_eq!(GatewayConfig::default().port_range().unwrap(), None);
+        let text = format!("{MINIMAL}\n[gateway]\nports = \"2200-2201\"\nnames = [\"a b\"]\n");
+        let err = Config::from_toml_str(&text).unwrap_err().to_string();
+        assert!(err.contains("gateway.host"), "{err}");
+        let named = GatewayConfig {
+            names: vec!["gw.example.org".into(), "localhost".into()],
+            ..GatewayConfig::default()
+        };
+        assert_eq!(named.all_names(), ["localhost", "gw.example.org"]);
+    }
+
+    #[test]
+    fn every_section_of_the_example_can_come_from_the_environment() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/orion.example.toml"))
+                .unwrap();
+        let table: toml::Table = text.parse().unwrap();
+        for key in table.keys() {
+            assert!(
+                TOP_LEVEL_FIELDS.contains(&key.as_str()),
+                "ORION_{}__… would be ignored: add `{key}` to TOP_LEVEL_FIELDS",
+                key.to_uppercase()
+            );
+        }
     }
 }

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 mod apps;
 mod apps_caddy;
 mod caddy;
+mod continuity;
 mod fleet;
 mod flood;
 mod footprint;
@@ -65,6 +66,21 @@ enum Bench {
         /// How long the load lasts; the kill comes at 1/4, the stop at 1/2.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+    },
+    /// Rental continuity with default settings: a home of `home_mb` MB written through
+    /// the rental's endpoint, snapshotted, its worker stopped, until a plain OpenSSH
+    /// client (only the CA's known_hosts line, strict checking) logs in through the same
+    /// endpoint and finds the home intact; the cost of a snapshot pass; `scp` of
+    /// `transfer_mb` MB both ways through the gateway against straight to the worker.
+    Continuity {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
+        #[arg(long, default_value_t = 10)]
+        home_mb: usize,
+        #[arg(long, default_value_t = 100)]
+        transfer_mb: usize,
     },
     /// Rent latency, native executor against Ansible on the same workers in the same run:
     /// `POST /api/rent` until an SSH login with the rented key works, then release.
@@ -133,6 +149,12 @@ fn main() -> anyhow::Result<()> {
                 workers,
                 apps,
             } => apps::run(runs, workers, apps).await,
+            Bench::Continuity {
+                runs,
+                workers,
+                home_mb,
+                transfer_mb,
+            } => continuity::run(runs, workers, home_mb, transfer_mb).await,
             Bench::AppsCaddy { rate, seconds } => apps_caddy::run(rate, seconds).await,
             Bench::RentCaddy { runs } => caddy::run(runs).await,
             Bench::Flood { runs, flood } => flood::run(runs, flood).await,

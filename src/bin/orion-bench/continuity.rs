@@ -1,0 +1,280 @@
+//! Rental continuity: stop → working login through the rental's endpoint with a home of
+//! N MB to restore, with a plain OpenSSH client and only the CA's `known_hosts` line;
+//! what a snapshot pass costs Orion; and the gateway's throughput against a direct
+//! connection (`scp` both ways).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use orion::config::{HealthConfig, MigrationConfig};
+use orion::testkit::{TestApp, spawn_app_with, write_private_key};
+use serde_json::{Value, json};
+
+use crate::report;
+
+/// The tenant's OpenSSH files.
+struct Client {
+    key: PathBuf,
+    known_hosts: PathBuf,
+    public: String,
+}
+
+fn ssh_args(client: &Client, port: u16) -> Vec<String> {
+    vec![
+        "-F".into(),
+        "/dev/null".into(),
+        "-i".into(),
+        client.key.display().to_string(),
+        "-o".into(),
+        "IdentitiesOnly=yes".into(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "StrictHostKeyChecking=yes".into(),
+        "-o".into(),
+        format!("UserKnownHostsFile={}", client.known_hosts.display()),
+        "-o".into(),
+        "GlobalKnownHostsFile=/dev/null".into(),
+        "-o".into(),
+        "ConnectTimeout=5".into(),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+        "-P".into(),
+        port.to_string(),
+    ]
+}
+
+/// `ssh -p port user@host command` through the tenant's files; its stdout if it worked.
+async fn ssh(client: &Client, host: &str, port: u16, user: &str, command: &str) -> Option<String> {
+    let mut args = ssh_args(client, port);
+    // ssh takes -p, scp -P: the last pair is rewritten for ssh.
+    let n = args.len();
+    args[n - 2] = "-p".into();
+    let out = tokio::process::Command::new("ssh")
+        .args(&args)
+        .arg(format!("{user}@{host}"))
+        .arg(command)
+        .output()
+        .await
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// `scp` of `file` to the rental and back; the two durations.
+async fn scp_both_ways(
+    client: &Client,
+    host: &str,
+    port: u16,
+    user: &str,
+    file: &Path,
+) -> anyhow::Result<(Duration, Duration)> {
+    let remote = format!("{user}@{host}:transfer.bin");
+    let back = file.with_extension("back");
+    let mut times = Vec::new();
+    for (from, to) in [
+        (file.display().to_string(), remote.clone()),
+        (remote.clone(), back.display().to_string()),
+    ] {
+        let started = Instant::now();
+        let status = tokio::process::Command::new("scp")
+            .args(ssh_args(client, port))
+            .args(["-q", &from, &to])
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("scp {from} {to} failed");
+        }
+        times.push(started.elapsed());
+    }
+    if std::fs::metadata(&back)?.len() != std::fs::metadata(file)?.len() {
+        bail!("the file came back with another size");
+    }
+    Ok((times[0], times[1]))
+}
+
+async fn client(app: &TestApp) -> anyhow::Result<Client> {
+    let key = orion::ssh::generate_ed25519();
+    let path = app.dir.path().join("bench_ed25519");
+    write_private_key(&key, &path);
+    let line = app
+        .http
+        .get(app.url("/api/ssh/known_hosts"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let known_hosts = app.dir.path().join("bench_known_hosts");
+    std::fs::write(&known_hosts, line)?;
+    Ok(Client {
+        key: path,
+        known_hosts,
+        public: orion::ssh::host_key_line(key.public_key()),
+    })
+}
+
+pub async fn run(
+    runs: usize,
+    workers: usize,
+    home_mb: usize,
+    transfer_mb: usize,
+) -> anyhow::Result<()> {
+    if workers < 3 {
+        bail!("the drill needs at least 3 workers (one dies, one more keeps the guard quiet)");
+    }
+    let app = spawn_app_with(
+        workers,
+        Box::new(|c| {
+            c.health = HealthConfig::default();
+            c.migration = MigrationConfig::default();
+        }),
+    )
+    .await;
+    let client = client(&app).await?;
+    println!(
+        "continuity: {runs} runs, {workers} workers, default detection, a home of {home_mb} MB \
+         of random bytes (incompressible: the worst case) restored after each stop"
+    );
+    let (mut login, mut pass_changed, mut pass_cpu, mut pass_same, mut same_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut stored_bytes = 0;
+    let progress = orion::progress::bar(runs as u64, "continuity runs");
+    for run in 1..=runs {
+        let user = format!("cont{run}");
+        let resp = app
+            .rent(json!({ "ssh_public_key": client.public, "username": user }))
+            .await;
+        if resp.status() != 201 {
+            bail!("rent failed: {}", resp.text().await.unwrap_or_default());
+        }
+        let body: Value = resp.json().await?;
+        let id = body["id"].as_str().context("id")?.to_owned();
+        let first = body["worker"].as_str().context("worker")?.to_owned();
+        let host = body["endpoint"]["host"]
+            .as_str()
+            .context("endpoint")?
+            .to_owned();
+        let port = body["endpoint"]["port"].as_u64().context("endpoint")? as u16;
+        let sum = ssh(
+            &client,
+            &host,
+            port,
+            &user,
+            &format!("head -c {}M /dev/urandom > blob && md5sum < blob", home_mb),
+        )
+        .await
+        .context("writing the home through the endpoint")?;
+
+        // One pass with this home changed, then one with nothing changed.
+        for (walls, cpus) in [
+            (&mut pass_changed, &mut pass_cpu),
+            (&mut pass_same, &mut same_cpu),
+        ] {
+            let (cpu0, _) = report::cpu_times();
+            let started = Instant::now();
+            let summary = orion::loops::snapshots::snapshot_pass(&app.ctx).await?;
+            walls.push(started.elapsed());
+            cpus.push(report::cpu_times().0.saturating_sub(cpu0));
+            if summary.stored == 1 {
+                stored_bytes = summary.bytes;
+            }
+        }
+
+        let stopped = Instant::now();
+        app.worker(&first).stop();
+        let t_login = loop {
+            if ssh(&client, &host, port, &user, "md5sum < blob")
+                .await
+                .is_some_and(|s| s == sum)
+            {
+                break stopped.elapsed();
+            }
+            if stopped.elapsed() > Duration::from_secs(60) {
+                bail!("run {run}: no working login with the home within 60 s");
+            }
+        };
+        progress.suspend(|| {
+            println!(
+                "run {run:>2}: {first} stopped → login through the endpoint, home intact: {:>5} ms",
+                t_login.as_millis()
+            )
+        });
+        login.push(t_login);
+
+        app.worker(&first).start();
+        for _ in 0..app.ctx.config.health.alive_after {
+            orion::loops::health::probe_round(&app.ctx, &app.loops.probes).await?;
+        }
+        orion::loops::cleanup::cleanup_pass(&app.ctx).await?;
+        if app.release(&id).await != 204 {
+            bail!("release failed");
+        }
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    println!();
+    report::line("stop → working login, home restored", &mut login);
+    report::line("snapshot pass, home changed (wall)", &mut pass_changed);
+    report::line("  Orion CPU for it", &mut pass_cpu);
+    report::line("snapshot pass, unchanged (wall)", &mut pass_same);
+    report::line("  Orion CPU for it", &mut same_cpu);
+    println!("snapshot stored: {stored_bytes} bytes for a {home_mb} MB home");
+
+    // Throughput: scp of a file both ways, through the endpoint and straight to the worker.
+    let resp = app
+        .rent(json!({ "ssh_public_key": client.public, "username": "scp" }))
+        .await;
+    let body: Value = resp.json().await?;
+    let worker = app.worker(body["worker"].as_str().context("worker")?);
+    let host = body["endpoint"]["host"]
+        .as_str()
+        .context("endpoint")?
+        .to_owned();
+    let port = body["endpoint"]["port"].as_u64().context("endpoint")? as u16;
+    let file = app.dir.path().join("transfer.bin");
+    let data: Vec<u8> = (0..transfer_mb << 20)
+        .map(|_| rand::random::<u8>())
+        .collect();
+    std::fs::write(&file, data)?;
+    // The direct path needs the worker's own name in the CA's line: 127.0.0.1 is a
+    // principal of its certificate (its SSH host).
+    let line = std::fs::read_to_string(&client.known_hosts)?;
+    std::fs::write(
+        &client.known_hosts,
+        line.replacen(
+            "@cert-authority ",
+            "@cert-authority 127.0.0.1,[127.0.0.1]:*,",
+            1,
+        ),
+    )?;
+    let mut rows = Vec::new();
+    for (path, h, p) in [
+        ("gateway", host.as_str(), port),
+        ("direct", "127.0.0.1", worker.port),
+    ] {
+        let (up, down) = scp_both_ways(&client, h, p, "scp", &file).await?;
+        rows.push((path, up, down));
+    }
+    let mb = transfer_mb as f64;
+    println!();
+    println!("scp of {transfer_mb} MB          up (to the rental)        down");
+    for (path, up, down) in &rows {
+        println!(
+            "{path:<20} {:>7} ms {:>7.0} MB/s   {:>7} ms {:>7.0} MB/s",
+            up.as_millis(),
+            mb / up.as_secs_f64(),
+            down.as_millis(),
+            mb / down.as_secs_f64()
+        );
+    }
+    let ratio = |g: Duration, d: Duration| g.as_secs_f64() / d.as_secs_f64();
+    println!(
+        "gateway / direct time: up {:.2}, down {:.2}",
+        ratio(rows[0].1, rows[1].1),
+        ratio(rows[0].2, rows[1].2)
+    );
+    Ok(())
+}

@@ -136,10 +136,13 @@ pub async fn run(
     let client = client(&app).await?;
     println!(
         "continuity: {runs} runs, {workers} workers, default detection, a home of {home_mb} MB \
-         of random bytes (incompressible: the worst case) restored after each stop"
+         of random bytes (incompressible: the worst case) plus a file the tenant appends the \
+         time to every 100 ms; snapshots every {interval:?}; the worker is stopped at a \
+         random moment of the interval"
     );
     let (mut login, mut pass_changed, mut pass_cpu, mut pass_same, mut same_cpu) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut lost = Vec::new();
     let mut stored_bytes = 0;
     let progress = orion::progress::bar(runs as u64, "continuity runs");
     for run in 1..=runs {
@@ -196,13 +199,22 @@ pub async fn run(
                 bail!("run {run}: no working login with the home within 60 s");
             }
         };
+        let last_tick = ssh(&client, &host, port, &user, "tail -n 1 ticks")
+            .await
+            .and_then(|t| t.parse::<f64>().ok())
+            .context("reading the restored ticks")?;
+        let stopped_at = stopped_wall.timestamp_micros() as f64 / 1e6;
+        let loss = Duration::from_secs_f64((stopped_at - last_tick).max(0.0));
         progress.suspend(|| {
             println!(
-                "run {run:>2}: {first} stopped → login through the endpoint, home intact: {:>5} ms",
-                t_login.as_millis()
+                "run {run:>2}: {first} stopped → login through the endpoint, home intact: {:>5} ms; \
+                 work lost: {:>6} ms",
+                t_login.as_millis(),
+                loss.as_millis()
             )
         });
         login.push(t_login);
+        lost.push(loss);
 
         app.worker(&first).start();
         for _ in 0..app.ctx.config.health.alive_after {
@@ -217,6 +229,7 @@ pub async fn run(
     progress.finish_and_clear();
     println!();
     report::line("stop → working login, home restored", &mut login);
+    report::line("work lost (stop − last restored tick)", &mut lost);
     report::line("snapshot pass, home changed (wall)", &mut pass_changed);
     report::line("  Orion CPU for it", &mut pass_cpu);
     report::line("snapshot pass, unchanged (wall)", &mut pass_same);

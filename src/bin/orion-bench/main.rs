@@ -81,6 +81,10 @@ enum Bench {
         home_mb: usize,
         #[arg(long, default_value_t = 100)]
         transfer_mb: usize,
+        /// `snapshots.interval` of the run (the default is 60s: what a failover loses
+        /// scales with it).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        interval: Duration,
     },
     /// Rent latency, native executor against Ansible on the same workers in the same run:
     /// `POST /api/rent` until an SSH login with the rented key works, then release.
@@ -154,7 +158,8 @@ fn main() -> anyhow::Result<()> {
                 workers,
                 home_mb,
                 transfer_mb,
-            } => continuity::run(runs, workers, home_mb, transfer_mb).await,
+                interval,
+            } => continuity::run(runs, workers, home_mb, transfer_mb, interval).await,
             Bench::AppsCaddy { rate, seconds } => apps_caddy::run(rate, seconds).await,
             Bench::RentCaddy { runs } => caddy::run(runs).await,
             Bench::Flood { runs, flood } => flood::run(runs, flood).await,

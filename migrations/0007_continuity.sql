@@ -36,6 +36,8 @@ CREATE TABLE snapshots (
     fingerprint VARCHAR(64)  NOT NULL,
     bytes       BIGINT UNSIGNED NOT NULL DEFAULT 0,
     complete    BOOLEAN      NOT NULL DEFAULT FALSE,
+    obsolete    BOOLEAN      NOT NULL DEFAULT FALSE,
+    -- When the worker started reading the home.
     taken_at    DATETIME(6)  NOT NULL,
     KEY snapshots_rental (rental_id, complete)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci;
@@ -49,6 +51,7 @@ CREATE TABLE snapshot_chunks (
         REFERENCES snapshots (id) ON DELETE CASCADE
 ) ENGINE = InnoDB;
 
--- Set while the rental's home is over `snapshots.max_bytes`: its last snapshot is kept
--- and the event is written once, when it goes over.
-ALTER TABLE rentals ADD COLUMN snapshot_oversize BOOLEAN NOT NULL DEFAULT FALSE;
+-- The fingerprint of the rental's home while it is over `snapshots.max_bytes`: its last
+-- snapshot is kept, the event is written once, and the home is not streamed again until
+-- it changes.
+ALTER TABLE rentals ADD COLUMN snapshot_oversize VARCHAR(64) NULL;

@@ -22,6 +22,18 @@ use crate::store::Store;
 /// How often a waiting connection looks again at its rental.
 const WAIT_STEP: Duration = Duration::from_millis(100);
 
+/// Connections the gateway holds at once, forwarded or waiting, all ports together:
+/// beyond, a new connection is closed at once. Each waiting one reads the database
+/// every [`WAIT_STEP`], so this also bounds what idle connections cost the database.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// TCP keepalive on both sides of a forwarded connection: a worker that vanished (power
+/// cut, network cut) or a client that did is noticed within about 25 s, and the
+/// connection and its task end instead of hanging.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+
 /// The gateway's listeners, bound at start (a port already taken fails the start, not
 /// a rent).
 pub struct Gateway {
@@ -36,6 +48,19 @@ pub struct Forwarding {
     pub connect_timeout: Duration,
     /// How long a connection waits for its rental to be active on a reachable worker.
     pub wait: Duration,
+    /// Room for more connections ([`MAX_CONNECTIONS`]).
+    pub slots: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Forwarding {
+    pub fn new(store: Store, connect_timeout: Duration, wait: Duration) -> Self {
+        Self {
+            store,
+            connect_timeout,
+            wait,
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        }
+    }
 }
 
 impl Gateway {
@@ -68,9 +93,17 @@ impl Gateway {
                     };
                     match accepted {
                         Ok((client, peer)) => {
+                            let Ok(slot) = forwarding.slots.clone().try_acquire_owned() else {
+                                metrics::counter!(crate::metrics::names::GATEWAY_CONNECTIONS,
+                                    "outcome" => "busy")
+                                .increment(1);
+                                tracing::warn!(port, %peer, "gateway full: connection closed");
+                                continue;
+                            };
                             let forwarding = forwarding.clone();
                             tokio::spawn(async move {
                                 forward(&forwarding, port, client, peer).await;
+                                drop(slot);
                             });
                         }
                         Err(e) => {
@@ -94,7 +127,7 @@ async fn forward(
     mut client: TcpStream,
     peer: std::net::SocketAddr,
 ) {
-    let _ = client.set_nodelay(true);
+    tune(&client);
     let Some((rental_id, mut worker)) = reach(forwarding, port).await else {
         metrics::counter!(crate::metrics::names::GATEWAY_CONNECTIONS, "outcome" => "refused")
             .increment(1);
@@ -104,10 +137,21 @@ async fn forward(
     metrics::counter!(crate::metrics::names::GATEWAY_CONNECTIONS, "outcome" => "forwarded")
         .increment(1);
     tracing::debug!(port, %peer, rental_id, "gateway connection forwarded");
-    let _ = worker.set_nodelay(true);
+    tune(&worker);
     if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut worker).await {
         metrics::counter!(crate::metrics::names::GATEWAY_BYTES).increment(up + down);
     }
+}
+
+/// No delay for interactive keystrokes; keepalives so that a vanished peer ends the
+/// forwarding.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
 /// Connects to the worker serving the rental of `port`, waiting through a move. `None`

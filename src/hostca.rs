@@ -77,18 +77,24 @@ impl HostCa {
         public.to_openssh().expect("a public key can be encoded")
     }
 
-    /// The `known_hosts` line that makes an OpenSSH client trust every worker this CA
-    /// signed, on any port of each of `names` (the gateway's endpoints, and port 22).
-    pub fn known_hosts(&self, names: &[String]) -> String {
+    /// The `known_hosts` lines that make an OpenSSH client trust every worker this CA
+    /// signed, on any port of each of `names` (the gateway's endpoints, and port 22) —
+    /// but not the host keys in `revoked` (quarantined or retired workers' keys, whose
+    /// certificates are still within their validity).
+    pub fn known_hosts(&self, names: &[String], revoked: &[String]) -> String {
         let patterns: Vec<String> = names
             .iter()
             .flat_map(|n| [n.clone(), format!("[{n}]:*")])
             .collect();
-        format!(
+        let mut lines = format!(
             "@cert-authority {} {}\n",
             patterns.join(","),
             self.public_line()
-        )
+        );
+        for key in revoked {
+            lines.push_str(&format!("@revoked * {}\n", key.trim()));
+        }
+        lines
     }
 
     /// Signs `host_key` as a host certificate for the worker `name`, valid for
@@ -254,12 +260,14 @@ mod tests {
     #[test]
     fn the_known_hosts_line_trusts_every_port_of_every_name() {
         let ca = HostCa::from_key(crate::ssh::generate_ed25519());
-        let line = ca.known_hosts(&["localhost".into(), "gw".into()]);
+        let line = ca.known_hosts(&["localhost".into(), "gw".into()], &[]);
         let mut words = line.split_whitespace();
         assert_eq!(words.next(), Some("@cert-authority"));
         assert_eq!(words.next(), Some("localhost,[localhost]:*,gw,[gw]:*"));
         assert_eq!(words.next(), Some("ssh-ed25519"));
         assert!(line.ends_with("orion-host-ca\n"));
+        let with = ca.known_hosts(&["localhost".into()], &["ssh-ed25519 AAAAold".into()]);
+        assert_eq!(with.lines().nth(1), Some("@revoked * ssh-ed25519 AAAAold"));
     }
 
     #[test]

@@ -12,7 +12,6 @@ use anyhow::Context as _;
 
 use crate::context::Context;
 use crate::playbook::{HomeVars, Playbook};
-use crate::ssh::Output;
 use crate::store::{Claim, RentalRecord, SnapshotJob};
 
 /// Size of one stored chunk: well below MariaDB's default `max_allowed_packet` (16 MiB)
@@ -68,7 +67,10 @@ pub async fn take(ctx: &Context, job: &SnapshotJob, moving: bool) -> anyhow::Res
         .snapshots
         .max_bytes()
         .map_err(anyhow::Error::msg)?;
-    let session = ctx.ssh.session(&job.worker.target()).await?;
+    // A connection of its own, not a channel of the worker's watch connection: russh
+    // stops reading a whole connection while one channel's reader is busy, and this
+    // reader waits on the database.
+    let session = ctx.ssh.connect(&job.worker.target()).await?;
     let store = &ctx.store;
     let mut writing = Writing {
         id: None,
@@ -77,41 +79,34 @@ pub async fn take(ctx: &Context, job: &SnapshotJob, moving: bool) -> anyhow::Res
         bytes: 0,
     };
     let (rental_id, worker_id) = (&job.rental_id, job.worker.id);
-    let streamed = stream_into(
-        store,
-        &session,
-        &command,
-        &mut writing,
-        rental_id,
-        worker_id,
-        max,
-    )
-    .await;
-    session.close().await;
-    let out = match streamed {
-        Ok(out) => out,
-        Err(e) => {
-            if let Some(id) = writing.id {
-                store.discard_snapshot(id).await.ok();
-            }
-            if e.downcast_ref::<TooBig>().is_some() {
-                let message = format!(
-                    "the home of {} on {} is over snapshots.max_bytes ({max} bytes compressed): \
-                     its last snapshot is kept, newer files would be lost in a failover",
-                    job.username, job.worker.name
-                );
-                if store
-                    .snapshot_oversize(rental_id, &job.worker.name, &message)
-                    .await?
-                {
-                    tracing::warn!(rental_id = %rental_id, "{message}");
-                }
-                return Ok(Taken::TooBig);
-            }
+    let mut reading = session.exec_reading(&command).await?;
+    let streamed = stream_into(store, &mut reading, &mut writing, rental_id, worker_id, max).await;
+    if let Err(e) = streamed {
+        reading.close().await;
+        session.close().await;
+        if let Some(id) = writing.id {
+            store.discard_snapshot(id).await.ok();
+        }
+        if e.downcast_ref::<TooBig>().is_none() {
             return Err(e.context("Failed to stream the home's snapshot"));
         }
-    };
-    let fingerprint = fingerprint(&out);
+        let seen = fingerprint(&reading.stderr_so_far()).unwrap_or_default();
+        let message = format!(
+            "the home of {} on {} is over snapshots.max_bytes ({max} bytes compressed): \
+             its last snapshot is kept, newer files would be lost in a failover",
+            job.username, job.worker.name
+        );
+        if store
+            .snapshot_oversize(rental_id, &seen, &job.worker.name, &message)
+            .await?
+        {
+            tracing::warn!(rental_id = %rental_id, "{message}");
+        }
+        return Ok(Taken::TooBig);
+    }
+    let out = reading.finish();
+    session.close().await;
+    let fingerprint = fingerprint(&out.stderr);
     match out.exit_status {
         Some(UNCHANGED) if !moving => return Ok(Taken::Unchanged),
         Some(0) => {}
@@ -155,17 +150,15 @@ pub async fn take(ctx: &Context, job: &SnapshotJob, moving: bool) -> anyhow::Res
     })
 }
 
-/// Runs the snapshot command and stores its stdout in chunks as it comes.
+/// Stores the snapshot command's stdout in chunks as it comes.
 async fn stream_into(
     store: &crate::store::Store,
-    session: &crate::ssh::Session,
-    command: &str,
+    reading: &mut crate::ssh::Reading,
     writing: &mut Writing,
     rental_id: &str,
     worker_id: u64,
     max: u64,
-) -> anyhow::Result<Output> {
-    let mut reading = session.exec_reading(command).await?;
+) -> anyhow::Result<()> {
     while let Some(data) = reading.next().await? {
         writing.bytes += data.len() as u64;
         if writing.bytes > max {
@@ -178,7 +171,7 @@ async fn stream_into(
             store_chunk(store, writing, rental_id, worker_id, &chunk).await?;
         }
     }
-    Ok(reading.finish())
+    Ok(())
 }
 
 async fn store_chunk(
@@ -202,8 +195,8 @@ async fn store_chunk(
 }
 
 /// The fingerprint the script reported on stderr.
-fn fingerprint(out: &Output) -> Option<String> {
-    out.stderr
+fn fingerprint(stderr: &str) -> Option<String> {
+    stderr
         .lines()
         .find_map(|l| l.strip_prefix("orion: fingerprint "))
         .map(|f| f.trim().to_owned())
@@ -246,14 +239,19 @@ pub async fn restore(
     )?;
     let store = ctx.store.clone();
     let id = snapshot.id;
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = sent.clone();
     // Chunk by chunk from the database, never the whole archive in memory.
     let source = futures::stream::try_unfold(0u32, move |seq| {
-        let store = store.clone();
+        let (store, counted) = (store.clone(), counted.clone());
         async move {
             let chunk = store
                 .snapshot_chunk(id, seq)
                 .await
                 .context("Failed to read a snapshot chunk")?;
+            if let Some(data) = &chunk {
+                counted.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             Ok(chunk.map(|data| (data, seq + 1)))
         }
     });
@@ -261,6 +259,16 @@ pub async fn restore(
     let out = session.exec_writing(&command, source).await;
     session.close().await;
     let out = out.context("Failed to stream the snapshot to the new worker")?;
+    let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    if sent != snapshot.bytes {
+        // Chunks missing (the snapshot was dropped meanwhile): the move is tried again
+        // rather than giving the tenant part of a home.
+        anyhow::bail!(
+            "the snapshot sent to {} was {sent} bytes of {}: not whole",
+            claim.worker.name,
+            snapshot.bytes
+        );
+    }
     if !out.success() {
         anyhow::bail!(
             "restore on {} failed ({}): {}",
@@ -288,16 +296,10 @@ mod tests {
 
     #[test]
     fn the_fingerprint_is_read_from_its_own_line() {
-        let out = Output {
-            exit_status: Some(0),
-            stdout: String::new(),
-            stderr: "tar: x\norion: fingerprint 0123abcd\n".into(),
-        };
-        assert_eq!(fingerprint(&out).as_deref(), Some("0123abcd"));
-        let none = Output {
-            stderr: "orion: fingerprint \n".into(),
-            ..out
-        };
-        assert_eq!(fingerprint(&none), None);
+        assert_eq!(
+            fingerprint("tar: x\norion: fingerprint 0123abcd\n").as_deref(),
+            Some("0123abcd")
+        );
+        assert_eq!(fingerprint("orion: fingerprint \n"), None);
     }
 }

@@ -734,7 +734,7 @@ impl Session {
         let (read, write) = channel.split();
         Ok(Reading {
             read,
-            _write: write,
+            write,
             exit_status: None,
             stderr: Vec::new(),
             addr: self.addr.clone(),
@@ -851,8 +851,8 @@ impl Session {
 /// A command's stdout, read as it comes ([`Session::exec_reading`]).
 pub struct Reading {
     read: russh::ChannelReadHalf,
-    /// Kept so the channel stays open until the command ends.
-    _write: russh::ChannelWriteHalf<client::Msg>,
+    /// Kept so the channel stays open until the command ends, and to close it early.
+    write: russh::ChannelWriteHalf<client::Msg>,
     exit_status: Option<u32>,
     stderr: Vec<u8>,
     addr: String,
@@ -884,6 +884,17 @@ impl Reading {
                 Some(_) => {}
             }
         }
+    }
+
+    /// Stops reading early: the channel is closed, so the command ends rather than
+    /// sending the rest for nothing.
+    pub async fn close(&self) {
+        let _ = self.write.close().await;
+    }
+
+    /// What the command wrote on stderr so far (capped).
+    pub fn stderr_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
     }
 
     /// The command's exit status and (capped) stderr, once [`Reading::next`] said `None`.

@@ -233,11 +233,11 @@ impl Application {
             running.spawn(tasks.track_future(snapshots::run(ctx.clone(), stop())));
         }
         if let Some(gateway) = gateway {
-            let forwarding = crate::gateway::Forwarding {
-                store: ctx.store.clone(),
-                connect_timeout: ctx.config.ssh.connect_timeout,
-                wait: ctx.config.gateway.wait,
-            };
+            let forwarding = crate::gateway::Forwarding::new(
+                ctx.store.clone(),
+                ctx.config.ssh.connect_timeout,
+                ctx.config.gateway.wait,
+            );
             running.spawn(tasks.track_future(gateway.serve(forwarding, shutdown.clone())));
         }
         if ctx.config.health.watch {

@@ -701,10 +701,11 @@ async fn stream_events(
         .into_response())
 }
 
-/// The `known_hosts` line that makes a plain OpenSSH client trust every worker through
-/// Orion's host CA, on the gateway's names (any port): add it to `~/.ssh/known_hosts`
+/// The `known_hosts` lines that make a plain OpenSSH client trust every worker through
+/// Orion's host CA, on the gateway's names (any port): add them to `~/.ssh/known_hosts`
 /// and log in through a rental's endpoint with `StrictHostKeyChecking=yes`, before and
-/// after the rental moves. Any token may read it: it holds only a public key.
+/// after the rental moves. The certified keys of quarantined or retired workers follow
+/// as `@revoked` lines. Any token may read them: they hold only public keys.
 #[utoipa::path(get, path = "/api/ssh/known_hosts", tag = "rentals",
     responses(
         (status = 200, description = "One `@cert-authority` line", content_type = "text/plain", body = String),
@@ -716,7 +717,8 @@ async fn known_hosts(State(ctx): State<Context>, _caller: Caller) -> Result<Resp
             "Orion has no SSH host certificate authority (ssh.host_ca_key is not set)".into(),
         ));
     };
-    let line = ca.known_hosts(&ctx.config.gateway.all_names());
+    let revoked = ctx.store.revoked_host_keys().await?;
+    let line = ca.known_hosts(&ctx.config.gateway.all_names(), &revoked);
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

@@ -230,28 +230,38 @@ async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Ou
     }
 }
 
-/// The old worker's side of a planned move, if this is one: the rental is active on a
-/// worker that still answers (drained or retired, not dead, not quarantined: a changed
-/// host key is not to be trusted with anything) and snapshots are on.
+/// The old worker's side of a planned move, if this is one: the rental is on (or, for a
+/// move interrupted by a restart, moving off) a worker that still answers (drained or
+/// retired, not dead, not quarantined: a changed host key is not to be trusted with
+/// anything), and snapshots are on.
 async fn planned_move(
     ctx: &Context,
     rental: &RentalRecord,
 ) -> anyhow::Result<Option<crate::store::SnapshotJob>> {
-    if !ctx.config.snapshots.enabled || rental.status != RentalStatus::Active {
+    if !ctx.config.snapshots.enabled {
         return Ok(None);
     }
-    let Some(old) = (match rental.worker_id {
-        Some(id) => ctx.store.worker_by_id(id).await?,
-        None => None,
-    }) else {
+    let from = match rental.status {
+        RentalStatus::Active => match rental.worker_id {
+            Some(id) => match ctx.store.worker_by_id(id).await? {
+                Some(old) => ctx
+                    .store
+                    .live_uid(&rental.id, old.id)
+                    .await?
+                    .map(|uid| (old, uid)),
+                None => None,
+            },
+            None => None,
+        },
+        RentalStatus::Migrating => ctx.store.moving_from(&rental.id).await?,
+        _ => None,
+    };
+    let Some((old, uid)) = from else {
         return Ok(None);
     };
     if old.status != crate::model::WorkerStatus::Alive || old.quarantine_reason.is_some() {
         return Ok(None);
     }
-    let Some(uid) = ctx.store.live_uid(&rental.id, old.id).await? else {
-        return Ok(None);
-    };
     Ok(Some(crate::store::SnapshotJob {
         rental_id: rental.id.clone(),
         username: rental.username.clone(),
@@ -262,16 +272,32 @@ async fn planned_move(
 }
 
 /// A planned move's last snapshot on the old worker: the tenant's sessions there end
-/// first, so nothing written before the move is lost. If the old worker fails now, the
-/// move goes on with the last snapshot taken.
+/// first, so nothing written before the move is lost. If it cannot be taken (the old
+/// worker fails now, the home is over the cap), the move goes on with the last snapshot
+/// taken, and an event says so.
 async fn final_snapshot(ctx: &Context, job: &crate::store::SnapshotJob) {
-    match snapshots::take(ctx, job, true).await {
-        Ok(taken) => {
-            tracing::info!(?taken, from = %job.worker.name, "final snapshot of a planned move")
+    let failure = match snapshots::take(ctx, job, true).await {
+        Ok(snapshots::Taken::Stored(bytes)) => {
+            tracing::info!(bytes, from = %job.worker.name, "final snapshot of a planned move");
+            return;
         }
-        Err(e) => tracing::warn!(from = %job.worker.name, error = format!("{e:#}"),
-            "no final snapshot; the move restores the last one taken"),
-    }
+        Ok(other) => format!("{other:?}"),
+        Err(e) => format!("{e:#}"),
+    };
+    tracing::warn!(from = %job.worker.name, error = %failure,
+        "no final snapshot; the move restores the last one taken");
+    ctx.store
+        .append_event(
+            "snapshot.final_failed",
+            Some(&job.worker.name),
+            Some(&job.rental_id),
+            &format!(
+                "no final snapshot on {} ({failure}): the move restores the last one taken",
+                job.worker.name
+            ),
+        )
+        .await
+        .ok();
 }
 
 /// Restores the rental's last snapshot into its new account, before it is active.

@@ -66,42 +66,61 @@ pub(super) async fn claim_endpoint(
     rental_id: &str,
     ports: &RangeInclusive<u16>,
 ) -> Result<Option<u16>, sqlx::Error> {
-    let candidates: Vec<u16> = sqlx::query_scalar(&format!(
-        "SELECT e.port FROM endpoints e LEFT JOIN rentals r ON r.id = e.rental_id \
-         WHERE e.port BETWEEN ? AND ? \
-         AND (e.rental_id IS NULL OR r.id IS NULL OR r.status IN ('released', 'failed')) \
-         ORDER BY r.ended_at IS NOT NULL, r.ended_at, e.port LIMIT {CANDIDATES}"
-    ))
-    .bind(ports.start())
-    .bind(ports.end())
-    .fetch_all(&mut **tx)
-    .await?;
-    for port in candidates {
-        let locked: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT rental_id FROM endpoints WHERE port = ? FOR UPDATE SKIP LOCKED",
-        )
-        .bind(port)
-        .fetch_optional(&mut **tx)
+    // Every candidate can be held by a concurrent rent; a second look finds others.
+    for _ in 0..3 {
+        let candidates: Vec<u16> = sqlx::query_scalar(&format!(
+            "SELECT e.port FROM endpoints e LEFT JOIN rentals r ON r.id = e.rental_id \
+             WHERE e.port BETWEEN ? AND ? \
+             AND (e.rental_id IS NULL OR r.status IN ('released', 'failed')) \
+             ORDER BY r.ended_at IS NOT NULL, r.ended_at, e.port LIMIT {CANDIDATES}"
+        ))
+        .bind(ports.start())
+        .bind(ports.end())
+        .fetch_all(&mut **tx)
         .await?;
-        let Some(holder) = locked else {
-            continue; // another rent is taking it
-        };
-        if let Some(holder) = holder {
-            let live: Option<RentalStatus> =
-                sqlx::query_scalar("SELECT status FROM rentals WHERE id = ?")
-                    .bind(&holder)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            if live.is_some_and(|s| !matches!(s, RentalStatus::Released | RentalStatus::Failed)) {
-                continue; // given since the candidates were read
+        if candidates.is_empty() {
+            return Ok(None);
+        }
+        for port in candidates {
+            if take_port(tx, rental_id, port).await? {
+                return Ok(Some(port));
             }
         }
-        sqlx::query("UPDATE endpoints SET rental_id = ? WHERE port = ?")
-            .bind(rental_id)
-            .bind(port)
-            .execute(&mut **tx)
-            .await?;
-        return Ok(Some(port));
     }
     Ok(None)
+}
+
+/// Gives `port` to `rental_id` if nobody holds it now. Locking reads only: a plain read
+/// would see the transaction's snapshot, where a rent that took the port since is
+/// invisible.
+async fn take_port(
+    tx: &mut Transaction<'_, MySql>,
+    rental_id: &str,
+    port: u16,
+) -> Result<bool, sqlx::Error> {
+    let locked: Option<Option<String>> =
+        sqlx::query_scalar("SELECT rental_id FROM endpoints WHERE port = ? FOR UPDATE SKIP LOCKED")
+            .bind(port)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some(holder) = locked else {
+        return Ok(false); // another rent is taking it
+    };
+    if let Some(holder) = holder {
+        let status: Option<RentalStatus> =
+            sqlx::query_scalar("SELECT status FROM rentals WHERE id = ? LOCK IN SHARE MODE")
+                .bind(&holder)
+                .fetch_optional(&mut **tx)
+                .await?;
+        // Not over, or not visible yet: taken.
+        if !status.is_some_and(|s| matches!(s, RentalStatus::Released | RentalStatus::Failed)) {
+            return Ok(false);
+        }
+    }
+    sqlx::query("UPDATE endpoints SET rental_id = ? WHERE port = ?")
+        .bind(rental_id)
+        .bind(port)
+        .execute(&mut **tx)
+        .await?;
+    Ok(true)
 }

@@ -269,10 +269,21 @@ impl Store {
         if !must_move {
             return Ok(None);
         }
+        let claimed = claim_free_worker(&mut tx, rental_id, &[]).await?;
+        if claimed.is_none()
+            && rental.status == RentalStatus::Active
+            && current.as_ref().is_some_and(|w| {
+                w.status == crate::model::WorkerStatus::Alive && w.quarantine_reason.is_none()
+            })
+        {
+            // A planned move (drained, retired) with nowhere to go: the tenant stays
+            // where it is, still served, until a worker frees up.
+            tx.rollback().await?;
+            return Ok(None);
+        }
         if let Some(old) = &current {
             stale_live_placement(&mut tx, rental_id, old.id).await?;
         }
-        let claimed = claim_free_worker(&mut tx, rental_id, &[]).await?;
         let mut uid = None;
         match &claimed {
             Some(new) => {
@@ -328,6 +339,25 @@ impl Store {
         }
         tx.commit().await?;
         Ok(claimed.zip(uid).map(|(worker, uid)| Claim { worker, uid }))
+    }
+
+    /// Where a rental in the middle of a move comes from: the worker of its latest stale
+    /// placement other than the one it moves to, and its uid there.
+    pub async fn moving_from(&self, rental_id: &str) -> Result<Option<(Worker, u32)>, StoreError> {
+        let row: Option<(u64, u32)> = sqlx::query_as(
+            "SELECT p.worker_id, p.uid FROM placements p JOIN rentals r ON r.id = p.rental_id \
+             WHERE p.rental_id = ? AND p.state = 'stale' AND p.uid IS NOT NULL \
+             AND p.worker_id <> COALESCE(r.worker_id, 0) ORDER BY p.id DESC LIMIT 1",
+        )
+        .bind(rental_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((worker_id, uid)) = row else {
+            return Ok(None);
+        };
+        Ok(fetch_worker(&self.pool, Some(worker_id))
+            .await?
+            .map(|w| (w, uid)))
     }
 
     /// A move failed on the new worker: its placement becomes stale (the cleanup loop
@@ -458,8 +488,8 @@ impl Store {
             .bind(rental_id)
             .execute(&mut *tx)
             .await?;
-            // Its home's snapshots go with it.
-            sqlx::query("DELETE FROM snapshots WHERE rental_id = ?")
+            // Its home's snapshots go with it (deleted by the next purge).
+            sqlx::query("UPDATE snapshots SET obsolete = TRUE WHERE rental_id = ?")
                 .bind(rental_id)
                 .execute(&mut *tx)
                 .await?;

@@ -1,8 +1,11 @@
 //! Snapshots of rentals' homes, stored in chunks.
 //!
 //! A snapshot is written chunk by chunk under its own id and becomes the rental's only
-//! once complete ([`Store::finish_snapshot`]), which also drops the older ones: a
-//! snapshot cut short (the worker died mid-stream) never replaces a whole one.
+//! once complete ([`Store::finish_snapshot`]), which makes the older one obsolete: a
+//! snapshot cut short (the worker died mid-stream) never replaces a whole one, and a
+//! rental has at most one complete snapshot that is not obsolete. Obsolete snapshots
+//! (replaced, cut short, of ended rentals) are deleted a few chunks at a time by
+//! [`Store::purge_snapshots`].
 
 use chrono::{DateTime, Utc};
 use sqlx::FromRow;
@@ -28,9 +31,16 @@ pub struct SnapshotJob {
     /// The account's uid on its worker.
     pub uid: u32,
     pub worker: Worker,
-    /// The fingerprint of its last snapshot (`None`: none yet).
+    /// The fingerprint of its home at the last look: of its last snapshot, or of a home
+    /// found over the size cap (`None`: none yet).
     pub fingerprint: Option<String>,
 }
+
+/// Incomplete snapshots older than this are abandoned (their writer died).
+const ABANDONED_AFTER_SECS: u32 = 3600;
+
+/// Chunks deleted per statement when purging.
+const PURGE_BATCH: u32 = 8;
 
 #[derive(FromRow)]
 struct JobRow {
@@ -47,8 +57,8 @@ impl Store {
     pub async fn snapshot_jobs(&self) -> Result<Vec<SnapshotJob>, StoreError> {
         let rows: Vec<JobRow> = sqlx::query_as(
             "SELECT r.id AS rental_id, r.username, p.uid, r.worker_id, \
-             (SELECT s.fingerprint FROM snapshots s WHERE s.rental_id = r.id AND s.complete \
-              ORDER BY s.id DESC LIMIT 1) AS fingerprint \
+             COALESCE(r.snapshot_oversize, (SELECT s.fingerprint FROM snapshots s \
+              WHERE s.rental_id = r.id AND s.complete AND NOT s.obsolete LIMIT 1)) AS fingerprint \
              FROM rentals r JOIN placements p ON p.rental_id = r.id \
              AND p.worker_id = r.worker_id AND p.state = 'active' \
              WHERE r.status = 'active' AND p.uid IS NOT NULL ORDER BY r.created_at",
@@ -82,7 +92,7 @@ impl Store {
     ) -> Result<Option<SnapshotInfo>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT id, rental_id, fingerprint, bytes, taken_at FROM snapshots \
-             WHERE rental_id = ? AND complete ORDER BY id DESC LIMIT 1",
+             WHERE rental_id = ? AND complete AND NOT obsolete LIMIT 1",
         )
         .bind(rental_id)
         .fetch_optional(&self.pool)
@@ -99,9 +109,8 @@ impl Store {
         }
         let marks = vec!["?"; rental_ids.len()].join(", ");
         let sql = format!(
-            "SELECT id, rental_id, fingerprint, bytes, taken_at FROM snapshots s \
-             WHERE complete AND rental_id IN ({marks}) AND id = (SELECT MAX(id) FROM snapshots t \
-             WHERE t.rental_id = s.rental_id AND t.complete)"
+            "SELECT id, rental_id, fingerprint, bytes, taken_at FROM snapshots \
+             WHERE complete AND NOT obsolete AND rental_id IN ({marks})"
         );
         let mut query = sqlx::query_as(&sql);
         for id in rental_ids {
@@ -110,13 +119,8 @@ impl Store {
         Ok(query.fetch_all(&self.pool).await?)
     }
 
-    /// Starts a snapshot of the rental's home taken on `worker_id`; snapshots of the
-    /// rental left incomplete (cut short) go now.
+    /// Starts a snapshot of the rental's home taken on `worker_id`, now.
     pub async fn begin_snapshot(&self, rental_id: &str, worker_id: u64) -> Result<u64, StoreError> {
-        sqlx::query("DELETE FROM snapshots WHERE rental_id = ? AND NOT complete")
-            .bind(rental_id)
-            .execute(&self.pool)
-            .await?;
         let done = sqlx::query(
             "INSERT INTO snapshots (rental_id, worker_id, fingerprint, taken_at) \
              VALUES (?, ?, '', UTC_TIMESTAMP(6))",
@@ -144,10 +148,11 @@ impl Store {
         Ok(())
     }
 
-    /// The snapshot is whole: it becomes the rental's, and its older ones go — if the
-    /// rental is still active on the worker it was taken on, or (`moving`, a planned
-    /// move's last snapshot) is moving off it. Otherwise it is dropped and false returned: the rental moved or
-    /// ended meanwhile, and this snapshot is not of its current home.
+    /// The snapshot is whole: it becomes the rental's, and the older one obsolete — if
+    /// the rental is still active on the worker it was taken on, or (`moving`, a planned
+    /// move's last snapshot) is moving off it, and if nothing made this snapshot obsolete
+    /// meanwhile. Otherwise it is obsolete itself and false returned: the rental moved
+    /// or ended, and this is not a snapshot of its current home.
     pub async fn finish_snapshot(
         &self,
         snapshot_id: u64,
@@ -159,6 +164,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         retry_on_conflict(|| async move {
             let mut tx = self.pool.begin().await?;
+            // The rental's row lock: snapshots of one rental finish one at a time.
             let current: Option<(String, Option<u64>)> =
                 sqlx::query_as("SELECT status, worker_id FROM rentals WHERE id = ? FOR UPDATE")
                     .bind(rental_id)
@@ -171,29 +177,32 @@ impl Store {
                 Some((status, _)) => status == "migrating",
                 None => false,
             };
-            if !still_its {
-                sqlx::query("DELETE FROM snapshots WHERE id = ?")
-                    .bind(snapshot_id)
-                    .execute(&mut *tx)
-                    .await?;
+            let completed = still_its
+                && sqlx::query(
+                    "UPDATE snapshots SET complete = TRUE, fingerprint = ?, bytes = ? \
+                     WHERE id = ? AND NOT complete AND NOT obsolete",
+                )
+                .bind(fingerprint)
+                .bind(bytes)
+                .bind(snapshot_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
+            if !completed {
+                mark_obsolete(&mut tx, snapshot_id).await?;
                 tx.commit().await?;
                 return Ok(false);
             }
             sqlx::query(
-                "UPDATE snapshots SET complete = TRUE, fingerprint = ?, bytes = ?, \
-                 taken_at = UTC_TIMESTAMP(6) WHERE id = ?",
+                "UPDATE snapshots SET obsolete = TRUE \
+                 WHERE rental_id = ? AND complete AND id <> ?",
             )
-            .bind(fingerprint)
-            .bind(bytes)
+            .bind(rental_id)
             .bind(snapshot_id)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("DELETE FROM snapshots WHERE rental_id = ? AND id <> ?")
-                .bind(rental_id)
-                .bind(snapshot_id)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("UPDATE rentals SET snapshot_oversize = FALSE WHERE id = ?")
+            sqlx::query("UPDATE rentals SET snapshot_oversize = NULL WHERE id = ?")
                 .bind(rental_id)
                 .execute(&mut *tx)
                 .await?;
@@ -203,32 +212,36 @@ impl Store {
         .await
     }
 
-    /// Drops a snapshot that was cut short.
+    /// Drops a snapshot that was cut short (its chunks go with the next purge).
     pub async fn discard_snapshot(&self, snapshot_id: u64) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM snapshots WHERE id = ?")
-            .bind(snapshot_id)
-            .execute(&self.pool)
-            .await?;
+        let mut tx = self.pool.begin().await?;
+        mark_obsolete(&mut tx, snapshot_id).await?;
+        tx.commit().await?;
         Ok(())
     }
 
-    /// The rental's home is over the size cap: its last snapshot is kept. The event is
-    /// written when it goes over, not at every pass; returns whether it was.
+    /// The rental's home (of `fingerprint`) is over the size cap: its last snapshot is
+    /// kept, and the home is not streamed again until it changes. The event is written
+    /// when it goes over, not at every look; returns whether it was.
     pub async fn snapshot_oversize(
         &self,
         rental_id: &str,
+        fingerprint: &str,
         worker: &str,
         message: &str,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let newly = sqlx::query(
-            "UPDATE rentals SET snapshot_oversize = TRUE WHERE id = ? AND NOT snapshot_oversize",
-        )
-        .bind(rental_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            > 0;
+        let was: Option<Option<String>> =
+            sqlx::query_scalar("SELECT snapshot_oversize FROM rentals WHERE id = ? FOR UPDATE")
+                .bind(rental_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let newly = matches!(was, Some(None));
+        sqlx::query("UPDATE rentals SET snapshot_oversize = ? WHERE id = ?")
+            .bind(fingerprint)
+            .bind(rental_id)
+            .execute(&mut *tx)
+            .await?;
         if newly {
             events::append_in(
                 &mut tx,
@@ -260,14 +273,43 @@ impl Store {
         )
     }
 
-    /// Snapshots of rentals that are over. Returns how many went.
+    /// Deletes obsolete snapshots, abandoned ones and those of rentals that are over,
+    /// a few chunks per statement. Returns how many snapshots went.
     pub async fn purge_snapshots(&self) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
-            "DELETE FROM snapshots WHERE rental_id IN \
-             (SELECT id FROM rentals WHERE status IN ('released', 'failed'))",
-        )
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+        let doomed: Vec<u64> = sqlx::query_scalar(&format!(
+            "SELECT id FROM snapshots WHERE obsolete \
+             OR (NOT complete AND taken_at < UTC_TIMESTAMP(6) - INTERVAL {ABANDONED_AFTER_SECS} SECOND) \
+             OR rental_id IN (SELECT id FROM rentals WHERE status IN ('released', 'failed'))"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        for id in &doomed {
+            while sqlx::query(&format!(
+                "DELETE FROM snapshot_chunks WHERE snapshot_id = ? ORDER BY seq LIMIT {PURGE_BATCH}"
+            ))
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+                > 0
+            {}
+            sqlx::query("DELETE FROM snapshots WHERE id = ?")
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(doomed.len() as u64)
     }
+}
+
+/// Marks a snapshot obsolete, in the caller's transaction.
+async fn mark_obsolete(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    snapshot_id: u64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE snapshots SET obsolete = TRUE WHERE id = ?")
+        .bind(snapshot_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }

@@ -448,6 +448,17 @@ impl Store {
             .collect())
     }
 
+    /// The keys Orion's CA certified on workers that must no longer be trusted
+    /// (quarantined: the key may be in a stranger's hands; retired).
+    pub async fn revoked_host_keys(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT host_cert_key FROM workers WHERE host_cert_key IS NOT NULL \
+             AND (quarantine_reason IS NOT NULL OR retired) ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// A certificate for `key` now sits on the worker, valid until `expires`.
     pub async fn record_host_cert(
         &self,
@@ -584,13 +595,15 @@ impl Store {
             .collect::<Vec<_>>()
             .join(", ");
         // Drained and retired workers are cleaned too: only a worker that answers and
-        // is trusted can be.
+        // is trusted can be. The account a rental is moving off stays until the move is
+        // over: a planned move takes its final snapshot there first.
         Ok(sqlx::query_as(&format!(
             "SELECT p.id AS placement_id, p.rental_id AS placement_rental, p.uid AS placement_uid, \
              r.username, {columns} \
              FROM placements p JOIN workers w ON w.id = p.worker_id \
              JOIN rentals r ON r.id = p.rental_id \
              WHERE p.state = 'stale' AND w.status = 'alive' AND w.quarantine_reason IS NULL \
+             AND NOT (r.status = 'migrating' AND p.worker_id <> COALESCE(r.worker_id, 0)) \
              ORDER BY p.id"
         ))
         .fetch_all(&self.pool)

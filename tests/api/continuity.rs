@@ -172,15 +172,17 @@ async fn a_tenant_keeps_its_endpoint_its_host_trust_and_its_files_across_a_failo
         .await;
     assert_eq!(restored, 1);
 
-    // Released: its snapshots go, and its port leads nowhere.
+    // Released: its snapshots go (at once from view, from the disk at the next pass),
+    // and its port leads nowhere.
     assert_eq!(app.release(&id).await, 204);
-    assert_eq!(
-        app.count(&format!(
-            "SELECT COUNT(*) FROM snapshots WHERE rental_id = '{id}'"
-        ))
-        .await,
-        0
+    let live = format!("SELECT COUNT(*) FROM snapshots WHERE rental_id = '{id}' AND NOT obsolete");
+    assert_eq!(app.count(&live).await, 0);
+    snapshot_now(&app).await;
+    let kept = format!(
+        "SELECT COUNT(*) FROM snapshot_chunks c JOIN snapshots s ON s.id = c.snapshot_id \
+         WHERE s.rental_id = '{id}'"
     );
+    assert_eq!(app.count(&kept).await, 0);
     assert!(!ssh(&tenant, &endpoint, "tina", "true").await.ok);
 }
 
@@ -270,14 +272,16 @@ async fn a_crafted_snapshot_is_restored_harmlessly() {
 
     // The stored snapshot is the attacker's archive.
     let store = &app.ctx.store;
+    let archive = crafted_archive(app.dir.path());
     let snapshot = store.begin_snapshot(&id, worker_id).await.unwrap();
     store
-        .put_snapshot_chunk(snapshot, 0, &crafted_archive(app.dir.path()))
+        .put_snapshot_chunk(snapshot, 0, &archive)
         .await
         .unwrap();
+    let bytes = archive.len() as u64;
     assert!(
         store
-            .finish_snapshot(snapshot, &id, worker_id, "crafted", 1, false)
+            .finish_snapshot(snapshot, &id, worker_id, "crafted", bytes, false)
             .await
             .unwrap()
     );
@@ -316,4 +320,27 @@ async fn a_crafted_snapshot_is_restored_harmlessly() {
         ))
         .await;
     assert_eq!(incomplete, 1);
+}
+
+#[tokio::test]
+async fn concurrent_rents_get_distinct_ports_and_a_freed_port_is_given_last() {
+    let app = spawn_app(4).await;
+    let rents = futures::future::join_all(
+        (0..4).map(|i| app.rent_ok(json!({ "username": format!("port{i}") }))),
+    )
+    .await;
+    let mut ports: Vec<u64> = rents
+        .iter()
+        .map(|r| r["endpoint"]["port"].as_u64().expect("an endpoint"))
+        .collect();
+    ports.sort();
+    ports.dedup();
+    assert_eq!(ports.len(), 4, "{rents:?}");
+    // A released rental's port is given again only after the ports never given.
+    let freed = rents[0]["endpoint"]["port"].as_u64().unwrap();
+    assert_eq!(app.release(rents[0]["id"].as_str().unwrap()).await, 204);
+    let next = app.rent_ok(json!({ "username": "port4" })).await;
+    let port = next["endpoint"]["port"].as_u64().unwrap();
+    assert_ne!(port, freed);
+    assert!(!ports.contains(&port), "{port} is still held");
 }

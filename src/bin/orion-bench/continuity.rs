@@ -121,15 +121,18 @@ pub async fn run(
     workers: usize,
     home_mb: usize,
     transfer_mb: usize,
+    interval: Duration,
 ) -> anyhow::Result<()> {
     if workers < 3 {
         bail!("the drill needs at least 3 workers (one dies, one more keeps the guard quiet)");
     }
     let app = spawn_app_with(
         workers,
-        Box::new(|c| {
+        Box::new(move |c| {
             c.health = HealthConfig::default();
             c.migration = MigrationConfig::default();
+            // The snapshots loop runs on its own, as in production, at this interval.
+            c.snapshots.interval = interval;
         }),
     )
     .await;
@@ -171,21 +174,37 @@ pub async fn run(
         .await
         .context("writing the home through the endpoint")?;
 
-        // One pass with this home changed, then one with nothing changed.
-        for (walls, cpus) in [
-            (&mut pass_changed, &mut pass_cpu),
-            (&mut pass_same, &mut same_cpu),
+        // One pass with this home changed, then one with nothing changed (kept only when
+        // the running loop did not take that snapshot first).
+        for (changed, walls, cpus) in [
+            (true, &mut pass_changed, &mut pass_cpu),
+            (false, &mut pass_same, &mut same_cpu),
         ] {
             let (cpu0, _) = report::cpu_times();
             let started = Instant::now();
             let summary = orion::loops::snapshots::snapshot_pass(&app.ctx).await?;
-            walls.push(started.elapsed());
-            cpus.push(report::cpu_times().0.saturating_sub(cpu0));
+            if (summary.stored == 1) == changed {
+                walls.push(started.elapsed());
+                cpus.push(report::cpu_times().0.saturating_sub(cpu0));
+            }
             if summary.stored == 1 {
                 stored_bytes = summary.bytes;
             }
         }
+        // The tenant at work: a line with the time every 100 ms, until the worker dies.
+        ssh(
+            &client,
+            &host,
+            port,
+            &user,
+            "nohup sh -c 'while :; do date +%s.%N >> ticks; sleep 0.1; done' >/dev/null 2>&1 &",
+        )
+        .await
+        .context("starting the tenant's writer")?;
+        let phase = interval.mul_f64(rand::random::<f64>());
+        tokio::time::sleep(interval + phase).await;
 
+        let stopped_wall = chrono::Utc::now();
         let stopped = Instant::now();
         app.worker(&first).stop();
         let t_login = loop {

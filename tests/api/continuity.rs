@@ -344,3 +344,71 @@ async fn concurrent_rents_get_distinct_ports_and_a_freed_port_is_given_last() {
     assert_ne!(port, freed);
     assert!(!ports.contains(&port), "{port} is still held");
 }
+
+#[tokio::test]
+async fn a_home_over_the_cap_keeps_its_last_snapshot_and_is_not_sent_again_unchanged() {
+    let app =
+        crate::helpers::spawn_app_with(1, Box::new(|c| c.snapshots.max_bytes = "1m".into())).await;
+    let tenant = client(&app, "bea").await;
+    let body = app
+        .rent_ok(json!({ "ssh_public_key": tenant.public, "username": "bea" }))
+        .await;
+    let id = body["id"].as_str().unwrap().to_owned();
+    let endpoint = body["endpoint"].clone();
+    ssh_ok(&tenant, &endpoint, "bea", "echo small > small.txt").await;
+    assert_eq!(snapshot_now(&app).await.stored, 1);
+    // 2 MiB that gzip cannot shrink: over the 1 MiB cap.
+    ssh_ok(&tenant, &endpoint, "bea", "head -c 2M /dev/urandom > big").await;
+    let over = snapshot_now(&app).await;
+    assert_eq!(over.too_big, 1, "{over:?}");
+    let again = snapshot_now(&app).await;
+    assert_eq!(
+        (again.too_big, again.unchanged),
+        (0, 1),
+        "not sent again: {again:?}"
+    );
+    let events = format!(
+        "SELECT COUNT(*) FROM events WHERE kind = 'snapshot.too_big' AND rental_id = '{id}'"
+    );
+    assert_eq!(app.count(&events).await, 1, "one event, when it went over");
+    // The last whole snapshot is still the rental's.
+    let (_, rental) = app.get_json(&format!("/api/rentals/{id}")).await;
+    assert!(
+        rental["snapshot_bytes"].as_u64().unwrap() < 1 << 20,
+        "{rental}"
+    );
+    // Back under the cap: snapshotted again.
+    ssh_ok(&tenant, &endpoint, "bea", "rm big").await;
+    assert_eq!(snapshot_now(&app).await.stored, 1);
+}
+
+#[tokio::test]
+async fn a_quarantined_worker_s_certified_key_is_revoked_in_known_hosts() {
+    let app = spawn_app(1).await;
+    let tenant = client(&app, "rex").await;
+    app.rent_ok(json!({ "ssh_public_key": tenant.public, "username": "rex" }))
+        .await;
+    let certified = app
+        .worker_row("worker_1")
+        .await
+        .host_cert_key
+        .expect("certified before the rent");
+    app.worker("worker_1").rotate_host_keys();
+    orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
+        .await
+        .unwrap();
+    assert!(app.worker_row("worker_1").await.quarantine_reason.is_some());
+    let lines = app
+        .http
+        .get(app.url("/api/ssh/known_hosts"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        lines.contains(&format!("@revoked * {certified}")),
+        "{lines}"
+    );
+}

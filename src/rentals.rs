@@ -23,6 +23,9 @@ const BLIP_ATTEMPTS: u32 = 4;
 /// A validated rent request.
 #[derive(Debug, Clone)]
 pub struct RentRequest {
+    /// The new rental's id (`None`: a new one). Chosen by the caller when it must know it
+    /// before the rent ends (an `Idempotency-Key`).
+    pub id: Option<String>,
     /// Who the rental belongs to.
     pub tenant: String,
     /// Requested login name; one is generated if `None`.
@@ -81,7 +84,10 @@ impl From<StoreError> for RentError {
 /// disconnects mid-rent does not cut a provisioning in half, and a shutdown waits for it.
 pub async fn rent(ctx: &Context, request: RentRequest) -> Result<Rented, RentError> {
     let ctx = ctx.clone();
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = request
+        .id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let span = tracing::info_span!("rent", rental_id = %id, worker = tracing::field::Empty);
     let started = std::time::Instant::now();
     let tasks = ctx.tasks.clone();

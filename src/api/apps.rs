@@ -211,6 +211,7 @@ async fn answer(ctx: &Context, app: &AppRecord, status: StatusCode) -> Result<Re
 }
 
 #[utoipa::path(post, path = "/api/apps", tag = "apps",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key and body again answer the app the first request made (201, `Idempotent-Replayed: true`)")),
     request_body = AppBody,
     responses(
         (status = 201, description = "Recorded: its instances are being placed", body = AppView),
@@ -221,10 +222,13 @@ async fn answer(ctx: &Context, app: &AppRecord, status: StatusCode) -> Result<Re
 pub async fn create(
     State(ctx): State<Context>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| ApiError::from_body_rejection(&e))?;
-    let body: AppBody = parse_json(&body)?;
+    let raw = body.map_err(|e| ApiError::from_body_rejection(&e))?;
+    let body: AppBody = parse_json(&raw)?;
+    let keyed = super::idempotency::key_of(&headers)?
+        .map(|key| super::idempotency::Keyed::new(caller.tenant(), "apps", key, &raw));
     // Validate everything before anything is written or run.
     let name = AppName::parse(
         body.name
@@ -245,7 +249,32 @@ pub async fn create(
     let port = body.port.map(apps::check_port).transpose()?;
     let health_path = body.health_path.unwrap_or_else(|| "/".to_owned());
     apps::check_health_path(&health_path)?;
-    let app = ctx
+    if let Some(keyed) = &keyed {
+        let store = ctx.store.clone();
+        let tenant = caller.tenant().to_owned();
+        let made = |name: String| {
+            let (store, tenant) = (store.clone(), tenant.clone());
+            async move { Ok(store.app_by_name(&tenant, &name).await?.is_some()) }
+        };
+        // Recording an app is one short transaction: a minute covers any retry.
+        let deadline = std::time::Duration::from_secs(60);
+        if let super::idempotency::Begin::Replay(name) =
+            keyed.begin(&ctx, name.as_str(), deadline, made).await?
+        {
+            let app = ctx
+                .store
+                .app_by_name(caller.tenant(), &name)
+                .await?
+                .ok_or_else(|| ApiError::NotFound("the key's app is gone".into()))?;
+            let mut answer = answer(&ctx, &app, StatusCode::CREATED).await?;
+            answer.headers_mut().insert(
+                super::idempotency::REPLAYED,
+                axum::http::HeaderValue::from_static("true"),
+            );
+            return Ok(answer);
+        }
+    }
+    let created = ctx
         .store
         .create_app(&NewApp {
             tenant: caller.tenant().to_owned(),
@@ -258,7 +287,12 @@ pub async fn create(
             health_path,
             max_instances: instance_limit(&ctx, &caller),
         })
-        .await?;
+        .await
+        .map_err(ApiError::from);
+    if let Some(keyed) = &keyed {
+        keyed.end(&ctx, &created).await;
+    }
+    let app = created?;
     ctx.wake.apps.notify_one();
     answer(&ctx, &app, StatusCode::CREATED).await
 }

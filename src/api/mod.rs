@@ -41,6 +41,10 @@ pub mod apps;
 mod dashboard;
 mod error;
 mod guard;
+mod idempotency;
+
+/// How long an `Idempotency-Key` is kept.
+pub const IDEMPOTENCY_KEPT: std::time::Duration = idempotency::KEPT;
 mod status;
 pub mod views;
 
@@ -67,7 +71,7 @@ pub use guard::client_address;
 use crate::auth::{self, Caller};
 
 use crate::context::Context;
-use crate::model::{NotifyUrl, TenantKey, Username};
+use crate::model::{NotifyUrl, RentalStatus, TenantKey, Username};
 use crate::rentals::{self, RentRequest};
 use views::{
     CreatedToken, ErrorBody, EventPage, FleetWorkerView, RenewBody, RentBody, RentalList,
@@ -277,11 +281,12 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 }
 
 #[utoipa::path(post, path = "/api/rent", tag = "rentals",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key and body again answer the rental the first request made (201, `Idempotent-Replayed: true`, no password), never a second one; 1-255 visible ASCII characters, kept a day")),
     request_body(content = Option<RentBody>, description = "Every field optional; an empty body is `{}`"),
     responses(
         (status = 201, description = "Rented: connection details (and the password, once, when no key was given)", body = RentedView),
-        (status = 409, description = "The username is taken", body = ErrorBody),
-        (status = 422, description = "A field is not acceptable", body = ErrorBody),
+        (status = 409, description = "The username is taken, or a request with this Idempotency-Key is still running", body = ErrorBody),
+        (status = 422, description = "A field is not acceptable, or the Idempotency-Key was used with another request", body = ErrorBody),
         (status = 429, description = "The tenant's quota is reached, or too many requests without a valid token from this address (see `Retry-After`)", body = ErrorBody),
         (status = 502, description = "Provisioning failed", body = ErrorBody),
         (status = 503, description = "No free worker", body = ErrorBody),
@@ -289,10 +294,13 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 async fn rent(
     State(ctx): State<Context>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| ApiError::from_body_rejection(&e))?;
-    let body: RentBody = parse_json(&body)?;
+    let raw = body.map_err(|e| ApiError::from_body_rejection(&e))?;
+    let body: RentBody = parse_json(&raw)?;
+    let keyed = idempotency::key_of(&headers)?
+        .map(|key| idempotency::Keyed::new(caller.tenant(), "rent", key, &raw));
     // Validate everything before anything is written or run.
     let username = body.username.as_deref().map(Username::parse).transpose()?;
     let public_key = body
@@ -321,9 +329,43 @@ async fn rent(
             Some(t.max_rentals.unwrap_or(tenants.max_rentals)),
         ),
     };
+    let id = uuid::Uuid::new_v4().to_string();
+    if let Some(keyed) = &keyed {
+        // A rent cut short is failed by the loops after this long.
+        let deadline = ctx.config.rent_deadline() + std::time::Duration::from_secs(30);
+        let store = ctx.store.clone();
+        let made = |rental_id: String| {
+            let store = store.clone();
+            async move {
+                Ok(store.rental(&rental_id).await?.is_some_and(|r| {
+                    !matches!(r.status, RentalStatus::Provisioning | RentalStatus::Failed)
+                }))
+            }
+        };
+        if let idempotency::Begin::Replay(rental_id) =
+            keyed.begin(&ctx, &id, deadline, made).await?
+        {
+            let detail = ctx
+                .store
+                .rental_detail(&rental_id)
+                .await?
+                .ok_or_else(|| ApiError::NotFound("the key's rental is gone".into()))?;
+            let body = RentedView {
+                rental: RentalView::new(detail, &ctx.config.gateway.host),
+                password: None,
+            };
+            return Ok((
+                StatusCode::CREATED,
+                [(idempotency::REPLAYED, "true")],
+                Json(body),
+            )
+                .into_response());
+        }
+    }
     let rented = rentals::rent(
         &ctx,
         RentRequest {
+            id: Some(id),
             tenant: caller.tenant().to_owned(),
             username,
             public_key,
@@ -333,7 +375,12 @@ async fn rent(
             max_rentals,
         },
     )
-    .await?;
+    .await
+    .map_err(ApiError::from);
+    if let Some(keyed) = &keyed {
+        keyed.end(&ctx, &rented).await;
+    }
+    let rented = rented?;
     let body = RentedView {
         rental: RentalView::new(rented.rental, &ctx.config.gateway.host),
         password: rented.password,

@@ -53,6 +53,10 @@ pub async fn cleanup_pass(ctx: &Context) -> anyhow::Result<CleanupSummary> {
                 error = format!("{e:#}"), "could not remove a leftover account; will retry"),
         }
     }
+    ctx.store
+        .purge_idempotency_keys(crate::api::IDEMPOTENCY_KEPT)
+        .await
+        .context("Failed to drop old idempotency keys")?;
     let mut certified = 0;
     if ctx.host_ca.is_some() {
         let until = chrono::Utc::now() + ctx.config.ssh.host_cert_validity / 4;

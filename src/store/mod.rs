@@ -7,6 +7,7 @@
 mod apps;
 mod endpoints;
 mod events;
+mod idempotency;
 mod placements;
 mod rentals;
 mod snapshots;
@@ -21,6 +22,7 @@ use sqlx::{Connection, Executor};
 pub use apps::{AppChange, AppRecord, InstanceRecord, InstanceUpdate, NewApp};
 pub use endpoints::EndpointTarget;
 pub use events::Event;
+pub use idempotency::KeyClaim;
 pub use placements::PlacementRecord;
 pub use rentals::{Claim, NewRental, RentalDetail, RentalRecord};
 pub use snapshots::{SnapshotInfo, SnapshotJob};

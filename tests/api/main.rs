@@ -13,6 +13,7 @@ mod failover;
 mod fuzz;
 mod guard;
 mod helpers;
+mod idempotency;
 mod isolation;
 mod openapi;
 mod outage;

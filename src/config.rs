@@ -54,6 +54,8 @@ pub struct Config {
     #[serde(default)]
     pub snapshots: SnapshotsConfig,
     #[serde(default)]
+    pub leader: LeaderConfig,
+    #[serde(default)]
     pub tenants: TenantsConfig,
     pub auth: AuthConfig,
     #[serde(default)]
@@ -546,6 +548,48 @@ impl GatewayConfig {
     }
 }
 
+/// Leading the control loops when several `orion` processes share one database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaderConfig {
+    /// This process's name among the replicas, in `/health`, events and the lease. Unset:
+    /// the host name, the process id and a random suffix (unique per start).
+    pub instance: Option<String>,
+    /// How long a lease lasts unless renewed: a dead leader is replaced within about
+    /// this plus `renew_every`.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often every process tries to take or renew the lease.
+    #[serde(with = "humantime_serde")]
+    pub renew_every: Duration,
+}
+
+impl Default for LeaderConfig {
+    fn default() -> Self {
+        Self {
+            instance: None,
+            lease: Duration::from_secs(3),
+            renew_every: Duration::from_secs(1),
+        }
+    }
+}
+
+impl LeaderConfig {
+    /// This process's instance name: the configured one, or a new unique one.
+    pub fn instance_name(&self) -> String {
+        self.instance.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "orion".into());
+            format!(
+                "{host}-{}-{:04x}",
+                std::process::id(),
+                rand::random::<u16>()
+            )
+        })
+    }
+}
+
 /// Snapshots of rentals' homes, restored on the new worker when a rental moves.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -629,6 +673,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "caddy",
     "gateway",
     "snapshots",
+    "leader",
     "tenants",
     "auth",
     "http",
@@ -741,6 +786,20 @@ impl Config {
                 "snapshots.interval",
                 "and snapshots.concurrency must be above zero",
             );
+        }
+        if self.leader.renew_every.is_zero() || self.leader.lease < self.leader.renew_every * 2 {
+            return bad(
+                "leader.lease",
+                "must be at least twice leader.renew_every (a renewal may be late once)",
+            );
+        }
+        if self
+            .leader
+            .instance
+            .as_ref()
+            .is_some_and(|i| i.is_empty() || i.len() > 128)
+        {
+            return bad("leader.instance", "must be 1 to 128 characters");
         }
         if self.ssh.host_cert_validity < Duration::from_secs(3600) {
             return bad("ssh.host_cert_validity", "must be at least 1h");

@@ -50,4 +50,6 @@ pub struct Context {
     pub router: Option<Arc<crate::apps::caddy::Router>>,
     /// Signs workers' host keys (`ssh.host_ca_key`), if configured.
     pub host_ca: Option<Arc<crate::hostca::HostCa>>,
+    /// Whether this process leads the control loops (one of several replicas does).
+    pub leader: Arc<crate::leader::Leadership>,
 }

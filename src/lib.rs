@@ -44,6 +44,8 @@
 //!   host certificate, and gives tenants the one `known_hosts` line they need.
 //! - [`snapshots`]: taking a home's snapshot (streamed over SSH into the database) and
 //!   restoring it on a rental's new worker.
+//! - [`leader`]: which of several `orion` processes runs the loops: a lease in the
+//!   database with a fencing epoch that every loop write checks.
 //! - [`probe`]: probing one worker (confirmation, hysteresis, recording), shared by the
 //!   health and watch loops.
 //! - [`probe_policy`]: the pure rules of probing (how deep a probe goes, when a status
@@ -76,6 +78,7 @@ pub mod context;
 pub mod gateway;
 pub mod hostca;
 pub mod inventory;
+pub mod leader;
 pub mod loops;
 pub mod metrics;
 pub mod model;

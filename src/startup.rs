@@ -139,6 +139,7 @@ impl Application {
             None => None,
         };
         let admin_token_hash = crate::auth::token_hash(config.auth.admin_token.expose());
+        let config_leader = config.leader.clone();
         let loops = Loops::new(config.database.max_connections);
         let notifier = crate::notify::Notifier::new(
             crate::notify::AddressPolicy::new(config.migration.notify_allow.clone()),
@@ -164,7 +165,12 @@ impl Application {
             limiter: Arc::new(limiter),
             router,
             host_ca,
+            leader: Arc::new(crate::leader::Leadership::new(
+                config_leader.instance_name(),
+            )),
         };
+        // A lone process leads from its first pass; one of several learns here which.
+        crate::leader::try_lead(&ctx.store, &ctx.leader, ctx.config.leader.lease).await;
         let recovered = rentals::recover(&ctx)
             .await
             .context("Failed to recover interrupted rentals")?;
@@ -221,6 +227,19 @@ impl Application {
         let tasks = ctx.tasks.clone();
         let stop = || shutdown.clone().cancelled_owned();
         let mut running = tokio::task::JoinSet::new();
+        running.spawn(tasks.track_future(crate::leader::run(
+            ctx.store.clone(),
+            ctx.leader.clone(),
+            ctx.config.leader.lease,
+            ctx.config.leader.renew_every,
+            shutdown.clone(),
+        )));
+        // The API writes as any replica; the loops only while this process leads.
+        let api_ctx = ctx.clone();
+        let ctx = Context {
+            store: ctx.store.fenced(ctx.leader.fence()),
+            ..ctx
+        };
         running.spawn(tasks.track_future(health::run(ctx.clone(), loops.probes.clone(), stop())));
         running.spawn(tasks.track_future(migration::run(
             ctx.clone(),
@@ -253,7 +272,7 @@ impl Application {
         // The peer's address is the client's, or its proxy's (see `api::client_address`).
         let server = axum::serve(
             listener,
-            api::app(ctx).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            api::app(api_ctx).into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
         .with_graceful_shutdown(stop())
         .into_future();

@@ -628,6 +628,62 @@ impl TestApp {
             server.await.unwrap().unwrap();
         }
     }
+
+    /// Kills Orion as `docker kill` would: every task dropped at once, nothing handed
+    /// over (its lease expires by itself). The workers and database stay.
+    pub async fn kill(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+            let _ = server.await;
+        }
+    }
+
+    /// Another Orion process on the same database, inventory and key (a replica), with
+    /// its own API port and gateway ports.
+    pub async fn start_replica(&self) -> Replica {
+        let mut config = (*self.ctx.config).clone();
+        config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let ports = free_gateway_ports();
+        config.gateway.ports = Some(format!("{}-{}", ports.start(), ports.end()));
+        config.leader.instance = None;
+        let app = Application::build(config)
+            .await
+            .expect("the replica failed to build");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let ctx = app.context().clone();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        Replica {
+            address,
+            ctx,
+            shutdown,
+            server: Some(server),
+        }
+    }
+}
+
+/// A second Orion process of a test ([`TestApp::start_replica`]).
+pub struct Replica {
+    pub address: String,
+    pub ctx: Context,
+    shutdown: CancellationToken,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Replica {
+    /// Kills it as `docker kill` would.
+    pub async fn kill(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+            let _ = server.await;
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
 }
 
 impl Drop for TestApp {

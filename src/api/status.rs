@@ -87,6 +87,8 @@ pub(super) async fn health(
             status: "ok",
             database: "up",
             version,
+            instance: ctx.leader.instance().to_owned(),
+            leader: ctx.leader.is_leading(),
             error: None,
         })
         .into_response()
@@ -97,6 +99,8 @@ pub(super) async fn health(
                 status: "degraded",
                 database: "down",
                 version,
+                instance: ctx.leader.instance().to_owned(),
+                leader: ctx.leader.is_leading(),
                 error: Some(database_unreachable()),
             }),
         )

@@ -218,6 +218,10 @@ pub struct HealthView {
     /// `up` or `down`.
     pub database: &'static str,
     pub version: &'static str,
+    /// This process's name among the replicas (`leader.instance`).
+    pub instance: String,
+    /// Whether this process runs the control loops (holds the lease).
+    pub leader: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorDetail>,
 }

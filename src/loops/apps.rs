@@ -652,6 +652,7 @@ pub async fn run(ctx: Context, state: Arc<State>, shutdown: impl Future<Output =
     run_loop(
         LOOP,
         &ctx.loops,
+        &ctx.leader,
         ctx.config.apps.interval,
         Some(&ctx.wake.apps),
         shutdown,

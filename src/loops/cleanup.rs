@@ -91,9 +91,17 @@ async fn remove_account(ctx: &Context, cleanup: &Cleanup) -> anyhow::Result<()> 
 /// Runs cleanup passes every `cleanup.interval` until `shutdown` resolves.
 pub async fn run(ctx: Context, shutdown: impl Future<Output = ()>) {
     let interval = ctx.config.cleanup.interval;
-    super::run_loop(LOOP, &ctx.loops.clone(), interval, None, shutdown, || {
-        let ctx = ctx.clone();
-        async move { cleanup_pass(&ctx).await }
-    })
+    super::run_loop(
+        LOOP,
+        &ctx.loops.clone(),
+        &ctx.leader.clone(),
+        interval,
+        None,
+        shutdown,
+        || {
+            let ctx = ctx.clone();
+            async move { cleanup_pass(&ctx).await }
+        },
+    )
     .await;
 }

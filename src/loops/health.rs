@@ -134,13 +134,21 @@ fn release_free_memory() {
 /// the status endpoint; the loop itself never stops on an error.
 pub async fn run(ctx: Context, probes: Arc<Probes>, shutdown: impl Future<Output = ()>) {
     let interval = ctx.config.health.interval;
-    super::run_loop(LOOP, &ctx.loops.clone(), interval, None, shutdown, || {
-        let (ctx, probes) = (ctx.clone(), probes.clone());
-        async move {
-            let summary = probe_round(&ctx, &probes).await?;
-            release_free_memory();
-            Ok(summary)
-        }
-    })
+    super::run_loop(
+        LOOP,
+        &ctx.loops.clone(),
+        &ctx.leader.clone(),
+        interval,
+        None,
+        shutdown,
+        || {
+            let (ctx, probes) = (ctx.clone(), probes.clone());
+            async move {
+                let summary = probe_round(&ctx, &probes).await?;
+                release_free_memory();
+                Ok(summary)
+            }
+        },
+    )
     .await;
 }

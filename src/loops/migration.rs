@@ -352,6 +352,7 @@ pub async fn run(ctx: Context, state: std::sync::Arc<State>, shutdown: impl Futu
     super::run_loop(
         LOOP,
         &ctx.loops.clone(),
+        &ctx.leader.clone(),
         interval,
         Some(&wake),
         shutdown,

@@ -127,7 +127,8 @@ pub fn delay(interval: Duration, outcome: Result<Next, u32>) -> Duration {
     }
 }
 
-/// Drives a control loop: runs `pass` now and then again when it asks ([`Pass::next`],
+/// Drives a control loop while this process leads ([`crate::leader`]): runs `pass` now
+/// and then again when it asks ([`Pass::next`],
 /// at most `interval` apart by default), sooner with back-off after a failure, or at once
 /// when `wake` is notified, until `shutdown` resolves. A pass in progress is let finish;
 /// the caller bounds how long it waits. Errors are logged with the loop's name, loudly
@@ -135,6 +136,7 @@ pub fn delay(interval: Duration, outcome: Result<Next, u32>) -> Duration {
 pub async fn run_loop<F, Fut, S>(
     name: &'static str,
     loops: &LoopRegistry,
+    leader: &crate::leader::Leadership,
     interval: Duration,
     wake: Option<&Notify>,
     shutdown: impl Future<Output = ()>,
@@ -146,6 +148,14 @@ pub async fn run_loop<F, Fut, S>(
 {
     tokio::pin!(shutdown);
     loop {
+        // Only the process that leads runs the loops; the others wait for their turn.
+        if !leader.is_leading() {
+            tracing::debug!(loop_name = name, "not leading: waiting");
+            tokio::select! {
+                () = leader.leading() => {}
+                _ = &mut shutdown => break,
+            }
+        }
         let outcome = match pass().await {
             Ok(summary) => {
                 tracing::debug!(loop_name = name, ?summary, "pass done");
@@ -238,9 +248,11 @@ mod tests {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let recorded = times.clone();
         let stop = shutdown.clone();
+        let leader = crate::leader::Leadership::leading_alone("test");
         run_loop(
             "test",
             &registry,
+            &leader,
             Duration::from_secs(10),
             wake,
             shutdown.cancelled(),

@@ -75,15 +75,23 @@ pub async fn snapshot_pass(ctx: &Context) -> anyhow::Result<SnapshotSummary> {
 /// Runs snapshot passes every `snapshots.interval` until `shutdown` resolves.
 pub async fn run(ctx: Context, shutdown: impl Future<Output = ()>) {
     let interval = ctx.config.snapshots.interval;
-    super::run_loop(LOOP, &ctx.loops.clone(), interval, None, shutdown, || {
-        let ctx = ctx.clone();
-        async move {
-            let summary = snapshot_pass(&ctx).await?;
-            if summary.stored + summary.failed + summary.too_big > 0 {
-                tracing::info!(?summary, "snapshot pass");
+    super::run_loop(
+        LOOP,
+        &ctx.loops.clone(),
+        &ctx.leader.clone(),
+        interval,
+        None,
+        shutdown,
+        || {
+            let ctx = ctx.clone();
+            async move {
+                let summary = snapshot_pass(&ctx).await?;
+                if summary.stored + summary.failed + summary.too_big > 0 {
+                    tracing::info!(?summary, "snapshot pass");
+                }
+                Ok(summary)
             }
-            Ok(summary)
-        }
-    })
+        },
+    )
     .await;
 }

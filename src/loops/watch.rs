@@ -62,6 +62,13 @@ async fn watch_worker(
     shutdown: CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
+        // Only the leading process watches (and probes, and records what it found).
+        if !ctx.leader.is_leading() {
+            tokio::select! {
+                () = ctx.leader.leading() => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
         let db = probes.db_slot().await;
         let read = ctx.store.worker_by_name(&name).await;
         drop(db);

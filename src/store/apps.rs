@@ -164,7 +164,7 @@ impl Store {
             .as_ref()
             .map(|c| serde_json::to_string(c).expect("strings serialise"));
         let env = serde_json::to_string(&app.env).expect("strings serialise");
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         check_instance_quota(&mut tx, &app.tenant, app.replicas, None, app.max_instances).await?;
         let inserted = sqlx::query(
             "INSERT INTO apps (tenant, name, image, replicas, command, env, port, health_path, \
@@ -251,7 +251,7 @@ impl Store {
         id: u64,
         change: &AppChange,
     ) -> Result<Option<AppRecord>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let current: Option<AppRecord> = sqlx::query_as(&format!(
             "SELECT {APP_COLUMNS} FROM apps WHERE id = ? AND NOT deleting FOR UPDATE"
         ))
@@ -303,7 +303,7 @@ impl Store {
     /// Marks an app deleted: its name is free at once, its instances are stopping and
     /// the apps loop removes them, then the app. `false` if it was not there.
     pub async fn delete_app(&self, id: u64) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let app: Option<AppRecord> = sqlx::query_as(&format!(
             "SELECT {APP_COLUMNS} FROM apps WHERE id = ? AND NOT deleting FOR UPDATE"
         ))
@@ -355,7 +355,7 @@ impl Store {
         node: &str,
     ) -> Result<u64, StoreError> {
         retry_on_conflict(|| async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             let id = sqlx::query(
                 "INSERT INTO instances (app_id, worker_id, generation, state, container, \
                  created_at, updated_at) \
@@ -384,12 +384,13 @@ impl Store {
     /// Marks instances no longer wanted: the node pass removes their containers.
     pub async fn stop_instances(&self, ids: &[u64]) -> Result<(), StoreError> {
         for id in ids {
-            sqlx::query(
-                "UPDATE instances SET state = 'stopping', updated_at = UTC_TIMESTAMP(6) \
+            self.write(
+                sqlx::query(
+                    "UPDATE instances SET state = 'stopping', updated_at = UTC_TIMESTAMP(6) \
                  WHERE id = ? AND ended_at IS NULL",
+                )
+                .bind(id),
             )
-            .bind(id)
-            .execute(&self.pool)
             .await?;
         }
         Ok(())
@@ -401,7 +402,7 @@ impl Store {
         instance: &InstanceRecord,
         update: &InstanceUpdate,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let (changed, kind, message) = match update {
             InstanceUpdate::Running { started_at } => {
                 let changed = sqlx::query(
@@ -513,7 +514,7 @@ impl Store {
         why: &str,
     ) -> Result<(), StoreError> {
         for i in ended {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             let done = sqlx::query(
                 "UPDATE instances SET state = 'gone', ended_at = UTC_TIMESTAMP(6), \
                  updated_at = UTC_TIMESTAMP(6) WHERE id = ? AND ended_at IS NULL",
@@ -533,7 +534,7 @@ impl Store {
 
     /// Removes deleted apps none of whose instances is left, with their history.
     pub async fn purge_deleted_apps(&self) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let ids: Vec<u64> = sqlx::query_scalar(
             "SELECT a.id FROM apps a WHERE a.deleting AND NOT EXISTS \
              (SELECT 1 FROM instances i WHERE i.app_id = a.id AND i.ended_at IS NULL) FOR UPDATE",

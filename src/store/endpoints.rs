@@ -32,11 +32,10 @@ impl Store {
         // Numbers only: written into the statement, they cannot inject anything.
         let rows: Vec<String> = ports.map(|p| format!("({p})")).collect();
         for batch in rows.chunks(1024) {
-            sqlx::query(&format!(
+            self.write(sqlx::query(&format!(
                 "INSERT IGNORE INTO endpoints (port) VALUES {}",
                 batch.join(", ")
-            ))
-            .execute(&self.pool)
+            )))
             .await?;
         }
         Ok(())

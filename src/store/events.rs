@@ -49,7 +49,7 @@ impl Store {
         rental_id: Option<&str>,
         message: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         append_in(&mut tx, kind, worker, rental_id, message).await?;
         tx.commit().await?;
         Ok(())

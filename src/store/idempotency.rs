@@ -29,19 +29,21 @@ impl Store {
         hash: &str,
         resource_id: &str,
     ) -> Result<KeyClaim, StoreError> {
-        let inserted = sqlx::query(
-            "INSERT IGNORE INTO idempotency_keys \
+        let inserted = self
+            .write(
+                sqlx::query(
+                    "INSERT IGNORE INTO idempotency_keys \
              (tenant, route, idem_key, request_hash, resource_id, created_at) \
              VALUES (?, ?, ?, ?, ?, UTC_TIMESTAMP(6))",
-        )
-        .bind(tenant)
-        .bind(route)
-        .bind(key)
-        .bind(hash)
-        .bind(resource_id)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+                )
+                .bind(tenant)
+                .bind(route)
+                .bind(key)
+                .bind(hash)
+                .bind(resource_id),
+            )
+            .await?
+            .rows_affected();
         if inserted == 1 {
             return Ok(KeyClaim::New);
         }
@@ -79,14 +81,15 @@ impl Store {
         route: &str,
         key: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE idempotency_keys SET done_at = UTC_TIMESTAMP(6) \
+        self.write(
+            sqlx::query(
+                "UPDATE idempotency_keys SET done_at = UTC_TIMESTAMP(6) \
              WHERE tenant = ? AND route = ? AND idem_key = ?",
+            )
+            .bind(tenant)
+            .bind(route)
+            .bind(key),
         )
-        .bind(tenant)
-        .bind(route)
-        .bind(key)
-        .execute(&self.pool)
         .await?;
         Ok(())
     }
@@ -98,12 +101,15 @@ impl Store {
         route: &str,
         key: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE tenant = ? AND route = ? AND idem_key = ?")
+        self.write(
+            sqlx::query(
+                "DELETE FROM idempotency_keys WHERE tenant = ? AND route = ? AND idem_key = ?",
+            )
             .bind(tenant)
             .bind(route)
-            .bind(key)
-            .execute(&self.pool)
-            .await?;
+            .bind(key),
+        )
+        .await?;
         Ok(())
     }
 
@@ -117,31 +123,35 @@ impl Store {
         old: &str,
         new: &str,
     ) -> Result<bool, StoreError> {
-        Ok(sqlx::query(
-            "UPDATE idempotency_keys SET resource_id = ?, created_at = UTC_TIMESTAMP(6) \
+        Ok(self
+            .write(
+                sqlx::query(
+                    "UPDATE idempotency_keys SET resource_id = ?, created_at = UTC_TIMESTAMP(6) \
              WHERE tenant = ? AND route = ? AND idem_key = ? AND resource_id = ? \
              AND done_at IS NULL",
-        )
-        .bind(new)
-        .bind(tenant)
-        .bind(route)
-        .bind(key)
-        .bind(old)
-        .execute(&self.pool)
-        .await?
-        .rows_affected()
+                )
+                .bind(new)
+                .bind(tenant)
+                .bind(route)
+                .bind(key)
+                .bind(old),
+            )
+            .await?
+            .rows_affected()
             == 1)
     }
 
     /// Keys older than `age` go. Returns how many.
     pub async fn purge_idempotency_keys(&self, age: Duration) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
-            "DELETE FROM idempotency_keys \
+        Ok(self
+            .write(
+                sqlx::query(
+                    "DELETE FROM idempotency_keys \
              WHERE created_at < UTC_TIMESTAMP(6) - INTERVAL ? SECOND",
-        )
-        .bind(age.as_secs())
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+                )
+                .bind(age.as_secs()),
+            )
+            .await?
+            .rows_affected())
     }
 }

@@ -8,6 +8,7 @@ mod apps;
 mod endpoints;
 mod events;
 mod idempotency;
+mod leases;
 mod placements;
 mod rentals;
 mod snapshots;
@@ -23,6 +24,7 @@ pub use apps::{AppChange, AppRecord, InstanceRecord, InstanceUpdate, NewApp};
 pub use endpoints::EndpointTarget;
 pub use events::Event;
 pub use idempotency::KeyClaim;
+pub use leases::{Fence, LOOPS, Lease};
 pub use placements::PlacementRecord;
 pub use rentals::{Claim, NewRental, RentalDetail, RentalRecord};
 pub use snapshots::{SnapshotInfo, SnapshotJob};
@@ -49,6 +51,10 @@ pub enum StoreError {
         "the tenant's apps may ask for {limit} instances in all; {others} are already asked for"
     )]
     InstanceQuota { limit: u32, others: u32 },
+    /// This process no longer leads the loops (its lease expired or was taken over):
+    /// a loop's write is refused rather than made with an old epoch.
+    #[error("{holder} does not lead the loops (epoch {epoch}): write refused")]
+    Fenced { holder: String, epoch: u64 },
     /// Something the store guarantees did not hold: a bug.
     #[error("store invariant broken: {0}")]
     Invariant(String),
@@ -143,6 +149,9 @@ async fn lock_tenant(
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: MySqlPool,
+    /// Set on the store the control loops use: every transaction first proves this
+    /// process still leads ([`leases::pass_fence`]).
+    fence: Option<std::sync::Arc<Fence>>,
 }
 
 /// Name of the MariaDB advisory lock held while migrating, so that only one `orion`
@@ -164,7 +173,40 @@ impl Store {
             .acquire_timeout(acquire_timeout)
             .test_before_acquire(true)
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self { pool, fence: None })
+    }
+
+    /// The same database, every write of which first proves that this process leads the
+    /// loops with the epoch in `fence`: the store the control loops use.
+    pub fn fenced(&self, fence: Fence) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            fence: Some(std::sync::Arc::new(fence)),
+        }
+    }
+
+    /// Starts a transaction; on a fenced store, it first passes the fence.
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::MySql>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(fence) = &self.fence {
+            leases::pass_fence(&mut tx, fence).await?;
+        }
+        Ok(tx)
+    }
+
+    /// Runs one write statement; on a fenced store, in a transaction that first passes
+    /// the fence.
+    async fn write<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments>,
+    ) -> Result<sqlx::mysql::MySqlQueryResult, StoreError> {
+        if self.fence.is_none() {
+            return Ok(query.execute(&self.pool).await?);
+        }
+        let mut tx = self.begin().await?;
+        let done = query.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(done)
     }
 
     pub fn pool(&self) -> &MySqlPool {

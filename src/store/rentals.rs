@@ -96,7 +96,7 @@ impl Store {
         uid_min: u32,
         exclude: &[u64],
     ) -> Result<Option<(RentalRecord, Claim)>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         if let Some(limit) = rental.max_rentals {
             // The tenant's row lock: concurrent rents of one tenant count one at a time.
             super::lock_tenant(&mut tx, &rental.tenant).await?;
@@ -173,7 +173,7 @@ impl Store {
         from: RentalStatus,
     ) -> Result<bool, StoreError> {
         retry_on_conflict(|| async move {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             let updated = sqlx::query(
                 "UPDATE rentals SET status = 'active', updated_at = UTC_TIMESTAMP(6) \
                  WHERE id = ? AND status = ? AND worker_id = ?",
@@ -245,7 +245,7 @@ impl Store {
         rental_id: &str,
         uid_min: u32,
     ) -> Result<Option<Claim>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
             return Ok(None);
         };
@@ -369,7 +369,7 @@ impl Store {
         reason: &str,
     ) -> Result<(), StoreError> {
         retry_on_conflict(|| async move {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             stale_live_placement(&mut tx, rental_id, worker.id).await?;
             sqlx::query(
                 "UPDATE rentals SET status = 'waiting', worker_id = NULL, \
@@ -399,7 +399,7 @@ impl Store {
         rental_id: &str,
         worker: &Worker,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         stale_live_placement(&mut tx, rental_id, worker.id).await?;
         tx.commit().await?;
         Ok(())
@@ -415,7 +415,7 @@ impl Store {
         reason: &str,
     ) -> Result<(), StoreError> {
         retry_on_conflict(|| async move {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             sqlx::query(
                 "UPDATE rentals SET status = 'failed', worker_id = NULL, \
                  updated_at = UTC_TIMESTAMP(6), ended_at = UTC_TIMESTAMP(6) WHERE id = ?",
@@ -446,7 +446,7 @@ impl Store {
         tenant: Option<&str>,
     ) -> Result<Option<(RentalRecord, Option<Worker>)>, StoreError> {
         retry_on_conflict(|| async move {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
                 return Ok(None);
             };
@@ -480,7 +480,7 @@ impl Store {
         account_removed: bool,
     ) -> Result<(), StoreError> {
         retry_on_conflict(|| async move {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             sqlx::query(
                 "UPDATE rentals SET status = 'released', worker_id = NULL, \
                  updated_at = UTC_TIMESTAMP(6), ended_at = UTC_TIMESTAMP(6) WHERE id = ?",
@@ -565,7 +565,7 @@ impl Store {
         ttl: std::time::Duration,
     ) -> Result<Option<()>, StoreError> {
         retry_on_conflict(|| async move {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             let Some(rental) = fetch_rental_for_update(&mut tx, rental_id).await? else {
                 return Ok(None);
             };
@@ -602,12 +602,12 @@ impl Store {
     /// Ends the time of every live rental made with a token (they are released as
     /// expired). Returns how many.
     pub async fn expire_rentals_of_token(&self, token_id: &str) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
+        Ok(self.write(sqlx::query(
             "UPDATE rentals SET expires_at = UTC_TIMESTAMP(6), updated_at = UTC_TIMESTAMP(6) \
              WHERE token_id = ? AND status NOT IN ('released', 'failed', 'releasing')",
         )
         .bind(token_id)
-        .execute(&self.pool)
+        )
         .await?
         .rows_affected())
     }

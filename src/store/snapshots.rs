@@ -121,14 +121,16 @@ impl Store {
 
     /// Starts a snapshot of the rental's home taken on `worker_id`, now.
     pub async fn begin_snapshot(&self, rental_id: &str, worker_id: u64) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO snapshots (rental_id, worker_id, fingerprint, taken_at) \
+        let done = self
+            .write(
+                sqlx::query(
+                    "INSERT INTO snapshots (rental_id, worker_id, fingerprint, taken_at) \
              VALUES (?, ?, '', UTC_TIMESTAMP(6))",
-        )
-        .bind(rental_id)
-        .bind(worker_id)
-        .execute(&self.pool)
-        .await?;
+                )
+                .bind(rental_id)
+                .bind(worker_id),
+            )
+            .await?;
         Ok(done.last_insert_id())
     }
 
@@ -139,12 +141,13 @@ impl Store {
         seq: u32,
         data: &[u8],
     ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO snapshot_chunks (snapshot_id, seq, data) VALUES (?, ?, ?)")
-            .bind(snapshot_id)
-            .bind(seq)
-            .bind(data)
-            .execute(&self.pool)
-            .await?;
+        self.write(
+            sqlx::query("INSERT INTO snapshot_chunks (snapshot_id, seq, data) VALUES (?, ?, ?)")
+                .bind(snapshot_id)
+                .bind(seq)
+                .bind(data),
+        )
+        .await?;
         Ok(())
     }
 
@@ -163,7 +166,7 @@ impl Store {
         moving: bool,
     ) -> Result<bool, StoreError> {
         retry_on_conflict(|| async move {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             // The rental's row lock: snapshots of one rental finish one at a time.
             let current: Option<(String, Option<u64>)> =
                 sqlx::query_as("SELECT status, worker_id FROM rentals WHERE id = ? FOR UPDATE")
@@ -214,7 +217,7 @@ impl Store {
 
     /// Drops a snapshot that was cut short (its chunks go with the next purge).
     pub async fn discard_snapshot(&self, snapshot_id: u64) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         mark_obsolete(&mut tx, snapshot_id).await?;
         tx.commit().await?;
         Ok(())
@@ -230,7 +233,7 @@ impl Store {
         worker: &str,
         message: &str,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let was: Option<Option<String>> =
             sqlx::query_scalar("SELECT snapshot_oversize FROM rentals WHERE id = ? FOR UPDATE")
                 .bind(rental_id)
@@ -284,18 +287,16 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         for id in &doomed {
-            while sqlx::query(&format!(
+            while self.write(sqlx::query(&format!(
                 "DELETE FROM snapshot_chunks WHERE snapshot_id = ? ORDER BY seq LIMIT {PURGE_BATCH}"
             ))
             .bind(id)
-            .execute(&self.pool)
+            )
             .await?
             .rows_affected()
                 > 0
             {}
-            sqlx::query("DELETE FROM snapshots WHERE id = ?")
-                .bind(id)
-                .execute(&self.pool)
+            self.write(sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(id))
                 .await?;
         }
         Ok(doomed.len() as u64)

@@ -26,7 +26,7 @@ impl Store {
         max_rentals: Option<u32>,
     ) -> Result<TokenRecord, StoreError> {
         let id = uuid::Uuid::new_v4().to_string();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO tokens (id, tenant, max_rentals, token_hash, created_at) \
              VALUES (?, ?, ?, ?, UTC_TIMESTAMP(6))",
@@ -57,7 +57,7 @@ impl Store {
 
     /// Revokes a token; false if there is no such live token.
     pub async fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE tokens SET revoked_at = UTC_TIMESTAMP(6) WHERE id = ? AND revoked_at IS NULL",
         )

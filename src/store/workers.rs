@@ -184,7 +184,7 @@ impl Store {
     /// changed ones updated, missing ones retired (never deleted: a retired worker may
     /// still hold a rental, and its history stays). Returns the events it wrote.
     pub async fn sync_inventory(&self, inventory: &Inventory) -> Result<Vec<String>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let existing: Vec<Worker> =
             sqlx::query_as(&format!("SELECT {WORKER_COLUMNS} FROM workers FOR UPDATE"))
                 .fetch_all(&mut *tx)
@@ -357,7 +357,7 @@ impl Store {
         worker: &Worker,
         record: &ProbeRecord,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query(
             "UPDATE workers SET status = ?, consecutive_failures = ?, consecutive_successes = ?, \
              last_checked = UTC_TIMESTAMP(6), \
@@ -411,20 +411,21 @@ impl Store {
             for (id, _) in chunk {
                 query = query.bind(id);
             }
-            query.execute(&self.pool).await?;
+            self.write(query).await?;
         }
         Ok(())
     }
 
     /// Records failed probes that have not (yet) made the worker dead.
     pub async fn record_failing(&self, worker: &Worker, failures: u32) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE workers SET consecutive_failures = ?, consecutive_successes = 0, \
+        self.write(
+            sqlx::query(
+                "UPDATE workers SET consecutive_failures = ?, consecutive_successes = 0, \
              last_checked = UTC_TIMESTAMP(6), updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+            )
+            .bind(failures)
+            .bind(worker.id),
         )
-        .bind(failures)
-        .bind(worker.id)
-        .execute(&self.pool)
         .await?;
         Ok(())
     }
@@ -466,14 +467,15 @@ impl Store {
         key: &str,
         expires: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE workers SET host_cert_key = ?, host_cert_expires = ?, \
+        self.write(
+            sqlx::query(
+                "UPDATE workers SET host_cert_key = ?, host_cert_expires = ?, \
              updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+            )
+            .bind(key)
+            .bind(expires)
+            .bind(worker.id),
         )
-        .bind(key)
-        .bind(expires)
-        .bind(worker.id)
-        .execute(&self.pool)
         .await?;
         Ok(())
     }
@@ -481,7 +483,7 @@ impl Store {
     /// Records a host key trusted on first use. Returns false if another key was recorded
     /// meanwhile (the caller then treats the connection as a mismatch).
     pub async fn trust_host_key(&self, worker: &Worker, key: &str) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE workers SET known_host_key = ?, updated_at = UTC_TIMESTAMP(6) \
              WHERE id = ? AND known_host_key IS NULL",
@@ -509,7 +511,7 @@ impl Store {
 
     /// Takes a worker out of service until an operator says otherwise.
     pub async fn quarantine(&self, worker: &Worker, reason: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let changed = sqlx::query(
             "UPDATE workers SET quarantine_reason = ?, updated_at = UTC_TIMESTAMP(6) \
              WHERE id = ? AND quarantine_reason IS NULL",
@@ -536,7 +538,7 @@ impl Store {
 
     /// Puts a worker in or out of maintenance. False if there is no such worker.
     pub async fn set_drained(&self, name: &str, drained: bool) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let found: Option<bool> =
             sqlx::query_scalar("SELECT drained FROM workers WHERE name = ? FOR UPDATE")
                 .bind(name)
@@ -614,7 +616,7 @@ impl Store {
     /// history and the worker is free again (unless another stale placement holds it).
     pub async fn finish_cleanup(&self, cleanup: &Cleanup) -> Result<(), StoreError> {
         retry_on_conflict(|| async move {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             release_placement(
                 &mut tx,
                 cleanup.placement_id,

@@ -15,6 +15,7 @@ mod guard;
 mod helpers;
 mod idempotency;
 mod isolation;
+mod leader;
 mod openapi;
 mod outage;
 mod playbooks;

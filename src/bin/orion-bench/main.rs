@@ -18,6 +18,7 @@ mod continuity;
 mod fleet;
 mod flood;
 mod footprint;
+mod leader;
 mod probe;
 mod rents;
 mod report;
@@ -85,6 +86,12 @@ enum Bench {
         /// scales with it).
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         interval: Duration,
+    },
+    /// Leader takeover: two `orion` processes on one database, the leading one killed
+    /// (nothing handed over) until the other leads; N times.
+    Leader {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
     },
     /// Rent latency, native executor against Ansible on the same workers in the same run:
     /// `POST /api/rent` until an SSH login with the rented key works, then release.
@@ -160,6 +167,7 @@ fn main() -> anyhow::Result<()> {
                 transfer_mb,
                 interval,
             } => continuity::run(runs, workers, home_mb, transfer_mb, interval).await,
+            Bench::Leader { runs } => leader::run(runs).await,
             Bench::AppsCaddy { rate, seconds } => apps_caddy::run(rate, seconds).await,
             Bench::RentCaddy { runs } => caddy::run(runs).await,
             Bench::Flood { runs, flood } => flood::run(runs, flood).await,

@@ -1,0 +1,161 @@
+//! Leading the control loops: several `orion` processes may serve the API from one
+//! database, but exactly one runs the loops at a time — the holder of the `loops` lease
+//! ([`crate::store::Store::acquire_lease`]). Every process tries to take or renew it each
+//! `leader.renew_every`; a lease not renewed for `leader.lease` expires (by the
+//! database's clock) and the next try of another process takes it over, with the next
+//! epoch. A process stops leading as soon as it cannot renew: when the database says
+//! another holds the lease, or when its own last renewal is older than the lease (it
+//! cannot tell, so it assumes the worst). And should a paused or cut-off process still
+//! try to write, the loops' store refuses the write in the database itself
+//! ([`crate::store::Fence`]): leading is checked where the write happens, not only here.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Fence, LOOPS, Lease, Store};
+
+/// Whether this process leads the loops, and with which epoch.
+#[derive(Debug)]
+pub struct Leadership {
+    instance: String,
+    /// The epoch this process leads with; 0 while it does not lead.
+    epoch: Arc<AtomicU64>,
+    changes: watch::Sender<u64>,
+}
+
+impl Leadership {
+    pub fn new(instance: String) -> Self {
+        Self {
+            instance,
+            epoch: Arc::new(AtomicU64::new(0)),
+            changes: watch::channel(0).0,
+        }
+    }
+
+    /// A process that leads with no lease behind it: tests of the loop driver only.
+    #[cfg(test)]
+    pub(crate) fn leading_alone(instance: &str) -> Self {
+        let leadership = Self::new(instance.to_owned());
+        leadership.set(1);
+        leadership
+    }
+
+    /// This process's name among the replicas (`leader.instance`).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The epoch this process leads with, if it leads.
+    pub fn epoch(&self) -> Option<u64> {
+        Some(self.epoch.load(Ordering::SeqCst)).filter(|e| *e != 0)
+    }
+
+    pub fn is_leading(&self) -> bool {
+        self.epoch().is_some()
+    }
+
+    /// Resolves once this process leads (at once if it does).
+    pub async fn leading(&self) {
+        let mut changes = self.changes.subscribe();
+        while !self.is_leading() {
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// What the loops' store checks at every write.
+    pub fn fence(&self) -> Fence {
+        Fence {
+            holder: self.instance.clone(),
+            epoch: self.epoch.clone(),
+        }
+    }
+
+    fn set(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
+        self.changes.send_replace(epoch);
+    }
+}
+
+/// One try at taking or keeping the lease. Returns whether this process leads now.
+pub async fn try_lead(store: &Store, leadership: &Leadership, lease: Duration) -> bool {
+    let before = leadership.epoch();
+    match store
+        .acquire_lease(LOOPS, leadership.instance(), lease)
+        .await
+    {
+        Ok(Lease::Held { epoch, taken }) => {
+            if taken || before != Some(epoch) {
+                tracing::info!(instance = leadership.instance(), epoch, "leading the loops");
+            }
+            leadership.set(epoch);
+            true
+        }
+        Ok(Lease::Other { holder }) => {
+            if let Some(epoch) = before {
+                tracing::warn!(instance = leadership.instance(), epoch, %holder,
+                    "lost the loops' lease to another process");
+                store
+                    .append_event(
+                        "leader.lost",
+                        None,
+                        None,
+                        &format!(
+                            "{} no longer leads the loops (epoch {epoch}): {holder} does",
+                            leadership.instance()
+                        ),
+                    )
+                    .await
+                    .ok();
+            }
+            leadership.set(0);
+            false
+        }
+        Err(e) => {
+            tracing::warn!(instance = leadership.instance(), error = %e, "cannot renew the loops' lease");
+            leadership.is_leading()
+        }
+    }
+}
+
+/// Takes or renews the lease every `renew_every` until `shutdown`, then gives it up. A
+/// leader that could not renew for `lease` stops leading on its own.
+pub async fn run(
+    store: Store,
+    leadership: Arc<Leadership>,
+    lease: Duration,
+    renew_every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut last_renewed = tokio::time::Instant::now();
+    loop {
+        if try_lead(&store, &leadership, lease).await {
+            last_renewed = tokio::time::Instant::now();
+        } else if leadership.is_leading() && last_renewed.elapsed() >= lease {
+            // The database cannot be asked: another process may have taken over.
+            tracing::warn!(
+                instance = leadership.instance(),
+                "no renewal of the loops' lease for a whole lease: no longer leading"
+            );
+            leadership.set(0);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(renew_every) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    if let Some(epoch) = leadership.epoch() {
+        leadership.set(0);
+        if let Err(e) = store
+            .release_lease(LOOPS, leadership.instance(), epoch)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot give the loops' lease up; it expires by itself");
+        }
+    }
+}

@@ -3,7 +3,8 @@
 -- app, never a second one. Kept a day. No answer body is stored: a replay shows the
 -- resource as it is now, and a generated password is never written anywhere.
 CREATE TABLE idempotency_keys (
-    tenant       VARCHAR(64)  NOT NULL,
+    -- Compared byte for byte, as tenants are: `ACME` is not `acme`.
+    tenant       VARCHAR(64)  COLLATE utf8mb4_bin NOT NULL,
     -- rent | apps
     route        VARCHAR(16)  NOT NULL,
     -- Compared byte for byte: keys differing only in case are two keys.

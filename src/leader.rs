@@ -22,6 +22,9 @@ use crate::store::{Fence, LOOPS, Lease, Store};
 #[derive(Debug)]
 pub struct Leadership {
     instance: String,
+    /// The lease's holder: the instance and a nonce of this start, so that two
+    /// processes given the same name (a restart beside the old one) never both hold it.
+    holder: String,
     /// The epoch this process leads with; 0 while it does not lead.
     epoch: Arc<AtomicU64>,
     changes: watch::Sender<u64>,
@@ -29,8 +32,10 @@ pub struct Leadership {
 
 impl Leadership {
     pub fn new(instance: String) -> Self {
+        let holder = format!("{instance}#{:08x}", rand::random::<u32>());
         Self {
             instance,
+            holder,
             epoch: Arc::new(AtomicU64::new(0)),
             changes: watch::channel(0).0,
         }
@@ -71,7 +76,7 @@ impl Leadership {
     /// What the loops' store checks at every write.
     pub fn fence(&self) -> Fence {
         Fence {
-            holder: self.instance.clone(),
+            holder: self.holder.clone(),
             epoch: self.epoch.clone(),
         }
     }
@@ -82,21 +87,30 @@ impl Leadership {
     }
 }
 
-/// One try at taking or keeping the lease. Returns whether this process leads now.
-pub async fn try_lead(store: &Store, leadership: &Leadership, lease: Duration) -> bool {
+/// One try at taking or keeping the lease, bounded by `within`: `Some(true)` if this
+/// process leads now, `Some(false)` if another does, `None` if the database could not
+/// say (then nothing changes here; [`run`] decides).
+pub async fn try_lead(
+    store: &Store,
+    leadership: &Leadership,
+    lease: Duration,
+    within: Duration,
+) -> Option<bool> {
     let before = leadership.epoch();
-    match store
-        .acquire_lease(LOOPS, leadership.instance(), lease)
-        .await
-    {
-        Ok(Lease::Held { epoch, taken }) => {
+    let tried = tokio::time::timeout(
+        within,
+        store.acquire_lease(LOOPS, &leadership.holder, lease),
+    )
+    .await;
+    match tried {
+        Ok(Ok(Lease::Held { epoch, taken })) => {
             if taken || before != Some(epoch) {
                 tracing::info!(instance = leadership.instance(), epoch, "leading the loops");
             }
             leadership.set(epoch);
-            true
+            Some(true)
         }
-        Ok(Lease::Other { holder }) => {
+        Ok(Ok(Lease::Other { holder })) => {
             if let Some(epoch) = before {
                 tracing::warn!(instance = leadership.instance(), epoch, %holder,
                     "lost the loops' lease to another process");
@@ -107,24 +121,33 @@ pub async fn try_lead(store: &Store, leadership: &Leadership, lease: Duration) -
                         None,
                         &format!(
                             "{} no longer leads the loops (epoch {epoch}): {holder} does",
-                            leadership.instance()
+                            leadership.holder
                         ),
                     )
                     .await
                     .ok();
             }
             leadership.set(0);
-            false
+            Some(false)
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::warn!(instance = leadership.instance(), error = %e, "cannot renew the loops' lease");
-            leadership.is_leading()
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                instance = leadership.instance(),
+                "the loops' lease: no answer in time"
+            );
+            None
         }
     }
 }
 
-/// Takes or renews the lease every `renew_every` until `shutdown`, then gives it up. A
-/// leader that could not renew for `lease` stops leading on its own.
+/// Takes or renews the lease every `renew_every` until `shutdown`. A leader whose last
+/// successful renewal *started* a whole lease ago stops leading on its own: the database
+/// may have let the lease expire since. It does not give the lease up: [`give_up`] does,
+/// once the loops' last passes are over.
 pub async fn run(
     store: Store,
     leadership: Arc<Leadership>,
@@ -132,29 +155,34 @@ pub async fn run(
     renew_every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut last_renewed = tokio::time::Instant::now();
+    let mut renewed = tokio::time::Instant::now();
     loop {
-        if try_lead(&store, &leadership, lease).await {
-            last_renewed = tokio::time::Instant::now();
-        } else if leadership.is_leading() && last_renewed.elapsed() >= lease {
-            // The database cannot be asked: another process may have taken over.
-            tracing::warn!(
-                instance = leadership.instance(),
-                "no renewal of the loops' lease for a whole lease: no longer leading"
-            );
-            leadership.set(0);
+        let started = tokio::time::Instant::now();
+        match try_lead(&store, &leadership, lease, renew_every).await {
+            Some(true) => renewed = started,
+            Some(false) => {}
+            None if leadership.is_leading() && renewed.elapsed() >= lease => {
+                tracing::warn!(
+                    instance = leadership.instance(),
+                    "no renewal of the loops' lease for a whole lease: no longer leading"
+                );
+                leadership.set(0);
+            }
+            None => {}
         }
         tokio::select! {
             () = tokio::time::sleep(renew_every) => {}
             () = shutdown.cancelled() => break,
         }
     }
+}
+
+/// Gives the lease up (a clean shutdown, after the loops stopped): another process takes
+/// it at its next try instead of waiting for it to expire.
+pub async fn give_up(store: &Store, leadership: &Leadership) {
     if let Some(epoch) = leadership.epoch() {
         leadership.set(0);
-        if let Err(e) = store
-            .release_lease(LOOPS, leadership.instance(), epoch)
-            .await
-        {
+        if let Err(e) = store.release_lease(LOOPS, &leadership.holder, epoch).await {
             tracing::warn!(error = %e, "cannot give the loops' lease up; it expires by itself");
         }
     }

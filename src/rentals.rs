@@ -3,8 +3,9 @@
 //!
 //! Every step is recorded before it is taken: a worker is claimed (in the database) before
 //! the account is created on it, and a rental is marked releasing before its account is
-//! removed. A process killed between two steps leaves a state that [`recover`] and the
-//! cleanup loop finish.
+//! removed. A process killed between two steps leaves a state that the cleanup loop
+//! finishes once it is older than any rent or release takes
+//! ([`resolve_stuck_provisioning`], [`finish_stuck_releases`]).
 
 use tracing::Instrument;
 
@@ -378,7 +379,11 @@ async fn release_inner(ctx: &Context, id: &str, tenant: Option<&str>) -> Result<
 pub async fn resolve_stuck_provisioning(ctx: &Context) -> Result<usize, StoreError> {
     let after = ctx.config.rent_deadline() + std::time::Duration::from_secs(30);
     let mut failed = 0;
-    for rental in ctx.store.stuck_provisioning(after).await? {
+    for rental in ctx
+        .store
+        .stuck_in(RentalStatus::Provisioning, after)
+        .await?
+    {
         let Some(worker) = (match rental.worker_id {
             Some(id) => ctx.store.worker_by_id(id).await?,
             None => None,
@@ -427,32 +432,15 @@ pub async fn release_expired(ctx: &Context) -> Result<usize, StoreError> {
     Ok(released)
 }
 
-/// Finishes what a previous process left half-done: rentals caught mid-provisioning are
-/// failed (their client never got an answer) and rentals caught mid-release are released;
-/// in both cases the account is left for the cleanup loop to remove. Run at start, before
-/// the API serves.
-pub async fn recover(ctx: &Context) -> Result<usize, StoreError> {
+/// Finishes releases left half-done by a process that stopped (or died) mid-release:
+/// rentals `releasing` for longer than any release takes are released, their account
+/// left for the cleanup loop to remove. Only rentals that old: with several Orion
+/// processes, a younger one may be another process's release in progress. (Rents cut
+/// short are [`resolve_stuck_provisioning`]'s.) Returns how many were finished.
+pub async fn finish_stuck_releases(ctx: &Context) -> Result<usize, StoreError> {
+    let after = ctx.config.rent_deadline() + std::time::Duration::from_secs(30);
     let mut recovered = 0;
-    for rental in ctx.store.rentals_in(RentalStatus::Provisioning).await? {
-        let worker = match rental.worker_id {
-            Some(id) => ctx.store.worker_by_id(id).await?,
-            None => None,
-        };
-        if let Some(worker) = worker {
-            ctx.store
-                .fail_rent(
-                    &rental.id,
-                    &worker,
-                    false,
-                    "interrupted mid-provisioning by a restart of orion",
-                )
-                .await?;
-            tracing::warn!(rental_id = %rental.id, worker = %worker.name,
-                "rental interrupted mid-provisioning marked failed");
-            recovered += 1;
-        }
-    }
-    for rental in ctx.store.rentals_in(RentalStatus::Releasing).await? {
+    for rental in ctx.store.stuck_in(RentalStatus::Releasing, after).await? {
         let worker = match rental.worker_id {
             Some(id) => ctx.store.worker_by_id(id).await?,
             None => None,

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api;
 use crate::config::Config;
 use crate::config::ExecutorKind;
 use crate::context::Context;
@@ -16,7 +17,6 @@ use crate::loops::{self, LoopRegistry, apps, cleanup, health, migration, snapsho
 use crate::playbook::{Ansible, Executor, Playbook, Playbooks};
 use crate::ssh::SshClient;
 use crate::store::Store;
-use crate::{api, rentals};
 
 /// How long Orion waits for MariaDB at start before giving up (compose may start Orion
 /// while the database is still initialising).
@@ -170,13 +170,13 @@ impl Application {
             )),
         };
         // A lone process leads from its first pass; one of several learns here which.
-        crate::leader::try_lead(&ctx.store, &ctx.leader, ctx.config.leader.lease).await;
-        let recovered = rentals::recover(&ctx)
-            .await
-            .context("Failed to recover interrupted rentals")?;
-        if recovered > 0 {
-            tracing::warn!(recovered, "finished work interrupted by the last stop");
-        }
+        crate::leader::try_lead(
+            &ctx.store,
+            &ctx.leader,
+            ctx.config.leader.lease,
+            ctx.config.leader.lease,
+        )
+        .await;
         let listener = TcpListener::bind(ctx.config.listen)
             .await
             .with_context(|| format!("Failed to listen on {}", ctx.config.listen))?;
@@ -227,13 +227,17 @@ impl Application {
         let tasks = ctx.tasks.clone();
         let stop = || shutdown.clone().cancelled_owned();
         let mut running = tokio::task::JoinSet::new();
-        running.spawn(tasks.track_future(crate::leader::run(
+        // The lease is renewed until the loops' last passes are over, then given up.
+        // In a set of its own: dropped (the process killed), it stops renewing at once.
+        let elector_stop = CancellationToken::new();
+        let mut elector = tokio::task::JoinSet::new();
+        elector.spawn(crate::leader::run(
             ctx.store.clone(),
             ctx.leader.clone(),
             ctx.config.leader.lease,
             ctx.config.leader.renew_every,
-            shutdown.clone(),
-        )));
+            elector_stop.clone(),
+        ));
         // The API writes as any replica; the loops only while this process leads.
         let api_ctx = ctx.clone();
         let ctx = Context {
@@ -272,7 +276,7 @@ impl Application {
         // The peer's address is the client's, or its proxy's (see `api::client_address`).
         let server = axum::serve(
             listener,
-            api::app(api_ctx).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            api::app(api_ctx.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
         .with_graceful_shutdown(stop())
         .into_future();
@@ -297,6 +301,9 @@ impl Application {
             tracing::warn!("loop passes and tracked tasks cut at the shutdown deadline");
             running.abort_all();
         }
+        elector_stop.cancel();
+        while elector.join_next().await.is_some() {}
+        crate::leader::give_up(&api_ctx.store, &api_ctx.leader).await;
         tracing::info!("orion stopped");
         Ok(())
     }

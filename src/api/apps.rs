@@ -290,7 +290,9 @@ pub async fn create(
         .await
         .map_err(ApiError::from);
     if let Some(keyed) = &keyed {
-        keyed.end(&ctx, &created).await;
+        keyed
+            .end(&ctx, created.as_ref().map(|a| a.name.as_str()))
+            .await;
     }
     let app = created?;
     ctx.wake.apps.notify_one();

@@ -152,7 +152,7 @@ fn retry_after_secs(wait: std::time::Duration) -> u64 {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(_) => ApiError::Unavailable(e),
+            StoreError::Unavailable(_) | StoreError::Fenced { .. } => ApiError::Unavailable(e),
             StoreError::InstanceQuota { .. } => ApiError::QuotaExceeded(e.to_string()),
             StoreError::UsernameTaken(_) | StoreError::NameTaken(_) => {
                 ApiError::Conflict(e.to_string())

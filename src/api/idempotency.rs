@@ -116,7 +116,9 @@ impl Keyed {
             KeyClaim::Running { resource_id, for_ } => {
                 if lives(resource_id.clone()).await? {
                     // It did finish, but its process died before saying so.
-                    store.finish_idempotency_key(tenant, route, key).await?;
+                    store
+                        .finish_idempotency_key(tenant, route, key, &resource_id)
+                        .await?;
                     return Ok(Begin::Replay(resource_id));
                 }
                 if for_ < deadline {
@@ -141,13 +143,17 @@ impl Keyed {
         }
     }
 
-    /// Records how the request ended: kept if it succeeded, forgotten (a retry runs
-    /// again) if it failed.
-    pub async fn end<T>(&self, ctx: &Context, outcome: &Result<T, ApiError>) {
+    /// Records how the request ended: kept, standing for `made` (the rental's final id,
+    /// the app's name), if it succeeded; forgotten (a retry runs again) if it failed.
+    pub async fn end(&self, ctx: &Context, made: Result<&str, &ApiError>) {
         let store = &ctx.store;
         let (tenant, route, key) = (&self.tenant, self.route, &self.key);
-        let recorded = match outcome {
-            Ok(_) => store.finish_idempotency_key(tenant, route, key).await,
+        let recorded = match made {
+            Ok(resource) => {
+                store
+                    .finish_idempotency_key(tenant, route, key, resource)
+                    .await
+            }
             Err(_) => store.forget_idempotency_key(tenant, route, key).await,
         };
         if let Err(e) = recorded {

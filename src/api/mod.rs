@@ -349,6 +349,7 @@ async fn rent(
                 .store
                 .rental_detail(&rental_id)
                 .await?
+                .filter(|d| d.rental.tenant == caller.tenant())
                 .ok_or_else(|| ApiError::NotFound("the key's rental is gone".into()))?;
             let body = RentedView {
                 rental: RentalView::new(detail, &ctx.config.gateway.host),
@@ -362,24 +363,35 @@ async fn rent(
                 .into_response());
         }
     }
-    let rented = rentals::rent(
-        &ctx,
-        RentRequest {
-            id: Some(id),
-            tenant: caller.tenant().to_owned(),
-            username,
-            public_key,
-            notify_url,
-            token_id,
-            ttl,
-            max_rentals,
-        },
-    )
-    .await
-    .map_err(ApiError::from);
-    if let Some(keyed) = &keyed {
-        keyed.end(&ctx, &rented).await;
-    }
+    let request = RentRequest {
+        id: Some(id),
+        tenant: caller.tenant().to_owned(),
+        username,
+        public_key,
+        notify_url,
+        token_id,
+        ttl,
+        max_rentals,
+    };
+    let rented = match keyed {
+        None => rentals::rent(&ctx, request).await.map_err(ApiError::from),
+        // The rent and the key's record in a task of their own: a client that goes away
+        // mid-rent does not leave its key "running" for a retry to wait out.
+        Some(keyed) => {
+            let in_task = ctx.clone();
+            ctx.tasks
+                .spawn(async move {
+                    let rented = rentals::rent(&in_task, request)
+                        .await
+                        .map_err(ApiError::from);
+                    let made = rented.as_ref().map(|r| r.rental.rental.id.as_str());
+                    keyed.end(&in_task, made).await;
+                    rented
+                })
+                .await
+                .map_err(|e| ApiError::Unexpected(anyhow::anyhow!("rent task failed: {e}")))?
+        }
+    };
     let rented = rented?;
     let body = RentedView {
         rental: RentalView::new(rented.rental, &ctx.config.gateway.host),

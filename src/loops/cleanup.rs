@@ -37,6 +37,9 @@ pub async fn cleanup_pass(ctx: &Context) -> anyhow::Result<CleanupSummary> {
     rentals::resolve_stuck_provisioning(ctx)
         .await
         .context("Failed to resolve rentals stuck in provisioning")?;
+    rentals::finish_stuck_releases(ctx)
+        .await
+        .context("Failed to finish releases cut short")?;
     rentals::release_expired(ctx)
         .await
         .context("Failed to release expired rentals")?;

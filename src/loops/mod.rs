@@ -168,6 +168,12 @@ pub async fn run_loop<F, Fut, S>(
                     .set(Utc::now().timestamp() as f64);
                 Ok(summary.next())
             }
+            Err(e) if is_fenced(&e) => {
+                // Not a fault: this process stopped leading mid-pass, and the database
+                // refused the write. The next pass waits for leadership.
+                tracing::info!(loop_name = name, "no longer leading: pass stopped");
+                Ok(Next::Interval)
+            }
             Err(e) => {
                 let errors = loops.failure(name, &e);
                 if errors == 1 {
@@ -200,6 +206,15 @@ pub async fn run_loop<F, Fut, S>(
         }
     }
     tracing::info!(loop_name = name, "loop stopped");
+}
+
+/// Whether a pass failed because this process no longer leads.
+fn is_fenced(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<crate::store::StoreError>()
+            .is_some_and(|s| matches!(s, crate::store::StoreError::Fenced { .. }))
+    })
 }
 
 #[cfg(test)]

@@ -74,18 +74,21 @@ impl Store {
         })
     }
 
-    /// The request of `key` succeeded.
+    /// The request of `key` succeeded, making `resource_id` (a rent that had to try
+    /// another worker made its rental under another id than the one it began with).
     pub async fn finish_idempotency_key(
         &self,
         tenant: &str,
         route: &str,
         key: &str,
+        resource_id: &str,
     ) -> Result<(), StoreError> {
         self.write(
             sqlx::query(
-                "UPDATE idempotency_keys SET done_at = UTC_TIMESTAMP(6) \
-             WHERE tenant = ? AND route = ? AND idem_key = ?",
+                "UPDATE idempotency_keys SET done_at = UTC_TIMESTAMP(6), resource_id = ? \
+                 WHERE tenant = ? AND route = ? AND idem_key = ?",
             )
+            .bind(resource_id)
             .bind(tenant)
             .bind(route)
             .bind(key),

@@ -530,16 +530,19 @@ impl Store {
         Ok(live_uid(&self.pool, rental_id, worker_id).await?)
     }
 
-    /// Rentals still `provisioning` though nothing has touched them for `after`: the
-    /// process making them lost its database mid-rent (its client got an error), or died.
-    pub async fn stuck_provisioning(
+    /// Rentals still in `status` (`provisioning`, `releasing`) though nothing has touched
+    /// them for `after`: the process making or releasing them lost its database midway
+    /// (its client got an error), or died.
+    pub async fn stuck_in(
         &self,
+        status: RentalStatus,
         after: std::time::Duration,
     ) -> Result<Vec<RentalRecord>, StoreError> {
         Ok(sqlx::query_as(&format!(
-            "SELECT {RENTAL_COLUMNS} FROM rentals WHERE status = 'provisioning' \
+            "SELECT {RENTAL_COLUMNS} FROM rentals WHERE status = ? \
              AND updated_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND ORDER BY created_at"
         ))
+        .bind(status)
         .bind(after.as_micros() as u64)
         .fetch_all(&self.pool)
         .await?)
@@ -618,16 +621,6 @@ impl Store {
         ))
         .bind(id)
         .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    /// Rentals left in `provisioning` by a process that stopped mid-rent.
-    pub async fn rentals_in(&self, status: RentalStatus) -> Result<Vec<RentalRecord>, StoreError> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT {RENTAL_COLUMNS} FROM rentals WHERE status = ? ORDER BY created_at"
-        ))
-        .bind(status)
-        .fetch_all(&self.pool)
         .await?)
     }
 

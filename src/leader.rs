@@ -73,6 +73,16 @@ impl Leadership {
         }
     }
 
+    /// Resolves once this process does not lead (at once if it does not).
+    pub async fn stepped_down(&self) {
+        let mut changes = self.changes.subscribe();
+        while self.is_leading() {
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// What the loops' store checks at every write.
     pub fn fence(&self) -> Fence {
         Fence {

@@ -236,6 +236,10 @@ pub struct StatusView {
     pub database: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<WorkerCounts>,
+    /// This process's name among the replicas, and whether it runs the loops: the
+    /// `loops` below are this process's own (a follower's have not run).
+    pub instance: String,
+    pub leader: bool,
     /// Keyed by loop name.
     #[schema(value_type = BTreeMap<String, LoopState>)]
     pub loops: BTreeMap<&'static str, LoopState>,

@@ -155,6 +155,12 @@ impl Router {
         format!("https://{}/apps/{app}/", self.site)
     }
 
+    /// Forgets what was last applied: the next [`Router::sync`] writes every route again
+    /// (another process may have changed them meanwhile).
+    pub fn forget(&self) {
+        self.applied.lock().expect("applied poisoned").clear();
+    }
+
     /// Makes Caddy serve exactly `apps`: adds, replaces and removes Orion's routes.
     pub async fn sync(&self, apps: &[AppRoute]) -> anyhow::Result<Synced> {
         let server = self.https_server().await?;

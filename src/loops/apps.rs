@@ -59,6 +59,9 @@ pub struct State {
     held: AtomicBool,
     /// Apps short of workers at the last pass, and by how many: an event when it changes.
     unplaced: std::sync::Mutex<HashMap<u64, u32>>,
+    /// The leadership epoch of the last pass: under a new one, another process may have
+    /// changed Caddy's routes meanwhile, so what this one last applied is forgotten.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 /// What one pass did.
@@ -113,6 +116,12 @@ fn lost(worker: &Worker) -> bool {
 /// One pass: see the module's documentation.
 pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSummary> {
     let mut summary = PassSummary::default();
+    let epoch = ctx.leader.epoch().unwrap_or(0);
+    if state.epoch.swap(epoch, Ordering::Relaxed) != epoch
+        && let Some(router) = &ctx.router
+    {
+        router.forget();
+    }
     let workers = ctx
         .store
         .list_workers()

@@ -95,6 +95,8 @@ async fn watch_worker(
                     () = watch.closed() => {
                         tracing::info!(worker = %name, "watch session dropped; probing now");
                     }
+                    // Another process leads now: it watches; this one lets go.
+                    () = ctx.leader.stepped_down() => continue,
                     () = shutdown.cancelled() => return,
                 }
             }

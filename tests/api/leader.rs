@@ -25,6 +25,18 @@ async fn one_replica_leads_and_a_killed_leader_is_replaced_within_the_lease() {
     assert_eq!(first["leader"], true, "{first}");
     assert_eq!(second["leader"], false, "{second}");
     assert_ne!(first["instance"], second["instance"]);
+    // The follower's status says whose loops it shows: its own, which wait.
+    let status: Value = app
+        .http
+        .get(format!("{}/api/status", replica.address))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["leader"], false, "{status}");
+    assert_eq!(status["instance"], second["instance"]);
 
     // Both serve the API from the shared database: a rent through the follower.
     let resp = app

@@ -13,10 +13,10 @@ use chrono::{DateTime, Utc};
 use russh::keys::ssh_key::certificate::{Builder, CertType};
 use russh::keys::{PrivateKey, PublicKey};
 
-use crate::context::Context;
-use crate::playbook::CertVars;
+use crate::config::Config;
+use crate::playbook::{CertVars, Executor};
 use crate::ssh::SshError;
-use crate::store::Worker;
+use crate::store::{Store, Worker};
 
 /// How far back a certificate's validity starts: a worker whose clock is a little
 /// behind Orion's still presents a valid one.
@@ -130,70 +130,47 @@ impl HostCa {
     }
 }
 
-/// Makes sure `worker` presents a certificate of Orion's CA for the host key Orion
-/// trusts, valid for at least a quarter of `ssh.host_cert_validity` more: signs and
-/// installs a new one if not (`host_cert` playbook). Returns whether one was installed;
-/// nothing to do without a CA.
-pub async fn ensure_certificate(ctx: &Context, worker: &Worker) -> anyhow::Result<bool> {
-    let Some(ca) = &ctx.host_ca else {
-        return Ok(false);
-    };
-    let validity = ctx.config.ssh.host_cert_validity;
-    if worker.host_cert_current(Utc::now() + validity / 4) {
-        return Ok(false);
-    }
-    let Some(key_line) = worker.expected_host_key() else {
-        anyhow::bail!("{} has no trusted host key yet", worker.name);
-    };
-    let key = crate::ssh::parse_host_key(key_line)
-        .ok_or_else(|| anyhow::anyhow!("{}'s trusted host key cannot be read", worker.name))?;
-    let cert = ca
-        .sign(&key, &worker.name, &principals(ctx, worker), validity)
-        .map_err(anyhow::Error::msg)?;
-    let vars = CertVars {
-        certificate: cert.line,
-        host_key: key_line.to_owned(),
-    };
-    ctx.executor.run_cert(&vars, &worker.target()).await?;
-    // sshd re-execs on the reload: the next login must not find its port closed.
-    wait_for_banner(
-        &worker.ssh_host,
-        worker.ssh_port,
-        ctx.config.ssh.connect_timeout,
-    )
-    .await?;
-    ctx.store
-        .record_host_cert(worker, key_line, cert.expires)
-        .await?;
-    tracing::info!(worker = %worker.name, expires = %cert.expires, "host certificate installed");
-    Ok(true)
-}
-
-/// Waits until the SSH server at `host:port` answers with its banner again.
-async fn wait_for_banner(host: &str, port: u16, within: Duration) -> anyhow::Result<()> {
-    use tokio::io::AsyncReadExt;
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let attempt = async {
-            let mut stream = tokio::net::TcpStream::connect((host, port)).await?;
-            let mut banner = [0u8; 4];
-            stream.read_exact(&mut banner).await?;
-            std::io::Result::Ok(&banner == b"SSH-")
+impl HostCa {
+    /// Makes sure `worker` presents a certificate of this CA for the host key Orion
+    /// trusts, valid for at least a quarter of `ssh.host_cert_validity` more: signs and
+    /// installs a new one if not (`host_cert` playbook, which returns once sshd listens
+    /// again). Returns whether one was installed.
+    pub async fn ensure_certificate(
+        &self,
+        executor: &Executor,
+        store: &Store,
+        config: &Config,
+        worker: &Worker,
+    ) -> anyhow::Result<bool> {
+        let validity = config.ssh.host_cert_validity;
+        if worker.host_cert_current(Utc::now() + validity / 4) {
+            return Ok(false);
+        }
+        let Some(key_line) = worker.expected_host_key() else {
+            anyhow::bail!("{} has no trusted host key yet", worker.name);
         };
-        if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_millis(500), attempt).await {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("sshd on {host}:{port} did not come back after its reload");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let key = crate::ssh::parse_host_key(key_line)
+            .ok_or_else(|| anyhow::anyhow!("{}'s trusted host key cannot be read", worker.name))?;
+        let cert = self
+            .sign(&key, &worker.name, &principals(config, worker), validity)
+            .map_err(anyhow::Error::msg)?;
+        let vars = CertVars {
+            certificate: cert.line,
+            host_key: key_line.to_owned(),
+        };
+        executor.run_cert(&vars, &worker.target()).await?;
+        store
+            .record_host_cert(worker, key_line, cert.expires)
+            .await?;
+        tracing::info!(worker = %worker.name, expires = %cert.expires, "host certificate installed");
+        Ok(true)
     }
 }
 
 /// The names a worker's certificate is valid for: the gateway's (what tenants connect
 /// to), then the worker's own public and SSH host names (direct logins).
-fn principals(ctx: &Context, worker: &Worker) -> Vec<String> {
-    let mut names = ctx.config.gateway.all_names();
+fn principals(config: &Config, worker: &Worker) -> Vec<String> {
+    let mut names = config.gateway.all_names();
     for n in [&worker.public_host, &worker.ssh_host] {
         if !names.contains(n) {
             names.push(n.clone());

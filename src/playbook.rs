@@ -98,8 +98,8 @@ pub struct Vars {
 }
 
 /// The values an app playbook is rendered with: the spec `orion-runtime` reads on its
-/// stdin, as one base64 word ([`crate::apps::runtime::encode`]), so that neither the
-/// shell nor Ansible's templating ever reads what a tenant wrote.
+/// stdin, as JSON in one base64 word, so that neither the shell nor Ansible's templating
+/// ever reads what a tenant wrote.
 #[derive(Debug, Clone, Serialize)]
 pub struct AppVars {
     pub spec: String,
@@ -108,8 +108,10 @@ pub struct AppVars {
 impl AppVars {
     /// The values that hand `spec` to `orion-runtime`.
     pub fn new(spec: &impl Serialize) -> Self {
+        use base64::Engine as _;
+        let json = serde_json::to_vec(spec).expect("specs serialise");
         Self {
-            spec: crate::apps::runtime::encode(spec),
+            spec: base64::engine::general_purpose::STANDARD.encode(json),
         }
     }
 }
@@ -718,8 +720,7 @@ mod tests {
 
     #[test]
     fn app_playbooks_hand_the_spec_to_the_runtime_as_one_quoted_word() {
-        let spec =
-            crate::apps::runtime::encode(&serde_json::json!({"env": {"X": "'; rm -rf / #"}}));
+        let spec = AppVars::new(&serde_json::json!({"env": {"X": "'; rm -rf / #"}})).spec;
         for playbook in Playbook::APPS {
             let script = shipped()
                 .render_app(playbook, &AppVars { spec: spec.clone() })
@@ -775,6 +776,21 @@ mod tests {
         let script = shipped().render_cert(&vars).unwrap();
         assert!(script.contains("certificate='ssh-ed25519-cert-v01@openssh.com AAAA w1'"));
         assert!(script.contains("host_key='ssh-ed25519 BBBB'"));
+    }
+
+    #[test]
+    fn specs_are_one_shell_word_whatever_they_hold() {
+        use base64::Engine as _;
+        let spec = serde_json::json!({"node": "n", "names": ["'; rm -rf / #\n$(id)"]});
+        let word = AppVars::new(&spec).spec;
+        assert!(
+            word.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c))
+        );
+        let back = base64::engine::general_purpose::STANDARD
+            .decode(word)
+            .unwrap();
+        assert!(String::from_utf8(back).unwrap().contains("rm -rf"));
     }
 
     #[test]

@@ -255,7 +255,11 @@ pub async fn provision(
     let worker = &claim.worker;
     // The tenant's client trusts the worker through Orion's CA: its certificate must be
     // there before the tenant logs in (normally the cleanup loop installed it already).
-    if let Err(e) = crate::hostca::ensure_certificate(ctx, worker).await {
+    if let Some(ca) = &ctx.host_ca
+        && let Err(e) = ca
+            .ensure_certificate(&ctx.executor, &ctx.store, &ctx.config, worker)
+            .await
+    {
         tracing::warn!(worker = %worker.name, error = format!("{e:#}"),
             "no host certificate on the worker: the tenant's client will not trust it by the CA");
     }

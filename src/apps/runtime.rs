@@ -4,12 +4,12 @@
 //! lists, starts, reads or removes containers labelled with the worker's node: Orion sees
 //! and touches that worker's own containers and nothing else on the engine.
 //!
-//! Specs travel as JSON on the wrapper's stdin, base64-encoded inside the playbooks:
+//! Specs travel as JSON on the wrapper's stdin, base64-encoded inside the playbooks
+//! ([`crate::playbook::AppVars`]):
 //! environment values and commands never pass through a shell or a command line.
 
 use std::collections::BTreeMap;
 
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -107,13 +107,6 @@ pub struct RemoveSpec {
     pub names: Vec<String>,
 }
 
-/// A spec as the playbooks carry it: JSON, then base64, so that it is one plain word
-/// for the shell twin and nothing a template engine would read for the Ansible one.
-pub fn encode<T: Serialize>(spec: &T) -> String {
-    let json = serde_json::to_vec(spec).expect("specs serialise");
-    base64::engine::general_purpose::STANDARD.encode(json)
-}
-
 /// Runs one `orion-runtime` command on a worker (on its watch connection when one is
 /// open) and returns its stdout; a failure says the command and its stderr.
 pub async fn run(
@@ -159,23 +152,6 @@ mod tests {
         assert!(!list[0].is_running());
         assert_eq!(list[1].instance(), None);
         assert!(list[1].started_at.is_none());
-    }
-
-    #[test]
-    fn specs_are_one_shell_word_whatever_they_hold() {
-        let spec = RemoveSpec {
-            node: "n".into(),
-            names: vec!["'; rm -rf / #\n$(id)".into()],
-        };
-        let word = encode(&spec);
-        assert!(
-            word.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c))
-        );
-        let back = base64::engine::general_purpose::STANDARD
-            .decode(word)
-            .unwrap();
-        assert!(String::from_utf8(back).unwrap().contains("rm -rf"));
     }
 
     #[test]

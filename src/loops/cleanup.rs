@@ -61,7 +61,7 @@ pub async fn cleanup_pass(ctx: &Context) -> anyhow::Result<CleanupSummary> {
         .await
         .context("Failed to drop old idempotency keys")?;
     let mut certified = 0;
-    if ctx.host_ca.is_some() {
+    if let Some(ca) = &ctx.host_ca {
         let until = chrono::Utc::now() + ctx.config.ssh.host_cert_validity / 4;
         for worker in ctx
             .store
@@ -69,7 +69,10 @@ pub async fn cleanup_pass(ctx: &Context) -> anyhow::Result<CleanupSummary> {
             .await
             .context("Failed to list workers needing a host certificate")?
         {
-            match crate::hostca::ensure_certificate(ctx, &worker).await {
+            match ca
+                .ensure_certificate(&ctx.executor, &ctx.store, &ctx.config, &worker)
+                .await
+            {
                 Ok(true) => certified += 1,
                 Ok(false) => {}
                 Err(e) => tracing::warn!(worker = %worker.name, error = format!("{e:#}"),

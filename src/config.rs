@@ -429,14 +429,14 @@ impl AppsConfig {
     }
 }
 
-/// A DNS host name or an IP address: what a host certificate's principal and a
-/// `known_hosts` pattern may hold.
+/// A DNS host name or an IPv4 address: what a Caddy site, a host certificate's
+/// principal and a `known_hosts` pattern may all hold.
 fn is_host_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
 }
 
 /// A size such as `256m`, `10k`, `1g` or a number of bytes.
@@ -763,13 +763,7 @@ impl Config {
         {
             return Err(ConfigError::Invalid(e));
         }
-        if self.caddy.site.is_empty()
-            || !self
-                .caddy
-                .site
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
-        {
+        if !is_host_name(&self.caddy.site) {
             return bad("caddy.site", "must be a host name");
         }
         if let Err(e) = self.gateway.port_range() {

@@ -65,18 +65,17 @@ impl Leadership {
 
     /// Resolves once this process leads (at once if it does).
     pub async fn leading(&self) {
-        let mut changes = self.changes.subscribe();
-        while !self.is_leading() {
-            if changes.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
+        self.until(true).await
     }
 
     /// Resolves once this process does not lead (at once if it does not).
     pub async fn stepped_down(&self) {
+        self.until(false).await
+    }
+
+    async fn until(&self, leading: bool) {
         let mut changes = self.changes.subscribe();
-        while self.is_leading() {
+        while self.is_leading() != leading {
             if changes.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }

@@ -735,8 +735,7 @@ impl Session {
         Ok(Reading {
             read,
             write,
-            exit_status: None,
-            stderr: Vec::new(),
+            collected: Collected::default(),
             addr: self.addr.clone(),
             idle: self.command_timeout,
         })
@@ -853,8 +852,8 @@ pub struct Reading {
     read: russh::ChannelReadHalf,
     /// Kept so the channel stays open until the command ends, and to close it early.
     write: russh::ChannelWriteHalf<client::Msg>,
-    exit_status: Option<u32>,
-    stderr: Vec<u8>,
+    /// The exit status and stderr as they arrive (stdout goes to the caller).
+    collected: Collected,
     addr: String,
     /// The command fails if nothing arrives for this long.
     idle: Duration,
@@ -875,13 +874,7 @@ impl Reading {
             match msg {
                 None => return Ok(None),
                 Some(ChannelMsg::Data { data }) => return Ok(Some(data.to_vec())),
-                Some(ChannelMsg::ExtendedData { data, .. }) => {
-                    append_capped(&mut self.stderr, &data)
-                }
-                Some(ChannelMsg::ExitStatus { exit_status }) => {
-                    self.exit_status = Some(exit_status)
-                }
-                Some(_) => {}
+                Some(other) => self.collected.take(other),
             }
         }
     }
@@ -894,16 +887,12 @@ impl Reading {
 
     /// What the command wrote on stderr so far (capped).
     pub fn stderr_so_far(&self) -> String {
-        String::from_utf8_lossy(&self.stderr).into_owned()
+        String::from_utf8_lossy(&self.collected.stderr).into_owned()
     }
 
     /// The command's exit status and (capped) stderr, once [`Reading::next`] said `None`.
     pub fn finish(self) -> Output {
-        Output {
-            exit_status: self.exit_status,
-            stdout: String::new(),
-            stderr: String::from_utf8_lossy(&self.stderr).into_owned(),
-        }
+        self.collected.output()
     }
 }
 

@@ -558,6 +558,15 @@ impl TestApp {
         )
     }
 
+    /// `POST /api/workers/{name}/drain` as the admin.
+    pub async fn drain(&self, worker: &str) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/api/workers/{worker}/drain")))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// The worker's row in this test's database.
     pub async fn worker_row(&self, name: &str) -> crate::store::Worker {
         self.ctx
@@ -716,6 +725,92 @@ pub async fn whoami(
         .map_err(|e| e.to_string())?;
     session.close().await;
     Ok(out.stdout.trim().to_owned())
+}
+
+/// A tenant's plain OpenSSH client (the `ssh` and `scp` programs): its own key, and a
+/// `known_hosts` holding only the lines `GET /api/ssh/known_hosts` gave, with strict
+/// checking, so that any host key the CA does not vouch for fails the login.
+pub struct OpenSshTenant {
+    pub key: PathBuf,
+    pub known_hosts: PathBuf,
+    /// The public key line, for the rent.
+    pub public: String,
+    /// What `GET /api/ssh/known_hosts` answered.
+    pub known_hosts_lines: String,
+}
+
+/// What one `ssh` run gave.
+pub struct Ran {
+    pub ok: bool,
+    /// Trimmed.
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl OpenSshTenant {
+    /// A new key and the CA's lines, in files of `app`'s directory named after `name`.
+    pub async fn new(app: &TestApp, name: &str) -> Self {
+        assert!(
+            Command::new("ssh").arg("-V").output().is_ok(),
+            "the OpenSSH client `ssh` is missing: install openssh-client"
+        );
+        let key = crate::ssh::generate_ed25519();
+        let path = app.dir.path().join(format!("{name}_ed25519"));
+        write_private_key(&key, &path);
+        let resp = app
+            .http
+            .get(app.url("/api/ssh/known_hosts"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "GET /api/ssh/known_hosts");
+        let lines = resp.text().await.unwrap();
+        let known_hosts = app.dir.path().join(format!("{name}_known_hosts"));
+        std::fs::write(&known_hosts, &lines).unwrap();
+        Self {
+            key: path,
+            known_hosts,
+            public: crate::ssh::host_key_line(key.public_key()),
+            known_hosts_lines: lines,
+        }
+    }
+
+    /// The options `ssh` and `scp` share; `port_flag` is `-p` for ssh, `-P` for scp.
+    pub fn args(&self, port_flag: &str, port: u16) -> Vec<String> {
+        let option = |o: String| ["-o".to_owned(), o];
+        let mut args = vec!["-F".into(), "/dev/null".into(), "-i".into()];
+        args.push(self.key.display().to_string());
+        for o in [
+            "IdentitiesOnly=yes".to_owned(),
+            "BatchMode=yes".to_owned(),
+            "StrictHostKeyChecking=yes".to_owned(),
+            "ConnectTimeout=10".to_owned(),
+            format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "GlobalKnownHostsFile=/dev/null".to_owned(),
+            "LogLevel=ERROR".to_owned(),
+        ] {
+            args.extend(option(o));
+        }
+        args.extend([port_flag.to_owned(), port.to_string()]);
+        args
+    }
+
+    /// Runs `command` as `user` at `host:port`. Async: the gateway forwarding the login
+    /// may run on the caller's own runtime.
+    pub async fn ssh(&self, host: &str, port: u16, user: &str, command: &str) -> Ran {
+        let out = tokio::process::Command::new("ssh")
+            .args(self.args("-p", port))
+            .arg(format!("{user}@{host}"))
+            .arg(command)
+            .output()
+            .await
+            .expect("ssh runs");
+        Ran {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
 }
 
 /// An SSH client with a throwaway key, for logging in as tenants.

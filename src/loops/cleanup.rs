@@ -99,8 +99,8 @@ pub async fn run(ctx: Context, shutdown: impl Future<Output = ()>) {
     let interval = ctx.config.cleanup.interval;
     super::run_loop(
         LOOP,
-        &ctx.loops.clone(),
-        &ctx.leader.clone(),
+        &ctx.loops,
+        &ctx.leader,
         interval,
         None,
         shutdown,

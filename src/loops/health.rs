@@ -136,8 +136,8 @@ pub async fn run(ctx: Context, probes: Arc<Probes>, shutdown: impl Future<Output
     let interval = ctx.config.health.interval;
     super::run_loop(
         LOOP,
-        &ctx.loops.clone(),
-        &ctx.leader.clone(),
+        &ctx.loops,
+        &ctx.leader,
         interval,
         None,
         shutdown,

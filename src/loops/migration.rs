@@ -241,27 +241,29 @@ async fn planned_move(
     if !ctx.config.snapshots.enabled {
         return Ok(None);
     }
-    let from = match rental.status {
-        RentalStatus::Active => match rental.worker_id {
-            Some(id) => match ctx.store.worker_by_id(id).await? {
-                Some(old) => ctx
-                    .store
-                    .live_uid(&rental.id, old.id)
-                    .await?
-                    .map(|uid| (old, uid)),
-                None => None,
-            },
-            None => None,
+    // The old worker still answers and is trusted: else there is nothing to take.
+    let answers = |w: &crate::store::Worker| {
+        w.status == crate::model::WorkerStatus::Alive && w.quarantine_reason.is_none()
+    };
+    let from = match (rental.status, rental.worker_id) {
+        (RentalStatus::Active, Some(id)) => match ctx.store.worker_by_id(id).await? {
+            Some(old) if answers(&old) => ctx
+                .store
+                .live_uid(&rental.id, old.id)
+                .await?
+                .map(|uid| (old, uid)),
+            _ => None,
         },
-        RentalStatus::Migrating => ctx.store.moving_from(&rental.id).await?,
+        (RentalStatus::Migrating, _) => ctx
+            .store
+            .moving_from(&rental.id)
+            .await?
+            .filter(|(old, _)| answers(old)),
         _ => None,
     };
     let Some((old, uid)) = from else {
         return Ok(None);
     };
-    if old.status != crate::model::WorkerStatus::Alive || old.quarantine_reason.is_some() {
-        return Ok(None);
-    }
     Ok(Some(crate::store::SnapshotJob {
         rental_id: rental.id.clone(),
         username: rental.username.clone(),
@@ -351,8 +353,8 @@ pub async fn run(ctx: Context, state: std::sync::Arc<State>, shutdown: impl Futu
     let wake = ctx.wake.migration.clone();
     super::run_loop(
         LOOP,
-        &ctx.loops.clone(),
-        &ctx.leader.clone(),
+        &ctx.loops,
+        &ctx.leader,
         interval,
         Some(&wake),
         shutdown,

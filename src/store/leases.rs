@@ -90,14 +90,6 @@ impl Store {
                     .bind(name)
                     .execute(&mut *tx)
                     .await?;
-                    events::append_in(
-                        &mut tx,
-                        "leader.acquired",
-                        None,
-                        None,
-                        &format!("{holder} leads the loops (epoch {})", epoch + 1),
-                    )
-                    .await?;
                     Lease::Held {
                         epoch: epoch + 1,
                         taken: true,
@@ -105,19 +97,13 @@ impl Store {
                 }
                 Some((current, _, false)) => Lease::Other { holder: current },
             };
-            if matches!(
-                lease,
-                Lease::Held {
-                    taken: true,
-                    epoch: 1
-                }
-            ) {
+            if let Lease::Held { epoch, taken: true } = lease {
                 events::append_in(
                     &mut tx,
                     "leader.acquired",
                     None,
                     None,
-                    &format!("{holder} leads the loops (epoch 1)"),
+                    &format!("{holder} leads the loops (epoch {epoch})"),
                 )
                 .await?;
             }

@@ -90,13 +90,7 @@ impl Store {
         &self,
         rental_id: &str,
     ) -> Result<Option<SnapshotInfo>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT id, rental_id, fingerprint, bytes, taken_at FROM snapshots \
-             WHERE rental_id = ? AND complete AND NOT obsolete LIMIT 1",
-        )
-        .bind(rental_id)
-        .fetch_optional(&self.pool)
-        .await?)
+        Ok(self.latest_snapshots(&[rental_id]).await?.pop())
     }
 
     /// The last complete snapshot of each of `rental_ids` (for the rentals' views).

@@ -2,93 +2,36 @@
 //! rental through the gateway, one host identity through Orion's CA, and the home kept
 //! across a failover and a drain by snapshots.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, spawn_app, write_private_key};
+use crate::helpers::{OpenSshTenant, Ran, TestApp, spawn_app};
 
-/// A tenant's OpenSSH client files: its key, and a `known_hosts` holding only the line
-/// `GET /api/ssh/known_hosts` gave.
-struct Client {
-    key: PathBuf,
-    known_hosts: PathBuf,
-    public: String,
-}
-
-async fn client(app: &TestApp, name: &str) -> Client {
-    assert!(
-        Command::new("ssh").arg("-V").output().is_ok(),
-        "the OpenSSH client `ssh` is missing: install openssh-client"
-    );
-    let key = orion::ssh::generate_ed25519();
-    let path = app.dir.path().join(format!("{name}_ed25519"));
-    write_private_key(&key, &path);
-    let resp = app
-        .http
-        .get(app.url("/api/ssh/known_hosts"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let line = resp.text().await.unwrap();
+/// A tenant's OpenSSH client, trusting only the CA's `known_hosts` line.
+async fn client(app: &TestApp, name: &str) -> OpenSshTenant {
+    let tenant = OpenSshTenant::new(app, name).await;
+    let line = &tenant.known_hosts_lines;
     assert!(
         line.starts_with("@cert-authority localhost,[localhost]:* ssh-ed25519 "),
         "{line}"
     );
-    let known_hosts = app.dir.path().join(format!("{name}_known_hosts"));
-    std::fs::write(&known_hosts, &line).unwrap();
-    Client {
-        key: path,
-        known_hosts,
-        public: orion::ssh::host_key_line(key.public_key()),
-    }
-}
-
-/// What one `ssh` run gave.
-struct Ran {
-    ok: bool,
-    stdout: String,
-    stderr: String,
+    tenant
 }
 
 /// Runs `command` as `user` through `endpoint` with strict host key checking and the
 /// CA line only: any unknown or changed host key fails the login.
-async fn ssh(client: &Client, endpoint: &Value, user: &str, command: &str) -> Ran {
-    // Async: the gateway forwarding this login runs on the test's own runtime.
-    let out = tokio::process::Command::new("ssh")
-        .args(["-F", "/dev/null", "-i"])
-        .arg(&client.key)
-        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
-        .args(["-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
-        .arg("-o")
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            client.known_hosts.display()
-        ))
-        .args([
-            "-o",
-            "GlobalKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-        ])
-        .args(["-p", &endpoint["port"].as_u64().unwrap().to_string()])
-        .arg(format!("{user}@{}", endpoint["host"].as_str().unwrap()))
-        .arg(command)
-        .output()
+async fn ssh(client: &OpenSshTenant, endpoint: &Value, user: &str, command: &str) -> Ran {
+    let port = endpoint["port"].as_u64().unwrap() as u16;
+    client
+        .ssh(endpoint["host"].as_str().unwrap(), port, user, command)
         .await
-        .expect("ssh runs");
-    Ran {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 /// `ssh` that must succeed with no word from the client about host keys.
-async fn ssh_ok(client: &Client, endpoint: &Value, user: &str, command: &str) -> String {
+async fn ssh_ok(client: &OpenSshTenant, endpoint: &Value, user: &str, command: &str) -> String {
     let ran = ssh(client, endpoint, user, command).await;
     assert!(ran.ok, "ssh {user} `{command}` failed: {}", ran.stderr);
     assert!(
@@ -208,12 +151,7 @@ async fn a_drain_moves_the_file_written_just_before_it() {
     )
     .await;
 
-    let resp = app
-        .http
-        .post(app.url(&format!("/api/workers/{first}/drain")))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.drain(&first).await;
     assert_eq!(resp.status(), 200);
     app.wait_rental(&id, Duration::from_secs(30), |r| {
         r["status"] == "active" && r["worker"] != first.as_str()

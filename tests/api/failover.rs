@@ -302,12 +302,7 @@ async fn a_drained_worker_hands_its_tenant_over_and_gets_no_new_rentals() {
     let id = body["id"].as_str().unwrap().to_owned();
     let first = body["worker"].as_str().unwrap().to_owned();
 
-    let resp = app
-        .http
-        .post(app.url(&format!("/api/workers/{first}/drain")))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.drain(&first).await;
     assert_eq!(resp.status(), 200);
     let worker: Value = resp.json().await.unwrap();
     assert_eq!(worker["drained"], true);
@@ -336,11 +331,6 @@ async fn a_drained_worker_hands_its_tenant_over_and_gets_no_new_rentals() {
     let again: Value = app.rent_ok(json!({})).await;
     assert_eq!(again["worker"], first.as_str());
 
-    let resp = app
-        .http
-        .post(app.url("/api/workers/no-such-worker/drain"))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.drain("no-such-worker").await;
     assert_eq!(resp.status(), 404);
 }

@@ -5,10 +5,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::helpers::spawn_app;
+use crate::helpers::{TestApp, spawn_app};
 
-async fn health(address: &str) -> Value {
-    reqwest::get(format!("{address}/health"))
+/// `GET path` of the process at `address`, as the admin.
+async fn get(app: &TestApp, address: &str, path: &str) -> Value {
+    app.http
+        .get(format!("{address}{path}"))
+        .send()
         .await
         .unwrap()
         .json()
@@ -20,21 +23,13 @@ async fn health(address: &str) -> Value {
 async fn one_replica_leads_and_a_killed_leader_is_replaced_within_the_lease() {
     let mut app = spawn_app(2).await;
     let mut replica = app.start_replica().await;
-    let first = health(&app.address).await;
-    let second = health(&replica.address).await;
+    let first = get(&app, &app.address, "/health").await;
+    let second = get(&app, &replica.address, "/health").await;
     assert_eq!(first["leader"], true, "{first}");
     assert_eq!(second["leader"], false, "{second}");
     assert_ne!(first["instance"], second["instance"]);
     // The follower's status says whose loops it shows: its own, which wait.
-    let status: Value = app
-        .http
-        .get(format!("{}/api/status", replica.address))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get(&app, &replica.address, "/api/status").await;
     assert_eq!(status["leader"], false, "{status}");
     assert_eq!(status["instance"], second["instance"]);
 
@@ -66,7 +61,7 @@ async fn one_replica_leads_and_a_killed_leader_is_replaced_within_the_lease() {
     assert!(took <= lease + Duration::from_millis(500), "took {took:?}");
     let new_epoch = replica.ctx.leader.epoch().unwrap();
     assert_eq!(new_epoch, old_epoch + 1);
-    assert_eq!(health(&replica.address).await["leader"], true);
+    assert_eq!(get(&app, &replica.address, "/health").await["leader"], true);
 
     // The ex-leader, were it only paused, writes nothing with its old epoch: its loops'
     // store refuses in the database itself.

@@ -3,69 +3,31 @@
 //! what a snapshot pass costs Orion; and the gateway's throughput against a direct
 //! connection (`scp` both ways).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use orion::config::{HealthConfig, MigrationConfig};
-use orion::testkit::{TestApp, spawn_app_with, write_private_key};
+use orion::testkit::{OpenSshTenant, spawn_app_with};
 use serde_json::{Value, json};
 
 use crate::report;
 
-/// The tenant's OpenSSH files.
-struct Client {
-    key: PathBuf,
-    known_hosts: PathBuf,
-    public: String,
-}
-
-fn ssh_args(client: &Client, port: u16) -> Vec<String> {
-    vec![
-        "-F".into(),
-        "/dev/null".into(),
-        "-i".into(),
-        client.key.display().to_string(),
-        "-o".into(),
-        "IdentitiesOnly=yes".into(),
-        "-o".into(),
-        "BatchMode=yes".into(),
-        "-o".into(),
-        "StrictHostKeyChecking=yes".into(),
-        "-o".into(),
-        format!("UserKnownHostsFile={}", client.known_hosts.display()),
-        "-o".into(),
-        "GlobalKnownHostsFile=/dev/null".into(),
-        "-o".into(),
-        "ConnectTimeout=5".into(),
-        "-o".into(),
-        "LogLevel=ERROR".into(),
-        "-P".into(),
-        port.to_string(),
-    ]
-}
-
-/// `ssh -p port user@host command` through the tenant's files; its stdout if it worked.
-async fn ssh(client: &Client, host: &str, port: u16, user: &str, command: &str) -> Option<String> {
-    let mut args = ssh_args(client, port);
-    // ssh takes -p, scp -P: the last pair is rewritten for ssh.
-    let n = args.len();
-    args[n - 2] = "-p".into();
-    let out = tokio::process::Command::new("ssh")
-        .args(&args)
-        .arg(format!("{user}@{host}"))
-        .arg(command)
-        .output()
-        .await
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+/// `ssh -p port user@host command` with the tenant's client; its stdout if it worked.
+async fn ssh(
+    client: &OpenSshTenant,
+    host: &str,
+    port: u16,
+    user: &str,
+    command: &str,
+) -> Option<String> {
+    let ran = client.ssh(host, port, user, command).await;
+    ran.ok.then_some(ran.stdout)
 }
 
 /// `scp` of `file` to the rental and back; the two durations.
 async fn scp_both_ways(
-    client: &Client,
+    client: &OpenSshTenant,
     host: &str,
     port: u16,
     user: &str,
@@ -80,7 +42,7 @@ async fn scp_both_ways(
     ] {
         let started = Instant::now();
         let status = tokio::process::Command::new("scp")
-            .args(ssh_args(client, port))
+            .args(client.args("-P", port))
             .args(["-q", &from, &to])
             .status()
             .await?;
@@ -93,27 +55,6 @@ async fn scp_both_ways(
         bail!("the file came back with another size");
     }
     Ok((times[0], times[1]))
-}
-
-async fn client(app: &TestApp) -> anyhow::Result<Client> {
-    let key = orion::ssh::generate_ed25519();
-    let path = app.dir.path().join("bench_ed25519");
-    write_private_key(&key, &path);
-    let line = app
-        .http
-        .get(app.url("/api/ssh/known_hosts"))
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
-    let known_hosts = app.dir.path().join("bench_known_hosts");
-    std::fs::write(&known_hosts, line)?;
-    Ok(Client {
-        key: path,
-        known_hosts,
-        public: orion::ssh::host_key_line(key.public_key()),
-    })
 }
 
 pub async fn run(
@@ -136,7 +77,7 @@ pub async fn run(
         }),
     )
     .await;
-    let client = client(&app).await?;
+    let client = OpenSshTenant::new(&app, "bench").await;
     println!(
         "continuity: {runs} runs, {workers} workers, default detection, a home of {home_mb} MB \
          of random bytes (incompressible: the worst case) plus a file the tenant appends the \

@@ -3,6 +3,11 @@
 #
 #   scripts/platform.sh up [N]          images, keys, .env, N workers (default 3),
 #                                       control plane (Caddy, orion, MariaDB); prints how to rent
+#   scripts/platform.sh up --ha [N]     the same with no single control-plane box: three
+#                                       MariaDB Galera nodes, HAProxy, ORION_REPLICAS orion
+#                                       replicas (default 2) and Caddy over them
+#                                       (docker-compose.ha.yml). A platform keeps the
+#                                       profile it was made with until `down --volumes`.
 #   scripts/platform.sh down [--volumes] remove the control plane and stop the workers;
 #                                        --volumes: remove the workers and the data too
 #   scripts/platform.sh status           services, workers, health
@@ -16,6 +21,7 @@
 #      ORION_WORKER_PREFIX, ORION_WORKER_BASE_PORT: see scripts/workers.sh
 #      ORION_BINARY: use this orion binary instead of `cargo build --release`
 #      ORION_EXECUTOR (default native)  provisioning executor: native or ansible
+#      ORION_REPLICAS (default 2)       orion replicas of an --ha platform
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,9 +42,25 @@ compose_cmd() {
   fi
 }
 
+# The profile the platform was made with (ORION_PROFILE in its .env): single or ha.
+profile() { grep -E '^ORION_PROFILE=' "$dir/.env" 2>/dev/null | cut -d= -f2 || true; }
+
+compose_file() {
+  if [[ "$(profile)" == ha ]]; then echo docker-compose.ha.yml; else echo docker-compose.yml; fi
+}
+
 compose() {
   # shellcheck disable=SC2046
-  $(compose_cmd) -p "$project" --env-file "$dir/.env" -f docker-compose.yml "$@"
+  $(compose_cmd) -p "$project" --env-file "$dir/.env" -f "$(compose_file)" "$@"
+}
+
+# The container names of the orion replicas, as the compose tool names scaled services:
+# Caddy checks and balances over each one (static upstreams get active health checks).
+replica_upstreams() {
+  local n=$1 sep=_ i names=()
+  [[ "$(compose_cmd)" == "docker compose" ]] && sep=-
+  for ((i = 1; i <= n; i++)); do names+=("${project}${sep}orion${sep}$i:8080"); done
+  echo "${names[*]}"
 }
 
 https_port() { grep -E '^ORION_HTTPS_PORT=' "$dir/.env" | cut -d= -f2; }
@@ -83,11 +105,21 @@ ORION_ADMIN_TOKEN=$(random_secret)
 ORION_HTTPS_PORT=${ORION_HTTPS_PORT:-443}
 ORION_INVENTORY=$PWD/$dir/inventory.toml
 ORION_SSH_KEY=$PWD/$dir/orion_ed25519
+ORION_PROFILE=$wanted_profile
 ENV
   fi
   # Added after the first platforms were made: appended to an older .env.
   grep -qE '^ORION_HOST_CA_KEY=.+' "$env" || echo "ORION_HOST_CA_KEY=$PWD/$dir/host_ca_ed25519" >>"$env"
   grep -qE '^ORION_GATEWAY_PORTS=.+' "$env" || echo "ORION_GATEWAY_PORTS=${ORION_GATEWAY_PORTS:-2200-2219}" >>"$env"
+  # A platform made before profiles existed is a single one.
+  grep -qE '^ORION_PROFILE=.+' "$env" || echo "ORION_PROFILE=single" >>"$env"
+  [[ "$(profile)" == "$wanted_profile" ]] \
+    || die "platform '$project' was made with the $(profile) profile; 'scripts/platform.sh down --volumes' first to make it again as $wanted_profile"
+  if [[ "$wanted_profile" == ha ]]; then
+    grep -qE '^ORION_DB_SST_PASSWORD=.+' "$env" || echo "ORION_DB_SST_PASSWORD=$(random_secret)" >>"$env"
+    sed -i '/^ORION_API_UPSTREAMS=/d' "$env"
+    echo "ORION_API_UPSTREAMS=$(replica_upstreams "$replicas")" >>"$env"
+  fi
   local var
   for var in ORION_DB_ROOT_PASSWORD ORION_DB_PASSWORD ORION_ADMIN_TOKEN ORION_HTTPS_PORT ORION_INVENTORY ORION_SSH_KEY; do
     grep -qE "^$var=.+" "$env" || die "$env has no $var. Delete $env and run 'scripts/platform.sh down --volumes' (the database was made with the old passwords), then 'up' again"
@@ -122,6 +154,13 @@ build_images() {
   log "building orion/orion"
   build_quietly docker build --network host --build-arg BASE_IMAGE=orion/debian:bookworm \
     --build-arg BINARY=target/orion-image/orion -f docker/orion/Dockerfile -t orion/orion:latest .
+  if [[ "$wanted_profile" == ha ]]; then
+    log "building orion/galera and orion/haproxy"
+    build_quietly docker build --network host --build-arg BASE_IMAGE=orion/mariadb:latest \
+      -t orion/galera:latest docker/galera
+    build_quietly docker build --network host --build-arg BASE_IMAGE=orion/debian:bookworm \
+      -t orion/haproxy:latest docker/haproxy
+  fi
 }
 
 wait_healthy() {
@@ -141,6 +180,10 @@ wait_healthy() {
 }
 
 up() {
+  wanted_profile=single
+  if [[ "${1:-}" == --ha ]]; then wanted_profile=ha; shift; fi
+  replicas=${ORION_REPLICAS:-2}
+  [[ "$replicas" =~ ^[1-8]$ ]] || die "ORION_REPLICAS must be 1 to 8 (got '$replicas')"
   local n=${1:-3}
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive number of workers (got '$n')"
   scripts/docker-engine.sh
@@ -155,13 +198,17 @@ up() {
   # From here on, a failure takes down what was started: nothing half-started stays.
   trap 'log "start failed; taking down what was started"; compose down >/dev/null 2>&1 || true; scripts/workers.sh down || true' ERR
   scripts/workers.sh up "$n"
-  compose up -d
+  if [[ "$wanted_profile" == ha ]]; then
+    compose up -d --scale orion="$replicas"
+  else
+    compose up -d
+  fi
   wait_healthy || { log "the platform did not become healthy"; false; }
   trap - ERR
   local port; port=$(https_port)
   cat <<MSG
 
-Orion is up: $n workers, API at https://localhost:$port (Caddy, internal CA).
+Orion is up ($wanted_profile profile): $n workers, API at https://localhost:$port (Caddy, internal CA).
 Trust Caddy's root certificate and use the admin token (or a tenant token from
 POST /api/tokens):
 
@@ -181,6 +228,13 @@ MSG
 
 down() {
   if [[ -e "$dir/.env" ]]; then
+    if [[ "$(profile)" == ha && "${1:-}" != "--volumes" ]]; then
+      # One node after the other, galera-1 last: the last to leave is the one Galera
+      # marks safe to start the cluster again from, and `up` finds it so.
+      compose stop orion >/dev/null 2>&1 || true
+      compose stop galera-3 galera-2 >/dev/null 2>&1 || true
+      compose stop galera-1 >/dev/null 2>&1 || true
+    fi
     if [[ "${1:-}" == "--volumes" ]]; then
       compose down --volumes --remove-orphans
     else
@@ -216,5 +270,5 @@ case "${1:-}" in
   up) shift; up "$@" ;;
   down) shift; down "$@" ;;
   status) status ;;
-  *) echo "usage: $0 up [N] | down [--volumes] | status" >&2; exit 2 ;;
+  *) echo "usage: $0 up [--ha] [N] | down [--volumes] | status" >&2; exit 2 ;;
 esac

@@ -4,6 +4,10 @@
 #
 # Env: MARIADB_ROOT_PASSWORD (required), MARIADB_DATABASE, MARIADB_USER,
 #      MARIADB_PASSWORD (optional; user gets all privileges on the database).
+#      MARIADB_INIT_SQL   a file of more SQL run once at initialisation (the Galera
+#                         image's replication users)
+#      MARIADB_INIT_ONLY=1  initialise if needed, then exit instead of serving (the
+#                         Galera image starts the server itself, with wsrep)
 set -euo pipefail
 
 DATADIR=/var/lib/mysql
@@ -75,6 +79,9 @@ if [[ ! -d "$DATADIR/mysql" ]]; then
       fi
     fi
     echo "FLUSH PRIVILEGES;"
+    if [[ -n "${MARIADB_INIT_SQL:-}" ]]; then
+      cat "$MARIADB_INIT_SQL"
+    fi
   } | mariadb --protocol=socket --socket="$SOCKET" -uroot --binary-mode \
     || { kill "$pid"; wait "$pid" || true; die "initialisation SQL failed"; }
 
@@ -84,6 +91,7 @@ if [[ ! -d "$DATADIR/mysql" ]]; then
   log "initialisation done"
 fi
 
+[[ "${MARIADB_INIT_ONLY:-0}" == 1 ]] && exit 0
 unset MARIADB_PASSWORD
 # The root password stays in the env on purpose: the HEALTHCHECK reads it.
 exec mariadbd --user=mysql --datadir="$DATADIR" --socket="$SOCKET" \

@@ -89,6 +89,7 @@ pub(super) async fn health(
             version,
             instance: ctx.leader.instance().to_owned(),
             leader: ctx.leader.is_leading(),
+            epoch: ctx.leader.epoch(),
             error: None,
         })
         .into_response()
@@ -101,6 +102,7 @@ pub(super) async fn health(
                 version,
                 instance: ctx.leader.instance().to_owned(),
                 leader: ctx.leader.is_leading(),
+                epoch: ctx.leader.epoch(),
                 error: Some(database_unreachable()),
             }),
         )

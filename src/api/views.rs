@@ -222,6 +222,9 @@ pub struct HealthView {
     pub instance: String,
     /// Whether this process runs the control loops (holds the lease).
     pub leader: bool,
+    /// The lease's epoch this process leads with (`null` while it does not lead): the
+    /// fencing token every write of its loops carries.
+    pub epoch: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorDetail>,
 }

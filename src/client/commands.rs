@@ -302,10 +302,11 @@ pub async fn healthcheck(port: u16) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(2))
         .send()
         .await?;
-    anyhow::ensure!(
-        resp.status().is_success(),
-        "{url} answered {}",
-        resp.status()
-    );
+    let status = resp.status();
+    // The answer (which instance, whether it leads, with which epoch) is printed: Docker
+    // keeps it in the container's health log, and `docker exec … orion healthcheck`
+    // asks one replica of several.
+    println!("{}", resp.text().await.unwrap_or_default());
+    anyhow::ensure!(status.is_success(), "{url} answered {status}");
     Ok(())
 }

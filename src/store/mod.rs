@@ -62,7 +62,7 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Query(sqlx::Error),
     /// Another `orion` process held the schema migration lock for a whole minute.
-    #[error("timed out waiting for the schema migration lock `{MIGRATION_LOCK}`")]
+    #[error("timed out waiting for another orion process's schema migration (table orion_schema_lock)")]
     MigrationLockTimeout,
     #[error("schema migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -156,7 +156,10 @@ pub struct Store {
 
 /// Name of the MariaDB advisory lock held while migrating, so that only one `orion`
 /// process changes the schema at a time.
-const MIGRATION_LOCK: &str = "orion.schema_migration";
+/// How long a process waits for another's schema migration before giving up.
+const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(60);
+/// How long a migration lock lasts if its holder dies without letting it go.
+const MIGRATION_LOCK_LEASE: Duration = Duration::from_secs(120);
 
 impl Store {
     /// Opens a bounded pool. Connections are made on demand, so a database that is down
@@ -213,21 +216,52 @@ impl Store {
         &self.pool
     }
 
-    /// Applies the schema in `migrations/` under a MariaDB advisory lock (sqlx's own
-    /// migration lock does not hold on MariaDB, so Orion takes its own).
+    /// Applies the schema in `migrations/`, one process at a time. sqlx's own migration
+    /// lock does not hold on MariaDB, and `GET_LOCK` holds on one server only (each
+    /// Galera node has its own), so the lock is a row: taken by an update that only
+    /// one process can win, on any node (two nodes' updates of the row conflict, and
+    /// Galera refuses one at commit). A lock left by a process that died expires.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let mut conn = self.pool.acquire().await?;
-        let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 60)")
-            .bind(MIGRATION_LOCK)
-            .fetch_one(&mut *conn)
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS orion_schema_lock (
+                 id TINYINT UNSIGNED NOT NULL PRIMARY KEY,
+                 holder VARCHAR(100) NULL,
+                 expires_at DATETIME(3) NULL
+             ) ENGINE=InnoDB",
+        )
+        .await?;
+        conn.execute("INSERT IGNORE INTO orion_schema_lock (id) VALUES (1)")
             .await?;
-        if got != Some(1) {
-            return Err(StoreError::MigrationLockTimeout);
+        let holder = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
+        let deadline = tokio::time::Instant::now() + MIGRATION_LOCK_WAIT;
+        loop {
+            let taken = sqlx::query(
+                "UPDATE orion_schema_lock
+                 SET holder = ?, expires_at = NOW(3) + INTERVAL ? SECOND
+                 WHERE id = 1 AND (holder IS NULL OR expires_at < NOW(3))",
+            )
+            .bind(&holder)
+            .bind(MIGRATION_LOCK_LEASE.as_secs())
+            .execute(&mut *conn)
+            .await;
+            match taken.map_err(StoreError::from) {
+                Ok(done) if done.rows_affected() == 1 => break,
+                Ok(_) => {}
+                Err(e) if is_conflict(&e) => {}
+                Err(e) => return Err(e),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::MigrationLockTimeout);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
         let mut migrator = sqlx::migrate!("./migrations");
         migrator.set_locking(false);
         let result = migrator.run(&mut *conn).await;
-        conn.execute(sqlx::query("DO RELEASE_LOCK(?)").bind(MIGRATION_LOCK))
+        sqlx::query("UPDATE orion_schema_lock SET holder = NULL, expires_at = NULL WHERE id = 1 AND holder = ?")
+            .bind(&holder)
+            .execute(&mut *conn)
             .await?;
         result.map_err(StoreError::from)
     }

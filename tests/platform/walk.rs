@@ -6,8 +6,6 @@
 //! It runs its own platform (project `orion-e2e`, its own ports and worker names), so
 //! it never touches a platform a developer has running.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,72 +13,10 @@ use orion::ssh::Auth;
 use orion::testkit::{docker, free_port, free_port_block, tenant_key, tenant_ssh_client, whoami};
 use serde_json::{Value, json};
 
+use crate::{Platform, wait_for};
+
 const PROJECT: &str = "orion-e2e";
 const PREFIX: &str = "orion-e2e-";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-struct Platform {
-    https_port: u16,
-    env: Vec<(&'static str, String)>,
-}
-
-impl Platform {
-    fn script(&self, args: &[&str]) -> bool {
-        Command::new(repo().join("scripts/platform.sh"))
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
-            .status()
-            .expect("cannot run scripts/platform.sh")
-            .success()
-    }
-
-    fn container(&self, service: &str) -> String {
-        let id = docker(&[
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=com.docker.compose.project={PROJECT}"),
-            "--filter",
-            &format!("label=com.docker.compose.service={service}"),
-        ]);
-        assert!(
-            !id.is_empty(),
-            "no {service} container in project {PROJECT}"
-        );
-        id
-    }
-}
-
-impl Drop for Platform {
-    fn drop(&mut self) {
-        self.script(&["down", "--volumes"]);
-    }
-}
-
-/// A client that trusts the platform's Caddy CA (saved by `platform.sh up`) and sends the
-/// admin token from the generated `.env`.
-fn https_client() -> reqwest::Client {
-    let cert = std::fs::read(platform_dir().join("caddy-root.crt"))
-        .expect("platform.sh saves Caddy's root certificate");
-    orion::testkit::client_with_token_and_ca(&admin_token(), &cert)
-}
-
-/// Where `platform.sh` keeps this platform's generated state.
-fn platform_dir() -> PathBuf {
-    repo().join(format!(".platform/{PROJECT}"))
-}
-
-/// The admin token `platform.sh` generated into the platform's `.env`.
-fn admin_token() -> String {
-    let env = std::fs::read_to_string(platform_dir().join(".env")).unwrap();
-    env.lines()
-        .find_map(|l| l.strip_prefix("ORION_ADMIN_TOKEN="))
-        .expect("the admin token is in .env")
-        .to_owned()
-}
 
 async fn tenant_login(
     port: u16,
@@ -97,18 +33,6 @@ async fn tenant_login(
     .await
 }
 
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test]
 async fn the_readme_walk_through_caddy_over_https() {
     let https_port = free_port();
@@ -116,6 +40,7 @@ async fn the_readme_walk_through_caddy_over_https() {
     // The gateway's 4 ports, in the same free block of 50 as the workers' (base + 1..=3).
     let gateway = worker_base + 11;
     let platform = Platform {
+        project: PROJECT,
         https_port,
         env: vec![
             ("ORION_PROJECT", PROJECT.into()),
@@ -133,7 +58,7 @@ async fn the_readme_walk_through_caddy_over_https() {
         "scripts/platform.sh up failed"
     );
 
-    let http = https_client();
+    let http = platform.client();
     let base = format!("https://localhost:{}", platform.https_port);
 
     // Bad input is refused with the JSON error shape and its true status, through Caddy.
@@ -165,7 +90,7 @@ async fn the_readme_walk_through_caddy_over_https() {
     let browser = reqwest::Client::builder()
         .add_root_certificate(
             reqwest::Certificate::from_pem(
-                &std::fs::read(platform_dir().join("caddy-root.crt")).unwrap(),
+                &std::fs::read(platform.dir().join("caddy-root.crt")).unwrap(),
             )
             .unwrap(),
         )
@@ -173,7 +98,7 @@ async fn the_readme_walk_through_caddy_over_https() {
         .unwrap();
     let resp = browser
         .post(format!("{base}/api/rent"))
-        .basic_auth("operator", Some(admin_token()))
+        .basic_auth("operator", Some(platform.admin_token()))
         .header("content-type", "text/plain")
         .body(r#"{"username": "mallory"}"#)
         .send()
@@ -184,7 +109,7 @@ async fn the_readme_walk_through_caddy_over_https() {
     assert_eq!(err["error"]["code"], "unsupported_media_type");
     let resp = browser
         .post(format!("{base}/api/rent"))
-        .basic_auth("operator", Some(admin_token()))
+        .basic_auth("operator", Some(platform.admin_token()))
         .json(&json!({ "username": "mallory" }))
         .send()
         .await
@@ -192,7 +117,7 @@ async fn the_readme_walk_through_caddy_over_https() {
     assert_eq!(resp.status(), 401);
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"]["code"], "unauthorized");
-    apps_through_caddy(&http, &base, platform.https_port).await;
+    apps_through_caddy(&platform, &http, &base).await;
     // Open: up and the database, nothing about the fleet.
     let health: Value = browser
         .get(format!("{base}/health"))
@@ -208,7 +133,7 @@ async fn the_readme_walk_through_caddy_over_https() {
     // 429 with Orion's error and Retry-After, through Caddy.
     let junk = orion::testkit::client_with_token_and_ca(
         "orn_junkjunkjunkjunkjunkjunkjunkjunk",
-        &std::fs::read(platform_dir().join("caddy-root.crt")).unwrap(),
+        &std::fs::read(platform.dir().join("caddy-root.crt")).unwrap(),
     );
     let answers =
         futures::future::join_all((0..60).map(|_| junk.get(format!("{base}/api/rentals")).send()))
@@ -252,11 +177,11 @@ async fn the_readme_walk_through_caddy_over_https() {
     );
 
     // The dashboard, through Caddy: a browser's Basic login with the admin token.
-    let token = admin_token();
+    let token = platform.admin_token();
     let page = reqwest::Client::builder()
         .add_root_certificate(
             reqwest::Certificate::from_pem(
-                &std::fs::read(platform_dir().join("caddy-root.crt")).unwrap(),
+                &std::fs::read(platform.dir().join("caddy-root.crt")).unwrap(),
             )
             .unwrap(),
         )
@@ -336,7 +261,7 @@ async fn the_readme_walk_through_caddy_over_https() {
         "platform.sh up (again) failed"
     );
     // New connections: the old ones went with the old Caddy.
-    let http = https_client();
+    let http = platform.client();
     let deadline = Instant::now() + Duration::from_secs(30);
     let after: Value = loop {
         match http.get(format!("{base}/api/rentals/{id}")).send().await {
@@ -381,7 +306,8 @@ async fn the_readme_walk_through_caddy_over_https() {
 /// An app of 2 replicas answers through Caddy at `/apps/<name>/` and at
 /// `<name>.apps.localhost`, spread over both instances; deleted, its addresses answer
 /// Orion's 404.
-async fn apps_through_caddy(http: &reqwest::Client, base: &str, https_port: u16) {
+async fn apps_through_caddy(platform: &Platform, http: &reqwest::Client, base: &str) {
+    let https_port = platform.https_port;
     let resp = http
         .post(format!("{base}/api/apps"))
         .json(
@@ -396,7 +322,7 @@ async fn apps_through_caddy(http: &reqwest::Client, base: &str, https_port: u16)
     let by_host = reqwest::Client::builder()
         .add_root_certificate(
             reqwest::Certificate::from_pem(
-                &std::fs::read(platform_dir().join("caddy-root.crt")).unwrap(),
+                &std::fs::read(platform.dir().join("caddy-root.crt")).unwrap(),
             )
             .unwrap(),
         )

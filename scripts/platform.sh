@@ -179,6 +179,20 @@ wait_healthy() {
   done
 }
 
+# An --ha platform is up once all three Galera nodes are synced: a joiner may still be
+# receiving its copy of the state (SST) when the API first answers.
+wait_cluster() {
+  local deadline=$((SECONDS + 300)) node id
+  log "waiting for the three Galera nodes to be synced"
+  for node in galera-1 galera-2 galera-3; do
+    id=$(compose ps -q "$node")
+    until [[ "$(docker inspect -f '{{.State.Health.Status}}' "$id" 2>/dev/null)" == healthy ]]; do
+      ((SECONDS < deadline)) || { compose logs --tail 30 "$node" >&2 || true; return 1; }
+      sleep 1
+    done
+  done
+}
+
 up() {
   wanted_profile=single
   if [[ "${1:-}" == --ha ]]; then wanted_profile=ha; shift; fi
@@ -204,6 +218,9 @@ up() {
     compose up -d
   fi
   wait_healthy || { log "the platform did not become healthy"; false; }
+  if [[ "$wanted_profile" == ha ]]; then
+    wait_cluster || { log "the Galera cluster did not form"; false; }
+  fi
   trap - ERR
   local port; port=$(https_port)
   cat <<MSG

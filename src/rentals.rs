@@ -115,13 +115,23 @@ pub async fn rent(ctx: &Context, request: RentRequest) -> Result<Rented, RentErr
 async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Rented, RentError> {
     let username = request.username.unwrap_or_else(Username::generate);
     let password = request.public_key.is_none().then(model::generate_password);
+    // Thousands of SHA-512 rounds: off the async threads, so that a burst of rents
+    // does not stall every other request while it hashes.
+    let password_hash = match password.clone() {
+        Some(p) => Some(
+            tokio::task::spawn_blocking(move || model::hash_password(&p))
+                .await
+                .map_err(|e| StoreError::Invariant(format!("password hashing failed: {e}")))?,
+        ),
+        None => None,
+    };
     let mut new = NewRental {
         id,
         tenant: request.tenant,
         token_id: request.token_id,
         username: username.to_string(),
         public_key: request.public_key.map(|k| k.as_str().to_owned()),
-        password_hash: password.as_deref().map(model::hash_password),
+        password_hash,
         notify_url: request.notify_url.map(|u| u.as_str().to_owned()),
         ttl: request.ttl,
         max_rentals: request.max_rentals,

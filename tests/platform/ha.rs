@@ -16,75 +16,22 @@
 //! to compare are the benchmark's (`scripts/bench.sh ha`, docs/benchmarks.md).
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use orion::testkit::{docker, free_port, free_port_block};
+use orion::testkit::docker;
+use orion::testkit::platform::{Platform, galera_sql as sql, replica_health as health};
 use serde_json::{Value, json};
 
-use crate::{Platform, wait_for};
+use crate::wait_for;
 
 const PROJECT: &str = "orion-ha-e2e";
-const PREFIX: &str = "orion-ha-e2e-";
 const WORKERS: usize = 4;
 /// The platform's lease (`leader.lease`, default 3 s).
 const LEASE: Duration = Duration::from_secs(3);
-
-/// What one replica says of itself (`orion healthcheck` inside its container), or None
-/// when it does not answer.
-fn health(container: &str) -> Option<Value> {
-    let out = Command::new("docker")
-        .args(["exec", container, "orion", "healthcheck"])
-        .output()
-        .ok()?;
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-/// The replica leading the loops, with its epoch, once exactly one leads.
-async fn leader(platform: &Platform, timeout: Duration) -> (String, u64) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let leading: Vec<(String, u64)> = platform
-            .containers("orion")
-            .into_iter()
-            .filter_map(|c| {
-                let h = health(&c)?;
-                Some((c, h["epoch"].as_u64()?))
-            })
-            .collect();
-        if let [one] = leading.as_slice() {
-            return one.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no single leader within {timeout:?}: {leading:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Runs `query` as root on the Galera node `node` (over its socket: no password).
-fn sql(node: &str, query: &str) -> String {
-    docker(&["exec", node, "mariadb", "-uroot", "-N", "-B", "orion", "-e", query])
-}
-
-/// The Galera node HAProxy sends Orion's SQL to now, asked through HAProxy with Orion's
-/// own account (its password passed by environment, never on a command line).
-fn writer(platform: &Platform, through: &str) -> String {
-    let out = Command::new("docker")
-        .env("MYSQL_PWD", platform.env_value("ORION_DB_PASSWORD"))
-        .args([
-            "exec", "-e", "MYSQL_PWD", through, "mariadb", "-hproxy", "-uorion", "-N", "-B",
-            "-e", "SELECT @@hostname",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let host = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    platform.container(&host)
-}
 
 /// One rent through Caddy with an `Idempotency-Key`, retried with the same key until it
 /// is made: (rental id, attempts that failed, when the attempt that made it began).
@@ -215,49 +162,16 @@ fn docker_at_once(commands: &[&[&str]]) {
     }
 }
 
-async fn workers_alive(http: &reqwest::Client, base: &str, n: usize) {
-    wait_for(
-        &format!("{n} workers alive"),
-        Duration::from_secs(120),
-        || async {
-            let Ok(r) = http.get(format!("{base}/api/workers")).send().await else {
-                return false;
-            };
-            let Ok(v) = r.json::<Value>().await else {
-                return false;
-            };
-            v["workers"].as_array().is_some_and(|ws| {
-                ws.iter()
-                    .filter(|w| w["status"] == "alive" && w["rental"].is_null())
-                    .count()
-                    >= n
-            })
-        },
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn ha_drills_on_galera_with_two_replicas() {
-    let https_port = free_port();
-    let worker_base = free_port_block(WORKERS as u16);
-    let gateway = worker_base + 11;
-    let platform = Platform {
-        project: PROJECT,
-        https_port,
-        env: vec![
-            ("ORION_PROJECT", PROJECT.into()),
-            ("ORION_HTTPS_PORT", https_port.to_string()),
-            ("ORION_WORKER_PREFIX", PREFIX.into()),
-            ("ORION_WORKER_BASE_PORT", worker_base.to_string()),
-            ("ORION_GATEWAY_PORTS", format!("{gateway}-{}", gateway + 3)),
-            ("ORION_BINARY", env!("CARGO_BIN_EXE_orion").into()),
-            ("ORION_REPLICAS", "2".into()),
-        ],
-    };
+    let platform = Platform::new(
+        PROJECT,
+        WORKERS as u16,
+        Path::new(env!("CARGO_BIN_EXE_orion")),
+    );
     platform.script(&["down", "--volumes"]);
     assert!(
-        platform.script(&["up", "--ha", &WORKERS.to_string()]),
+        platform.script_with(&["up", "--ha", &WORKERS.to_string()], &[("ORION_REPLICAS", "2")]),
         "scripts/platform.sh up --ha failed"
     );
     let http = platform.client();
@@ -272,8 +186,8 @@ async fn ha_drills_on_galera_with_two_replicas() {
             "3"
         );
     }
-    leader(&platform, Duration::from_secs(60)).await;
-    workers_alive(&http, &base, WORKERS).await;
+    platform.leader(Duration::from_secs(60)).await;
+    platform.free_workers(&http, WORKERS, Duration::from_secs(120)).await;
 
     // 1. 200 concurrent rents over the replicas: exactly one per free worker.
     let started = Instant::now();
@@ -314,17 +228,17 @@ async fn ha_drills_on_galera_with_two_replicas() {
     for body in &made {
         release(&http, &base, body["id"].as_str().unwrap()).await;
     }
-    workers_alive(&http, &base, WORKERS).await;
+    platform.free_workers(&http, WORKERS, Duration::from_secs(120)).await;
 
     // 2. Kill the leading replica while rents go on through Caddy.
-    let (old_leader, old_epoch) = leader(&platform, Duration::from_secs(10)).await;
+    let (old_leader, old_epoch) = platform.leader(Duration::from_secs(10)).await;
     let since = db_now(&galera[1]);
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(traffic(http.clone(), base.clone(), stop.clone()));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let killed = Instant::now();
     docker(&["kill", &old_leader]);
-    let (new_leader, new_epoch) = leader(&platform, Duration::from_secs(30)).await;
+    let (new_leader, new_epoch) = platform.leader(Duration::from_secs(30)).await;
     let takeover = killed.elapsed();
     assert_ne!(new_leader, old_leader);
     assert!(new_epoch > old_epoch);
@@ -357,8 +271,8 @@ async fn ha_drills_on_galera_with_two_replicas() {
     let carol: Value = resp.json().await.unwrap();
     let carol_id = carol["id"].as_str().unwrap().to_owned();
     let carol_worker = carol["worker"].as_str().unwrap().to_owned();
-    let (leading, _) = leader(&platform, Duration::from_secs(10)).await;
-    let worker_container = format!("{PREFIX}{carol_worker}");
+    let (leading, _) = platform.leader(Duration::from_secs(10)).await;
+    let worker_container = platform.worker(&carol_worker);
     let killed = Instant::now();
     docker_at_once(&[&["kill", &leading], &["kill", &worker_container]]);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -385,14 +299,14 @@ async fn ha_drills_on_galera_with_two_replicas() {
     .await;
 
     // 4. The leader paused for longer than the lease.
-    let (paused, paused_epoch) = leader(&platform, Duration::from_secs(10)).await;
+    let (paused, paused_epoch) = platform.leader(Duration::from_secs(10)).await;
     let paused_holder = sql(
         &galera[1],
         "SELECT holder FROM leases WHERE name = 'loops'",
     );
     docker(&["pause", &paused]);
     let frozen = Instant::now();
-    let (other, other_epoch) = leader(&platform, Duration::from_secs(30)).await;
+    let (other, other_epoch) = platform.leader(Duration::from_secs(30)).await;
     let taken_over = frozen.elapsed();
     assert_ne!(other, paused);
     assert_eq!(other_epoch, paused_epoch + 1);
@@ -454,7 +368,7 @@ async fn ha_drills_on_galera_with_two_replicas() {
 
     // 5. Kill the Galera node that takes the writes, under rents.
     let survivor_probe = galera[0].clone();
-    let written = writer(&platform, &survivor_probe);
+    let written = platform.galera_writer(&survivor_probe);
     let survivor = galera.iter().find(|n| **n != written).unwrap().clone();
     let rentals_before: Vec<String> = sql(&survivor, "SELECT id FROM rentals")
         .lines()
@@ -489,10 +403,7 @@ async fn ha_drills_on_galera_with_two_replicas() {
     );
     // Back: it rejoins by itself (IST, or SST if it missed too much) and has everything.
     docker(&["start", &written]);
-    wait_for("the Galera node to rejoin, synced", Duration::from_secs(180), || async {
-        docker(&["inspect", "-f", "{{.State.Health.Status}}", &written]) == "healthy"
-    })
-    .await;
+    platform.healthy(&written, Duration::from_secs(180)).await;
     assert_eq!(
         sql(&written, "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'wsrep_cluster_size'"),
         "3"

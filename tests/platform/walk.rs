@@ -6,17 +6,18 @@
 //! It runs its own platform (project `orion-e2e`, its own ports and worker names), so
 //! it never touches a platform a developer has running.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use orion::ssh::Auth;
-use orion::testkit::{docker, free_port, free_port_block, tenant_key, tenant_ssh_client, whoami};
+use orion::testkit::platform::Platform;
+use orion::testkit::{docker, tenant_key, tenant_ssh_client, whoami};
 use serde_json::{Value, json};
 
-use crate::{Platform, wait_for};
+use crate::wait_for;
 
 const PROJECT: &str = "orion-e2e";
-const PREFIX: &str = "orion-e2e-";
 
 async fn tenant_login(
     port: u16,
@@ -35,22 +36,8 @@ async fn tenant_login(
 
 #[tokio::test]
 async fn the_readme_walk_through_caddy_over_https() {
-    let https_port = free_port();
-    let worker_base = free_port_block(3);
-    // The gateway's 4 ports, in the same free block of 50 as the workers' (base + 1..=3).
-    let gateway = worker_base + 11;
-    let platform = Platform {
-        project: PROJECT,
-        https_port,
-        env: vec![
-            ("ORION_PROJECT", PROJECT.into()),
-            ("ORION_HTTPS_PORT", https_port.to_string()),
-            ("ORION_WORKER_PREFIX", PREFIX.into()),
-            ("ORION_WORKER_BASE_PORT", worker_base.to_string()),
-            ("ORION_GATEWAY_PORTS", format!("{gateway}-{}", gateway + 3)),
-            ("ORION_BINARY", env!("CARGO_BIN_EXE_orion").into()),
-        ],
-    };
+    let platform = Platform::new(PROJECT, 3, Path::new(env!("CARGO_BIN_EXE_orion")));
+    let gateway = *platform.gateway.start();
     // A previous run killed mid-way may have left its platform: start clean.
     platform.script(&["down", "--volumes"]);
     assert!(
@@ -90,7 +77,7 @@ async fn the_readme_walk_through_caddy_over_https() {
     let browser = reqwest::Client::builder()
         .add_root_certificate(
             reqwest::Certificate::from_pem(
-                &std::fs::read(platform.dir().join("caddy-root.crt")).unwrap(),
+                &platform.caddy_root(),
             )
             .unwrap(),
         )
@@ -133,7 +120,7 @@ async fn the_readme_walk_through_caddy_over_https() {
     // 429 with Orion's error and Retry-After, through Caddy.
     let junk = orion::testkit::client_with_token_and_ca(
         "orn_junkjunkjunkjunkjunkjunkjunkjunk",
-        &std::fs::read(platform.dir().join("caddy-root.crt")).unwrap(),
+        &platform.caddy_root(),
     );
     let answers =
         futures::future::join_all((0..60).map(|_| junk.get(format!("{base}/api/rentals")).send()))
@@ -181,7 +168,7 @@ async fn the_readme_walk_through_caddy_over_https() {
     let page = reqwest::Client::builder()
         .add_root_certificate(
             reqwest::Certificate::from_pem(
-                &std::fs::read(platform.dir().join("caddy-root.crt")).unwrap(),
+                &platform.caddy_root(),
             )
             .unwrap(),
         )
@@ -200,7 +187,7 @@ async fn the_readme_walk_through_caddy_over_https() {
     );
 
     // The drill: docker stop the rented worker; the rental moves; the same key works.
-    docker(&["stop", &format!("{PREFIX}{first}")]);
+    docker(&["stop", &platform.worker(&first)]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let moved = loop {
         if let Ok(resp) = http.get(format!("{base}/api/rentals/{id}")).send().await
@@ -322,7 +309,7 @@ async fn apps_through_caddy(platform: &Platform, http: &reqwest::Client, base: &
     let by_host = reqwest::Client::builder()
         .add_root_certificate(
             reqwest::Certificate::from_pem(
-                &std::fs::read(platform.dir().join("caddy-root.crt")).unwrap(),
+                &platform.caddy_root(),
             )
             .unwrap(),
         )

@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use orion::testkit::{docker, free_port};
+use orion::testkit::docker;
 use serde_json::{Value, json};
 
-use crate::caddy::{PROJECT, Platform, https_client, wait_all_alive};
+use crate::caddy::{PROJECT, platform, script, wait_all_alive};
 
 const WORKERS: u16 = 3;
 
@@ -21,12 +21,11 @@ struct Tally {
 }
 
 pub async fn run(rate: u32, seconds: u64) -> anyhow::Result<()> {
-    let https_port = free_port();
-    let platform = Platform::new(https_port, WORKERS)?;
-    platform.script(&["down", "--volumes"], &[])?;
-    platform.script(&["up", &WORKERS.to_string()], &[])?;
-    let http = https_client()?;
-    let base = format!("https://localhost:{https_port}");
+    let platform = platform(WORKERS)?;
+    script(&platform, &["down", "--volumes"], &[])?;
+    script(&platform, &["up", &WORKERS.to_string()], &[])?;
+    let http = platform.client();
+    let base = platform.base();
     wait_all_alive(&http, &base, WORKERS as usize).await?;
     println!(
         "app behind Caddy under load: {rate} requests/s for {seconds} s, 2 replicas, \
@@ -81,7 +80,7 @@ pub async fn run(rate: u32, seconds: u64) -> anyhow::Result<()> {
                 .and_then(|i| i["worker"].as_str())
                 .context("no running instance to stop the worker of")?
                 .to_owned();
-            worker_stopped = format!("{PROJECT}-{worker}");
+            worker_stopped = platform.worker(&worker);
             docker(&["stop", &worker_stopped]);
             stopped = Some(at);
         }

@@ -18,6 +18,7 @@ mod continuity;
 mod fleet;
 mod flood;
 mod footprint;
+mod ha;
 mod leader;
 mod probe;
 mod rents;
@@ -92,6 +93,20 @@ enum Bench {
     Leader {
         #[arg(long, default_value_t = 10)]
         runs: usize,
+    },
+    /// The control plane without a single box (compose platforms): rent latency and
+    /// throughput on one MariaDB with one replica, on Galera with one and with two; then
+    /// N runs each of the leader killed, the leader and a rented worker killed together,
+    /// and the Galera node taking the writes killed (and started again).
+    Ha {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Sequential rents timed per configuration.
+        #[arg(long, default_value_t = 30)]
+        rents: usize,
+        /// How long the throughput load lasts per configuration.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
     },
     /// Rent latency, native executor against Ansible on the same workers in the same run:
     /// `POST /api/rent` until an SSH login with the rented key works, then release.
@@ -168,6 +183,11 @@ fn main() -> anyhow::Result<()> {
                 interval,
             } => continuity::run(runs, workers, home_mb, transfer_mb, interval).await,
             Bench::Leader { runs } => leader::run(runs).await,
+            Bench::Ha {
+                runs,
+                rents,
+                seconds,
+            } => ha::run(runs, rents, seconds).await,
             Bench::AppsCaddy { rate, seconds } => apps_caddy::run(rate, seconds).await,
             Bench::RentCaddy { runs } => caddy::run(runs).await,
             Bench::Flood { runs, flood } => flood::run(runs, flood).await,

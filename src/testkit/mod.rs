@@ -830,3 +830,4 @@ pub fn tenant_key() -> (Arc<PrivateKey>, String) {
     let public = crate::ssh::host_key_line(key.public_key());
     (Arc::new(key), public)
 }
+pub mod platform;

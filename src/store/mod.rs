@@ -62,7 +62,9 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Query(sqlx::Error),
     /// Another `orion` process held the schema migration lock for a whole minute.
-    #[error("timed out waiting for another orion process's schema migration (table orion_schema_lock)")]
+    #[error(
+        "timed out waiting for another orion process's schema migration (table orion_schema_lock)"
+    )]
     MigrationLockTimeout,
     #[error("schema migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -135,7 +135,11 @@ impl Platform {
     pub async fn free_workers(&self, http: &reqwest::Client, n: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let free = match http.get(format!("{}/api/workers", self.base())).send().await {
+            let free = match http
+                .get(format!("{}/api/workers", self.base()))
+                .send()
+                .await
+            {
                 Ok(r) => r.json::<Value>().await.ok().and_then(|v| {
                     Some(
                         v["workers"]

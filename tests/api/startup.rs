@@ -81,3 +81,63 @@ async fn the_inventory_is_synced_and_removed_workers_are_retired() {
         .unwrap();
     assert_eq!(summary.probed, 1, "retired workers are not probed");
 }
+
+/// Replicas starting together on a fresh database: the schema is applied once, by one of
+/// them, under the lock row (which holds across Galera nodes, as `GET_LOCK` would not),
+/// and every one of them then finds it whole. A lock whose holder died is taken over once
+/// it expires; one that is held makes the others wait.
+#[tokio::test]
+async fn replicas_migrating_at_once_apply_the_schema_once_under_the_lock_row() {
+    use std::time::Duration;
+
+    use orion::store::Store;
+
+    let database = create_database().await;
+    let stores: Vec<Store> = (0..4)
+        .map(|_| Store::connect_lazy(&database, 4, Duration::from_secs(10)).unwrap())
+        .collect();
+    let results = futures::future::join_all(stores.iter().map(|s| s.migrate())).await;
+    for r in &results {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let pool = stores[0].pool();
+    let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .unwrap()
+        .count() as i64;
+    assert_eq!(applied, files, "every migration recorded once");
+    let (holder, expires): (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT holder, CAST(expires_at AS CHAR) FROM orion_schema_lock")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!((holder, expires), (None, None), "the lock is let go");
+
+    // A process died holding the lock, which expired: the next start takes it over.
+    sqlx::query(
+        "UPDATE orion_schema_lock SET holder = 'dead', \
+         expires_at = NOW(3) - INTERVAL 1 SECOND",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    stores[1].migrate().await.unwrap();
+    // One holds it now: another start waits rather than migrating beside it.
+    sqlx::query(
+        "UPDATE orion_schema_lock SET holder = 'alive', \
+         expires_at = NOW(3) + INTERVAL 2 SECOND",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    stores[2].migrate().await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "waited for the holder's lock to expire ({:?})",
+        started.elapsed()
+    );
+}

@@ -22,8 +22,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use orion::testkit::docker;
+use orion::ssh::Auth;
 use orion::testkit::platform::{Platform, galera_sql as sql, replica_health as health};
+use orion::testkit::{docker, tenant_key, tenant_ssh_client, whoami};
 use serde_json::{Value, json};
 
 use crate::wait_for;
@@ -71,12 +72,16 @@ async fn rent_with_key(http: &reqwest::Client, base: &str, key: &str) -> (String
 }
 
 async fn release(http: &reqwest::Client, base: &str, id: &str) {
-    wait_for(&format!("release of {id}"), Duration::from_secs(60), || async {
-        http.delete(format!("{base}/api/rentals/{id}"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-    })
+    wait_for(
+        &format!("release of {id}"),
+        Duration::from_secs(60),
+        || async {
+            http.delete(format!("{base}/api/rentals/{id}"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        },
+    )
     .await;
 }
 
@@ -171,7 +176,10 @@ async fn ha_drills_on_galera_with_two_replicas() {
     );
     platform.script(&["down", "--volumes"]);
     assert!(
-        platform.script_with(&["up", "--ha", &WORKERS.to_string()], &[("ORION_REPLICAS", "2")]),
+        platform.script_with(
+            &["up", "--ha", &WORKERS.to_string()],
+            &[("ORION_REPLICAS", "2")]
+        ),
         "scripts/platform.sh up --ha failed"
     );
     let http = platform.client();
@@ -182,12 +190,17 @@ async fn ha_drills_on_galera_with_two_replicas() {
         .collect();
     for node in &galera {
         assert_eq!(
-            sql(node, "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'wsrep_cluster_size'"),
+            sql(
+                node,
+                "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'wsrep_cluster_size'"
+            ),
             "3"
         );
     }
     platform.leader(Duration::from_secs(60)).await;
-    platform.free_workers(&http, WORKERS, Duration::from_secs(120)).await;
+    platform
+        .free_workers(&http, WORKERS, Duration::from_secs(120))
+        .await;
 
     // 1. 200 concurrent rents over the replicas: exactly one per free worker.
     let started = Instant::now();
@@ -228,7 +241,9 @@ async fn ha_drills_on_galera_with_two_replicas() {
     for body in &made {
         release(&http, &base, body["id"].as_str().unwrap()).await;
     }
-    platform.free_workers(&http, WORKERS, Duration::from_secs(120)).await;
+    platform
+        .free_workers(&http, WORKERS, Duration::from_secs(120))
+        .await;
 
     // 2. Kill the leading replica while rents go on through Caddy.
     let (old_leader, old_epoch) = platform.leader(Duration::from_secs(10)).await;
@@ -252,18 +267,23 @@ async fn ha_drills_on_galera_with_two_replicas() {
         seen.rents.len(),
         seen.failed()
     );
-    let resumed = seen.resumed_after(killed).expect("rents succeed after the kill");
+    let resumed = seen
+        .resumed_after(killed)
+        .expect("rents succeed after the kill");
     println!("drill 2: the first rent asked after the kill was made {resumed:?} after it");
     docker(&["start", &old_leader]);
-    wait_for("the killed replica to answer again", Duration::from_secs(60), || async {
-        health(&old_leader).is_some()
-    })
+    wait_for(
+        "the killed replica to answer again",
+        Duration::from_secs(60),
+        || async { health(&old_leader).is_some() },
+    )
     .await;
 
     // 3. The leader and a rented worker die at the same moment.
+    let (key, public) = tenant_key();
     let resp = http
         .post(format!("{base}/api/rent"))
-        .json(&json!({"username": "carol"}))
+        .json(&json!({"username": "carol", "ssh_public_key": public}))
         .send()
         .await
         .unwrap();
@@ -277,7 +297,10 @@ async fn ha_drills_on_galera_with_two_replicas() {
     docker_at_once(&[&["kill", &leading], &["kill", &worker_container]]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let moved = loop {
-        if let Ok(r) = http.get(format!("{base}/api/rentals/{carol_id}")).send().await
+        if let Ok(r) = http
+            .get(format!("{base}/api/rentals/{carol_id}"))
+            .send()
+            .await
             && let Ok(v) = r.json::<Value>().await
             && v["status"] == "active"
             && v["worker"] != carol_worker.as_str()
@@ -291,19 +314,31 @@ async fn ha_drills_on_galera_with_two_replicas() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     println!("drill 3: leader and worker killed together, rental active elsewhere after {moved:?}");
+    // The tenant's endpoint, through HAProxy to a replica's gateway, leads to the new
+    // worker.
+    let endpoint = carol["endpoint"]["port"].as_u64().unwrap() as u16;
+    assert!(platform.gateway.contains(&endpoint), "{carol}");
+    let login = whoami(
+        &tenant_ssh_client(),
+        "localhost",
+        endpoint,
+        "carol",
+        Auth::Key(key),
+    )
+    .await;
+    assert_eq!(login.as_deref(), Ok("carol"));
     docker(&["start", &leading]);
     docker(&["start", &worker_container]);
-    wait_for("the replica to answer again", Duration::from_secs(60), || async {
-        health(&leading).is_some()
-    })
+    wait_for(
+        "the replica to answer again",
+        Duration::from_secs(60),
+        || async { health(&leading).is_some() },
+    )
     .await;
 
     // 4. The leader paused for longer than the lease.
     let (paused, paused_epoch) = platform.leader(Duration::from_secs(10)).await;
-    let paused_holder = sql(
-        &galera[1],
-        "SELECT holder FROM leases WHERE name = 'loops'",
-    );
+    let paused_holder = sql(&galera[1], "SELECT holder FROM leases WHERE name = 'loops'");
     docker(&["pause", &paused]);
     let frozen = Instant::now();
     let (other, other_epoch) = platform.leader(Duration::from_secs(30)).await;
@@ -349,7 +384,9 @@ async fn ha_drills_on_galera_with_two_replicas() {
         .skip_while(|l| !l.contains(&format!("(epoch {other_epoch})")))
         .collect();
     assert!(
-        after.first().is_some_and(|l| l.starts_with("leader.acquired")),
+        after
+            .first()
+            .is_some_and(|l| l.starts_with("leader.acquired")),
         "{events}"
     );
     assert!(
@@ -364,7 +401,9 @@ async fn ha_drills_on_galera_with_two_replicas() {
             .any(|l| l.starts_with("leader.acquired") && l.contains(&paused_holder)),
         "{events}"
     );
-    println!("drill 4: leader paused; another leads after {taken_over:?}; its old epoch is refused");
+    println!(
+        "drill 4: leader paused; another leads after {taken_over:?}; its old epoch is refused"
+    );
 
     // 5. Kill the Galera node that takes the writes, under rents.
     let survivor_probe = galera[0].clone();
@@ -389,7 +428,10 @@ async fn ha_drills_on_galera_with_two_replicas() {
         .lines()
         .map(str::to_owned)
         .collect();
-    for id in rentals_before.iter().chain(seen.rents.iter().map(|r| &r.id)) {
+    for id in rentals_before
+        .iter()
+        .chain(seen.rents.iter().map(|r| &r.id))
+    {
         assert!(after.contains(id), "rental {id} was committed and is gone");
     }
     let resumed = seen
@@ -405,7 +447,10 @@ async fn ha_drills_on_galera_with_two_replicas() {
     docker(&["start", &written]);
     platform.healthy(&written, Duration::from_secs(180)).await;
     assert_eq!(
-        sql(&written, "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'wsrep_cluster_size'"),
+        sql(
+            &written,
+            "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'wsrep_cluster_size'"
+        ),
         "3"
     );
     let counts: HashMap<&String, String> = galera

@@ -75,12 +75,7 @@ async fn the_readme_walk_through_caddy_over_https() {
     // A page on another site posting a form with the dashboard's Basic login: refused,
     // with Orion's own status and error through Caddy.
     let browser = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(
-                &platform.caddy_root(),
-            )
-            .unwrap(),
-        )
+        .add_root_certificate(reqwest::Certificate::from_pem(&platform.caddy_root()).unwrap())
         .build()
         .unwrap();
     let resp = browser
@@ -166,12 +161,7 @@ async fn the_readme_walk_through_caddy_over_https() {
     // The dashboard, through Caddy: a browser's Basic login with the admin token.
     let token = platform.admin_token();
     let page = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(
-                &platform.caddy_root(),
-            )
-            .unwrap(),
-        )
+        .add_root_certificate(reqwest::Certificate::from_pem(&platform.caddy_root()).unwrap())
         .build()
         .unwrap()
         .get(format!("{base}/dashboard"))
@@ -307,12 +297,7 @@ async fn apps_through_caddy(platform: &Platform, http: &reqwest::Client, base: &
     let view: Value = resp.json().await.unwrap();
     assert_eq!(view["url"], "https://localhost/apps/walk/");
     let by_host = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(
-                &platform.caddy_root(),
-            )
-            .unwrap(),
-        )
+        .add_root_certificate(reqwest::Certificate::from_pem(&platform.caddy_root()).unwrap())
         .resolve(
             "walk.apps.localhost",
             std::net::SocketAddr::from(([127, 0, 0, 1], https_port)),

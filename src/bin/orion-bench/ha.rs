@@ -30,7 +30,10 @@ pub async fn run(runs: usize, rents: usize, seconds: u64) -> anyhow::Result<()> 
     );
     let mut loads = Vec::new();
     script(&platform, &["up", &WORKERS.to_string()], &[])?;
-    loads.push(("one MariaDB, 1 replica", load(&platform, rents, seconds).await?));
+    loads.push((
+        "one MariaDB, 1 replica",
+        load(&platform, rents, seconds).await?,
+    ));
     script(&platform, &["down", "--volumes"], &[])?;
     for replicas in ["1", "2"] {
         script(

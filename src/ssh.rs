@@ -131,6 +131,10 @@ pub struct SshClient {
     /// Authenticated connections kept open by watches, by worker name: provisioning opens
     /// a channel on one of these instead of paying a new handshake.
     shared: Arc<Mutex<HashMap<String, SharedConnection>>>,
+    /// Connections opened for commands to workers with no watch connection here (on a
+    /// replica that does not lead the loops, every worker), kept a while for the next
+    /// command, by worker name.
+    spare: Arc<Mutex<HashMap<String, Spare>>>,
     /// What each worker (by name) last proved to this client, and when.
     proven: Arc<Mutex<HashMap<String, Proven>>>,
     /// How often each probe depth is due ([`probe_policy::depth`]).
@@ -139,6 +143,20 @@ pub struct SshClient {
 
 /// A watch's authenticated connection and the host key it was verified with.
 type SharedConnection = (Arc<Handle<Verifier>>, PublicKey);
+
+/// A connection kept for the next command: its slot in the session bound, and when it
+/// last served.
+struct Spare {
+    handle: Arc<Handle<Verifier>>,
+    host_key: PublicKey,
+    used: Instant,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// How long a spare connection waits for its next command before it is let go (well
+/// under the connections' inactivity timeout), and how many are kept at most.
+const SPARE_IDLE: Duration = Duration::from_secs(30);
+const SPARE_MAX: usize = 64;
 
 /// Keepalive period of watch sessions unless [`SshClient::set_keepalive`] says otherwise.
 const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
@@ -239,6 +257,7 @@ impl SshClient {
             command_timeout,
             sessions: Arc::new(Semaphore::new(max_sessions)),
             shared: Arc::default(),
+            spare: Arc::default(),
             proven: Arc::default(),
             every: DepthEvery {
                 handshake: DEFAULT_HANDSHAKE_EVERY,
@@ -300,12 +319,69 @@ impl SshClient {
     }
 
     /// A session to run commands on `target`: a channel on the worker's watch connection
-    /// when one is open (no handshake to pay), else a new connection.
+    /// when one is open (no handshake to pay); else on the connection the last command
+    /// there opened, if it is recent; else a new connection, kept for the next one. A
+    /// replica that does not lead has no watch connection: its rents pay one handshake
+    /// per worker, not one each.
     pub async fn session(&self, target: &Target) -> Result<Session, SshError> {
-        match self.shared_session(target) {
-            Some(session) => Ok(session),
-            None => self.connect(target).await,
+        if let Some(session) = self.shared_session(target) {
+            return Ok(session);
         }
+        if let Some(session) = self.spare_session(target) {
+            return Ok(session);
+        }
+        let session = self.connect(target).await?;
+        Ok(self.keep_spare(target, session))
+    }
+
+    /// A channel on the spare connection to `target`, if it is live, recent and was
+    /// verified with the host key expected now.
+    fn spare_session(&self, target: &Target) -> Option<Session> {
+        let mut spare = self.spare.lock().expect("spare connections poisoned");
+        let kept = spare.get_mut(&target.name).filter(|s| {
+            !s.handle.is_closed()
+                && s.used.elapsed() < SPARE_IDLE
+                && target
+                    .host_key
+                    .as_ref()
+                    .is_none_or(|expected| expected.key_data() == s.host_key.key_data())
+        })?;
+        kept.used = Instant::now();
+        Some(Session {
+            handle: kept.handle.clone(),
+            addr: target.addr(),
+            host_key: kept.host_key.clone(),
+            command_timeout: self.command_timeout,
+            open_timeout: self.connect_timeout,
+            shared: true,
+            _permit: None,
+        })
+    }
+
+    /// Keeps `session`'s connection (and its slot) for the next command to `target`; the
+    /// session itself becomes a channel user of it, which closing does not disconnect.
+    fn keep_spare(&self, target: &Target, mut session: Session) -> Session {
+        let mut spare = self.spare.lock().expect("spare connections poisoned");
+        spare.retain(|_, s| !s.handle.is_closed() && s.used.elapsed() < SPARE_IDLE);
+        if spare.len() >= SPARE_MAX
+            && let Some(oldest) = spare
+                .iter()
+                .min_by_key(|(_, s)| s.used)
+                .map(|(name, _)| name.clone())
+        {
+            spare.remove(&oldest);
+        }
+        spare.insert(
+            target.name.clone(),
+            Spare {
+                handle: session.handle.clone(),
+                host_key: session.host_key.clone(),
+                used: Instant::now(),
+                _permit: session._permit.take(),
+            },
+        );
+        session.shared = true;
+        session
     }
 
     /// A channel on the worker's open watch connection, or nothing: never a connection
@@ -640,7 +716,8 @@ pub struct Session {
     command_timeout: Duration,
     /// Bound on opening a channel: a live server answers at once.
     open_timeout: Duration,
-    /// A channel on a watch's connection: closing the session must not close it.
+    /// A channel on a connection the client keeps (a watch's, or a spare one): closing
+    /// the session must not close it.
     shared: bool,
     _permit: Option<OwnedSemaphorePermit>,
 }

@@ -54,6 +54,12 @@ impl Leadership {
         &self.instance
     }
 
+    /// This process's holder name: its instance and a nonce of its start. What the lease,
+    /// the `replicas` table and the requests it runs name it by.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
     /// The epoch this process leads with, if it leads.
     pub fn epoch(&self) -> Option<u64> {
         Some(self.epoch.load(Ordering::SeqCst)).filter(|e| *e != 0)
@@ -167,6 +173,13 @@ pub async fn run(
     let mut renewed = tokio::time::Instant::now();
     loop {
         let started = tokio::time::Instant::now();
+        // Alive, leading or not: the requests this process runs are its own.
+        if let Err(e) = store
+            .heartbeat(&leadership.holder, leadership.instance())
+            .await
+        {
+            tracing::debug!(error = %e, "cannot say this process is alive");
+        }
         match try_lead(&store, &leadership, lease, renew_every).await {
             Some(true) => renewed = started,
             Some(false) => {}

@@ -101,6 +101,18 @@ innodb_flush_log_at_trx_commit = 2
 CNF
 chgrp mysql "$CNF"
 
+# A node that did not stop cleanly (crash, `docker kill`) does not know its position
+# (grastate.dat says seqno -1): without it, it would need the whole state again (SST).
+# InnoDB knows it: recover it, so that the node asks only for what it missed (IST).
+start_position=()
+if ((!new_cluster)) && [[ -d "$DATADIR/mysql" ]] && grep -qs '^seqno: *-1' "$DATADIR/grastate.dat"; then
+  log "not stopped cleanly: recovering this node's position"
+  if position=$(galera_recovery) && [[ -n "$position" ]]; then
+    log "recovered ${position#--wsrep[-_]start[-_]position=}"
+    start_position=("$position")
+  fi
+fi
+
 # HAProxy's health check: one clustercheck per connection to port 9200.
 socat TCP-LISTEN:9200,reuseaddr,fork EXEC:"/usr/local/bin/clustercheck --http" &
 
@@ -110,4 +122,4 @@ args=()
 exec mariadbd --user=mysql --datadir="$DATADIR" --socket=/run/mysqld/mysqld.sock \
   --bind-address=0.0.0.0 --port=3306 --skip-name-resolve \
   --character-set-server=utf8mb4 --collation-server=utf8mb4_unicode_ci \
-  --max-connections=500 "${args[@]}" "$@"
+  --max-connections=500 "${args[@]}" "${start_position[@]}" "$@"

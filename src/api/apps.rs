@@ -259,7 +259,10 @@ pub async fn create(
         // Recording an app is one short transaction: a minute covers any retry.
         let deadline = std::time::Duration::from_secs(60);
         if let super::idempotency::Begin::Replay(name) =
-            keyed.begin(&ctx, name.as_str(), deadline, made).await?
+            // Nothing is left half-made by a creation cut short: one transaction.
+            keyed
+                .begin(&ctx, name.as_str(), deadline, made, |_| async { Ok(true) })
+                .await?
         {
             let app = ctx
                 .store
@@ -291,7 +294,11 @@ pub async fn create(
         .map_err(ApiError::from);
     if let Some(keyed) = &keyed {
         keyed
-            .end(&ctx, created.as_ref().map(|a| a.name.as_str()))
+            .end(
+                &ctx,
+                name.as_str(),
+                created.as_ref().map(|a| a.name.as_str()),
+            )
             .await;
     }
     let app = created?;

@@ -8,8 +8,10 @@
 //! A key is the tenant's own (two tenants may use the same key), lives a day, and stands
 //! for one request: the same key with another body is refused (422). While the first
 //! request runs, a retry gets 409 and tries again later; if that request was cut short
-//! (its process died) and made nothing that lives, a retry after the request's deadline
-//! runs it again.
+//! and made nothing that lives, a retry runs it again — as soon as its process has
+//! stopped saying it is alive (`leader.lease` × 2 of silence in the `replicas` table), or
+//! after the request's deadline. What the cut-short request left half-made is ended
+//! first, so that it can never come to life beside the retry's.
 
 use std::future::Future;
 use std::time::Duration;
@@ -89,47 +91,66 @@ impl Keyed {
 
     /// Claims the key for a request that will make `resource`. `lives` says whether a
     /// resource a cut-short request left is alive (then the key stands for it);
-    /// `deadline` is how long the request can run.
-    pub async fn begin<F, Fut>(
+    /// `abandon` ends what such a request left half-made, so that it never comes to life
+    /// beside the retry's (false if it came to life meanwhile); `deadline` is how long the
+    /// request can run. A request is cut short when its process has stopped saying it is
+    /// alive, or when its deadline has passed.
+    pub async fn begin<L, LF, A, AF>(
         &self,
         ctx: &Context,
         resource: &str,
         deadline: Duration,
-        lives: F,
+        lives: L,
+        abandon: A,
     ) -> Result<Begin, ApiError>
     where
-        F: Fn(String) -> Fut,
-        Fut: Future<Output = Result<bool, ApiError>>,
+        L: Fn(String) -> LF,
+        LF: Future<Output = Result<bool, ApiError>>,
+        A: FnOnce(String) -> AF,
+        AF: Future<Output = Result<bool, ApiError>>,
     {
         let store = &ctx.store;
         let (tenant, route, key) = (&self.tenant, self.route, &self.key);
-        match store
-            .claim_idempotency_key(tenant, route, key, &self.hash, resource)
-            .await?
-        {
+        let holder = ctx.leader.holder();
+        let silent = ctx.config.leader.lease * 2;
+        let claim = store
+            .claim_idempotency_key(tenant, route, key, &self.hash, resource, holder, silent)
+            .await?;
+        match claim {
             KeyClaim::New => Ok(Begin::Run),
             KeyClaim::Done { resource_id } => Ok(Begin::Replay(resource_id)),
             KeyClaim::Mismatch => Err(ApiError::Invalid(InvalidInput::new(
                 "Idempotency-Key",
                 "was already used with a different request",
             ))),
-            KeyClaim::Running { resource_id, for_ } => {
-                if lives(resource_id.clone()).await? {
+            KeyClaim::Running {
+                resource_id,
+                for_,
+                orphaned,
+            } => {
+                let replay = |resource_id: String| async move {
                     // It did finish, but its process died before saying so.
                     store
-                        .finish_idempotency_key(tenant, route, key, &resource_id)
+                        .finish_idempotency_key(tenant, route, key, &resource_id, &resource_id)
                         .await?;
-                    return Ok(Begin::Replay(resource_id));
+                    Ok(Begin::Replay(resource_id))
+                };
+                if lives(resource_id.clone()).await? {
+                    return replay(resource_id).await;
                 }
-                if for_ < deadline {
+                if for_ < deadline && !orphaned {
                     return Err(ApiError::Conflict(
                         "a request with this Idempotency-Key is still running; try again later"
                             .into(),
                     ));
                 }
-                // Cut short, and it made nothing that lives: run it again.
+                // Cut short, and it made nothing that lives: what it left is ended, then
+                // it runs again.
+                if !abandon(resource_id.clone()).await? && lives(resource_id.clone()).await? {
+                    return replay(resource_id).await;
+                }
                 if store
-                    .retake_idempotency_key(tenant, route, key, &resource_id, resource)
+                    .retake_idempotency_key(tenant, route, key, &resource_id, resource, holder)
                     .await?
                 {
                     Ok(Begin::Run)
@@ -143,21 +164,26 @@ impl Keyed {
         }
     }
 
-    /// Records how the request ended: kept, standing for `made` (the rental's final id,
-    /// the app's name), if it succeeded; forgotten (a retry runs again) if it failed.
-    pub async fn end(&self, ctx: &Context, made: Result<&str, &ApiError>) {
+    /// Records how the request that began for `began` ended: kept, standing for `made`
+    /// (the rental's final id, the app's name), if it succeeded; forgotten (a retry runs
+    /// again) if it failed. Neither if a retry took the key over meanwhile.
+    pub async fn end(&self, ctx: &Context, began: &str, made: Result<&str, &ApiError>) {
         let store = &ctx.store;
         let (tenant, route, key) = (&self.tenant, self.route, &self.key);
         let recorded = match made {
             Ok(resource) => {
                 store
-                    .finish_idempotency_key(tenant, route, key, resource)
+                    .finish_idempotency_key(tenant, route, key, began, resource)
                     .await
             }
-            Err(_) => store.forget_idempotency_key(tenant, route, key).await,
+            Err(_) => {
+                store
+                    .forget_idempotency_key(tenant, route, key, began)
+                    .await
+            }
         };
         if let Err(e) = recorded {
-            // A key left running is retaken once the deadline passes.
+            // A key left running is retaken once its process is gone or its deadline passes.
             tracing::warn!(error = %e, "cannot record the end of an idempotent request");
         }
     }

@@ -334,16 +334,26 @@ async fn rent(
         // A rent cut short is failed by the loops after this long.
         let deadline = ctx.config.rent_deadline() + std::time::Duration::from_secs(30);
         let store = ctx.store.clone();
+        let lookup = store.clone();
         let made = |rental_id: String| {
-            let store = store.clone();
+            let store = lookup.clone();
             async move {
                 Ok(store.rental(&rental_id).await?.is_some_and(|r| {
                     !matches!(r.status, RentalStatus::Provisioning | RentalStatus::Failed)
                 }))
             }
         };
+        let abandon = |rental_id: String| async move {
+            Ok(store
+                .abandon_rent(
+                    &rental_id,
+                    "its request's process stopped; the rent runs again under its \
+                     Idempotency-Key",
+                )
+                .await?)
+        };
         if let idempotency::Begin::Replay(rental_id) =
-            keyed.begin(&ctx, &id, deadline, made).await?
+            keyed.begin(&ctx, &id, deadline, made, abandon).await?
         {
             let detail = ctx
                 .store
@@ -363,6 +373,7 @@ async fn rent(
                 .into_response());
         }
     }
+    let began = id.clone();
     let request = RentRequest {
         id: Some(id),
         tenant: caller.tenant().to_owned(),
@@ -385,7 +396,7 @@ async fn rent(
                         .await
                         .map_err(ApiError::from);
                     let made = rented.as_ref().map(|r| r.rental.rental.id.as_str());
-                    keyed.end(&in_task, made).await;
+                    keyed.end(&in_task, &began, made).await;
                     rented
                 })
                 .await

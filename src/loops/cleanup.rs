@@ -60,6 +60,10 @@ pub async fn cleanup_pass(ctx: &Context) -> anyhow::Result<CleanupSummary> {
         .purge_idempotency_keys(crate::api::IDEMPOTENCY_KEPT)
         .await
         .context("Failed to drop old idempotency keys")?;
+    ctx.store
+        .purge_replicas(crate::api::IDEMPOTENCY_KEPT)
+        .await
+        .context("Failed to forget the processes gone for a day")?;
     let mut certified = 0;
     if let Some(ca) = &ctx.host_ca {
         let until = chrono::Utc::now() + ctx.config.ssh.host_cert_validity / 4;

@@ -12,7 +12,12 @@ pub enum KeyClaim {
     /// The same request already succeeded and made this.
     Done { resource_id: String },
     /// The same request is running, or was cut short (its process died), for this long.
-    Running { resource_id: String, for_: Duration },
+    /// `orphaned`: the process that runs it has stopped saying it is alive.
+    Running {
+        resource_id: String,
+        for_: Duration,
+        orphaned: bool,
+    },
     /// The key was used with another request.
     Mismatch,
 }
@@ -21,6 +26,7 @@ impl Store {
     /// Records `key` for a request (of `hash`) that will make `resource_id`, or says what
     /// the key already stands for. One statement wins a race between two replicas: the
     /// key's primary key.
+    #[allow(clippy::too_many_arguments)]
     pub async fn claim_idempotency_key(
         &self,
         tenant: &str,
@@ -28,39 +34,56 @@ impl Store {
         key: &str,
         hash: &str,
         resource_id: &str,
+        holder: &str,
+        silent: Duration,
     ) -> Result<KeyClaim, StoreError> {
         let inserted = self
             .write(
                 sqlx::query(
                     "INSERT IGNORE INTO idempotency_keys \
-             (tenant, route, idem_key, request_hash, resource_id, created_at) \
-             VALUES (?, ?, ?, ?, ?, UTC_TIMESTAMP(6))",
+             (tenant, route, idem_key, request_hash, resource_id, holder, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6))",
                 )
                 .bind(tenant)
                 .bind(route)
                 .bind(key)
                 .bind(hash)
-                .bind(resource_id),
+                .bind(resource_id)
+                .bind(holder),
             )
             .await?
             .rows_affected();
         if inserted == 1 {
             return Ok(KeyClaim::New);
         }
-        let row: Option<(String, String, bool, i64)> = sqlx::query_as(
-            "SELECT request_hash, resource_id, done_at IS NOT NULL, \
-             TIMESTAMPDIFF(MICROSECOND, created_at, UTC_TIMESTAMP(6)) \
-             FROM idempotency_keys WHERE tenant = ? AND route = ? AND idem_key = ?",
+        // Orphaned: its process is known and has not been seen for `silent` (a process
+        // never seen counts as gone too).
+        let row: Option<(String, String, bool, i64, bool)> = sqlx::query_as(
+            "SELECT k.request_hash, k.resource_id, k.done_at IS NOT NULL, \
+             TIMESTAMPDIFF(MICROSECOND, k.created_at, UTC_TIMESTAMP(6)), \
+             k.holder IS NOT NULL AND NOT EXISTS (SELECT 1 FROM replicas r \
+               WHERE r.holder = k.holder \
+               AND r.seen_at > UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND) \
+             FROM idempotency_keys k WHERE k.tenant = ? AND k.route = ? AND k.idem_key = ?",
         )
+        .bind(silent.as_micros() as u64)
         .bind(tenant)
         .bind(route)
         .bind(key)
         .fetch_optional(&self.pool)
         .await?;
-        let Some((stored_hash, resource_id, done, micros)) = row else {
+        let Some((stored_hash, resource_id, done, micros, orphaned)) = row else {
             // Purged between the two statements: the key is free again.
-            return Box::pin(self.claim_idempotency_key(tenant, route, key, hash, resource_id))
-                .await;
+            return Box::pin(self.claim_idempotency_key(
+                tenant,
+                route,
+                key,
+                hash,
+                resource_id,
+                holder,
+                silent,
+            ))
+            .await;
         };
         Ok(if stored_hash != hash {
             KeyClaim::Mismatch
@@ -70,54 +93,64 @@ impl Store {
             KeyClaim::Running {
                 resource_id,
                 for_: Duration::from_micros(micros.max(0) as u64),
+                orphaned,
             }
         })
     }
 
-    /// The request of `key` succeeded, making `resource_id` (a rent that had to try
-    /// another worker made its rental under another id than the one it began with).
+    /// The request of `key` that began for `began` succeeded, making `resource_id` (a
+    /// rent that had to try another worker made its rental under another id than the
+    /// one it began with). Nothing happens if another attempt took the key over.
     pub async fn finish_idempotency_key(
         &self,
         tenant: &str,
         route: &str,
         key: &str,
+        began: &str,
         resource_id: &str,
     ) -> Result<(), StoreError> {
         self.write(
             sqlx::query(
                 "UPDATE idempotency_keys SET done_at = UTC_TIMESTAMP(6), resource_id = ? \
-                 WHERE tenant = ? AND route = ? AND idem_key = ?",
+                 WHERE tenant = ? AND route = ? AND idem_key = ? AND resource_id = ?",
             )
             .bind(resource_id)
             .bind(tenant)
             .bind(route)
-            .bind(key),
+            .bind(key)
+            .bind(began),
         )
         .await?;
         Ok(())
     }
 
-    /// The request of `key` failed: the key is free for a retry.
+    /// The request of `key` that began for `began` failed: the key is free for a retry.
+    /// Nothing happens if another attempt took the key over meanwhile.
     pub async fn forget_idempotency_key(
         &self,
         tenant: &str,
         route: &str,
         key: &str,
+        began: &str,
     ) -> Result<(), StoreError> {
         self.write(
             sqlx::query(
-                "DELETE FROM idempotency_keys WHERE tenant = ? AND route = ? AND idem_key = ?",
+                "DELETE FROM idempotency_keys WHERE tenant = ? AND route = ? AND idem_key = ? \
+                 AND resource_id = ? AND done_at IS NULL",
             )
             .bind(tenant)
             .bind(route)
-            .bind(key),
+            .bind(key)
+            .bind(began),
         )
         .await?;
         Ok(())
     }
 
     /// A request of `key` was cut short (its process died) without making `old`: a new
-    /// attempt takes the key over for `new`. False if another attempt took it first.
+    /// attempt, run by `holder`, takes the key over for `new`. False if another attempt
+    /// took it first.
+    #[allow(clippy::too_many_arguments)]
     pub async fn retake_idempotency_key(
         &self,
         tenant: &str,
@@ -125,15 +158,18 @@ impl Store {
         key: &str,
         old: &str,
         new: &str,
+        holder: &str,
     ) -> Result<bool, StoreError> {
         Ok(self
             .write(
                 sqlx::query(
-                    "UPDATE idempotency_keys SET resource_id = ?, created_at = UTC_TIMESTAMP(6) \
+                    "UPDATE idempotency_keys SET resource_id = ?, holder = ?, \
+             created_at = UTC_TIMESTAMP(6) \
              WHERE tenant = ? AND route = ? AND idem_key = ? AND resource_id = ? \
              AND done_at IS NULL",
                 )
                 .bind(new)
+                .bind(holder)
                 .bind(tenant)
                 .bind(route)
                 .bind(key)
@@ -142,6 +178,34 @@ impl Store {
             .await?
             .rows_affected()
             == 1)
+    }
+
+    /// Says that the process `holder` (named `instance`) is alive; once a
+    /// `leader.renew_every`, by every process. Processes not seen for a day are forgotten.
+    pub async fn heartbeat(&self, holder: &str, instance: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO replicas (holder, instance, started_at, seen_at) \
+             VALUES (?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6)) \
+             ON DUPLICATE KEY UPDATE seen_at = UTC_TIMESTAMP(6)",
+        )
+        .bind(holder)
+        .bind(instance)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets the processes not seen for `age`. Returns how many.
+    pub async fn purge_replicas(&self, age: Duration) -> Result<u64, StoreError> {
+        Ok(self
+            .write(
+                sqlx::query(
+                    "DELETE FROM replicas WHERE seen_at < UTC_TIMESTAMP(6) - INTERVAL ? SECOND",
+                )
+                .bind(age.as_secs()),
+            )
+            .await?
+            .rows_affected())
     }
 
     /// Keys older than `age` go. Returns how many.

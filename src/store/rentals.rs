@@ -416,24 +416,41 @@ impl Store {
     ) -> Result<(), StoreError> {
         retry_on_conflict(|| async move {
             let mut tx = self.begin().await?;
-            sqlx::query(
-                "UPDATE rentals SET status = 'failed', worker_id = NULL, \
-                 updated_at = UTC_TIMESTAMP(6), ended_at = UTC_TIMESTAMP(6) WHERE id = ?",
-            )
-            .bind(rental_id)
-            .execute(&mut *tx)
-            .await?;
-            end_placement(&mut tx, rental_id, worker.id, account_removed).await?;
-            events::append_in(
-                &mut tx,
-                "rental.failed",
-                Some(&worker.name),
-                Some(rental_id),
-                reason,
-            )
-            .await?;
+            fail_in(&mut tx, rental_id, worker, account_removed, reason).await?;
             tx.commit().await?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Fails a rental still being provisioned by a request whose process stopped (a
+    /// client retries it under its Idempotency-Key): whatever it made can then never
+    /// become active beside the retry's. Its account, if any, is left for the cleanup
+    /// loop to remove. False if the rental is no longer provisioning (it became active
+    /// meanwhile, or was already ended).
+    pub async fn abandon_rent(&self, rental_id: &str, reason: &str) -> Result<bool, StoreError> {
+        retry_on_conflict(|| async move {
+            let mut tx = self.begin().await?;
+            let rental = fetch_rental_for_update(&mut tx, rental_id).await?;
+            let Some(RentalRecord {
+                status: RentalStatus::Provisioning,
+                worker_id: Some(worker_id),
+                ..
+            }) = rental
+            else {
+                tx.rollback().await?;
+                return Ok(rental.is_none());
+            };
+            let worker = sqlx::query_as::<_, Worker>(&format!(
+                "SELECT {} FROM workers WHERE id = ?",
+                super::workers::WORKER_COLUMNS
+            ))
+            .bind(worker_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            fail_in(&mut tx, rental_id, &worker, false, reason).await?;
+            tx.commit().await?;
+            Ok(true)
         })
         .await
     }
@@ -719,6 +736,33 @@ async fn fetch_rental(
     .bind(id)
     .fetch_optional(&mut **tx)
     .await
+}
+
+/// Ends a rental as failed, with its placement, and says why.
+async fn fail_in(
+    tx: &mut Transaction<'_, MySql>,
+    rental_id: &str,
+    worker: &Worker,
+    account_removed: bool,
+    reason: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE rentals SET status = 'failed', worker_id = NULL, \
+         updated_at = UTC_TIMESTAMP(6), ended_at = UTC_TIMESTAMP(6) WHERE id = ?",
+    )
+    .bind(rental_id)
+    .execute(&mut **tx)
+    .await?;
+    end_placement(tx, rental_id, worker.id, account_removed).await?;
+    events::append_in(
+        tx,
+        "rental.failed",
+        Some(&worker.name),
+        Some(rental_id),
+        reason,
+    )
+    .await?;
+    Ok(())
 }
 
 async fn fetch_rental_for_update(

@@ -185,6 +185,18 @@ impl Platform {
         }
     }
 
+    /// Waits until the orion replica in `container` answers again (after a start).
+    pub async fn replica_answers(&self, container: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while replica_health(container).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "replica {container} does not answer within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// The Galera node HAProxy sends Orion's SQL to now, asked through HAProxy from
     /// `through` with Orion's own account (its password passed by environment, never on
     /// a command line).

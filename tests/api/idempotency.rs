@@ -117,6 +117,79 @@ async fn a_key_whose_request_died_without_a_rental_runs_again_after_the_deadline
     assert_eq!(again["id"], body["id"]);
 }
 
+/// A replica died in the middle of a rent: it had claimed a worker and made the account,
+/// not yet recorded the activation. The client's retry does not wait out the rent's
+/// deadline: the process has stopped saying it is alive, so the retry ends what it left
+/// (which can then never become active) and rents again at once. A process that is
+/// alive keeps its key (409).
+#[tokio::test]
+async fn a_key_whose_process_stopped_runs_again_at_once_and_its_leftover_never_comes_alive() {
+    let app = spawn_app(2).await;
+    let body = json!({ "username": "vic" });
+    let (status, _, first) = rent_with_key(&app, "cut", body.clone()).await;
+    assert_eq!(status, 201, "{first}");
+    let first_id = first["id"].as_str().unwrap().to_owned();
+    // Back to what the dead process left: provisioning, the key running, its process
+    // known and alive a moment ago.
+    for statement in [
+        "UPDATE rentals SET status = 'provisioning' WHERE id = ?",
+        "UPDATE placements SET state = 'provisioning' WHERE rental_id = ?",
+        "UPDATE idempotency_keys SET done_at = NULL, holder = 'replica-b#0001' \
+         WHERE resource_id = ?",
+    ] {
+        sqlx::query(statement)
+            .bind(&first_id)
+            .execute(app.ctx.store.pool())
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO replicas (holder, instance, started_at, seen_at) \
+         VALUES ('replica-b#0001', 'replica-b', UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+    )
+    .execute(app.ctx.store.pool())
+    .await
+    .unwrap();
+    let (status, _, answer) = rent_with_key(&app, "cut", body.clone()).await;
+    assert_eq!(status, 409, "its process is alive: {answer}");
+
+    // It stops saying so.
+    sqlx::query("UPDATE replicas SET seen_at = seen_at - INTERVAL 1 MINUTE")
+        .execute(app.ctx.store.pool())
+        .await
+        .unwrap();
+    let (status, replayed, second) = rent_with_key(&app, "cut", body.clone()).await;
+    assert_eq!((status, replayed), (201, false), "{second}");
+    assert_ne!(second["id"], first["id"]);
+    let (status, replayed, again) = rent_with_key(&app, "cut", body).await;
+    assert_eq!((status, replayed), (201, true));
+    assert_eq!(again["id"], second["id"]);
+    // What it left is failed, and can never be activated by a process that was only
+    // paused and resumes.
+    let left = app.ctx.store.rental(&first_id).await.unwrap().unwrap();
+    assert_eq!(left.status, orion::model::RentalStatus::Failed);
+    let worker = app
+        .ctx
+        .store
+        .worker_by_name(first["worker"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !app.ctx
+            .store
+            .activate(&first_id, &worker, orion::model::RentalStatus::Provisioning)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM rentals WHERE status = 'active'")
+            .await,
+        1,
+        "one live rental for the key"
+    );
+}
+
 /// The hash the API keeps for a body (keys sorted, SHA-256).
 fn orion_request_hash(body: &[u8]) -> String {
     use sha2::{Digest, Sha256};

@@ -272,12 +272,9 @@ async fn ha_drills_on_galera_with_two_replicas() {
         .expect("rents succeed after the kill");
     println!("drill 2: the first rent asked after the kill was made {resumed:?} after it");
     docker(&["start", &old_leader]);
-    wait_for(
-        "the killed replica to answer again",
-        Duration::from_secs(60),
-        || async { health(&old_leader).is_some() },
-    )
-    .await;
+    platform
+        .replica_answers(&old_leader, Duration::from_secs(60))
+        .await;
 
     // 3. The leader and a rented worker die at the same moment.
     let (key, public) = tenant_key();
@@ -329,12 +326,9 @@ async fn ha_drills_on_galera_with_two_replicas() {
     assert_eq!(login.as_deref(), Ok("carol"));
     docker(&["start", &leading]);
     docker(&["start", &worker_container]);
-    wait_for(
-        "the replica to answer again",
-        Duration::from_secs(60),
-        || async { health(&leading).is_some() },
-    )
-    .await;
+    platform
+        .replica_answers(&leading, Duration::from_secs(60))
+        .await;
 
     // 4. The leader paused for longer than the lease.
     let (paused, paused_epoch) = platform.leader(Duration::from_secs(10)).await;

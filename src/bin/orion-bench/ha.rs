@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use orion::testkit::docker;
-use orion::testkit::platform::{Platform, replica_health};
+use orion::testkit::platform::Platform;
 use serde_json::{Value, json};
 
 use crate::caddy::{platform, script};
@@ -178,18 +178,6 @@ async fn release(http: &reqwest::Client, base: &str, id: &str) -> anyhow::Result
     Ok(())
 }
 
-/// Waits until the replica in `container` answers again after a start.
-async fn replica_back(container: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while replica_health(container).is_none() {
-        if Instant::now() > deadline {
-            bail!("replica {container} does not answer 60 s after its start");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(())
-}
-
 /// `docker kill` of the leading replica until another one leads.
 async fn kill_leader(platform: &Platform) -> anyhow::Result<Duration> {
     let (leader, epoch) = platform.leader(Duration::from_secs(30)).await;
@@ -201,7 +189,9 @@ async fn kill_leader(platform: &Platform) -> anyhow::Result<Duration> {
         bail!("no takeover: {next} leads with epoch {next_epoch} (was {epoch})");
     }
     docker(&["start", &leader]);
-    replica_back(&leader).await?;
+    platform
+        .replica_answers(&leader, Duration::from_secs(60))
+        .await;
     Ok(took)
 }
 
@@ -253,7 +243,9 @@ async fn kill_leader_and_worker(platform: &Platform) -> anyhow::Result<Duration>
     };
     docker(&["start", &leader]);
     docker(&["start", &worker]);
-    replica_back(&leader).await?;
+    platform
+        .replica_answers(&leader, Duration::from_secs(60))
+        .await;
     release(&http, &base, &id).await?;
     Ok(took)
 }

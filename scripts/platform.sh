@@ -57,9 +57,11 @@ compose() {
 # The container names of the orion replicas, as the compose tool names scaled services:
 # Caddy checks and balances over each one (static upstreams get active health checks).
 replica_upstreams() {
-  local n=$1 sep=_ i names=()
+  local n=$1 sep=_ i names=() name
   [[ "$(compose_cmd)" == "docker compose" ]] && sep=-
-  for ((i = 1; i <= n; i++)); do names+=("${project}${sep}orion${sep}$i:8080"); done
+  # As compose names projects: lower case, only letters, digits, - and _.
+  name=$(tr 'A-Z' 'a-z' <<<"$project" | tr -cd 'a-z0-9_-')
+  for ((i = 1; i <= n; i++)); do names+=("${name}${sep}orion${sep}$i:8080"); done
   echo "${names[*]}"
 }
 

@@ -174,11 +174,14 @@ pub async fn run(
     loop {
         let started = tokio::time::Instant::now();
         // Alive, leading or not: the requests this process runs are its own.
-        if let Err(e) = store
-            .heartbeat(&leadership.holder, leadership.instance())
-            .await
-        {
-            tracing::debug!(error = %e, "cannot say this process is alive");
+        // Bounded like the try below: a database that hangs must not hold the step-down.
+        let said = tokio::time::timeout(
+            renew_every / 2,
+            store.heartbeat(&leadership.holder, leadership.instance()),
+        )
+        .await;
+        if !matches!(said, Ok(Ok(()))) {
+            tracing::debug!("cannot say this process is alive");
         }
         match try_lead(&store, &leadership, lease, renew_every).await {
             Some(true) => renewed = started,

@@ -41,6 +41,9 @@ pub struct RentRequest {
     pub ttl: Option<std::time::Duration>,
     /// Most live rentals the tenant may hold (`None`: no limit).
     pub max_rentals: Option<u32>,
+    /// The request's `Idempotency-Key`, held by this process: the rental becomes active
+    /// only while it still is.
+    pub key: Option<crate::store::KeyHold>,
 }
 
 /// A rental just made.
@@ -179,7 +182,7 @@ async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Re
         new.id = uuid::Uuid::new_v4().to_string();
         tracing::info!(rental_id = %new.id, "trying another worker");
     };
-    activate_rent(&ctx, &record, &claim).await?;
+    activate_rent(&ctx, &record, &claim, request.key.as_ref()).await?;
     tracing::info!("rental active");
     // The rental is active: its view is read back through a blip rather than answering
     // an error for a rental that exists.
@@ -221,10 +224,11 @@ async fn activate_rent(
     ctx: &Context,
     record: &RentalRecord,
     claim: &Claim,
+    key: Option<&crate::store::KeyHold>,
 ) -> Result<(), RentError> {
     let activated = through_blip("record the activation", || {
         ctx.store
-            .activate(&record.id, &claim.worker, RentalStatus::Provisioning)
+            .activate(&record.id, &claim.worker, RentalStatus::Provisioning, key)
     })
     .await
     .inspect_err(|e| {

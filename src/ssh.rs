@@ -144,19 +144,20 @@ pub struct SshClient {
 /// A watch's authenticated connection and the host key it was verified with.
 type SharedConnection = (Arc<Handle<Verifier>>, PublicKey);
 
-/// A connection kept for the next command: its slot in the session bound, and when it
-/// last served.
+/// A connection kept for the next commands, and when it was made. It holds no slot in
+/// the session bound (it is idle between commands; each session on it is bounded by
+/// its caller), so that kept connections can never starve new ones.
 struct Spare {
     handle: Arc<Handle<Verifier>>,
     host_key: PublicKey,
-    used: Instant,
-    _permit: Option<OwnedSemaphorePermit>,
+    made: Instant,
 }
 
-/// How long a spare connection waits for its next command before it is let go (well
-/// under the connections' inactivity timeout), and how many are kept at most.
-const SPARE_IDLE: Duration = Duration::from_secs(30);
-const SPARE_MAX: usize = 64;
+/// How long a spare connection is used for (well under the connections' inactivity
+/// timeout): then the next command makes a new one, so that a connection that died
+/// unnoticed is not handed out for long. And how many are kept at most.
+const SPARE_LIFE: Duration = Duration::from_secs(30);
+const SPARE_MAX: usize = 16;
 
 /// Keepalive period of watch sessions unless [`SshClient::set_keepalive`] says otherwise.
 const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
@@ -337,16 +338,15 @@ impl SshClient {
     /// A channel on the spare connection to `target`, if it is live, recent and was
     /// verified with the host key expected now.
     fn spare_session(&self, target: &Target) -> Option<Session> {
-        let mut spare = self.spare.lock().expect("spare connections poisoned");
-        let kept = spare.get_mut(&target.name).filter(|s| {
+        let spare = self.spare.lock().expect("spare connections poisoned");
+        let kept = spare.get(&target.name).filter(|s| {
             !s.handle.is_closed()
-                && s.used.elapsed() < SPARE_IDLE
+                && s.made.elapsed() < SPARE_LIFE
                 && target
                     .host_key
                     .as_ref()
                     .is_none_or(|expected| expected.key_data() == s.host_key.key_data())
         })?;
-        kept.used = Instant::now();
         Some(Session {
             handle: kept.handle.clone(),
             addr: target.addr(),
@@ -358,15 +358,15 @@ impl SshClient {
         })
     }
 
-    /// Keeps `session`'s connection (and its slot) for the next command to `target`; the
-    /// session itself becomes a channel user of it, which closing does not disconnect.
+    /// Keeps `session`'s connection for the next commands to `target`; the session
+    /// itself becomes a channel user of it, which closing does not disconnect.
     fn keep_spare(&self, target: &Target, mut session: Session) -> Session {
         let mut spare = self.spare.lock().expect("spare connections poisoned");
-        spare.retain(|_, s| !s.handle.is_closed() && s.used.elapsed() < SPARE_IDLE);
+        spare.retain(|_, s| !s.handle.is_closed() && s.made.elapsed() < SPARE_LIFE);
         if spare.len() >= SPARE_MAX
             && let Some(oldest) = spare
                 .iter()
-                .min_by_key(|(_, s)| s.used)
+                .min_by_key(|(_, s)| s.made)
                 .map(|(name, _)| name.clone())
         {
             spare.remove(&oldest);
@@ -376,12 +376,20 @@ impl SshClient {
             Spare {
                 handle: session.handle.clone(),
                 host_key: session.host_key.clone(),
-                used: Instant::now(),
-                _permit: session._permit.take(),
+                made: Instant::now(),
             },
         );
+        session._permit = None;
         session.shared = true;
         session
+    }
+
+    /// Lets the spare connection to `target` go: a channel could not be opened on it.
+    pub fn forget_spare(&self, target: &Target) {
+        self.spare
+            .lock()
+            .expect("spare connections poisoned")
+            .remove(&target.name);
     }
 
     /// A channel on the worker's open watch connection, or nothing: never a connection

@@ -39,12 +39,24 @@ for m in "${members[@]}"; do
   [[ "${m%%:*}" == "$node" ]] || peers+=("${m%%:*}")
 done
 
-# Whether some other member's group communication port answers.
-peer_answers() {
-  local p
+# Whether some other member is synced in a primary component (its clustercheck on port
+# 9200 answers 200). A member merely listening on its group port may be looking for a
+# cluster itself: after a whole-cluster restart, every node but one does.
+peer_synced() {
+  local p status
   for p in "${peers[@]}"; do
-    timeout 1 bash -c "exec 3<>/dev/tcp/$p/4567" 2>/dev/null && return 0
+    status=$(timeout 2 bash -c \
+      "exec 3<>/dev/tcp/$p/9200 && printf 'GET / HTTP/1.0\r\n\r\n' >&3 && head -n1 <&3" \
+      2>/dev/null) || continue
+    [[ "$status" == *" 200 "* ]] && return 0
   done
+  return 1
+}
+
+# Waits up to $1 seconds for a synced member.
+wait_for_member() {
+  local _
+  for _ in $(seq "$1"); do peer_synced && return 0; sleep 1; done
   return 1
 }
 
@@ -53,7 +65,7 @@ mkdir -p "$DATADIR" && chown mysql:mysql "$DATADIR"
 
 new_cluster=0
 if [[ ! -d "$DATADIR/mysql" ]]; then
-  if [[ "${GALERA_BOOTSTRAP:-no}" == yes ]] && ! peer_answers; then
+  if [[ "${GALERA_BOOTSTRAP:-no}" == yes ]] && ! peer_synced; then
     log "first start of the bootstrap node: initialising, then starting a new cluster"
     init_sql=$(mktemp)
     chmod 600 "$init_sql"
@@ -66,15 +78,18 @@ if [[ ! -d "$DATADIR/mysql" ]]; then
     rm -f "$init_sql"
     new_cluster=1
   else
-    log "empty datadir: waiting for a member to join (the state comes by SST)"
-    for _ in $(seq 300); do peer_answers && break; sleep 1; done
-    peer_answers || die "no member of $cluster answered for 300 s"
+    log "empty datadir: waiting for a synced member to join (the state comes by SST)"
+    wait_for_member 300 || die "no member of $cluster was synced for 300 s"
   fi
-elif grep -qs '^safe_to_bootstrap: *1' "$DATADIR/grastate.dat" && ! peer_answers; then
-  log "this node left the cluster last and no member answers: starting the cluster again from it"
+elif grep -qs '^safe_to_bootstrap: *1' "$DATADIR/grastate.dat" && ! peer_synced; then
+  log "this node left the cluster last and no member is synced: starting the cluster again from it"
   new_cluster=1
 else
+  # After a whole-cluster stop, the node that left last starts the cluster again; the
+  # others wait for it. (After a crash of every node, none may: then they try to form
+  # the cluster again together from their saved view, pc.recovery.)
   log "joining $cluster"
+  wait_for_member 60 || log "no synced member after 60 s: joining anyway"
 fi
 
 # The configuration carries the state-transfer password: readable by root and mysql only.

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use super::error::ApiError;
 use crate::context::Context;
 use crate::model::InvalidInput;
-use crate::store::KeyClaim;
+use crate::store::{KeyClaim, KeyHold};
 
 /// The request header.
 pub const HEADER: &str = "idempotency-key";
@@ -80,6 +80,16 @@ pub fn request_hash(body: &[u8]) -> String {
 }
 
 impl Keyed {
+    /// The key as this process holds it while running the request.
+    pub fn hold(&self, ctx: &Context) -> KeyHold {
+        KeyHold {
+            tenant: self.tenant.clone(),
+            route: self.route,
+            key: self.key.clone(),
+            holder: ctx.leader.holder().to_owned(),
+        }
+    }
+
     pub fn new(tenant: &str, route: &'static str, key: String, body: &[u8]) -> Self {
         Self {
             tenant: tenant.to_owned(),

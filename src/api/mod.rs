@@ -374,7 +374,9 @@ async fn rent(
         }
     }
     let began = id.clone();
+    let key = keyed.as_ref().map(|k| k.hold(&ctx));
     let request = RentRequest {
+        key,
         id: Some(id),
         tenant: caller.tenant().to_owned(),
         username,

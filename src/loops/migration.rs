@@ -190,7 +190,7 @@ async fn migrate_inner(ctx: &Context, rental: RentalRecord) -> anyhow::Result<Ou
         Ok(()) => {
             let activated = ctx
                 .store
-                .activate(&rental.id, worker, RentalStatus::Migrating)
+                .activate(&rental.id, worker, RentalStatus::Migrating, None)
                 .await
                 .context("Failed to record a finished move")?;
             if !activated {

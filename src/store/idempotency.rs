@@ -4,6 +4,36 @@ use std::time::Duration;
 
 use super::{Store, StoreError};
 
+/// An `Idempotency-Key` held by the process running its request: what that request's
+/// activation checks, so that a request whose key was taken over by a retry (its
+/// process was thought gone) can never make a second live rental.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHold {
+    pub tenant: String,
+    pub route: &'static str,
+    pub key: String,
+    /// The process running the request (`Leadership::holder`).
+    pub holder: String,
+}
+
+/// Whether the process still holds `hold`'s key, locking the key's row until the end of
+/// `tx`: a retry cannot take it over between this check and the commit.
+pub(super) async fn still_held(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    hold: &KeyHold,
+) -> Result<bool, StoreError> {
+    let holder: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT holder FROM idempotency_keys WHERE tenant = ? AND route = ? AND idem_key = ? \
+         FOR UPDATE",
+    )
+    .bind(&hold.tenant)
+    .bind(hold.route)
+    .bind(&hold.key)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(holder.flatten().as_deref() == Some(hold.holder.as_str()))
+}
+
 /// What a key stands for when a request with it arrives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyClaim {

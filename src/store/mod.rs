@@ -23,7 +23,7 @@ use sqlx::{Connection, Executor};
 pub use apps::{AppChange, AppRecord, InstanceRecord, InstanceUpdate, NewApp};
 pub use endpoints::EndpointTarget;
 pub use events::Event;
-pub use idempotency::KeyClaim;
+pub use idempotency::{KeyClaim, KeyHold};
 pub use leases::{Fence, LOOPS, Lease};
 pub use placements::PlacementRecord;
 pub use rentals::{Claim, NewRental, RentalDetail, RentalRecord};
@@ -160,7 +160,9 @@ pub struct Store {
 /// process changes the schema at a time.
 /// How long a process waits for another's schema migration before giving up.
 const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(60);
-/// How long a migration lock lasts if its holder dies without letting it go.
+/// How long a migration lock lasts if its holder dies without letting it go. Orion's
+/// migrations take well under a second; one that could take longer is to be run alone
+/// (`orion migrate`) before the replicas start.
 const MIGRATION_LOCK_LEASE: Duration = Duration::from_secs(120);
 
 impl Store {
@@ -261,11 +263,17 @@ impl Store {
         let mut migrator = sqlx::migrate!("./migrations");
         migrator.set_locking(false);
         let result = migrator.run(&mut *conn).await;
-        sqlx::query("UPDATE orion_schema_lock SET holder = NULL, expires_at = NULL WHERE id = 1 AND holder = ?")
-            .bind(&holder)
-            .execute(&mut *conn)
-            .await?;
-        result.map_err(StoreError::from)
+        let released = sqlx::query(
+            "UPDATE orion_schema_lock SET holder = NULL, expires_at = NULL \
+             WHERE id = 1 AND holder = ?",
+        )
+        .bind(&holder)
+        .execute(&mut *conn)
+        .await;
+        // The migration's own failure says more than the release's.
+        result?;
+        released?;
+        Ok(())
     }
 
     /// True when a trivial query succeeds: the database is reachable and answering.

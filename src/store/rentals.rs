@@ -171,9 +171,18 @@ impl Store {
         rental_id: &str,
         worker: &Worker,
         from: RentalStatus,
+        key: Option<&super::KeyHold>,
     ) -> Result<bool, StoreError> {
         retry_on_conflict(|| async move {
             let mut tx = self.begin().await?;
+            // A keyed rent whose key a retry took over (its process was thought gone)
+            // does not come to life beside the retry's rental.
+            if let Some(hold) = key
+                && !super::idempotency::still_held(&mut tx, hold).await?
+            {
+                tx.rollback().await?;
+                return Ok(false);
+            }
             let updated = sqlx::query(
                 "UPDATE rentals SET status = 'active', updated_at = UTC_TIMESTAMP(6) \
                  WHERE id = ? AND status = ? AND worker_id = ?",

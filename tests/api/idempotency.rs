@@ -178,7 +178,12 @@ async fn a_key_whose_process_stopped_runs_again_at_once_and_its_leftover_never_c
     assert!(
         !app.ctx
             .store
-            .activate(&first_id, &worker, orion::model::RentalStatus::Provisioning)
+            .activate(
+                &first_id,
+                &worker,
+                orion::model::RentalStatus::Provisioning,
+                None
+            )
             .await
             .unwrap()
     );
@@ -187,6 +192,53 @@ async fn a_key_whose_process_stopped_runs_again_at_once_and_its_leftover_never_c
             .await,
         1,
         "one live rental for the key"
+    );
+    // Whatever rental the cut-short request was making (it may have moved on to another
+    // worker under another id), its activation needs the key, which the retry now holds.
+    let second_id = second["id"].as_str().unwrap();
+    sqlx::query("UPDATE rentals SET status = 'provisioning' WHERE id = ?")
+        .bind(second_id)
+        .execute(app.ctx.store.pool())
+        .await
+        .unwrap();
+    let second_worker = app
+        .ctx
+        .store
+        .worker_by_name(second["worker"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let hold = |holder: &str| orion::store::KeyHold {
+        tenant: "admin".into(),
+        route: "rent",
+        key: "cut".into(),
+        holder: holder.into(),
+    };
+    let provisioning = orion::model::RentalStatus::Provisioning;
+    let store = &app.ctx.store;
+    assert!(
+        !store
+            .activate(
+                second_id,
+                &second_worker,
+                provisioning,
+                Some(&hold("replica-b#0001"))
+            )
+            .await
+            .unwrap(),
+        "the process that lost the key cannot activate"
+    );
+    assert!(
+        store
+            .activate(
+                second_id,
+                &second_worker,
+                provisioning,
+                Some(&hold(app.ctx.leader.holder()))
+            )
+            .await
+            .unwrap(),
+        "the process that holds it can"
     );
 }
 

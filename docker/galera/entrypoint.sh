@@ -105,8 +105,11 @@ wsrep_sst_method = mariabackup
 wsrep_sst_auth = mariabackup:$GALERA_SST_PASSWORD
 # A member that stops answering is declared gone after 3 s (Galera's default is 5 s),
 # so that the survivors go on taking writes soon after a node dies. The write-set cache
-# lets a node that was away for a while catch up by IST rather than a full copy.
-wsrep_provider_options = "evs.suspect_timeout=PT3S; evs.inactive_timeout=PT6S; evs.inactive_check_period=PT0.5S; evs.keepalive_period=PT0.5S; gcache.size=256M"
+# lets a node that was away for a while catch up by IST rather than a full copy. It is
+# not recovered from disk at a start: a cache recovered after a whole-cluster stop can
+# lack the last write set, and an IST from it fails half-way; with an empty cache the
+# donor sends a full copy instead.
+wsrep_provider_options = "evs.suspect_timeout=PT3S; evs.inactive_timeout=PT6S; evs.inactive_check_period=PT0.5S; evs.keepalive_period=PT0.5S; gcache.size=256M; gcache.recover=no"
 # What Galera needs of every server: row-based replication, InnoDB, and interleaved
 # auto-increment locks.
 binlog_format = ROW

@@ -434,7 +434,6 @@ impl Executor {
             // The watch connection died unnoticed (the worker restarted a moment ago) and
             // the script never started: once more on a connection of its own.
             tracing::debug!(worker = %target.name, "watch connection unusable; reconnecting");
-            self.ssh.forget_spare(target);
             let fresh = self.ssh.connect(target).await.map_err(ssh_error)?;
             result = fresh.exec("sh -s", Some(script.as_bytes())).await;
             fresh.close().await;

@@ -134,7 +134,7 @@ pub struct SshClient {
     /// Connections opened for commands to workers with no watch connection here (on a
     /// replica that does not lead the loops, every worker), kept a while for the next
     /// command, by worker name.
-    spare: Arc<Mutex<HashMap<String, Spare>>>,
+    spare: Spares,
     /// What each worker (by name) last proved to this client, and when.
     proven: Arc<Mutex<HashMap<String, Proven>>>,
     /// How often each probe depth is due ([`probe_policy::depth`]).
@@ -152,6 +152,9 @@ struct Spare {
     host_key: PublicKey,
     made: Instant,
 }
+
+/// The spare connections by worker name.
+type Spares = Arc<Mutex<HashMap<String, Spare>>>;
 
 /// How long a spare connection is used for (well under the connections' inactivity
 /// timeout): then the next command makes a new one, so that a connection that died
@@ -347,15 +350,29 @@ impl SshClient {
                     .as_ref()
                     .is_none_or(|expected| expected.key_data() == s.host_key.key_data())
         })?;
-        Some(Session {
-            handle: kept.handle.clone(),
+        let mut session = self.on_kept(target, kept.handle.clone(), kept.host_key.clone());
+        session.spare = Some((self.spare.clone(), target.name.clone()));
+        Some(session)
+    }
+
+    /// A session on a connection this client keeps (a watch's or a spare one): closing
+    /// it leaves the connection open, and it holds no slot of its own.
+    fn on_kept(
+        &self,
+        target: &Target,
+        handle: Arc<Handle<Verifier>>,
+        host_key: PublicKey,
+    ) -> Session {
+        Session {
+            handle,
             addr: target.addr(),
-            host_key: kept.host_key.clone(),
+            host_key,
             command_timeout: self.command_timeout,
             open_timeout: self.connect_timeout,
             shared: true,
+            spare: None,
             _permit: None,
-        })
+        }
     }
 
     /// Keeps `session`'s connection for the next commands to `target`; the session
@@ -381,15 +398,8 @@ impl SshClient {
         );
         session._permit = None;
         session.shared = true;
+        session.spare = Some((self.spare.clone(), target.name.clone()));
         session
-    }
-
-    /// Lets the spare connection to `target` go: a channel could not be opened on it.
-    pub fn forget_spare(&self, target: &Target) {
-        self.spare
-            .lock()
-            .expect("spare connections poisoned")
-            .remove(&target.name);
     }
 
     /// A channel on the worker's open watch connection, or nothing: never a connection
@@ -415,15 +425,7 @@ impl SshClient {
                         .is_none_or(|expected| expected.key_data() == key.key_data())
             })
             .cloned();
-        shared.map(|(handle, host_key)| Session {
-            handle,
-            addr: target.addr(),
-            host_key,
-            command_timeout: self.command_timeout,
-            open_timeout: self.connect_timeout,
-            shared: true,
-            _permit: None,
-        })
+        shared.map(|(handle, host_key)| self.on_kept(target, handle, host_key))
     }
 
     /// How many workers have a live watch connection open.
@@ -486,6 +488,7 @@ impl SshClient {
             command_timeout: self.command_timeout,
             open_timeout: self.connect_timeout,
             shared: false,
+            spare: None,
             _permit: Some(permit),
         })
     }
@@ -727,6 +730,9 @@ pub struct Session {
     /// A channel on a connection the client keeps (a watch's, or a spare one): closing
     /// the session must not close it.
     shared: bool,
+    /// The spare map the connection is kept in, and under which worker: a connection on
+    /// which no channel opens is let go from it, whoever was using it.
+    spare: Option<(Spares, String)>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -794,14 +800,23 @@ impl Session {
             addr: self.addr.clone(),
             cause,
         };
-        match tokio::time::timeout(self.open_timeout, self.handle.channel_open_session()).await {
-            Ok(Ok(channel)) => Ok(channel),
-            Ok(Err(e)) => Err(not_opened(e.to_string())),
-            Err(_) => Err(not_opened(format!(
-                "no answer within {:?}",
-                self.open_timeout
-            ))),
+        let failed =
+            match tokio::time::timeout(self.open_timeout, self.handle.channel_open_session()).await
+            {
+                Ok(Ok(channel)) => return Ok(channel),
+                Ok(Err(e)) => not_opened(e.to_string()),
+                Err(_) => not_opened(format!("no answer within {:?}", self.open_timeout)),
+            };
+        if let Some((spare, name)) = &self.spare {
+            let mut spare = spare.lock().expect("spare connections poisoned");
+            if spare
+                .get(name)
+                .is_some_and(|s| Arc::ptr_eq(&s.handle, &self.handle))
+            {
+                spare.remove(name);
+            }
         }
+        Err(failed)
     }
 
     /// Starts `command` and returns its stdout as it comes, piece by piece

@@ -113,6 +113,34 @@ impl Store {
         .await
     }
 
+    /// Says that the process `holder` (named `instance`) is alive; once a
+    /// `leader.renew_every`, by every process. Processes not seen for a day are forgotten.
+    pub async fn heartbeat(&self, holder: &str, instance: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO replicas (holder, instance, started_at, seen_at) \
+             VALUES (?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6)) \
+             ON DUPLICATE KEY UPDATE seen_at = UTC_TIMESTAMP(6)",
+        )
+        .bind(holder)
+        .bind(instance)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets the processes not seen for `age`. Returns how many.
+    pub async fn purge_replicas(&self, age: Duration) -> Result<u64, StoreError> {
+        Ok(self
+            .write(
+                sqlx::query(
+                    "DELETE FROM replicas WHERE seen_at < UTC_TIMESTAMP(6) - INTERVAL ? SECOND",
+                )
+                .bind(age.as_secs()),
+            )
+            .await?
+            .rows_affected())
+    }
+
     /// Gives lease `name` up at once (a clean shutdown): another process takes it at its
     /// next try instead of waiting for it to expire.
     pub async fn release_lease(

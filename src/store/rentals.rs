@@ -450,13 +450,9 @@ impl Store {
                 tx.rollback().await?;
                 return Ok(rental.is_none());
             };
-            let worker = sqlx::query_as::<_, Worker>(&format!(
-                "SELECT {} FROM workers WHERE id = ?",
-                super::workers::WORKER_COLUMNS
-            ))
-            .bind(worker_id)
-            .fetch_one(&mut *tx)
-            .await?;
+            let worker = fetch_worker(&mut *tx, Some(worker_id))
+                .await?
+                .ok_or_else(|| StoreError::Invariant(format!("worker {worker_id} is gone")))?;
             fail_in(&mut tx, rental_id, &worker, false, reason).await?;
             tx.commit().await?;
             Ok(true)

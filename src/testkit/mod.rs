@@ -46,8 +46,32 @@ fn worker_image() -> String {
 }
 
 pub fn docker(args: &[&str]) -> String {
+    docker_with_env(args, &[])
+}
+
+/// Several `docker` commands started together (a leader and a worker killed at the same
+/// moment), each of which must succeed.
+pub fn docker_at_once(commands: &[&[&str]]) {
+    let children: Vec<_> = commands
+        .iter()
+        .map(|args| {
+            Command::new("docker")
+                .args(*args)
+                .spawn()
+                .expect("cannot run docker")
+        })
+        .collect();
+    for (mut child, args) in children.into_iter().zip(commands) {
+        assert!(child.wait().unwrap().success(), "docker {args:?} failed");
+    }
+}
+
+/// `docker` with `env` in its environment: what `docker exec -e NAME` passes on, so that a
+/// secret never stands on a command line.
+pub fn docker_with_env(args: &[&str], env: &[(&str, &str)]) -> String {
     let out = Command::new("docker")
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("cannot run docker");
     assert!(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{docker, free_port, free_port_block};
+use super::{docker, docker_with_env, free_port, free_port_block};
 
 pub struct Platform {
     pub project: String,
@@ -201,9 +201,9 @@ impl Platform {
     /// `through` with Orion's own account (its password passed by environment, never on
     /// a command line).
     pub fn galera_writer(&self, through: &str) -> String {
-        let out = Command::new("docker")
-            .env("MYSQL_PWD", self.env_value("ORION_DB_PASSWORD"))
-            .args([
+        let password = self.env_value("ORION_DB_PASSWORD");
+        let host = docker_with_env(
+            &[
                 "exec",
                 "-e",
                 "MYSQL_PWD",
@@ -215,15 +215,9 @@ impl Platform {
                 "-B",
                 "-e",
                 "SELECT @@hostname",
-            ])
-            .output()
-            .expect("cannot run docker");
-        assert!(
-            out.status.success(),
-            "asking the writer through HAProxy: {}",
-            String::from_utf8_lossy(&out.stderr)
+            ],
+            &[("MYSQL_PWD", &password)],
         );
-        let host = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         self.container(&host)
     }
 

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use orion::ssh::Auth;
 use orion::testkit::platform::{Platform, galera_sql as sql, replica_health as health};
-use orion::testkit::{docker, tenant_key, tenant_ssh_client, whoami};
+use orion::testkit::{docker, docker_at_once, tenant_key, tenant_ssh_client, whoami};
 use serde_json::{Value, json};
 
 use crate::wait_for;
@@ -34,6 +34,15 @@ const PROJECT: &str = "orion-ha-e2e";
 const WORKERS: usize = 4;
 /// The platform's lease (`leader.lease`, default 3 s).
 const LEASE: Duration = Duration::from_secs(3);
+
+/// How many nodes the Galera node `node` sees in its cluster.
+fn cluster_size(node: &str) -> String {
+    sql(
+        node,
+        "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS \
+         WHERE VARIABLE_NAME = 'wsrep_cluster_size'",
+    )
+}
 
 /// One rent through Caddy with an `Idempotency-Key`, retried with the same key until it
 /// is made: (rental id, attempts that failed, when the attempt that made it began).
@@ -171,16 +180,6 @@ fn db_now(node: &str) -> String {
     sql(node, "SELECT UTC_TIMESTAMP(6)")
 }
 
-fn docker_at_once(commands: &[&[&str]]) {
-    let children: Vec<_> = commands
-        .iter()
-        .map(|args| Command::new("docker").args(*args).spawn().unwrap())
-        .collect();
-    for mut c in children {
-        assert!(c.wait().unwrap().success());
-    }
-}
-
 #[tokio::test]
 async fn ha_drills_on_galera_with_two_replicas() {
     let platform = Platform::new(
@@ -203,13 +202,7 @@ async fn ha_drills_on_galera_with_two_replicas() {
         .map(|i| platform.container(&format!("galera-{i}")))
         .collect();
     for node in &galera {
-        assert_eq!(
-            sql(
-                node,
-                "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'wsrep_cluster_size'"
-            ),
-            "3"
-        );
+        assert_eq!(cluster_size(node), "3");
     }
     platform.leader(Duration::from_secs(60)).await;
     platform
@@ -483,13 +476,7 @@ async fn ha_drills_on_galera_with_two_replicas() {
     // Back: it rejoins by itself (IST, or SST if it missed too much) and has everything.
     docker(&["start", &written]);
     platform.healthy(&written, Duration::from_secs(180)).await;
-    assert_eq!(
-        sql(
-            &written,
-            "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'wsrep_cluster_size'"
-        ),
-        "3"
-    );
+    assert_eq!(cluster_size(&written), "3");
     let counts: HashMap<&String, String> = galera
         .iter()
         .map(|n| (n, sql(n, "SELECT COUNT(*) FROM rentals")))

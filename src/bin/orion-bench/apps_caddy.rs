@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use orion::testkit::docker;
 use serde_json::{Value, json};
 
-use crate::caddy::{PROJECT, platform, script, wait_all_alive};
+use crate::caddy::{PROJECT, platform, script};
 
 const WORKERS: u16 = 3;
 
@@ -26,7 +26,9 @@ pub async fn run(rate: u32, seconds: u64) -> anyhow::Result<()> {
     script(&platform, &["up", &WORKERS.to_string()], &[])?;
     let http = platform.client();
     let base = platform.base();
-    wait_all_alive(&http, &base, WORKERS as usize).await?;
+    platform
+        .free_workers(&http, WORKERS.into(), Duration::from_secs(120))
+        .await;
     println!(
         "app behind Caddy under load: {rate} requests/s for {seconds} s, 2 replicas, \
          {WORKERS} workers (docker-compose platform, HTTPS through Caddy)"

@@ -6,7 +6,7 @@
 //! It runs its own platform (project `orion-bench`, its own ports and worker names) and
 //! removes it at the end.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::bail;
 use orion::testkit::platform::Platform;
@@ -49,21 +49,12 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
             &[("ORION_EXECUTOR", executor)],
         )?;
         let http = platform.client();
-        wait_all_alive(&http, &base, WORKERS as usize).await?;
+        platform
+            .free_workers(&http, WORKERS.into(), Duration::from_secs(120))
+            .await;
         results.push(rents::run(&http, &base, runs, executor).await?);
     }
     println!();
     rents::compare(&results[0], &results[1]);
-    Ok(())
-}
-
-pub async fn wait_all_alive(http: &reqwest::Client, base: &str, n: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while crate::footprint::alive_workers(http, base).await.ok() != Some(n) {
-        if Instant::now() > deadline {
-            bail!("the platform's workers are not all alive after 120 s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     Ok(())
 }

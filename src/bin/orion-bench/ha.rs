@@ -12,8 +12,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use orion::testkit::docker;
 use orion::testkit::platform::Platform;
+use orion::testkit::{docker, docker_at_once};
 use serde_json::{Value, json};
 
 use crate::caddy::{platform, script};
@@ -217,17 +217,7 @@ async fn kill_leader_and_worker(platform: &Platform) -> anyhow::Result<Duration>
     let (leader, _) = platform.leader(Duration::from_secs(30)).await;
     let worker = platform.worker(&first);
     let killed = Instant::now();
-    let (a, b) = tokio::join!(
-        tokio::process::Command::new("docker")
-            .args(["kill", &leader])
-            .status(),
-        tokio::process::Command::new("docker")
-            .args(["kill", &worker])
-            .status()
-    );
-    if !a?.success() || !b?.success() {
-        bail!("docker kill failed");
-    }
+    docker_at_once(&[&["kill", &leader], &["kill", &worker]]);
     let took = loop {
         if let Ok(r) = http.get(format!("{base}/api/rentals/{id}")).send().await
             && let Ok(v) = r.json::<Value>().await

@@ -1,15 +1,26 @@
-//! The static inventory: the workers Orion may rent out, known in advance.
+//! The inventory: the workers Orion may rent out.
 //!
 //! One TOML file, `[[workers]]` tables with a name, the address Orion reaches the worker
-//! at, the address a client is told, a site and an optional pinned host key. It is read
-//! and validated once at start; any mistake stops `orion` with the file, line and field.
+//! at, the address a client is told, a site, labels and an optional pinned host key. It
+//! is validated as a whole; any mistake is reported with the file, line and field, and
+//! changes nothing. The file is applied at start (when it changed since it was last
+//! applied), on `SIGHUP` and by `orion inventory apply`; the admin API edits the same
+//! inventory one worker at a time ([`Inventory::with_worker`], [`Inventory::without`]).
+//! Every way ends in [`diff`]: what is added, changed, restored and retired.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use russh::keys::PublicKey;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
+
+use crate::model::InvalidInput;
+
+/// A worker's free-form `key = value` labels ("disk = ssd", "gpu = a100"): a rent may
+/// ask for some of them.
+pub type Labels = BTreeMap<String, String>;
 
 /// One worker as the rest of Orion sees it: validated, defaults applied.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +29,8 @@ pub struct WorkerSpec {
     pub name: String,
     /// Site (room, zone, data centre) the worker lives in.
     pub site: String,
+    /// Free-form labels a rent may ask for.
+    pub labels: Labels,
     /// Host Orion connects to over SSH (probes and provisioning).
     pub ssh_host: String,
     pub ssh_port: u16,
@@ -75,6 +88,7 @@ struct RawInventory {
 struct RawDefaults {
     site: Option<Spanned<String>>,
     public_host: Option<Spanned<String>>,
+    labels: Option<Spanned<Labels>>,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +100,7 @@ struct RawWorker {
     public_host: Option<Spanned<String>>,
     public_port: Option<Spanned<u16>>,
     site: Option<Spanned<String>>,
+    labels: Option<Spanned<Labels>>,
     host_key: Option<Spanned<String>>,
     app_host: Option<Spanned<String>>,
     instances_join: Option<Spanned<String>>,
@@ -120,8 +135,16 @@ impl Inventory {
 
         let default_site = raw.defaults.site.as_ref().map(|s| s.get_ref().clone());
         if let Some(site) = &raw.defaults.site {
-            check_label(site, "defaults.site").map_err(|m| at(site.span(), "defaults.site", m))?;
+            check_label(site.get_ref(), "defaults.site")
+                .map_err(|m| at(site.span(), "defaults.site", m))?;
         }
+        let default_labels = match &raw.defaults.labels {
+            Some(l) => {
+                check_labels(l.get_ref()).map_err(|m| at(l.span(), "defaults.labels", m))?;
+                l.get_ref().clone()
+            }
+            None => Labels::new(),
+        };
         let default_public_host = raw.defaults.public_host.as_ref();
         if let Some(host) = default_public_host {
             check_host(host.get_ref()).map_err(|m| at(host.span(), "defaults.public_host", m))?;
@@ -132,7 +155,8 @@ impl Inventory {
         let mut workers = Vec::with_capacity(raw.workers.len());
         for (i, w) in raw.workers.iter().enumerate() {
             let field = |f: &str| format!("workers[{i}].{f}");
-            check_label(&w.name, "name").map_err(|m| at(w.name.span(), &field("name"), m))?;
+            check_label(w.name.get_ref(), "name")
+                .map_err(|m| at(w.name.span(), &field("name"), m))?;
             let name = w.name.get_ref().clone();
             if let Some(first) = names.insert(name.clone(), line_of(text, w.name.span().start)) {
                 return Err(at(
@@ -171,7 +195,8 @@ impl Inventory {
             };
             let site = match &w.site {
                 Some(s) => {
-                    check_label(s, "site").map_err(|m| at(s.span(), &field("site"), m))?;
+                    check_label(s.get_ref(), "site")
+                        .map_err(|m| at(s.span(), &field("site"), m))?;
                     s.get_ref().clone()
                 }
                 None => default_site
@@ -184,16 +209,22 @@ impl Inventory {
                 ),
                 None => None,
             };
+            let mut labels = default_labels.clone();
+            if let Some(l) = &w.labels {
+                check_labels(l.get_ref()).map_err(|m| at(l.span(), &field("labels"), m))?;
+                labels.extend(l.get_ref().clone());
+            }
             if let Some(h) = &w.app_host {
                 check_host(h.get_ref()).map_err(|m| at(h.span(), &field("app_host"), m))?;
             }
             if let Some(j) = &w.instances_join {
-                check_label(j, "instances_join")
+                check_label(j.get_ref(), "instances_join")
                     .map_err(|m| at(j.span(), &field("instances_join"), m))?;
             }
             workers.push(WorkerSpec {
                 name,
                 site,
+                labels,
                 ssh_host: w.host.get_ref().clone(),
                 ssh_port: *w.port.get_ref(),
                 public_host,
@@ -207,14 +238,420 @@ impl Inventory {
     }
 }
 
+/// The fields of one worker as the admin API takes them (`POST` and `PATCH
+/// /api/workers/{name}`), with the inventory file's names and meanings. For a new worker
+/// `host` and `port` are required; a change sets the fields given and keeps the others.
+/// In a change, an empty `public_host`, `host_key`, `app_host` or `instances_join`
+/// removes it (the default applies again).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerFields {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Replaces the worker's labels as a whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Labels>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instances_join: Option<String>,
+}
+
+/// Whether [`Inventory::with_worker`] makes a worker or changes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edit {
+    Add,
+    Change,
+}
+
+/// Why an edit of the inventory through the API is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    #[error("worker `{0}` is already in the inventory")]
+    Exists(String),
+    #[error("no worker `{0}` in the inventory")]
+    Missing(String),
+}
+
+impl Inventory {
+    /// This inventory with worker `name` added or changed by `fields`, validated as
+    /// the file is.
+    pub fn with_worker(
+        &self,
+        name: &str,
+        fields: &WorkerFields,
+        edit: Edit,
+    ) -> Result<Inventory, EditError> {
+        let mut workers = self.workers.clone();
+        let at = workers.iter().position(|w| w.name == name);
+        let spec = match (edit, at) {
+            (Edit::Add, Some(_)) => return Err(EditError::Exists(name.to_owned())),
+            (Edit::Change, None) => return Err(EditError::Missing(name.to_owned())),
+            (Edit::Add, None) => {
+                check_label(name, "name").map_err(|m| InvalidInput::new("name", m))?;
+                let host = fields
+                    .host
+                    .clone()
+                    .ok_or_else(|| InvalidInput::new("host", "required for a new worker"))?;
+                let port = fields
+                    .port
+                    .ok_or_else(|| InvalidInput::new("port", "required for a new worker"))?;
+                WorkerSpec {
+                    name: name.to_owned(),
+                    site: DEFAULT_SITE.to_owned(),
+                    labels: Labels::new(),
+                    public_host: host.clone(),
+                    public_port: port,
+                    ssh_host: host,
+                    ssh_port: port,
+                    host_key: None,
+                    app_host: None,
+                    instances_join: None,
+                }
+            }
+            (Edit::Change, Some(i)) => workers[i].clone(),
+        };
+        let spec = spec.changed(fields)?;
+        match at {
+            Some(i) => workers[i] = spec,
+            None => workers.push(spec),
+        }
+        let inventory = Inventory { workers };
+        inventory.check_addresses()?;
+        Ok(inventory)
+    }
+
+    /// This inventory without worker `name`.
+    pub fn without(&self, name: &str) -> Result<Inventory, EditError> {
+        if !self.workers.iter().any(|w| w.name == name) {
+            return Err(EditError::Missing(name.to_owned()));
+        }
+        Ok(Inventory {
+            workers: self
+                .workers
+                .iter()
+                .filter(|w| w.name != name)
+                .cloned()
+                .collect(),
+        })
+    }
+
+    /// No two workers at one SSH address (names are unique by construction).
+    fn check_addresses(&self) -> Result<(), InvalidInput> {
+        let mut addresses: HashMap<(&str, u16), &str> = HashMap::new();
+        for w in &self.workers {
+            if let Some(other) = addresses.insert((&w.ssh_host, w.ssh_port), &w.name) {
+                return Err(InvalidInput::new(
+                    "port",
+                    format!(
+                        "{}:{} is already the address of worker `{other}`",
+                        w.ssh_host, w.ssh_port
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The inventory as a file [`Inventory::parse`] reads back the same: every field
+    /// written out, no defaults.
+    pub fn to_toml(&self) -> String {
+        #[derive(Serialize)]
+        struct File<'a> {
+            workers: Vec<FileWorker<'a>>,
+        }
+        #[derive(Serialize)]
+        struct FileWorker<'a> {
+            name: &'a str,
+            host: &'a str,
+            port: u16,
+            public_host: &'a str,
+            public_port: u16,
+            site: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            host_key: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            app_host: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            instances_join: Option<&'a str>,
+            // Last: a table, written after the plain values.
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            labels: &'a Labels,
+        }
+        let file = File {
+            workers: self
+                .workers
+                .iter()
+                .map(|w| FileWorker {
+                    name: &w.name,
+                    host: &w.ssh_host,
+                    port: w.ssh_port,
+                    public_host: &w.public_host,
+                    public_port: w.public_port,
+                    site: &w.site,
+                    host_key: w.host_key.as_deref(),
+                    app_host: w.app_host.as_deref(),
+                    instances_join: w.instances_join.as_deref(),
+                    labels: &w.labels,
+                })
+                .collect(),
+        };
+        let body = toml::to_string(&file).expect("an inventory is plain TOML");
+        format!(
+            "# Orion's inventory, exported from its database (`orion inventory export`).\n\
+             # Apply it with `orion inventory apply FILE` or load it at start.\n\n{body}"
+        )
+    }
+}
+
+impl WorkerSpec {
+    /// This worker with `fields` set, each checked as the file's.
+    fn changed(mut self, fields: &WorkerFields) -> Result<WorkerSpec, InvalidInput> {
+        let host_only =
+            |v: &str, field: &'static str| check_host(v).map_err(|m| InvalidInput::new(field, m));
+        let port_only = |p: u16, field: &'static str| {
+            if p == 0 {
+                Err(InvalidInput::new(field, "must be between 1 and 65535"))
+            } else {
+                Ok(p)
+            }
+        };
+        // The public address follows the SSH address unless it was set apart.
+        let public_follows = self.public_host == self.ssh_host && self.public_port == self.ssh_port;
+        if let Some(h) = &fields.host {
+            host_only(h, "host")?;
+            if public_follows {
+                self.public_host = h.clone();
+            }
+            self.ssh_host = h.clone();
+        }
+        if let Some(p) = fields.port {
+            self.ssh_port = port_only(p, "port")?;
+            if public_follows {
+                self.public_port = p;
+            }
+        }
+        match fields.public_host.as_deref() {
+            Some("") => self.public_host = self.ssh_host.clone(),
+            Some(h) => {
+                host_only(h, "public_host")?;
+                self.public_host = h.to_owned();
+            }
+            None => {}
+        }
+        if let Some(p) = fields.public_port {
+            self.public_port = port_only(p, "public_port")?;
+        }
+        if let Some(site) = &fields.site {
+            check_label(site, "site").map_err(|m| InvalidInput::new("site", m))?;
+            self.site = site.clone();
+        }
+        if let Some(labels) = &fields.labels {
+            check_labels(labels).map_err(|m| InvalidInput::new("labels", m))?;
+            self.labels = labels.clone();
+        }
+        match fields.host_key.as_deref() {
+            Some("") => self.host_key = None,
+            Some(k) => {
+                self.host_key =
+                    Some(check_host_key(k).map_err(|m| InvalidInput::new("host_key", m))?)
+            }
+            None => {}
+        }
+        match fields.app_host.as_deref() {
+            Some("") => self.app_host = None,
+            Some(h) => {
+                host_only(h, "app_host")?;
+                self.app_host = Some(h.to_owned());
+            }
+            None => {}
+        }
+        match fields.instances_join.as_deref() {
+            Some("") => self.instances_join = None,
+            Some(j) => {
+                check_label(j, "instances_join")
+                    .map_err(|m| InvalidInput::new("instances_join", m))?;
+                self.instances_join = Some(j.to_owned());
+            }
+            None => {}
+        }
+        Ok(self)
+    }
+}
+
+/// A worker as the database holds it, for [`diff`].
+#[derive(Debug, Clone)]
+pub struct Known {
+    pub spec: WorkerSpec,
+    pub retired: bool,
+    /// Held by a rental (serving it, or until its leftover account is removed).
+    pub occupied: bool,
+}
+
+/// One difference between the inventory Orion holds and one it is given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A worker Orion has never had.
+    Add(WorkerSpec),
+    /// A retired worker back in the inventory.
+    Restore(WorkerSpec),
+    Update {
+        from: WorkerSpec,
+        to: WorkerSpec,
+    },
+    /// Gone from the inventory: no new rental; a rental on it moves away first, the
+    /// worker stays until then (and in the history after).
+    Retire {
+        name: String,
+        occupied: bool,
+    },
+}
+
+impl Change {
+    pub fn worker(&self) -> &str {
+        match self {
+            Change::Add(s) | Change::Restore(s) => &s.name,
+            Change::Update { to, .. } => &to.name,
+            Change::Retire { name, .. } => name,
+        }
+    }
+}
+
+/// What applying `wanted` over `known` changes, in the order of `wanted` then retirements.
+pub fn diff(known: &[Known], wanted: &Inventory) -> Vec<Change> {
+    let mut changes = Vec::new();
+    for spec in &wanted.workers {
+        match known.iter().find(|k| k.spec.name == spec.name) {
+            None => changes.push(Change::Add(spec.clone())),
+            Some(k) if k.retired => changes.push(Change::Restore(spec.clone())),
+            Some(k) if k.spec != *spec => changes.push(Change::Update {
+                from: k.spec.clone(),
+                to: spec.clone(),
+            }),
+            Some(_) => {}
+        }
+    }
+    for k in known.iter().filter(|k| !k.retired) {
+        if !wanted.workers.iter().any(|s| s.name == k.spec.name) {
+            changes.push(Change::Retire {
+                name: k.spec.name.clone(),
+                occupied: k.occupied,
+            });
+        }
+    }
+    changes
+}
+
+impl fmt::Display for WorkerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{} site {}", self.ssh_host, self.ssh_port, self.site)?;
+        if !self.labels.is_empty() {
+            write!(f, " labels {}", show_labels(&self.labels))?;
+        }
+        Ok(())
+    }
+}
+
+/// Labels as `k=v,k=v`.
+pub fn show_labels(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::Add(s) => write!(f, "+ {}: added, {s}", s.name),
+            Change::Restore(s) => write!(f, "+ {}: back in the inventory, {s}", s.name),
+            Change::Update { from, to } => {
+                write!(f, "~ {}:", to.name)?;
+                let mut parts = Vec::new();
+                let mut field = |name: &str, a: String, b: String| {
+                    if a != b {
+                        parts.push(format!(" {name} {a} -> {b}"));
+                    }
+                };
+                let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
+                field("site", from.site.clone(), to.site.clone());
+                field("labels", show_labels(&from.labels), show_labels(&to.labels));
+                field(
+                    "address",
+                    format!("{}:{}", from.ssh_host, from.ssh_port),
+                    format!("{}:{}", to.ssh_host, to.ssh_port),
+                );
+                field(
+                    "public address",
+                    format!("{}:{}", from.public_host, from.public_port),
+                    format!("{}:{}", to.public_host, to.public_port),
+                );
+                field("host_key", opt(&from.host_key), opt(&to.host_key));
+                field("app_host", opt(&from.app_host), opt(&to.app_host));
+                field(
+                    "instances_join",
+                    opt(&from.instances_join),
+                    opt(&to.instances_join),
+                );
+                write!(f, "{}", parts.join(","))
+            }
+            Change::Retire { name, occupied } => {
+                write!(f, "- {name}: retired")?;
+                if *occupied {
+                    write!(f, " (its rental moves to another worker first)")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Labels: keys as names, values short and printable.
+pub fn check_labels(labels: &Labels) -> Result<(), String> {
+    if labels.len() > 32 {
+        return Err("at most 32 labels".into());
+    }
+    for (key, value) in labels {
+        check_label(key, "label")?;
+        let ok = !value.is_empty()
+            && value.len() <= 128
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/'));
+        if !ok {
+            return Err(format!(
+                "label `{key}`: value `{value}` must be 1 to 128 characters of letters, digits, `_`, `-`, `.`, `:` or `/`"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A site or label name asked for by a client: the rules of the inventory's.
+pub fn check_site(site: &str) -> Result<(), String> {
+    check_label(site, "site")
+}
+
 /// 1-based line number of byte `offset` in `text`.
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
 /// Names and sites: short, printable, safe in logs, URLs and container names.
-fn check_label(value: &Spanned<String>, what: &str) -> Result<(), String> {
-    let v = value.get_ref();
+fn check_label(v: &str, what: &str) -> Result<(), String> {
     let ok_chars = v
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
@@ -376,6 +813,139 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("workers[0].name"), "{err}");
+    }
+
+    #[test]
+    fn labels_merge_over_the_defaults_and_are_checked() {
+        let inv = parse(
+            "[defaults]\nlabels = { disk = \"hdd\", zone = \"z1\" }\n\
+             [[workers]]\nname = \"w\"\nhost = \"h\"\nport = 22\nlabels = { disk = \"ssd\" }\n",
+        )
+        .unwrap();
+        let labels: Vec<_> = inv.workers[0].labels.iter().collect();
+        assert_eq!(
+            labels,
+            [
+                (&"disk".to_owned(), &"ssd".to_owned()),
+                (&"zone".to_owned(), &"z1".to_owned())
+            ]
+        );
+        let err = parse(
+            "[[workers]]\nname = \"w\"\nhost = \"h\"\nport = 22\nlabels = { disk = \"a b\" }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("workers[0].labels"), "{err}");
+    }
+
+    #[test]
+    fn an_export_reads_back_the_same() {
+        let inv = parse(&format!(
+            "[defaults]\nsite = \"a\"\npublic_host = \"localhost\"\n\
+             [[workers]]\nname = \"w1\"\nhost = \"h1\"\nport = 22\nlabels = {{ gpu = \"a100\" }}\n\
+             host_key = \"{KEY}\"\n\
+             [[workers]]\nname = \"w2\"\nhost = \"h2\"\nport = 2222\nsite = \"b\"\n\
+             instances_join = \"c2\"\napp_host = \"c2\"\n"
+        ))
+        .unwrap();
+        assert_eq!(parse(&inv.to_toml()).unwrap(), inv);
+    }
+
+    fn known(inv: &Inventory) -> Vec<Known> {
+        inv.workers
+            .iter()
+            .map(|spec| Known {
+                spec: spec.clone(),
+                retired: false,
+                occupied: spec.name == "w1",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_diff_adds_changes_and_retires_and_says_which_tenant_moves() {
+        let held = parse(
+            "[[workers]]\nname = \"w1\"\nhost = \"h1\"\nport = 22\n\
+                          [[workers]]\nname = \"w2\"\nhost = \"h2\"\nport = 22\n",
+        )
+        .unwrap();
+        let wanted = held
+            .without("w1")
+            .unwrap()
+            .with_worker(
+                "w2",
+                &WorkerFields {
+                    site: Some("b".into()),
+                    ..WorkerFields::default()
+                },
+                Edit::Change,
+            )
+            .unwrap()
+            .with_worker(
+                "w3",
+                &WorkerFields {
+                    host: Some("h3".into()),
+                    port: Some(22),
+                    ..WorkerFields::default()
+                },
+                Edit::Add,
+            )
+            .unwrap();
+        let lines: Vec<String> = diff(&known(&held), &wanted)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "~ w2: site default -> b",
+                "+ w3: added, h3:22 site default",
+                "- w1: retired (its rental moves to another worker first)",
+            ]
+        );
+        assert!(
+            diff(&known(&held), &held).is_empty(),
+            "the same inventory changes nothing"
+        );
+    }
+
+    #[test]
+    fn api_edits_are_checked_as_the_file_is() {
+        let held = parse("[[workers]]\nname = \"w1\"\nhost = \"h1\"\nport = 22\n").unwrap();
+        let add = |name: &str, fields: WorkerFields| held.with_worker(name, &fields, Edit::Add);
+        let same_address = add(
+            "w2",
+            WorkerFields {
+                host: Some("h1".into()),
+                port: Some(22),
+                ..WorkerFields::default()
+            },
+        );
+        assert!(
+            matches!(&same_address, Err(EditError::Invalid(i)) if i.field == "port"),
+            "{same_address:?}"
+        );
+        assert!(matches!(
+            add("w1", WorkerFields::default()),
+            Err(EditError::Exists(_))
+        ));
+        let no_host = add("w2", WorkerFields::default());
+        assert!(matches!(&no_host, Err(EditError::Invalid(i)) if i.field == "host"));
+        let bad_name = add("w 2", WorkerFields::default());
+        assert!(matches!(&bad_name, Err(EditError::Invalid(i)) if i.field == "name"));
+        assert!(matches!(held.without("nope"), Err(EditError::Missing(_))));
+        // The public address follows the SSH address unless it was set apart.
+        let moved = held
+            .with_worker(
+                "w1",
+                &WorkerFields {
+                    port: Some(2200),
+                    ..WorkerFields::default()
+                },
+                Edit::Change,
+            )
+            .unwrap();
+        assert_eq!(moved.workers[0].public_port, 2200);
     }
 
     #[test]

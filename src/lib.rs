@@ -75,6 +75,7 @@ pub mod check;
 pub mod client;
 pub mod config;
 pub mod context;
+pub mod fleet;
 pub mod gateway;
 pub mod hostca;
 pub mod inventory;

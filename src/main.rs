@@ -48,8 +48,22 @@ enum Command {
         /// Login name wanted on the worker.
         #[arg(long)]
         username: Option<String>,
+        /// Only on a worker of this site.
+        #[arg(long)]
+        site: Option<String>,
+        /// Only on a worker of this site if one is free, else anywhere.
+        #[arg(long)]
+        prefer_site: Option<String>,
+        /// Only on a worker carrying this label, `KEY=VALUE` (repeat for more).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
         #[command(flatten)]
         api: ApiArgs,
+    },
+    /// Show, export or apply the inventory, live (admin token).
+    Inventory {
+        #[command(subcommand)]
+        action: InventoryAction,
     },
     /// Release a rental: its account is removed and its worker freed.
     Release {
@@ -102,6 +116,25 @@ enum Command {
         /// How many of the latest events to show first.
         #[arg(long, default_value_t = 20)]
         last: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum InventoryAction {
+    /// Print the inventory Orion holds, as a file `apply` takes back.
+    Export {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Make the inventory FILE's: print the difference, then apply it (workers left out
+    /// are retired, their tenants moved first).
+    Apply {
+        file: PathBuf,
+        /// Print the difference only.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -190,7 +223,29 @@ fn main() -> ExitCode {
         Command::Serve | Command::Migrate | Command::Check | Command::Healthcheck => {
             return server_command(cli.command, &cli.config, &runtime);
         }
-        Command::Rent { key, username, api } => (api, client::Command::Rent { key, username }),
+        Command::Rent {
+            key,
+            username,
+            site,
+            prefer_site,
+            labels,
+            api,
+        } => (
+            api,
+            client::Command::Rent {
+                key,
+                username,
+                site,
+                prefer_site,
+                labels,
+            },
+        ),
+        Command::Inventory { action } => match action {
+            InventoryAction::Export { api } => (api, client::Command::InventoryExport),
+            InventoryAction::Apply { file, dry_run, api } => {
+                (api, client::Command::InventoryApply { file, dry_run })
+            }
+        },
         Command::Release { id, api } => (api, client::Command::Release { id }),
         Command::Rentals { api } => (api, client::Command::Rentals),
         Command::KnownHosts { api } => (api, client::Command::KnownHosts),

@@ -15,7 +15,7 @@ use crate::context::Context;
 use crate::model::WorkerStatus;
 use crate::probe_policy::{self, Health, Thresholds, observe};
 use crate::ssh::{self, SshError};
-use crate::store::{ProbeRecord, Worker};
+use crate::store::{ProbeRecord, SiteHealth, Worker};
 
 /// What probing keeps between probes, shared by every task that probes a worker.
 #[derive(Debug)]
@@ -222,7 +222,11 @@ async fn probe_locked(
         .record_probe(&worker, &record)
         .await
         .with_context(|| format!("Failed to record the probe of {}", worker.name))?;
-    if died || matches!(&outcome, Err(SshError::HostKeyMismatch { .. })) {
+    // A death moves rentals; a return may end a site's loss (and let waiting rentals go).
+    if died
+        || health.status != worker.status
+        || matches!(&outcome, Err(SshError::HostKeyMismatch { .. }))
+    {
         ctx.wake.migration.notify_one();
     }
     if health.status != worker.status || matches!(&outcome, Err(SshError::HostKeyMismatch { .. })) {
@@ -268,18 +272,40 @@ async fn trust_on_first_use(
 fn duration_ms(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
-/// Whether the workers not declared dead still answer, now (before the migration and
-/// apps loops move anything off a dead worker): watch sessions cut by a
-/// fault between Orion and the fleet drop one by one, each at its own keepalive, so the
-/// first deaths are declared while the other workers still look alive in the database.
-/// Before a pass moves anything, every such worker is probed (without recording
-/// anything); returns how many did not answer. Stops as soon as the answer to "hold?"
-/// is known, so one hung worker does not delay a move.
-pub async fn unanswered_now(
+/// The guard on moves, for a pass of the migration or apps loop that has something to
+/// move (`must_move`): see [`probe_policy::judge`]. Watch sessions cut by a fault
+/// between Orion and the fleet drop one by one, each at its own keepalive, so the first
+/// deaths are declared while the other workers still look alive in the database: before
+/// anything moves, the workers not declared dead are probed again ([`answering_now`]).
+/// Returns the verdict and the sites' health it rests on.
+pub async fn guard(
     ctx: &Context,
-    counts: &crate::store::WorkerCounts,
-) -> anyhow::Result<i64> {
-    let limit = ctx.config.migration.max_dead_fraction * counts.total as f64;
+    must_move: bool,
+) -> anyhow::Result<(probe_policy::Verdict, Vec<SiteHealth>)> {
+    let max_fraction = ctx.config.migration.max_dead_fraction;
+    let mut sites = ctx
+        .store
+        .site_health()
+        .await
+        .context("Failed to count workers by site")?;
+    let mut verdict = probe_policy::judge(&sites, max_fraction);
+    let total: i64 = sites.iter().map(|s| s.total).sum();
+    if !verdict.hold && must_move && total >= 3 {
+        sites = answering_now(ctx, sites).await?;
+        verdict = probe_policy::judge(&sites, max_fraction);
+    }
+    Ok((verdict, sites))
+}
+
+/// Probes every worker not declared dead (without recording anything) and returns the
+/// sites with `failing` = those that did not answer. Stops as soon as the verdict is
+/// known (a site answers, or every site is beyond the limit), so one hung worker does
+/// not delay a move.
+async fn answering_now(
+    ctx: &Context,
+    mut sites: Vec<SiteHealth>,
+) -> anyhow::Result<Vec<SiteHealth>> {
+    let max_fraction = ctx.config.migration.max_dead_fraction;
     let workers = ctx
         .store
         .probe_targets()
@@ -288,27 +314,38 @@ pub async fn unanswered_now(
     let targets: Vec<_> = workers
         .iter()
         // A quarantined worker is out of service for another reason than this fault.
-        .filter(|w| w.status != WorkerStatus::Dead && w.quarantine_reason.is_none())
-        .map(|w| w.target())
+        .filter(|w| w.status != WorkerStatus::Dead && w.quarantine_reason.is_none() && !w.retired)
+        .map(|w| (w.site.clone(), w.target()))
         .collect();
+    let mut candidates: HashMap<String, i64> = HashMap::new();
+    for (site, _) in &targets {
+        *candidates.entry(site.clone()).or_default() += 1;
+    }
+    for s in &mut sites {
+        s.failing = 0;
+    }
     let timeout = ctx.config.health.probe_timeout;
     let mut probes: futures::stream::FuturesUnordered<_> = targets
         .iter()
-        .map(|target| async move { ctx.ssh.probe(target, timeout).await.is_ok() })
+        .map(|(site, target)| async move { (site, ctx.ssh.probe(target, timeout).await.is_ok()) })
         .collect();
-    let candidates = targets.len() as i64;
-    let (mut answered, mut unanswered) = (0, 0);
-    while let Some(ok) = probes.next().await {
+    let mut answered: HashMap<String, i64> = HashMap::new();
+    while let Some((site, ok)) = probes.next().await {
         if ok {
-            answered += 1;
-        } else {
-            unanswered += 1;
+            *answered.entry(site.clone()).or_default() += 1;
+        } else if let Some(s) = sites.iter_mut().find(|s| &s.site == site) {
+            s.failing += 1;
         }
-        let settled_hold = (counts.dead + unanswered) as f64 > limit;
-        let settled_go = (counts.dead + candidates - answered) as f64 <= limit;
+        let limit = |s: &SiteHealth| max_fraction * s.total as f64;
+        let settled_hold = sites.iter().all(|s| (s.dead + s.failing) as f64 > limit(s));
+        let settled_go = sites.iter().any(|s| {
+            let unsure = candidates.get(&s.site).copied().unwrap_or(0)
+                - answered.get(&s.site).copied().unwrap_or(0);
+            (s.dead + unsure) as f64 <= limit(s)
+        });
         if settled_hold || settled_go {
             break;
         }
     }
-    Ok(unanswered)
+    Ok(sites)
 }

@@ -119,12 +119,45 @@ pub fn attempts(status: WorkerStatus, t: Thresholds) -> u32 {
     }
 }
 
-/// Whether to hold all moves (of rentals and of apps' instances): with at least 3
-/// workers, more than `max_fraction` of them dead or failing their probes at the same
-/// moment, which looks more like Orion cut off from the fleet than like the fleet dying.
-pub fn should_hold(counts: &crate::store::WorkerCounts, max_fraction: f64) -> bool {
-    let unhealthy = counts.dead + counts.failing;
-    counts.total >= 3 && (unhealthy as f64) > max_fraction * counts.total as f64
+/// What the guard on moves concludes from the health of each site.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// Hold every move: with at least 3 workers, **every** site has more than
+    /// `max_fraction` of its workers dead or failing at the same moment. That looks like
+    /// Orion cut off from the fleet, not the fleet dying (one site: the old rule).
+    pub hold: bool,
+    /// Sites whose every worker is dead or failing while another site answers: a site
+    /// lost, whose rentals and instances move to the sites that answer.
+    pub lost: Vec<String>,
+}
+
+/// The guard on moves (of rentals and of apps' instances), after Kubernetes' zone
+/// rule: a lost zone is evicted while other zones are healthy; when all are unhealthy
+/// at once, nothing is.
+pub fn judge(sites: &[crate::store::SiteHealth], max_fraction: f64) -> Verdict {
+    let total: i64 = sites.iter().map(|s| s.total).sum();
+    let beyond =
+        |s: &crate::store::SiteHealth| (s.dead + s.failing) as f64 > max_fraction * s.total as f64;
+    let hold = total >= 3 && !sites.is_empty() && sites.iter().all(beyond);
+    let lost = if hold || sites.len() < 2 {
+        Vec::new()
+    } else {
+        sites
+            .iter()
+            .filter(|s| s.total > 0 && s.dead + s.failing >= s.total)
+            .map(|s| s.site.clone())
+            .collect()
+    };
+    Verdict { hold, lost }
+}
+
+/// Each site's unhealthy workers, for an event: `a: 3 of 3, b: 3 of 3`.
+pub fn describe(sites: &[crate::store::SiteHealth]) -> String {
+    sites
+        .iter()
+        .map(|s| format!("{}: {} of {}", s.site, s.dead + s.failing, s.total))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -284,46 +317,81 @@ mod tests {
 #[cfg(test)]
 mod hold_tests {
     use super::*;
-    use crate::store::WorkerCounts;
+    use crate::store::SiteHealth;
 
-    fn counts(total: i64, dead: i64) -> WorkerCounts {
-        WorkerCounts {
+    fn site(name: &str, total: i64, dead: i64) -> SiteHealth {
+        SiteHealth {
+            site: name.into(),
             total,
             dead,
-            ..WorkerCounts::default()
+            failing: 0,
         }
+    }
+
+    fn holds(sites: &[SiteHealth]) -> bool {
+        judge(sites, 0.5).hold
     }
 
     #[test]
     fn one_dead_worker_out_of_three_is_moved() {
-        assert!(!should_hold(&counts(3, 1), 0.5));
+        assert!(!holds(&[site("a", 3, 1)]));
     }
 
     #[test]
-    fn most_workers_dead_at_once_holds_all_moves() {
-        assert!(should_hold(&counts(3, 2), 0.5));
-        assert!(should_hold(&counts(10, 6), 0.5));
+    fn most_workers_of_a_single_site_dead_at_once_holds_all_moves() {
+        assert!(holds(&[site("a", 3, 2)]));
+        assert!(holds(&[site("a", 10, 6)]));
     }
 
     #[test]
     fn workers_still_failing_their_confirmation_count_as_unhealthy() {
-        let c = WorkerCounts {
-            total: 3,
-            dead: 1,
-            failing: 1,
-            ..WorkerCounts::default()
-        };
-        assert!(should_hold(&c, 0.5));
+        let mut a = site("a", 3, 1);
+        a.failing = 1;
+        assert!(holds(&[a]));
     }
 
     #[test]
     fn exactly_the_threshold_still_moves() {
-        assert!(!should_hold(&counts(10, 5), 0.5));
+        assert!(!holds(&[site("a", 10, 5)]));
     }
 
     #[test]
     fn tiny_fleets_are_never_held() {
-        assert!(!should_hold(&counts(2, 2), 0.5));
-        assert!(!should_hold(&counts(1, 1), 0.5));
+        assert!(!holds(&[site("a", 2, 2)]));
+        assert!(!holds(&[site("a", 1, 1)]));
+        assert!(!holds(&[site("a", 1, 1), site("b", 1, 1)]));
+    }
+
+    #[test]
+    fn a_whole_site_lost_while_another_answers_is_moved_and_named() {
+        let v = judge(&[site("a", 3, 3), site("b", 3, 0)], 0.5);
+        assert_eq!(
+            v,
+            Verdict {
+                hold: false,
+                lost: vec!["a".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn every_site_unreachable_at_once_holds() {
+        let v = judge(&[site("a", 3, 3), site("b", 3, 2)], 0.5);
+        assert!(v.hold);
+        assert!(v.lost.is_empty(), "nothing is lost while held: {v:?}");
+    }
+
+    #[test]
+    fn a_site_half_gone_while_another_answers_is_moved_but_not_lost() {
+        let v = judge(&[site("a", 4, 3), site("b", 4, 0)], 0.5);
+        assert_eq!(v, Verdict::default());
+    }
+
+    #[test]
+    fn the_description_names_each_site() {
+        assert_eq!(
+            describe(&[site("a", 3, 3), site("b", 3, 1)]),
+            "a: 3 of 3, b: 1 of 3"
+        );
     }
 }

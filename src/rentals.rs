@@ -44,6 +44,8 @@ pub struct RentRequest {
     /// The request's `Idempotency-Key`, held by this process: the rental becomes active
     /// only while it still is.
     pub key: Option<crate::store::KeyHold>,
+    /// Where it may be placed (site, labels, preferred site).
+    pub constraints: crate::store::Constraints,
 }
 
 /// A rental just made.
@@ -57,8 +59,9 @@ pub struct Rented {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RentError {
+    /// Nothing free matches `wanted`.
     #[error("no alive, free worker is available")]
-    NoFreeWorker,
+    NoFreeWorker { wanted: crate::store::Constraints },
     #[error("the tenant already holds its limit of {0} live rentals")]
     QuotaExceeded(u32),
     #[error(transparent)]
@@ -105,7 +108,7 @@ pub async fn rent(ctx: &Context, request: RentRequest) -> Result<Rented, RentErr
         });
     let outcome = match &result {
         Ok(_) => "created",
-        Err(RentError::NoFreeWorker) => "no_free_worker",
+        Err(RentError::NoFreeWorker { .. }) => "no_free_worker",
         Err(RentError::QuotaExceeded(_)) => "quota_exceeded",
         Err(_) => "failed",
     };
@@ -139,6 +142,7 @@ async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Re
         ttl: request.ttl,
         max_rentals: request.max_rentals,
         endpoint_ports: ctx.config.gateway.port_range().ok().flatten(),
+        constraints: request.constraints,
     };
     let uid_min = ctx.executor.uid_min();
     let mut tried = Vec::new();
@@ -146,7 +150,9 @@ async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Re
     let (record, claim) = loop {
         let Some((record, claim)) = ctx.store.claim_worker_for(&new, uid_min, &tried).await? else {
             tracing::info!(tried = tried.len(), "no free worker");
-            return Err(last_failure.unwrap_or(RentError::NoFreeWorker));
+            return Err(last_failure.unwrap_or_else(|| RentError::NoFreeWorker {
+                wanted: new.constraints.clone(),
+            }));
         };
         let worker = &claim.worker;
         tracing::Span::current().record("worker", worker.name.as_str());

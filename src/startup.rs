@@ -62,7 +62,7 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         // Installed first, so nothing recorded from here on is lost.
         crate::metrics::handle();
-        let inventory = Inventory::load(&config.inventory)?;
+        Inventory::load(&config.inventory)?;
         let playbooks = Playbooks::load(&config.playbooks)?;
         let mut ssh = SshClient::new(
             &config.ssh.key,
@@ -83,13 +83,7 @@ impl Application {
             config.database.acquire_timeout,
         )?;
         migrate_when_ready(&store, DATABASE_WAIT).await?;
-        for change in store
-            .sync_inventory(&inventory)
-            .await
-            .context("Failed to sync the inventory into the database")?
-        {
-            tracing::info!("inventory: {change}");
-        }
+        crate::fleet::apply_file(&store, &config.inventory, true).await?;
         let mut executor = Executor::new(
             Arc::new(playbooks),
             ssh.clone(),
@@ -221,6 +215,24 @@ impl Application {
         tokio::spawn(async move {
             signal.cancelled().await;
             stopping.cancel();
+        });
+        // SIGHUP: the inventory file is read again and applied, live.
+        let (hup_ctx, hup_stop) = (ctx.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let kind = tokio::signal::unix::SignalKind::hangup();
+            let Ok(mut hup) = tokio::signal::unix::signal(kind) else {
+                tracing::warn!("cannot listen for SIGHUP: the inventory reloads only by the API");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    () = hup_stop.cancelled() => break,
+                    got = hup.recv() => match got {
+                        Some(()) => crate::fleet::reload(&hup_ctx).await,
+                        None => break,
+                    },
+                }
+            }
         });
         // The loops are tracked with the rest, so the deadline covers them too; kept in
         // a set as well, to be aborted if they overrun it.

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::views::{ErrorBody, ErrorDetail};
 
+use crate::inventory::EditError;
 use crate::model::InvalidInput;
 use crate::rentals::{ReleaseError, RentError};
 use crate::store::StoreError;
@@ -48,8 +49,13 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("no alive, free worker is available; try again later")]
-    NoFreeWorker,
+    /// Nothing free matches what the rent asked for (`wanted`: its constraints in
+    /// words, `field`: the one named in the error).
+    #[error("no alive, free worker{} is available; try again later", .wanted.as_ref().map(|w| format!(" {w}")).unwrap_or_default())]
+    NoFreeWorker {
+        wanted: Option<String>,
+        field: Option<&'static str>,
+    },
     /// The tenant holds as many live rentals as it may.
     #[error("{0}")]
     QuotaExceeded(String),
@@ -80,7 +86,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            ApiError::NoFreeWorker => (StatusCode::SERVICE_UNAVAILABLE, "no_free_worker"),
+            ApiError::NoFreeWorker { .. } => (StatusCode::SERVICE_UNAVAILABLE, "no_free_worker"),
             ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             ApiError::Provisioning(_) => (StatusCode::BAD_GATEWAY, "provisioning_failed"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -118,6 +124,7 @@ impl IntoResponse for ApiError {
             message: self.to_string(),
             field: match &self {
                 ApiError::Invalid(invalid) => Some(invalid.field.to_owned()),
+                ApiError::NoFreeWorker { field, .. } => field.map(str::to_owned),
                 _ => None,
             },
         };
@@ -157,6 +164,9 @@ impl From<StoreError> for ApiError {
             StoreError::UsernameTaken(_) | StoreError::NameTaken(_) => {
                 ApiError::Conflict(e.to_string())
             }
+            StoreError::Inventory(EditError::Invalid(invalid)) => ApiError::Invalid(invalid),
+            StoreError::Inventory(e @ EditError::Exists(_)) => ApiError::Conflict(e.to_string()),
+            StoreError::Inventory(e @ EditError::Missing(_)) => ApiError::NotFound(e.to_string()),
             other => ApiError::Unexpected(other.into()),
         }
     }
@@ -165,7 +175,10 @@ impl From<StoreError> for ApiError {
 impl From<RentError> for ApiError {
     fn from(e: RentError) -> Self {
         match e {
-            RentError::NoFreeWorker => ApiError::NoFreeWorker,
+            RentError::NoFreeWorker { wanted } => ApiError::NoFreeWorker {
+                field: wanted.field(),
+                wanted: wanted.describe(),
+            },
             RentError::QuotaExceeded(limit) => ApiError::QuotaExceeded(format!(
                 "this tenant already holds {limit} live rentals, its limit; release one first"
             )),

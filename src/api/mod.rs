@@ -42,6 +42,7 @@ mod dashboard;
 mod error;
 mod guard;
 mod idempotency;
+pub mod inventory;
 
 /// How long an `Idempotency-Key` is kept.
 pub const IDEMPOTENCY_KEPT: std::time::Duration = idempotency::KEPT;
@@ -71,8 +72,9 @@ pub use guard::client_address;
 use crate::auth::{self, Caller};
 
 use crate::context::Context;
-use crate::model::{NotifyUrl, RentalStatus, TenantKey, Username};
+use crate::model::{InvalidInput, NotifyUrl, RentalStatus, TenantKey, Username};
 use crate::rentals::{self, RentRequest};
+use crate::store::Constraints;
 use views::{
     CreatedToken, ErrorBody, EventPage, FleetWorkerView, RenewBody, RentBody, RentalList,
     RentalView, RentedView, TokenBody, TokenList, WorkerList, WorkerView,
@@ -124,6 +126,11 @@ fn endpoints() -> Vec<Endpoint> {
         endpoint(Method::DELETE, "/api/apps/{name}", apps::delete),
         endpoint(Method::GET, "/api/apps/{name}/logs", apps::logs),
         endpoint(Method::GET, "/api/workers", list_workers),
+        endpoint(Method::POST, "/api/workers/{name}", inventory::add),
+        endpoint(Method::PATCH, "/api/workers/{name}", inventory::change),
+        endpoint(Method::DELETE, "/api/workers/{name}", inventory::retire),
+        endpoint(Method::GET, "/api/inventory", inventory::export),
+        endpoint(Method::PUT, "/api/inventory", inventory::apply),
         endpoint(Method::POST, "/api/workers/{name}/drain", drain_worker),
         endpoint(Method::POST, "/api/workers/{name}/undrain", undrain_worker),
         endpoint(Method::GET, "/api/events", list_events),
@@ -185,6 +192,7 @@ pub fn app(ctx: Context) -> Router {
         rent, list_rentals, get_rental, release_rental, renew_rental,
         apps::create, apps::list, apps::get, apps::change, apps::delete, apps::logs,
         list_workers, drain_worker, undrain_worker,
+        inventory::add, inventory::change, inventory::retire, inventory::export, inventory::apply,
         list_events, stream_events,
         list_tokens, create_token, revoke_token,
         known_hosts, status::status, status::health, openapi_json, prometheus_metrics,
@@ -316,6 +324,7 @@ async fn rent(
     if let Some(url) = &notify_url {
         ctx.notifier.check(url).await?;
     }
+    let constraints = placement(&ctx, &body).await?;
     let tenants = &ctx.config.tenants;
     let ttl = match (&body.ttl, &caller) {
         (Some(ttl), _) => Some(ttl.parse(tenants.max_ttl)?),
@@ -385,6 +394,7 @@ async fn rent(
         token_id,
         ttl,
         max_rentals,
+        constraints,
     };
     let rented = match keyed {
         None => rentals::rent(&ctx, request).await.map_err(ApiError::from),
@@ -525,6 +535,54 @@ async fn list_workers(State(ctx): State<Context>, caller: Caller) -> Result<Resp
         workers: fleet(&ctx).await?,
     })
     .into_response())
+}
+
+/// What a rent asks about its worker's place, checked against the workers in service:
+/// an unknown site or a label no worker carries is a mistake (422), not a wait.
+async fn placement(ctx: &Context, body: &RentBody) -> Result<Constraints, ApiError> {
+    let asked = body.site.is_some() || body.prefer_site.is_some() || body.labels.is_some();
+    if !asked {
+        return Ok(Constraints::default());
+    }
+    let (sites, labelled) = ctx.store.known_placement().await?;
+    let known_site = |field: &'static str, site: &str| -> Result<String, ApiError> {
+        crate::inventory::check_site(site).map_err(|m| InvalidInput::new(field, m))?;
+        if !sites.contains(site) {
+            let known: Vec<&str> = sites.iter().map(String::as_str).collect();
+            return Err(InvalidInput::new(
+                field,
+                format!("unknown site `{site}`; the sites are: {}", known.join(", ")),
+            )
+            .into());
+        }
+        Ok(site.to_owned())
+    };
+    let site = body
+        .site
+        .as_deref()
+        .map(|s| known_site("site", s))
+        .transpose()?;
+    let prefer_site = body
+        .prefer_site
+        .as_deref()
+        .map(|s| known_site("prefer_site", s))
+        .transpose()?;
+    let labels = body.labels.clone().unwrap_or_default();
+    crate::inventory::check_labels(&labels).map_err(|m| InvalidInput::new("labels", m))?;
+    for (key, value) in &labels {
+        if !labelled.iter().any(|l| l.get(key) == Some(value)) {
+            return Err(InvalidInput::new(
+                "labels",
+                format!("unknown label {key}={value}: no worker in service carries it"),
+            )
+            .into());
+        }
+    }
+    Ok(Constraints {
+        site,
+        labels,
+        prefer_site,
+    })
 }
 
 /// Every worker as `GET /api/workers` shows it: the stored fields, `allocated`, and
@@ -877,6 +935,7 @@ mod tests {
                 Method::POST => &item.post,
                 Method::DELETE => &item.delete,
                 Method::PATCH => &item.patch,
+                Method::PUT => &item.put,
                 other => panic!("no check for {other} routes"),
             };
             assert!(
@@ -917,6 +976,7 @@ mod tests {
                 Method::GET => &item.get,
                 Method::POST => &item.post,
                 Method::PATCH => &item.patch,
+                Method::PUT => &item.put,
                 _ => &item.delete,
             };
             let responses = &operation.as_ref().unwrap().responses.responses;

@@ -267,6 +267,16 @@ pub struct RentBody {
     /// How long the rental lives unless renewed: seconds, or e.g. `"2h"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttl: Option<TtlInput>,
+    /// Only on a worker of this site. A move later prefers the site the rental lives
+    /// in, and leaves it (with an event) only when the site has no usable worker left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Only on workers carrying all of these labels, now and at every move.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// On a worker of this site if one is free, else anywhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefer_site: Option<String>,
 }
 
 /// Body of `POST /api/rentals/{id}/renew`.
@@ -312,6 +322,7 @@ mod tests {
             id: 3,
             name: "worker_1".into(),
             site: "a".into(),
+            labels: Default::default(),
             ssh_host: "10.0.0.1".into(),
             ssh_port: 22,
             public_host: "127.0.0.1".into(),

@@ -19,6 +19,17 @@ pub enum Command {
     Rent {
         key: Option<PathBuf>,
         username: Option<String>,
+        site: Option<String>,
+        prefer_site: Option<String>,
+        /// `KEY=VALUE` each.
+        labels: Vec<String>,
+    },
+    /// The inventory as a file, on standard output.
+    InventoryExport,
+    /// Applies an inventory file (`dry_run`: shows the difference only).
+    InventoryApply {
+        file: PathBuf,
+        dry_run: bool,
     },
     Release {
         id: String,
@@ -116,12 +127,69 @@ const WORKER_COLUMNS: [Column<FleetWorkerView>; 8] = [
     ("quarantine", |w| cell(&w.worker.worker.quarantine_reason)),
 ];
 
+/// `NAME=value` arguments of `flag` as a map.
+fn pairs(
+    args: &[String],
+    flag: &str,
+) -> Result<std::collections::BTreeMap<String, String>, ClientError> {
+    args.iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| ClientError::Usage(format!("{flag} `{pair}` is not NAME=value")))
+        })
+        .collect()
+}
+
 /// Runs one command and prints its result: a table (or a line), or with `json` the
 /// API's JSON.
 pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), ClientError> {
     match command {
-        Command::Rent { key, username } => {
-            let rented = client.rent(key.as_deref(), username.as_deref()).await?;
+        Command::InventoryExport => print!("{}", client.inventory().await?),
+        Command::InventoryApply { file, dry_run } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", file.display())))?;
+            // The difference first, always; then the change itself.
+            let preview = client.apply_inventory(&text, true).await?;
+            let shown = if dry_run || preview.changes.is_empty() {
+                preview
+            } else {
+                for line in &preview.changes {
+                    println!("{line}");
+                }
+                client.apply_inventory(&text, false).await?
+            };
+            if json {
+                print_json(&shown);
+            } else {
+                if dry_run || shown.changes.is_empty() {
+                    for line in &shown.changes {
+                        println!("{line}");
+                    }
+                }
+                match (shown.changes.len(), shown.applied) {
+                    (0, _) => println!("no change: the inventory is already this file's"),
+                    (n, true) => println!("{n} change(s) applied"),
+                    (n, false) => println!("{n} change(s) (dry run: nothing applied)"),
+                }
+            }
+        }
+        Command::Rent {
+            key,
+            username,
+            site,
+            prefer_site,
+            labels,
+        } => {
+            let labels = pairs(&labels, "--label")?;
+            let body = crate::api::views::RentBody {
+                username,
+                site,
+                prefer_site,
+                labels: (!labels.is_empty()).then_some(labels),
+                ..Default::default()
+            };
+            let rented = client.rent(key.as_deref(), body).await?;
             if json {
                 print_json(&rented);
             } else {
@@ -213,16 +281,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Cl
             env,
             command,
         } => {
-            let env = env
-                .iter()
-                .map(|pair| {
-                    pair.split_once('=')
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .ok_or_else(|| {
-                            ClientError::Usage(format!("--env `{pair}` is not NAME=value"))
-                        })
-                })
-                .collect::<Result<_, _>>()?;
+            let env = pairs(&env, "--env")?;
             let body = AppBody {
                 name: Some(name),
                 image: Some(image),

@@ -16,6 +16,7 @@ use futures::StreamExt as _;
 use serde::de::DeserializeOwned;
 
 use crate::api::apps::{AppBody, AppList, AppPatch, AppView};
+use crate::api::inventory::{InventoryBody, InventoryChanges};
 use crate::api::views::{
     ErrorBody, EventPage, RentBody, RentalList, RentedView, WorkerList, WorkerView,
 };
@@ -126,12 +127,13 @@ impl Client {
         })
     }
 
+    /// Rents a worker: `body` with the public key read from `key`, if given.
     pub async fn rent(
         &self,
         key: Option<&Path>,
-        username: Option<&str>,
+        mut body: RentBody,
     ) -> Result<RentedView, ClientError> {
-        let ssh_public_key = key
+        body.ssh_public_key = key
             .map(|path| {
                 std::fs::read_to_string(path)
                     .map(|text| text.trim().to_owned())
@@ -140,27 +142,44 @@ impl Client {
                     })
             })
             .transpose()?;
-        let body = RentBody {
-            ssh_public_key,
-            username: username.map(str::to_owned),
-            ..RentBody::default()
-        };
         self.fetch(self.request(reqwest::Method::POST, "/api/rent").json(&body))
             .await
     }
 
+    /// The inventory Orion holds, as a file.
+    pub async fn inventory(&self) -> Result<String, ClientError> {
+        self.text(self.request(reqwest::Method::GET, "/api/inventory"))
+            .await
+    }
+
+    /// Sends an inventory file's text to be applied (or, `dry_run`, only compared).
+    pub async fn apply_inventory(
+        &self,
+        text: &str,
+        dry_run: bool,
+    ) -> Result<InventoryChanges, ClientError> {
+        let body = InventoryBody {
+            inventory: Some(text.to_owned()),
+            dry_run,
+        };
+        self.fetch(
+            self.request(reqwest::Method::PUT, "/api/inventory")
+                .json(&body),
+        )
+        .await
+    }
+
+    /// Sends a request and reads its answer as text.
+    async fn text(&self, req: reqwest::RequestBuilder) -> Result<String, ClientError> {
+        self.send(req).await?.text().await.map_err(|e| {
+            ClientError::Unavailable(format!("unexpected answer from {}: {e}", self.endpoint.url))
+        })
+    }
+
     /// The `@cert-authority` line of Orion's host CA, for `~/.ssh/known_hosts`.
     pub async fn known_hosts(&self) -> Result<String, ClientError> {
-        self.send(self.request(reqwest::Method::GET, "/api/ssh/known_hosts"))
-            .await?
-            .text()
+        self.text(self.request(reqwest::Method::GET, "/api/ssh/known_hosts"))
             .await
-            .map_err(|e| {
-                ClientError::Unavailable(format!(
-                    "unexpected answer from {}: {e}",
-                    self.endpoint.url
-                ))
-            })
     }
 
     /// Releases a rental (204, no body).

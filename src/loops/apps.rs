@@ -40,7 +40,6 @@ use crate::apps::{InstanceState, container_name};
 use crate::context::Context;
 use crate::model::WorkerStatus;
 use crate::playbook::{AppVars, Playbook};
-use crate::probe_policy::should_hold;
 use crate::store::{AppRecord, InstanceRecord, InstanceUpdate, Worker};
 
 pub const LOOP: &str = "apps";
@@ -135,34 +134,27 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
         .context("Failed to list instances")?;
 
     // 1. Instances lost with their worker.
-    let mut counts = ctx
-        .store
-        .worker_counts()
-        .await
-        .context("Failed to count workers")?;
-    let max_fraction = ctx.config.migration.max_dead_fraction;
     let doomed: Vec<&InstanceRecord> = live
         .iter()
         .filter(|i| by_id.get(&i.worker_id).is_none_or(|w| lost(w)))
         .collect();
-    let mut hold = should_hold(&counts, max_fraction);
-    if !hold && !doomed.is_empty() && counts.total >= 3 {
-        // A cut is declared one worker at a time: before moving anything, ask the
-        // workers not declared dead whether they still answer (as the migration loop does).
-        counts.failing = crate::probe::unanswered_now(ctx, &counts).await?;
-        hold = should_hold(&counts, max_fraction);
-    }
+    // The migration loop's guard: a whole site lost moves; every site at once holds.
+    let (verdict, sites) = crate::probe::guard(ctx, !doomed.is_empty()).await?;
+    let hold = verdict.hold;
     if hold {
         summary.held = true;
         // Said once per hold, at the first pass that holds something back.
         if !doomed.is_empty() && !state.held.swap(true, Ordering::Relaxed) {
-            tracing::warn!("too many workers fail at once: no instance is moved");
+            let detail = crate::probe_policy::describe(&sites);
+            tracing::warn!(sites = %detail, "every site fails at once: no instance is moved");
             ctx.store
                 .append_event(
                     "apps.held",
                     None,
                     None,
-                    "too many workers fail at once: apps' instances are not moved (Orion may be cut off from the fleet)",
+                    &format!(
+                        "every site has most of its workers unreachable at once ({detail}): apps' instances are not moved (Orion is probably cut off from the fleet)"
+                    ),
                 )
                 .await?;
         }

@@ -129,17 +129,19 @@ fn release_free_memory() {
     }
 }
 
-/// Runs probe rounds every `health.interval` until `shutdown` resolves. A failing round
+/// Runs probe rounds every `health.interval`, and at once when woken (the inventory
+/// changed), until `shutdown` resolves. A failing round
 /// is logged once when it starts failing, retried with a capped back-off, and reported on
 /// the status endpoint; the loop itself never stops on an error.
 pub async fn run(ctx: Context, probes: Arc<Probes>, shutdown: impl Future<Output = ()>) {
     let interval = ctx.config.health.interval;
+    let wake = ctx.wake.health.clone();
     super::run_loop(
         LOOP,
         &ctx.loops,
         &ctx.leader,
         interval,
-        None,
+        Some(&wake),
         shutdown,
         || {
             let (ctx, probes) = (ctx.clone(), probes.clone());

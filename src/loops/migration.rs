@@ -13,7 +13,9 @@
 //! moment" is checked, not assumed: before moving anything, a pass probes the workers
 //! not yet declared dead, since a cut is declared worker by worker.
 
+use std::collections::BTreeSet;
 use std::future::Future;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
@@ -36,9 +38,12 @@ const CONCURRENT_MOVES: usize = 16;
 /// What the migration loop remembers between passes.
 #[derive(Debug, Default)]
 pub struct State {
-    /// Whether the last pass held all moves (too many workers dead at once), so the
+    /// Whether the last pass held all moves (every site failing at once), so the
     /// condition is logged when it starts and when it clears, not every pass.
     held: AtomicBool,
+    /// The sites found lost (every worker gone while another site answers), so that a
+    /// loss and a return are each said once.
+    lost: Mutex<BTreeSet<String>>,
 }
 
 /// What one pass did.
@@ -50,7 +55,7 @@ pub struct PassSummary {
     pub waiting: usize,
     /// Moves that failed on the new worker (retried next pass).
     pub failed: usize,
-    /// True when the pass moved nothing because too many workers look dead.
+    /// True when the pass moved nothing because every site looks cut off at once.
     pub held: bool,
 }
 
@@ -58,25 +63,16 @@ pub struct PassSummary {
 /// waiting or a failed move is retried then.
 impl Pass for PassSummary {}
 
-use crate::probe_policy::should_hold;
-
 /// One pass over every rental that must move.
 pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSummary> {
-    let mut counts = ctx
-        .store
-        .worker_counts()
-        .await
-        .context("Failed to count workers")?;
-    let mut hold = should_hold(&counts, ctx.config.migration.max_dead_fraction);
     let rentals = ctx
         .store
         .rentals_to_migrate()
         .await
         .context("Failed to list rentals to move")?;
-    if !hold && !rentals.is_empty() && counts.free > 0 && counts.total >= 3 {
-        counts.failing = crate::probe::unanswered_now(ctx, &counts).await?;
-        hold = should_hold(&counts, ctx.config.migration.max_dead_fraction);
-    }
+    let (verdict, sites) = crate::probe::guard(ctx, !rentals.is_empty()).await?;
+    let hold = verdict.hold;
+    say_lost_sites(ctx, state, &verdict.lost, &sites).await;
     let was_held = state.held.swap(hold, Ordering::Relaxed);
     if hold && was_held {
         return Ok(PassSummary {
@@ -97,10 +93,10 @@ pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<Pass
             .ok();
     }
     if hold {
+        let detail = crate::probe_policy::describe(&sites);
         tracing::warn!(
-            dead = counts.dead,
-            total = counts.total,
-            "most workers look dead at once: Orion is probably cut off; holding migrations"
+            sites = %detail,
+            "every site has most workers dead at once: Orion is probably cut off; holding migrations"
         );
         ctx.store
             .append_event(
@@ -108,9 +104,7 @@ pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<Pass
                 None,
                 None,
                 &format!(
-                    "{} of {} workers look dead at once; no rental is moved until this clears",
-                    counts.dead + counts.failing,
-                    counts.total
+                    "every site has most of its workers unreachable at once ({detail} dead or not answering): Orion is probably cut off from the fleet; no rental is moved until this clears"
                 ),
             )
             .await
@@ -144,6 +138,52 @@ pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<Pass
     match first_error {
         Some(e) => Err(e),
         None => Ok(summary),
+    }
+}
+
+/// Says when a site is found lost (every worker gone while another site answers: its
+/// rentals and instances move to the sites that answer) and when it answers again.
+async fn say_lost_sites(
+    ctx: &Context,
+    state: &State,
+    lost: &[String],
+    sites: &[crate::store::SiteHealth],
+) {
+    let (new, back): (Vec<String>, Vec<String>) = {
+        let mut known = state.lost.lock().expect("not poisoned");
+        let new = lost
+            .iter()
+            .filter(|s| !known.contains(*s))
+            .cloned()
+            .collect();
+        let back = known
+            .iter()
+            .filter(|s| !lost.contains(s) && sites.iter().any(|h| &h.site == *s))
+            .cloned()
+            .collect();
+        *known = lost.iter().cloned().collect();
+        (new, back)
+    };
+    for site in new {
+        let detail = crate::probe_policy::describe(sites);
+        tracing::warn!(site, sites = %detail, "a whole site is lost while others answer: moving its rentals and instances");
+        let msg = format!(
+            "site {site} lost: none of its workers answers while other sites do ({detail}); its rentals and instances move to the sites that answer"
+        );
+        ctx.store
+            .append_event("site.lost", None, None, &msg)
+            .await
+            .ok();
+    }
+    for site in back {
+        tracing::info!(site, "a lost site answers again");
+        let msg = format!(
+            "site {site} answers again; its workers are fenced (leftover accounts removed) before they are used"
+        );
+        ctx.store
+            .append_event("site.back", None, None, &msg)
+            .await
+            .ok();
     }
 }
 

@@ -55,6 +55,8 @@ pub trait Pass: Debug {
 /// and never learns what the woken loop did.
 #[derive(Debug, Clone, Default)]
 pub struct Wakers {
+    /// Wakes the probe loop: the inventory changed (a new worker is probed at once).
+    pub health: Arc<Notify>,
     /// Wakes the migration loop: a worker was declared dead, quarantined or drained.
     pub migration: Arc<Notify>,
     /// Wakes the apps loop: an app changed, a worker changed status, or a worker's

@@ -29,7 +29,9 @@ pub use placements::PlacementRecord;
 pub use rentals::{Claim, NewRental, RentalDetail, RentalRecord};
 pub use snapshots::{SnapshotInfo, SnapshotJob};
 pub use tokens::TokenRecord;
-pub use workers::{Cleanup, Occupant, ProbeRecord, Worker, WorkerCounts};
+pub use workers::{
+    Cleanup, Constraints, LabelSet, Occupant, ProbeRecord, SiteHealth, Worker, WorkerCounts,
+};
 
 /// Failures of the store, split by what a caller can do about them.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,9 @@ pub enum StoreError {
     /// a loop's write is refused rather than made with an old epoch.
     #[error("{holder} does not lead the loops (epoch {epoch}): write refused")]
     Fenced { holder: String, epoch: u64 },
+    /// An edit of the inventory that cannot be made (invalid, or no such worker).
+    #[error(transparent)]
+    Inventory(#[from] crate::inventory::EditError),
     /// Something the store guarantees did not hold: a bug.
     #[error("store invariant broken: {0}")]
     Invariant(String),

@@ -9,7 +9,9 @@ use super::endpoints::claim_endpoint;
 use super::placements::{
     PlacementRecord, end_placement, insert_placement, live_uid, placements_of, stale_live_placement,
 };
-use super::workers::{USABLE, WORKER_COLUMNS, Worker, claim_free_worker, fetch_worker};
+use super::workers::{
+    Constraints, USABLE, WORKER_COLUMNS, Worker, claim_free_worker, fetch_worker,
+};
 use super::{Store, StoreError, events, retry_on_conflict};
 use crate::model::RentalStatus;
 
@@ -30,6 +32,8 @@ pub struct NewRental {
     pub max_rentals: Option<u32>,
     /// The gateway's ports, one of which the rental is given (`None`: no gateway).
     pub endpoint_ports: Option<std::ops::RangeInclusive<u16>>,
+    /// Where it may be placed.
+    pub constraints: Constraints,
 }
 
 /// A worker claimed for a rental, and the uid its account gets there.
@@ -58,10 +62,28 @@ pub struct RentalRecord {
     pub updated_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// The site it was rented on (a hard constraint at rent; its moves prefer the site
+    /// it lives in, and leave it when the site has no worker left).
+    pub want_site: Option<String>,
+    /// Labels its workers must carry, at rent and at every move (a JSON object).
+    pub want_labels: Option<String>,
+    /// The site it asked to be placed on first.
+    pub prefer_site: Option<String>,
+}
+
+impl RentalRecord {
+    /// The labels it asked for.
+    pub fn labels(&self) -> crate::inventory::Labels {
+        self.want_labels
+            .as_deref()
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_default()
+    }
 }
 
 const RENTAL_COLUMNS: &str = "id, tenant, token_id, username, public_key, password_hash, \
-    notify_url, status, worker_id, endpoint_port, created_at, updated_at, ended_at, expires_at";
+    notify_url, status, worker_id, endpoint_port, created_at, updated_at, ended_at, expires_at, \
+    want_site, want_labels, prefer_site";
 
 /// A rental with its current worker and the workers it has lived on, for the API to show.
 #[derive(Debug, Clone)]
@@ -112,7 +134,9 @@ impl Store {
                 return Err(StoreError::QuotaExceeded { limit });
             }
         }
-        let Some(worker) = claim_free_worker(&mut tx, &rental.id, exclude).await? else {
+        let Some(worker) =
+            claim_free_worker(&mut tx, &rental.id, exclude, &rental.constraints).await?
+        else {
             tx.rollback().await?;
             return Ok(None);
         };
@@ -130,9 +154,10 @@ impl Store {
         let ttl_micros = rental.ttl.map(|t| t.as_micros() as u64);
         let inserted = sqlx::query(
             "INSERT INTO rentals (id, tenant, token_id, username, public_key, password_hash, \
-             notify_url, status, worker_id, endpoint_port, created_at, updated_at, expires_at) \
+             notify_url, status, worker_id, endpoint_port, created_at, updated_at, expires_at, \
+             want_site, want_labels, prefer_site) \
              VALUES (?, ?, ?, ?, ?, ?, ?, 'provisioning', ?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), \
-             IF(? IS NULL, NULL, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND))",
+             IF(? IS NULL, NULL, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND), ?, ?, ?)",
         )
         .bind(&rental.id)
         .bind(&rental.tenant)
@@ -145,6 +170,12 @@ impl Store {
         .bind(endpoint_port)
         .bind(ttl_micros)
         .bind(ttl_micros)
+        .bind(&rental.constraints.site)
+        .bind(
+            (!rental.constraints.labels.is_empty())
+                .then(|| serde_json::to_string(&rental.constraints.labels).expect("strings")),
+        )
+        .bind(&rental.constraints.prefer_site)
         .execute(&mut *tx)
         .await;
         if let Err(sqlx::Error::Database(db)) = &inserted
@@ -278,7 +309,18 @@ impl Store {
         if !must_move {
             return Ok(None);
         }
-        let claimed = claim_free_worker(&mut tx, rental_id, &[]).await?;
+        // A move keeps the labels asked for, and stays in the site the rental lives in
+        // when it can.
+        let home = match &current {
+            Some(w) => Some(w.site.clone()),
+            None => last_site(&mut tx, rental_id).await?,
+        };
+        let constraints = Constraints {
+            site: None,
+            labels: rental.labels(),
+            prefer_site: home.clone().or_else(|| rental.want_site.clone()),
+        };
+        let claimed = claim_free_worker(&mut tx, rental_id, &[], &constraints).await?;
         if claimed.is_none()
             && rental.status == RentalStatus::Active
             && current.as_ref().is_some_and(|w| {
@@ -305,10 +347,16 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
                 uid = Some(insert_placement(&mut tx, rental_id, new.id, uid_min).await?);
-                let msg = match &current {
+                let mut msg = match &current {
                     Some(old) => format!("moving from {} ({}) to {}", old.name, why(old), new.name),
                     None => format!("moving to {}", new.name),
                 };
+                if let Some(home) = home.as_deref().filter(|h| *h != new.site) {
+                    msg.push_str(&format!(
+                        ": site {home} has no usable free worker left, the rental leaves it for site {}",
+                        new.site
+                    ));
+                }
                 events::append_in(
                     &mut tx,
                     "rental.migrating",
@@ -783,6 +831,20 @@ async fn fetch_rental_for_update(
 }
 
 /// Why a worker can no longer serve a rental, for event messages.
+/// The site of the worker a rental was last placed on, if any.
+async fn last_site(
+    tx: &mut Transaction<'_, MySql>,
+    rental_id: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT w.site FROM placements p JOIN workers w ON w.id = p.worker_id \
+         WHERE p.rental_id = ? ORDER BY p.id DESC LIMIT 1",
+    )
+    .bind(rental_id)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
 fn why(worker: &Worker) -> &'static str {
     if worker.drained {
         "drained"

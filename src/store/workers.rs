@@ -6,7 +6,7 @@ use sqlx::{FromRow, MySql, Transaction};
 
 use super::placements::release_placement;
 use super::{Store, StoreError, events, retry_on_conflict};
-use crate::inventory::Inventory;
+use crate::inventory::{Change, EditError, Inventory, Known, Labels, WorkerSpec, diff};
 use crate::model::WorkerStatus;
 
 /// The rule "a worker we may use" (give a new rental, keep a rental on), as a condition
@@ -25,6 +25,9 @@ pub struct Worker {
     pub id: u64,
     pub name: String,
     pub site: String,
+    /// Free-form `key = value` labels from the inventory.
+    #[sqlx(try_from = "String")]
+    pub labels: LabelSet,
     #[serde(skip)]
     pub ssh_host: String,
     #[serde(skip)]
@@ -67,7 +70,79 @@ pub struct Worker {
     pub last_probe_error: Option<String>,
 }
 
+/// A worker's labels as stored: a JSON object of strings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(transparent)]
+pub struct LabelSet(pub Labels);
+
+impl TryFrom<String> for LabelSet {
+    type Error = serde_json::Error;
+
+    fn try_from(json: String) -> Result<Self, Self::Error> {
+        serde_json::from_str(&json).map(LabelSet)
+    }
+}
+
+/// Where a rental may be placed: only on `site` (if set), only on workers with all of
+/// `labels`, on `prefer_site` first (if set).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Constraints {
+    pub site: Option<String>,
+    pub labels: Labels,
+    pub prefer_site: Option<String>,
+}
+
+impl Constraints {
+    /// `labels` as the JSON object `JSON_CONTAINS` takes (`None`: no labels asked).
+    fn labels_json(&self) -> Option<String> {
+        (!self.labels.is_empty())
+            .then(|| serde_json::to_string(&self.labels).expect("labels are strings"))
+    }
+
+    /// The request field a "nothing free" answer names: the hard constraint.
+    pub fn field(&self) -> Option<&'static str> {
+        if self.site.is_some() {
+            Some("site")
+        } else if !self.labels.is_empty() {
+            Some("labels")
+        } else {
+            None
+        }
+    }
+
+    /// What no free worker matched, in words, for an error (`None`: no constraint).
+    pub fn describe(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(site) = &self.site {
+            parts.push(format!("on site `{site}`"));
+        }
+        if !self.labels.is_empty() {
+            parts.push(format!(
+                "with labels {}",
+                crate::inventory::show_labels(&self.labels)
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join(" "))
+    }
+}
+
 impl Worker {
+    /// The worker as the inventory describes it.
+    pub fn spec(&self) -> WorkerSpec {
+        WorkerSpec {
+            name: self.name.clone(),
+            site: self.site.clone(),
+            labels: self.labels.0.clone(),
+            ssh_host: self.ssh_host.clone(),
+            ssh_port: self.ssh_port,
+            public_host: self.public_host.clone(),
+            public_port: self.public_port,
+            host_key: self.pinned_host_key.clone(),
+            app_host: self.app_host.clone(),
+            instances_join: self.instances_join.clone(),
+        }
+    }
+
     /// Held by a rental, serving it or awaiting cleanup of its account.
     pub fn allocated(&self) -> bool {
         self.rental_id.is_some()
@@ -109,7 +184,7 @@ impl Worker {
     }
 }
 
-pub(super) const WORKER_COLUMNS: &str = "id, name, site, ssh_host, ssh_port, public_host, \
+pub(super) const WORKER_COLUMNS: &str = "id, name, site, labels, ssh_host, ssh_port, public_host, \
     public_port, app_host, instances_join, pinned_host_key, known_host_key, host_cert_key, \
     host_cert_expires, status, consecutive_failures, \
     consecutive_successes, quarantine_reason, retired, drained, rental_id, last_checked, \
@@ -154,6 +229,18 @@ pub struct WorkerCounts {
     pub quarantined: i64,
 }
 
+/// One site's workers in service (not retired), for the guard that tells a lost site
+/// from Orion cut off from every site.
+#[derive(Debug, Clone, Default, PartialEq, Eq, FromRow)]
+pub struct SiteHealth {
+    pub site: String,
+    pub total: i64,
+    pub dead: i64,
+    /// Not (yet) dead, but their last probe failed (or, once probed again by the guard,
+    /// not answering now).
+    pub failing: i64,
+}
+
 /// A tenant account left on a worker by a rental that no longer lives there.
 #[derive(Debug, Clone, FromRow)]
 pub struct Cleanup {
@@ -180,111 +267,84 @@ struct WorkerRow {
 }
 
 impl Store {
-    /// Brings the workers table in line with the inventory: new workers are added,
-    /// changed ones updated, missing ones retired (never deleted: a retired worker may
-    /// still hold a rental, and its history stays). Returns the events it wrote.
-    pub async fn sync_inventory(&self, inventory: &Inventory) -> Result<Vec<String>, StoreError> {
+    /// Applies an edit of the inventory: `edit` is given the inventory Orion holds (its
+    /// workers not retired) and returns the one wanted; the difference is written, with
+    /// an event per worker, in one transaction (nothing with `dry_run`). Workers are never
+    /// deleted: a retired one stays, out of service, with its history, and a rental on
+    /// it moves away first (the migration loop). Returns the changes.
+    pub async fn apply_inventory<F>(
+        &self,
+        edit: F,
+        dry_run: bool,
+    ) -> Result<Vec<Change>, StoreError>
+    where
+        F: FnOnce(&Inventory) -> Result<Inventory, EditError>,
+    {
         let mut tx = self.begin().await?;
-        let existing: Vec<Worker> =
-            sqlx::query_as(&format!("SELECT {WORKER_COLUMNS} FROM workers FOR UPDATE"))
-                .fetch_all(&mut *tx)
-                .await?;
-        let mut changes = Vec::new();
-        for spec in &inventory.workers {
-            match existing.iter().find(|w| w.name == spec.name) {
-                None => {
-                    sqlx::query(
-                        "INSERT INTO workers (name, site, ssh_host, ssh_port, public_host, \
-                         public_port, app_host, instances_join, pinned_host_key, created_at, \
-                         updated_at) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
-                    )
-                    .bind(&spec.name)
-                    .bind(&spec.site)
-                    .bind(&spec.ssh_host)
-                    .bind(spec.ssh_port)
-                    .bind(&spec.public_host)
-                    .bind(spec.public_port)
-                    .bind(&spec.app_host)
-                    .bind(&spec.instances_join)
-                    .bind(&spec.host_key)
-                    .execute(&mut *tx)
-                    .await?;
-                    let msg = format!(
-                        "added from the inventory at {}:{}",
-                        spec.ssh_host, spec.ssh_port
-                    );
-                    events::append_in(&mut tx, "worker.added", Some(&spec.name), None, &msg)
-                        .await?;
-                    changes.push(format!("{}: {msg}", spec.name));
-                }
-                Some(w) => {
-                    let same = w.site == spec.site
-                        && w.ssh_host == spec.ssh_host
-                        && w.ssh_port == spec.ssh_port
-                        && w.public_host == spec.public_host
-                        && w.public_port == spec.public_port
-                        && w.pinned_host_key == spec.host_key
-                        && w.app_host == spec.app_host
-                        && w.instances_join == spec.instances_join
-                        && !w.retired;
-                    if same {
-                        continue;
-                    }
-                    // A new pinned key is the operator's word on the worker's identity:
-                    // it replaces what was trusted on first use and lifts a quarantine.
-                    let key_changed = w.pinned_host_key != spec.host_key;
-                    sqlx::query(
-                        "UPDATE workers SET site = ?, ssh_host = ?, ssh_port = ?, \
-                         public_host = ?, public_port = ?, app_host = ?, instances_join = ?, \
-                         pinned_host_key = ?, retired = FALSE, \
-                         known_host_key = IF(?, NULL, known_host_key), \
-                         quarantine_reason = IF(?, NULL, quarantine_reason), \
-                         updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
-                    )
-                    .bind(&spec.site)
-                    .bind(&spec.ssh_host)
-                    .bind(spec.ssh_port)
-                    .bind(&spec.public_host)
-                    .bind(spec.public_port)
-                    .bind(&spec.app_host)
-                    .bind(&spec.instances_join)
-                    .bind(&spec.host_key)
-                    .bind(key_changed)
-                    .bind(key_changed)
-                    .bind(w.id)
-                    .execute(&mut *tx)
-                    .await?;
-                    let msg = if w.retired {
-                        "back in the inventory".to_owned()
-                    } else {
-                        "updated from the inventory".to_owned()
-                    };
-                    events::append_in(&mut tx, "worker.updated", Some(&w.name), None, &msg).await?;
-                    changes.push(format!("{}: {msg}", w.name));
-                }
-            }
+        let (rows, current) = held_inventory(&mut tx).await?;
+        let wanted = edit(&current)?;
+        let changes = write_inventory(&mut tx, &rows, &wanted, dry_run).await?;
+        if dry_run || changes.is_empty() {
+            tx.rollback().await?;
+        } else {
+            tx.commit().await?;
         }
-        for w in existing.iter().filter(|w| !w.retired) {
-            if inventory.workers.iter().any(|s| s.name == w.name) {
-                continue;
-            }
-            sqlx::query(
-                "UPDATE workers SET retired = TRUE, updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
-            )
-            .bind(w.id)
-            .execute(&mut *tx)
-            .await?;
-            let msg = if w.allocated() {
-                "gone from the inventory: retired, its rental stays until it moves or ends"
-            } else {
-                "gone from the inventory: retired"
-            };
-            events::append_in(&mut tx, "worker.retired", Some(&w.name), None, msg).await?;
-            changes.push(format!("{}: {msg}", w.name));
-        }
-        tx.commit().await?;
         Ok(changes)
+    }
+
+    /// Applies the inventory file (its text's SHA-256 is `digest`). With `unless_applied`
+    /// (a start), a file already applied as it is now is not applied again: workers
+    /// added, changed or retired through the API since then stand. `None`: skipped so.
+    pub async fn apply_inventory_file(
+        &self,
+        inventory: &Inventory,
+        digest: &str,
+        unless_applied: bool,
+    ) -> Result<Option<Vec<Change>>, StoreError> {
+        let mut tx = self.begin().await?;
+        let applied: Option<String> =
+            sqlx::query_scalar("SELECT digest FROM inventory_applied WHERE id = 1 FOR UPDATE")
+                .fetch_optional(&mut *tx)
+                .await?;
+        if unless_applied && applied.as_deref() == Some(digest) {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let (rows, _) = held_inventory(&mut tx).await?;
+        let changes = write_inventory(&mut tx, &rows, inventory, false).await?;
+        sqlx::query(
+            "INSERT INTO inventory_applied (id, digest, applied_at) \
+             VALUES (1, ?, UTC_TIMESTAMP(6)) \
+             ON DUPLICATE KEY UPDATE digest = VALUES(digest), applied_at = VALUES(applied_at)",
+        )
+        .bind(digest)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(changes))
+    }
+
+    /// The inventory Orion holds: its workers not retired, in the order they came.
+    pub async fn inventory(&self) -> Result<Inventory, StoreError> {
+        let rows: Vec<Worker> = sqlx::query_as(&format!(
+            "SELECT {WORKER_COLUMNS} FROM workers WHERE NOT retired ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Inventory {
+            workers: rows.iter().map(Worker::spec).collect(),
+        })
+    }
+
+    /// The sites and labels of the workers in service (not retired), for checking what
+    /// a rent asks for.
+    pub async fn known_placement(
+        &self,
+    ) -> Result<(std::collections::BTreeSet<String>, Vec<Labels>), StoreError> {
+        let inventory = self.inventory().await?;
+        let sites = inventory.workers.iter().map(|w| w.site.clone()).collect();
+        let labels = inventory.workers.into_iter().map(|w| w.labels).collect();
+        Ok((sites, labels))
     }
 
     /// Every worker, retired ones included, by name.
@@ -328,10 +388,13 @@ impl Store {
             .collect())
     }
 
-    /// The workers the probe loop must visit: all but retired ones.
+    /// The workers the probe loop must visit: all but retired ones, and retired ones
+    /// still held by a rental (it moves away, then its account is removed there: both
+    /// need the worker's state known).
     pub async fn probe_targets(&self) -> Result<Vec<Worker>, StoreError> {
         Ok(sqlx::query_as(&format!(
-            "SELECT {WORKER_COLUMNS} FROM workers WHERE retired = FALSE ORDER BY name"
+            "SELECT {WORKER_COLUMNS} FROM workers WHERE retired = FALSE OR rental_id IS NOT NULL \
+             ORDER BY name"
         ))
         .fetch_all(&self.pool)
         .await?)
@@ -587,6 +650,19 @@ impl Store {
         .await?)
     }
 
+    /// Per site, how many workers are in service, dead and failing.
+    pub async fn site_health(&self) -> Result<Vec<SiteHealth>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT site, COUNT(*) AS total, \
+             CAST(COALESCE(SUM(status = 'dead'), 0) AS SIGNED) AS dead, \
+             CAST(COALESCE(SUM(status <> 'dead' AND consecutive_failures > 0), 0) AS SIGNED) \
+                 AS failing \
+             FROM workers WHERE retired = FALSE GROUP BY site ORDER BY site",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Tenant accounts left on alive workers by rentals that no longer live there
     /// (released, failed, or moved away): they must be removed before the worker is
     /// offered again.
@@ -659,6 +735,120 @@ where
     .await
 }
 
+/// Every worker row, locked, and the inventory they make (those not retired).
+async fn held_inventory(
+    tx: &mut Transaction<'_, MySql>,
+) -> Result<(Vec<Worker>, Inventory), sqlx::Error> {
+    let rows: Vec<Worker> = sqlx::query_as(&format!(
+        "SELECT {WORKER_COLUMNS} FROM workers ORDER BY id FOR UPDATE"
+    ))
+    .fetch_all(&mut **tx)
+    .await?;
+    let current = Inventory {
+        workers: rows
+            .iter()
+            .filter(|w| !w.retired)
+            .map(Worker::spec)
+            .collect(),
+    };
+    Ok((rows, current))
+}
+
+/// Writes what changes from `rows` to `wanted` (unless `dry_run`), an event each.
+async fn write_inventory(
+    tx: &mut Transaction<'_, MySql>,
+    rows: &[Worker],
+    wanted: &Inventory,
+    dry_run: bool,
+) -> Result<Vec<Change>, sqlx::Error> {
+    let known: Vec<Known> = rows
+        .iter()
+        .map(|w| Known {
+            spec: w.spec(),
+            retired: w.retired,
+            occupied: w.allocated(),
+        })
+        .collect();
+    let changes = diff(&known, wanted);
+    if dry_run {
+        return Ok(changes);
+    }
+    for change in &changes {
+        let row = rows.iter().find(|w| w.name == change.worker());
+        let kind = match change {
+            Change::Add(spec) => {
+                sqlx::query(
+                    "INSERT INTO workers (name, site, labels, ssh_host, ssh_port, public_host, \
+                     public_port, app_host, instances_join, pinned_host_key, created_at, \
+                     updated_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+                )
+                .bind(&spec.name)
+                .bind(&spec.site)
+                .bind(labels_json(&spec.labels))
+                .bind(&spec.ssh_host)
+                .bind(spec.ssh_port)
+                .bind(&spec.public_host)
+                .bind(spec.public_port)
+                .bind(&spec.app_host)
+                .bind(&spec.instances_join)
+                .bind(&spec.host_key)
+                .execute(&mut **tx)
+                .await?;
+                "worker.added"
+            }
+            Change::Restore(spec) | Change::Update { to: spec, .. } => {
+                let Some(w) = row else { continue };
+                // A new pinned key is the operator's word on the worker's identity: it
+                // replaces what was trusted on first use and lifts a quarantine.
+                let key_changed = w.pinned_host_key != spec.host_key;
+                sqlx::query(
+                    "UPDATE workers SET site = ?, labels = ?, ssh_host = ?, ssh_port = ?, \
+                     public_host = ?, public_port = ?, app_host = ?, instances_join = ?, \
+                     pinned_host_key = ?, retired = FALSE, \
+                     known_host_key = IF(?, NULL, known_host_key), \
+                     quarantine_reason = IF(?, NULL, quarantine_reason), \
+                     updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+                )
+                .bind(&spec.site)
+                .bind(labels_json(&spec.labels))
+                .bind(&spec.ssh_host)
+                .bind(spec.ssh_port)
+                .bind(&spec.public_host)
+                .bind(spec.public_port)
+                .bind(&spec.app_host)
+                .bind(&spec.instances_join)
+                .bind(&spec.host_key)
+                .bind(key_changed)
+                .bind(key_changed)
+                .bind(w.id)
+                .execute(&mut **tx)
+                .await?;
+                "worker.updated"
+            }
+            Change::Retire { .. } => {
+                let Some(w) = row else { continue };
+                sqlx::query(
+                    "UPDATE workers SET retired = TRUE, updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+                )
+                .bind(w.id)
+                .execute(&mut **tx)
+                .await?;
+                "worker.retired"
+            }
+        };
+        let msg = change.to_string();
+        // The event's text without the leading `+ name: `.
+        let msg = msg.split_once(": ").map_or(msg.as_str(), |(_, rest)| rest);
+        events::append_in(tx, kind, Some(change.worker()), None, msg).await?;
+    }
+    Ok(changes)
+}
+
+fn labels_json(labels: &Labels) -> String {
+    serde_json::to_string(labels).expect("labels are strings")
+}
+
 /// Claims one usable, free worker for `rental_id` inside `tx`. Rows another
 /// transaction is claiming are skipped rather than waited for, so concurrent claims
 /// neither block nor deadlock, and never get the same worker. The order is the primary
@@ -671,27 +861,61 @@ pub(super) async fn claim_free_worker(
     tx: &mut Transaction<'_, MySql>,
     rental_id: &str,
     exclude: &[u64],
+    constraints: &Constraints,
+) -> Result<Option<Worker>, sqlx::Error> {
+    // The preferred site first (a hard `site` leaves nothing to prefer), then any.
+    let mut sites = vec![constraints.site.as_deref()];
+    if constraints.site.is_none()
+        && let Some(preferred) = constraints.prefer_site.as_deref()
+    {
+        sites.insert(0, Some(preferred));
+    }
+    let labels = constraints.labels_json();
+    for site in sites {
+        if let Some(worker) = claim_where(tx, rental_id, exclude, site, labels.as_deref()).await? {
+            return Ok(Some(worker));
+        }
+    }
+    Ok(None)
+}
+
+/// [`claim_free_worker`] among the workers of `site` (any if `None`) that carry all of
+/// `labels` (a JSON object; any if `None`).
+async fn claim_where(
+    tx: &mut Transaction<'_, MySql>,
+    rental_id: &str,
+    exclude: &[u64],
+    site: Option<&str>,
+    labels: Option<&str>,
 ) -> Result<Option<Worker>, sqlx::Error> {
     // Worker ids are numbers: written into the statement, they cannot inject anything.
-    let excluded = if exclude.is_empty() {
-        String::new()
-    } else {
+    let mut filter = String::new();
+    if !exclude.is_empty() {
         let ids: Vec<String> = exclude.iter().map(u64::to_string).collect();
-        format!("AND id NOT IN ({}) ", ids.join(", "))
-    };
+        filter.push_str(&format!("AND id NOT IN ({}) ", ids.join(", ")));
+    }
+    if site.is_some() {
+        filter.push_str("AND site = ? ");
+    }
+    if labels.is_some() {
+        filter.push_str("AND JSON_CONTAINS(labels, ?) ");
+    }
     // Workers hosting no app instance first: a rented worker hosts none (unless
     // `apps.shared_workers`), so its instances would have to move. The preference is
     // read without locks, then the first few preferred workers are tried one by one:
     // ordering the locking query itself by that count would make InnoDB lock every
     // free row it sorts, and concurrent rents would all skip them.
-    let preferred: Vec<u64> = sqlx::query_scalar(&format!(
-        "SELECT id FROM workers WHERE rental_id IS NULL AND {USABLE} {excluded}\
+    let sql = format!(
+        "SELECT id FROM workers WHERE rental_id IS NULL AND {USABLE} {filter}\
          ORDER BY (SELECT COUNT(*) FROM instances i \
                    WHERE i.worker_id = workers.id AND i.ended_at IS NULL), id \
          LIMIT {PREFERRED_TRIES}"
-    ))
-    .fetch_all(&mut **tx)
-    .await?;
+    );
+    let mut query = sqlx::query_scalar(&sql);
+    for value in [site, labels].into_iter().flatten() {
+        query = query.bind(value);
+    }
+    let preferred: Vec<u64> = query.fetch_all(&mut **tx).await?;
     let mut candidate: Option<Worker> = None;
     for id in preferred {
         candidate = sqlx::query_as(&format!(
@@ -706,13 +930,16 @@ pub(super) async fn claim_free_worker(
         }
     }
     if candidate.is_none() {
-        candidate = sqlx::query_as(&format!(
+        let sql = format!(
             "SELECT {WORKER_COLUMNS} FROM workers \
-             WHERE rental_id IS NULL AND {USABLE} {excluded}\
+             WHERE rental_id IS NULL AND {USABLE} {filter}\
              ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
-        ))
-        .fetch_optional(&mut **tx)
-        .await?;
+        );
+        let mut query = sqlx::query_as(&sql);
+        for value in [site, labels].into_iter().flatten() {
+            query = query.bind(value);
+        }
+        candidate = query.fetch_optional(&mut **tx).await?;
     }
     let Some(mut worker) = candidate else {
         return Ok(None);

@@ -415,19 +415,28 @@ pub fn write_private_key(key: &PrivateKey, path: &std::path::Path) {
 /// Inventory text for workers published on loopback. Their apps' instances join the
 /// worker container's namespaces and are reached at its address.
 pub fn inventory_for(workers: &[Worker]) -> String {
+    workers.iter().map(|w| inventory_entry(w, "test")).collect()
+}
+
+/// [`inventory_for`] with worker `i` on site `sites[i]`.
+pub fn inventory_on_sites(workers: &[Worker], sites: &[&str]) -> String {
     workers
         .iter()
-        .map(|w| {
-            format!(
-                "[[workers]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nsite = \"test\"\n\
-                 instances_join = \"{}\"\napp_host = \"{}\"\n\n",
-                w.name,
-                w.port,
-                w.container,
-                w.address()
-            )
-        })
+        .zip(sites)
+        .map(|(w, site)| inventory_entry(w, site))
         .collect()
+}
+
+/// One worker's `[[workers]]` table.
+pub fn inventory_entry(w: &Worker, site: &str) -> String {
+    format!(
+        "[[workers]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nsite = \"{site}\"\n\
+         instances_join = \"{}\"\napp_host = \"{}\"\n\n",
+        w.name,
+        w.port,
+        w.container,
+        w.address()
+    )
 }
 
 /// A configuration whose loops wait an hour between passes: tests drive rounds

@@ -22,5 +22,6 @@ mod playbooks;
 mod probe;
 mod rent;
 mod routing;
+mod sites;
 mod startup;
 mod worker_hardening;

@@ -66,8 +66,10 @@ async fn the_inventory_is_synced_and_removed_workers_are_retired() {
     // Drop worker_2 from the inventory and sync again.
     let only_first = crate::helpers::inventory_for(&app.workers[..1]);
     std::fs::write(&inventory, &only_first).unwrap();
-    let inv = orion::inventory::Inventory::load(&inventory).unwrap();
-    let changes = app.ctx.store.sync_inventory(&inv).await.unwrap();
+    let changes = orion::fleet::apply_file(&app.ctx.store, &inventory, false)
+        .await
+        .unwrap()
+        .expect("applied");
     assert_eq!(changes.len(), 1, "{changes:?}");
     let w2 = app.worker_row("worker_2").await;
     assert!(w2.retired);

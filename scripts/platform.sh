@@ -8,9 +8,18 @@
 #                                       replicas (default 2) and Caddy over them
 #                                       (docker-compose.ha.yml). A platform keeps the
 #                                       profile it was made with until `down --volumes`.
+#   scripts/platform.sh up --sites N [W]  the workers in N sites a, b, c… (N up to 26), W
+#                                       each (default: the worker count given, else 2), each
+#                                       site on a Docker network of its own that orion joins
+#                                       (scripts/workers.sh: Sites). With or without --ha, in
+#                                       any order. A platform keeps its sites: a later `up`
+#                                       starts them again, `--sites` may add more, never fewer.
 #   scripts/platform.sh down [--volumes] remove the control plane and stop the workers;
-#                                        --volumes: remove the workers and the data too
-#   scripts/platform.sh status           services, workers, health
+#                                        --volumes: remove the workers, the site networks
+#                                        and the data too
+#   scripts/platform.sh status           services, workers, sites, health
+#   scripts/platform.sh cut SITE|all     drill: cut orion off a site's network (or all sites')
+#   scripts/platform.sh heal SITE|all    connect it again
 #
 # Generated state (keys, passwords, inventory, Caddy's root certificate) lives in
 # .platform/$ORION_PROJECT (mode 700, never committed).
@@ -45,6 +54,17 @@ compose_cmd() {
 # The profile the platform was made with (ORION_PROFILE in its .env): single or ha.
 profile() { grep -E '^ORION_PROFILE=' "$dir/.env" 2>/dev/null | cut -d= -f2 || true; }
 
+# How many sites its workers are in (ORION_SITES in its .env): 0 for none, the workers
+# then being worker_1.. without a site.
+sites_made() { grep -E '^ORION_SITES=' "$dir/.env" 2>/dev/null | cut -d= -f2 || true; }
+
+# What scripts/workers.sh recorded of the workers, "SITE COUNT BASE" a line ("-": the
+# workers without a site).
+recorded() { grep -vE '^[[:space:]]*(#|$)' "$dir/sites" 2>/dev/null || true; }
+
+# The first N sites' names: a, b, c…
+site_names() { local all=({a..z}); printf '%s\n' "${all[@]:0:$1}"; }
+
 compose_file() {
   if [[ "$(profile)" == ha ]]; then echo docker-compose.ha.yml; else echo docker-compose.yml; fi
 }
@@ -60,7 +80,7 @@ replica_upstreams() {
   local n=$1 sep=_ i names=() name
   [[ "$(compose_cmd)" == "docker compose" ]] && sep=-
   # As compose names projects: lower case, only letters, digits, - and _.
-  name=$(tr 'A-Z' 'a-z' <<<"$project" | tr -cd 'a-z0-9_-')
+  name=$(tr '[:upper:]' '[:lower:]' <<<"$project" | tr -cd 'a-z0-9_-')
   for ((i = 1; i <= n; i++)); do names+=("${name}${sep}orion${sep}$i:8080"); done
   echo "${names[*]}"
 }
@@ -108,6 +128,7 @@ ORION_HTTPS_PORT=${ORION_HTTPS_PORT:-443}
 ORION_INVENTORY=$PWD/$dir/inventory.toml
 ORION_SSH_KEY=$PWD/$dir/orion_ed25519
 ORION_PROFILE=$wanted_profile
+ORION_SITES=${wanted_sites:-0}
 ENV
   fi
   # Added after the first platforms were made: appended to an older .env.
@@ -117,6 +138,21 @@ ENV
   grep -qE '^ORION_PROFILE=.+' "$env" || echo "ORION_PROFILE=single" >>"$env"
   [[ "$(profile)" == "$wanted_profile" ]] \
     || die "platform '$project' was made with the $(profile) profile; 'scripts/platform.sh down --volumes' first to make it again as $wanted_profile"
+  # A platform made before sites existed has none.
+  grep -qE '^ORION_SITES=[0-9]+$' "$env" || echo "ORION_SITES=0" >>"$env"
+  local made; made=$(sites_made)
+  if [[ -z "$wanted_sites" ]]; then
+    # A later `up` starts the sites the platform was made with.
+    wanted_sites=$made
+  elif ((made == 0 && wanted_sites > 0)); then
+    # Its workers without a site would stay in the inventory beside the sites' unstarted.
+    die "platform '$project' was made without sites; 'scripts/platform.sh down --volumes' first to make it again with $wanted_sites"
+  elif ((wanted_sites < made)); then
+    die "platform '$project' has $made sites and never drops one; 'scripts/platform.sh down --volumes' first to make it again with $wanted_sites"
+  elif ((wanted_sites > made)); then
+    log "adding sites: $made -> $wanted_sites"
+    sed -i "s/^ORION_SITES=.*/ORION_SITES=$wanted_sites/" "$env"
+  fi
   if [[ "$wanted_profile" == ha ]]; then
     grep -qE '^ORION_DB_SST_PASSWORD=.+' "$env" || echo "ORION_DB_SST_PASSWORD=$(random_secret)" >>"$env"
     sed -i '/^ORION_API_UPSTREAMS=/d' "$env"
@@ -196,12 +232,24 @@ wait_cluster() {
 }
 
 up() {
-  wanted_profile=single
-  if [[ "${1:-}" == --ha ]]; then wanted_profile=ha; shift; fi
+  wanted_profile=single wanted_sites=''
+  local n='' arg
+  # Flags in any order: --ha, --sites N, and the number of workers (per site with --sites).
+  while (($#)); do
+    arg=$1
+    shift
+    case "$arg" in
+      --ha) wanted_profile=ha ;;
+      --sites) (($#)) || die "--sites needs a number of sites"; wanted_sites=$1; shift ;;
+      --sites=*) wanted_sites=${arg#--sites=} ;;
+      *) [[ -z "$n" ]] || die "usage: $0 up [--ha] [--sites N] [W]"; n=$arg ;;
+    esac
+  done
+  [[ -z "$wanted_sites" || "$wanted_sites" =~ ^([1-9]|1[0-9]|2[0-6])$ ]] \
+    || die "--sites takes 1 to 26 sites (got '$wanted_sites')"
   replicas=${ORION_REPLICAS:-2}
   [[ "$replicas" =~ ^[1-8]$ ]] || die "ORION_REPLICAS must be 1 to 8 (got '$replicas')"
-  local n=${1:-3}
-  [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive number of workers (got '$n')"
+  [[ -z "$n" || "$n" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive number of workers (got '$n')"
   scripts/docker-engine.sh
   command -v curl >/dev/null || die "curl is needed to check the platform"
   compose_cmd >/dev/null
@@ -210,24 +258,54 @@ up() {
   ensure_key
   ensure_host_ca
   ensure_env
+  # Workers per site (default 2; a site that has more keeps them), else workers.
+  if ((wanted_sites > 0)); then n=${n:-2}; else n=${n:-3}; fi
   build_images
   # From here on, a failure takes down what was started: nothing half-started stays.
   trap 'log "start failed; taking down what was started"; compose down >/dev/null 2>&1 || true; scripts/workers.sh down || true' ERR
-  scripts/workers.sh up "$n"
+  # The workers asked for (sites a, b… or workers without a site), then any others
+  # scripts/workers.sh has recorded (added to the running platform since): every worker
+  # the inventory lists runs again.
+  local site sites=() k
+  if ((wanted_sites > 0)); then
+    mapfile -t sites < <(site_names "$wanted_sites")
+    for site in "${sites[@]}"; do scripts/workers.sh up "$n" --site "$site"; done
+    k=$(recorded | awk '$1 == "-" { print $2 }')
+    [[ -z "$k" || "$k" == 0 ]] || scripts/workers.sh up "$k"
+  else
+    scripts/workers.sh up "$n"
+  fi
+  for site in $(recorded | awk '$1 != "-" { print $1 }'); do
+    # `up 1`: at least one, and a site keeps (and starts) all the workers it has.
+    [[ " ${sites[*]} " == *" $site "* ]] || scripts/workers.sh up 1 --site "$site"
+  done
   if [[ "$wanted_profile" == ha ]]; then
     compose up -d --scale orion="$replicas"
   else
     compose up -d
   fi
+  # Orion reaches the sites' workers over their networks: compose has just made (or
+  # made again) its containers, on its own networks only.
+  scripts/workers.sh heal all
   wait_healthy || { log "the platform did not become healthy"; false; }
   if [[ "$wanted_profile" == ha ]]; then
     wait_cluster || { log "the Galera cluster did not form"; false; }
   fi
   trap - ERR
-  local port; port=$(https_port)
+  local port what first=worker_1 drill='' all
+  port=$(https_port)
+  what="$(recorded | awk '{ t += $2 } END { print t + 0 }') workers"
+  all=$(recorded | awk '$1 != "-" { print $1 }' | xargs)
+  if [[ -n "$all" ]]; then
+    what="$what, sites $all"
+    if ((wanted_sites > 0)); then first=worker_a_1; fi
+    drill="
+  scripts/platform.sh cut ${all%% *}                   # the sites drill: Orion cut off a site
+  scripts/platform.sh heal ${all%% *}"
+  fi
   cat <<MSG
 
-Orion is up ($wanted_profile profile): $n workers, API at https://localhost:$port (Caddy, internal CA).
+Orion is up ($wanted_profile profile): $what, API at https://localhost:$port (Caddy, internal CA).
 Trust Caddy's root certificate and use the admin token (or a tenant token from
 POST /api/tokens):
 
@@ -237,9 +315,9 @@ POST /api/tokens):
        --json "{\"ssh_public_key\": \"\$(cat ~/.ssh/id_ed25519.pub)\"}"
   curl --cacert \$CA -H "Authorization: Bearer \$TOKEN" https://localhost:$port/api/ssh/known_hosts >> ~/.ssh/known_hosts
   ssh -p <endpoint.port> <username>@localhost # from the answer: the rental's own port
-  docker stop ${ORION_WORKER_PREFIX:-}worker_1                  # the failure drill
+  docker stop ${ORION_WORKER_PREFIX:-}$first                  # the failure drill
   ssh -p <endpoint.port> <username>@localhost # the same endpoint, the same files
-  curl --cacert \$CA -H "Authorization: Bearer \$TOKEN" https://localhost:$port/api/rentals/<id>
+  curl --cacert \$CA -H "Authorization: Bearer \$TOKEN" https://localhost:$port/api/rentals/<id>$drill
 
 Tear down with: scripts/platform.sh down   (add --volumes to drop the data and workers)
 MSG
@@ -289,5 +367,7 @@ case "${1:-}" in
   up) shift; up "$@" ;;
   down) shift; down "$@" ;;
   status) status ;;
-  *) echo "usage: $0 up [--ha] [N] | down [--volumes] | status" >&2; exit 2 ;;
+  # The drill is the workers' side's: it knows the sites and their networks.
+  cut | heal) scripts/workers.sh "$@" ;;
+  *) echo "usage: $0 up [--ha] [--sites N] [N] | down [--volumes] | status | cut SITE|all | heal SITE|all" >&2; exit 2 ;;
 esac

@@ -286,6 +286,21 @@ pub enum EditError {
 }
 
 impl Inventory {
+    /// `wanted` in place of this whole inventory (a file applied), unless it names no
+    /// worker while this one has some: that is far more likely a file caught while being
+    /// written, or the wrong file, than an operator retiring the whole fleet at once
+    /// (`DELETE /api/workers/{name}` retires workers one by one).
+    pub fn replaced_by(&self, wanted: Inventory) -> Result<Inventory, EditError> {
+        if wanted.workers.is_empty() && !self.workers.is_empty() {
+            return Err(InvalidInput::new(
+                "inventory",
+                "names no worker: applying it would retire every worker; refused",
+            )
+            .into());
+        }
+        Ok(wanted)
+    }
+
     /// This inventory with worker `name` added or changed by `fields`, validated as
     /// the file is.
     pub fn with_worker(

@@ -4,7 +4,7 @@
 //! ([`crate::loops::watch`]), which both probe workers; the probes of one worker never
 //! overlap.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -222,11 +222,7 @@ async fn probe_locked(
         .record_probe(&worker, &record)
         .await
         .with_context(|| format!("Failed to record the probe of {}", worker.name))?;
-    // A death moves rentals; a return may end a site's loss (and let waiting rentals go).
-    if died
-        || health.status != worker.status
-        || matches!(&outcome, Err(SshError::HostKeyMismatch { .. }))
-    {
+    if died || matches!(&outcome, Err(SshError::HostKeyMismatch { .. })) {
         ctx.wake.migration.notify_one();
     }
     if health.status != worker.status || matches!(&outcome, Err(SshError::HostKeyMismatch { .. })) {
@@ -272,16 +268,49 @@ async fn trust_on_first_use(
 fn duration_ms(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
+/// When the guard last held every move (shared by the migration and apps loops).
+#[derive(Debug, Default)]
+pub struct Holds {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Holds {
+    fn held_now(&self) {
+        *self.last.lock().expect("not poisoned") = Some(std::time::Instant::now());
+    }
+
+    /// Whether a hold ended less than `window` ago.
+    fn settling(&self, window: Duration) -> bool {
+        self.last
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|at| at.elapsed() < window)
+    }
+}
+
+/// What the guard on moves concluded for one pass.
+#[derive(Debug, Default)]
+pub struct Guard {
+    pub verdict: probe_policy::Verdict,
+    /// The health of each site it rests on.
+    pub sites: Vec<SiteHealth>,
+    /// Workers declared dead that answer now, found only in the minutes after a hold:
+    /// Orion was cut off from them, they did not die. Nothing is moved off them; the
+    /// probe loop soon declares them alive.
+    pub revived: HashSet<u64>,
+}
+
 /// The guard on moves, for a pass of the migration or apps loop that has something to
 /// move (`must_move`): see [`probe_policy::judge`]. Watch sessions cut by a fault
 /// between Orion and the fleet drop one by one, each at its own keepalive, so the first
 /// deaths are declared while the other workers still look alive in the database: before
 /// anything moves, the workers not declared dead are probed again ([`answering_now`]).
-/// Returns the verdict and the sites' health it rests on.
-pub async fn guard(
-    ctx: &Context,
-    must_move: bool,
-) -> anyhow::Result<(probe_policy::Verdict, Vec<SiteHealth>)> {
+///
+/// A cut also heals worker by worker: the workers declared dead during it come back
+/// alive only after `health.alive_after` probe rounds, and meanwhile the sites that
+/// answer first would make the others look lost. For `(alive_after + 1)` probe intervals
+/// after a hold, the dead workers are probed too, and those that answer are `revived`.
+pub async fn guard(ctx: &Context, must_move: bool) -> anyhow::Result<Guard> {
     let max_fraction = ctx.config.migration.max_dead_fraction;
     let mut sites = ctx
         .store
@@ -290,21 +319,35 @@ pub async fn guard(
         .context("Failed to count workers by site")?;
     let mut verdict = probe_policy::judge(&sites, max_fraction);
     let total: i64 = sites.iter().map(|s| s.total).sum();
-    if !verdict.hold && must_move && total >= 3 {
-        sites = answering_now(ctx, sites).await?;
+    let health = &ctx.config.health;
+    let window = health.interval * (health.alive_after + 1);
+    let settling = ctx.holds.settling(window);
+    let mut revived = HashSet::new();
+    if (!verdict.hold || settling) && must_move && total >= 3 {
+        (sites, revived) = answering_now(ctx, sites, settling).await?;
         verdict = probe_policy::judge(&sites, max_fraction);
     }
-    Ok((verdict, sites))
+    if verdict.hold {
+        ctx.holds.held_now();
+    }
+    Ok(Guard {
+        verdict,
+        sites,
+        revived,
+    })
 }
 
-/// Probes every worker not declared dead (without recording anything) and returns the
-/// sites with `failing` = those that did not answer. Stops as soon as the verdict is
-/// known (a site answers, or every site is beyond the limit), so one hung worker does
-/// not delay a move.
+/// Probes every worker not declared dead (and, with `dead_too`, the dead ones), without
+/// recording anything, and returns the sites with `failing` = those that did not answer
+/// (a dead one that answers counts as neither dead nor failing), and the dead workers
+/// that answered. Stops as soon as the verdict is known (a site answers, or every site
+/// is beyond the limit), so one hung worker does not delay a move; with `dead_too` every
+/// answer is waited for.
 async fn answering_now(
     ctx: &Context,
     mut sites: Vec<SiteHealth>,
-) -> anyhow::Result<Vec<SiteHealth>> {
+    dead_too: bool,
+) -> anyhow::Result<(Vec<SiteHealth>, HashSet<u64>)> {
     let max_fraction = ctx.config.migration.max_dead_fraction;
     let workers = ctx
         .store
@@ -314,12 +357,25 @@ async fn answering_now(
     let targets: Vec<_> = workers
         .iter()
         // A quarantined worker is out of service for another reason than this fault.
-        .filter(|w| w.status != WorkerStatus::Dead && w.quarantine_reason.is_none() && !w.retired)
-        .map(|w| (w.site.clone(), w.target()))
+        .filter(|w| {
+            (dead_too || w.status != WorkerStatus::Dead)
+                && w.quarantine_reason.is_none()
+                && !w.retired
+        })
+        .map(|w| {
+            (
+                w.id,
+                w.status == WorkerStatus::Dead,
+                w.site.clone(),
+                w.target(),
+            )
+        })
         .collect();
     let mut candidates: HashMap<String, i64> = HashMap::new();
-    for (site, _) in &targets {
-        *candidates.entry(site.clone()).or_default() += 1;
+    for (_, dead, site, _) in &targets {
+        if !dead {
+            *candidates.entry(site.clone()).or_default() += 1;
+        }
     }
     for s in &mut sites {
         s.failing = 0;
@@ -327,14 +383,32 @@ async fn answering_now(
     let timeout = ctx.config.health.probe_timeout;
     let mut probes: futures::stream::FuturesUnordered<_> = targets
         .iter()
-        .map(|(site, target)| async move { (site, ctx.ssh.probe(target, timeout).await.is_ok()) })
+        .map(|(id, dead, site, target)| async move {
+            (
+                *id,
+                *dead,
+                site,
+                ctx.ssh.probe(target, timeout).await.is_ok(),
+            )
+        })
         .collect();
     let mut answered: HashMap<String, i64> = HashMap::new();
-    while let Some((site, ok)) = probes.next().await {
-        if ok {
-            *answered.entry(site.clone()).or_default() += 1;
-        } else if let Some(s) = sites.iter_mut().find(|s| &s.site == site) {
-            s.failing += 1;
+    let mut revived = HashSet::new();
+    while let Some((id, dead, site, ok)) = probes.next().await {
+        let Some(s) = sites.iter_mut().find(|s| &s.site == site) else {
+            continue;
+        };
+        match (dead, ok) {
+            (true, true) => {
+                revived.insert(id);
+                s.dead -= 1;
+            }
+            (true, false) => {}
+            (false, true) => *answered.entry(site.clone()).or_default() += 1,
+            (false, false) => s.failing += 1,
+        }
+        if dead_too {
+            continue;
         }
         let limit = |s: &SiteHealth| max_fraction * s.total as f64;
         let settled_hold = sites.iter().all(|s| (s.dead + s.failing) as f64 > limit(s));
@@ -347,5 +421,5 @@ async fn answering_now(
             break;
         }
     }
-    Ok(sites)
+    Ok((sites, revived))
 }

@@ -157,6 +157,7 @@ impl Application {
             stopping: CancellationToken::new(),
             notifier,
             limiter: Arc::new(limiter),
+            holds: Arc::default(),
             router,
             host_ca,
             leader: Arc::new(crate::leader::Leadership::new(

@@ -75,7 +75,7 @@ pub async fn apply(
         .ok_or_else(|| InvalidInput::new("inventory", "required: the inventory file's text"))?;
     let wanted = Inventory::parse(&text, std::path::Path::new("inventory"))
         .map_err(|e| InvalidInput::new("inventory", e.to_string()))?;
-    let changes = crate::fleet::edit(&ctx, |_| Ok(wanted), body.dry_run).await?;
+    let changes = crate::fleet::edit(&ctx, |held| held.replaced_by(wanted), body.dry_run).await?;
     Ok(Json(InventoryChanges {
         applied: !body.dry_run,
         changes: changes.iter().map(ToString::to_string).collect(),

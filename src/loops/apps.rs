@@ -134,18 +134,20 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
         .context("Failed to list instances")?;
 
     // 1. Instances lost with their worker.
-    let doomed: Vec<&InstanceRecord> = live
+    let mut doomed: Vec<&InstanceRecord> = live
         .iter()
         .filter(|i| by_id.get(&i.worker_id).is_none_or(|w| lost(w)))
         .collect();
     // The migration loop's guard: a whole site lost moves; every site at once holds.
-    let (verdict, sites) = crate::probe::guard(ctx, !doomed.is_empty()).await?;
-    let hold = verdict.hold;
+    let guard = crate::probe::guard(ctx, !doomed.is_empty()).await?;
+    let (hold, sites) = (guard.verdict.hold, &guard.sites);
+    // A worker Orion was cut off from, answering again before the probes say so.
+    doomed.retain(|i| !guard.revived.contains(&i.worker_id));
     if hold {
         summary.held = true;
         // Said once per hold, at the first pass that holds something back.
         if !doomed.is_empty() && !state.held.swap(true, Ordering::Relaxed) {
-            let detail = crate::probe_policy::describe(&sites);
+            let detail = crate::probe_policy::describe(sites);
             tracing::warn!(sites = %detail, "every site fails at once: no instance is moved");
             ctx.store
                 .append_event(
@@ -182,7 +184,8 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
         .map(|w| Candidate {
             id: w.id,
             site: w.site.clone(),
-            fit: fit(ctx, w),
+            // A worker answering again after a cut keeps its instances (see `revived`).
+            fit: fit(ctx, w) || (guard.revived.contains(&w.id) && w.quarantine_reason.is_none()),
             load: 0,
             ports: HashSet::new(),
         })

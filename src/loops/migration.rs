@@ -70,9 +70,14 @@ pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<Pass
         .rentals_to_migrate()
         .await
         .context("Failed to list rentals to move")?;
-    let (verdict, sites) = crate::probe::guard(ctx, !rentals.is_empty()).await?;
-    let hold = verdict.hold;
-    say_lost_sites(ctx, state, &verdict.lost, &sites).await;
+    let guard = crate::probe::guard(ctx, !rentals.is_empty()).await?;
+    let (hold, sites) = (guard.verdict.hold, &guard.sites);
+    say_lost_sites(ctx, state, &guard.verdict.lost, sites).await;
+    // A worker Orion was cut off from, answering again before the probes say so.
+    let rentals: Vec<RentalRecord> = rentals
+        .into_iter()
+        .filter(|r| !r.worker_id.is_some_and(|w| guard.revived.contains(&w)))
+        .collect();
     let was_held = state.held.swap(hold, Ordering::Relaxed);
     if hold && was_held {
         return Ok(PassSummary {
@@ -93,7 +98,7 @@ pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<Pass
             .ok();
     }
     if hold {
-        let detail = crate::probe_policy::describe(&sites);
+        let detail = crate::probe_policy::describe(sites);
         tracing::warn!(
             sites = %detail,
             "every site has most workers dead at once: Orion is probably cut off; holding migrations"

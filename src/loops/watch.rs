@@ -10,6 +10,7 @@
 //! the same way after `keepalive_interval × (keepalive_max + 1)`; the probe rounds stay
 //! the bound for anything slower.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,28 +29,39 @@ const IDLE_RECHECK: Duration = Duration::from_secs(2);
 const MIN_WATCH: Duration = Duration::from_secs(1);
 
 /// Watches every worker of the inventory until `shutdown` is cancelled. Not a periodic
-/// pass: one long-lived task per worker, each waiting on its session.
+/// pass: one long-lived task per worker, each waiting on its session. The inventory is
+/// looked at again every [`IDLE_RECHECK`], so that a worker added while Orion runs is
+/// watched too (a retired one's watcher ends by itself).
 pub async fn run(ctx: Context, probes: Arc<Probes>, shutdown: CancellationToken) {
-    let names = loop {
+    let mut watched: HashSet<String> = HashSet::new();
+    let mut watchers = JoinSet::new();
+    while !shutdown.is_cancelled() {
         match ctx.store.probe_targets().await {
-            Ok(workers) => break workers.into_iter().map(|w| w.name).collect::<Vec<_>>(),
-            Err(e) => {
-                tracing::warn!(error = %e, "watch: cannot list workers yet");
-                tokio::select! {
-                    () = tokio::time::sleep(IDLE_RECHECK) => continue,
-                    () = shutdown.cancelled() => return,
+            Ok(workers) => {
+                for w in workers.into_iter().filter(|w| !w.retired) {
+                    if watched.insert(w.name.clone()) {
+                        watchers.spawn(watch_worker(
+                            ctx.clone(),
+                            probes.clone(),
+                            w.name,
+                            shutdown.clone(),
+                        ));
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "watch: cannot list workers now"),
+        }
+        let look_again = tokio::time::sleep(IDLE_RECHECK);
+        tokio::pin!(look_again);
+        loop {
+            tokio::select! {
+                () = &mut look_again => break,
+                () = shutdown.cancelled() => break,
+                Some(Ok(name)) = watchers.join_next() => {
+                    watched.remove(&name);
                 }
             }
         }
-    };
-    let mut watchers = JoinSet::new();
-    for name in names {
-        watchers.spawn(watch_worker(
-            ctx.clone(),
-            probes.clone(),
-            name,
-            shutdown.clone(),
-        ));
     }
     while watchers.join_next().await.is_some() {}
 }
@@ -60,7 +72,18 @@ async fn watch_worker(
     probes: Arc<Probes>,
     name: String,
     shutdown: CancellationToken,
+) -> String {
+    watch_until_retired(&ctx, &probes, &name, &shutdown).await;
+    name
+}
+
+async fn watch_until_retired(
+    ctx: &Context,
+    probes: &Arc<Probes>,
+    name: &str,
+    shutdown: &CancellationToken,
 ) {
+    let (ctx, probes, shutdown) = (ctx.clone(), probes.clone(), shutdown.clone());
     while !shutdown.is_cancelled() {
         // Only the leading process watches (and probes, and records what it found).
         if !ctx.leader.is_leading() {
@@ -70,7 +93,7 @@ async fn watch_worker(
             }
         }
         let db = probes.db_slot().await;
-        let read = ctx.store.worker_by_name(&name).await;
+        let read = ctx.store.worker_by_name(name).await;
         drop(db);
         let worker = match read {
             Ok(Some(w)) if w.retired => return,

@@ -310,8 +310,9 @@ impl Store {
             tx.rollback().await?;
             return Ok(None);
         }
-        let (rows, _) = held_inventory(&mut tx).await?;
-        let changes = write_inventory(&mut tx, &rows, inventory, false).await?;
+        let (rows, held) = held_inventory(&mut tx).await?;
+        let wanted = held.replaced_by(inventory.clone())?;
+        let changes = write_inventory(&mut tx, &rows, &wanted, false).await?;
         sqlx::query(
             "INSERT INTO inventory_applied (id, digest, applied_at) \
              VALUES (1, ?, UTC_TIMESTAMP(6)) \
@@ -775,74 +776,77 @@ async fn write_inventory(
     }
     for change in &changes {
         let row = rows.iter().find(|w| w.name == change.worker());
-        let kind = match change {
-            Change::Add(spec) => {
-                sqlx::query(
+        let kind =
+            match change {
+                Change::Add(spec) => {
+                    bind_spec(sqlx::query(
                     "INSERT INTO workers (name, site, labels, ssh_host, ssh_port, public_host, \
                      public_port, app_host, instances_join, pinned_host_key, created_at, \
                      updated_at) \
                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
-                )
-                .bind(&spec.name)
-                .bind(&spec.site)
-                .bind(labels_json(&spec.labels))
-                .bind(&spec.ssh_host)
-                .bind(spec.ssh_port)
-                .bind(&spec.public_host)
-                .bind(spec.public_port)
-                .bind(&spec.app_host)
-                .bind(&spec.instances_join)
-                .bind(&spec.host_key)
+                ).bind(&spec.name), spec)
                 .execute(&mut **tx)
                 .await?;
-                "worker.added"
-            }
-            Change::Restore(spec) | Change::Update { to: spec, .. } => {
-                let Some(w) = row else { continue };
-                // A new pinned key is the operator's word on the worker's identity: it
-                // replaces what was trusted on first use and lifts a quarantine.
-                let key_changed = w.pinned_host_key != spec.host_key;
-                sqlx::query(
-                    "UPDATE workers SET site = ?, labels = ?, ssh_host = ?, ssh_port = ?, \
-                     public_host = ?, public_port = ?, app_host = ?, instances_join = ?, \
-                     pinned_host_key = ?, retired = FALSE, \
-                     known_host_key = IF(?, NULL, known_host_key), \
-                     quarantine_reason = IF(?, NULL, quarantine_reason), \
-                     updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
-                )
-                .bind(&spec.site)
-                .bind(labels_json(&spec.labels))
-                .bind(&spec.ssh_host)
-                .bind(spec.ssh_port)
-                .bind(&spec.public_host)
-                .bind(spec.public_port)
-                .bind(&spec.app_host)
-                .bind(&spec.instances_join)
-                .bind(&spec.host_key)
-                .bind(key_changed)
-                .bind(key_changed)
-                .bind(w.id)
-                .execute(&mut **tx)
-                .await?;
-                "worker.updated"
-            }
-            Change::Retire { .. } => {
-                let Some(w) = row else { continue };
-                sqlx::query(
+                    "worker.added"
+                }
+                Change::Restore(spec) | Change::Update { to: spec, .. } => {
+                    let Some(w) = row else { continue };
+                    // A new pinned key is the operator's word on the worker's identity: it
+                    // replaces what was trusted on first use and lifts a quarantine.
+                    let key_changed = w.pinned_host_key != spec.host_key;
+                    bind_spec(
+                        sqlx::query(
+                            "UPDATE workers SET site = ?, labels = ?, ssh_host = ?, ssh_port = ?, \
+                         public_host = ?, public_port = ?, app_host = ?, instances_join = ?, \
+                         pinned_host_key = ?, retired = FALSE, \
+                         known_host_key = IF(?, NULL, known_host_key), \
+                         quarantine_reason = IF(?, NULL, quarantine_reason), \
+                         updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
+                        ),
+                        spec,
+                    )
+                    .bind(key_changed)
+                    .bind(key_changed)
+                    .bind(w.id)
+                    .execute(&mut **tx)
+                    .await?;
+                    "worker.updated"
+                }
+                Change::Retire { .. } => {
+                    let Some(w) = row else { continue };
+                    sqlx::query(
                     "UPDATE workers SET retired = TRUE, updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
                 )
                 .bind(w.id)
                 .execute(&mut **tx)
                 .await?;
-                "worker.retired"
-            }
-        };
+                    "worker.retired"
+                }
+            };
         let msg = change.to_string();
         // The event's text without the leading `+ name: `.
         let msg = msg.split_once(": ").map_or(msg.as_str(), |(_, rest)| rest);
         events::append_in(tx, kind, Some(change.worker()), None, msg).await?;
     }
     Ok(changes)
+}
+
+/// Binds a worker's inventory fields, in the order `site, labels, ssh_host, ssh_port,
+/// public_host, public_port, app_host, instances_join, pinned_host_key`.
+fn bind_spec<'q>(
+    query: sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments>,
+    spec: &'q WorkerSpec,
+) -> sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments> {
+    query
+        .bind(&spec.site)
+        .bind(labels_json(&spec.labels))
+        .bind(&spec.ssh_host)
+        .bind(spec.ssh_port)
+        .bind(&spec.public_host)
+        .bind(spec.public_port)
+        .bind(&spec.app_host)
+        .bind(&spec.instances_join)
+        .bind(&spec.host_key)
 }
 
 fn labels_json(labels: &Labels) -> String {

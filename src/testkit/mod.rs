@@ -94,15 +94,21 @@ pub fn free_port() -> u16 {
 /// The base of a free block of `n` consecutive ports (`base + 1 ..= base + n`), for
 /// workers published by `scripts/workers.sh`.
 pub fn free_port_block(n: u16) -> u16 {
+    free_ports_at(&[1..=n])
+}
+
+/// A base such that every `base + offset` of `offsets` is a free port (sites' workers
+/// publish theirs in blocks of 100 above the base).
+pub fn free_ports_at(offsets: &[std::ops::RangeInclusive<u16>]) -> u16 {
     'base: for base in (24000..30000).step_by(50) {
-        for i in 1..=n {
+        for i in offsets.iter().flat_map(|r| r.clone()) {
             if TcpListener::bind(("0.0.0.0", base + i)).is_err() {
                 continue 'base;
             }
         }
         return base;
     }
-    panic!("no free block of {n} ports for the workers");
+    panic!("no free ports at {offsets:?} above any base");
 }
 
 fn short_id() -> String {
@@ -653,6 +659,14 @@ impl TestApp {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits until the rental is active on a worker other than `from` (a move done).
+    pub async fn wait_moved_off(&self, id: &str, from: &str) -> Value {
+        self.wait_rental(id, Duration::from_secs(20), |r| {
+            r["status"] == "active" && r["worker"] != from
+        })
+        .await
     }
 
     /// Counts rows of a table in this test's database.

@@ -6,13 +6,14 @@
 //! For the `--ha` profile it also finds the replica that leads, asks a Galera node, and
 //! tells which node HAProxy sends the writes to.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{docker, docker_with_env, free_port, free_port_block};
+use super::{docker, docker_with_env, free_port, free_port_block, free_ports_at};
 
 pub struct Platform {
     pub project: String,
@@ -31,8 +32,19 @@ impl Platform {
     /// A platform of project `project` for `workers` workers, on free ports, running
     /// `binary` as orion (no release build needed).
     pub fn new(project: &str, workers: u16, binary: &std::path::Path) -> Self {
+        Self::on_ports(project, free_port_block(workers.max(14)), binary)
+    }
+
+    /// A platform of `sites` sites (`platform.sh up --sites`) of up to `per_site` workers
+    /// each: site k's workers publish their ports at base + 100·k + i.
+    pub fn with_sites(project: &str, sites: u16, per_site: u16, binary: &std::path::Path) -> Self {
+        let mut offsets = vec![1..=14];
+        offsets.extend((1..=sites).map(|k| 100 * k + 1..=100 * k + per_site));
+        Self::on_ports(project, free_ports_at(&offsets), binary)
+    }
+
+    fn on_ports(project: &str, worker_base: u16, binary: &std::path::Path) -> Self {
         let https_port = free_port();
-        let worker_base = free_port_block(workers);
         // The gateway's 4 ports, in the same free block of 50 as the workers' (base + 1..=n).
         let gateway = worker_base + 11..=worker_base + 14;
         Platform {
@@ -66,6 +78,38 @@ impl Platform {
 
     pub fn script(&self, args: &[&str]) -> bool {
         self.script_with(args, &[])
+    }
+
+    /// Runs `scripts/workers.sh` with `args` on this platform.
+    pub fn workers_script(&self, args: &[&str]) -> bool {
+        Command::new(repo().join("scripts/workers.sh"))
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .status()
+            .expect("cannot run scripts/workers.sh")
+            .success()
+    }
+
+    /// The platform's events of `kind`, oldest first (the latest thousand events).
+    pub async fn events(&self, http: &reqwest::Client, kind: &str) -> Vec<String> {
+        let page: Value = match http
+            .get(format!("{}/api/events?last=1000", self.base()))
+            .send()
+            .await
+        {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        };
+        page["events"]
+            .as_array()
+            .map(|events| {
+                events
+                    .iter()
+                    .filter(|e| e["kind"] == kind)
+                    .filter_map(|e| e["message"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// A worker's container name.
@@ -231,6 +275,161 @@ impl Platform {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// What losing a whole site cost, measured under load through Caddy (see
+/// [`Platform::lose_site`]).
+#[derive(Debug, Clone)]
+pub struct SiteLoss {
+    /// From the stop until every rental was active on another site.
+    pub rentals_moved: Duration,
+    /// From the stop until the app had all its replicas running on other sites.
+    pub instances_moved: Duration,
+    /// Requests to the app through Caddy that answered 2xx, and those that did not.
+    pub answered: u64,
+    pub failed: u64,
+}
+
+impl Platform {
+    /// Each worker's site, from `GET /api/workers`.
+    pub async fn sites(&self, http: &reqwest::Client) -> HashMap<String, String> {
+        let fleet = get_json(http, &format!("{}/api/workers", self.base())).await;
+        fleet["workers"]
+            .as_array()
+            .map(|ws| {
+                ws.iter()
+                    .filter_map(|w| Some((w["name"].as_str()?.into(), w["site"].as_str()?.into())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The sites of app `app`'s running instances, sorted.
+    pub async fn app_sites(
+        &self,
+        http: &reqwest::Client,
+        app: &str,
+        sites: &HashMap<String, String>,
+    ) -> Vec<String> {
+        let view = get_json(http, &format!("{}/api/apps/{app}", self.base())).await;
+        let mut on: Vec<String> = view["instances"]
+            .as_array()
+            .map(|is| {
+                is.iter()
+                    .filter(|i| i["status"] == "running")
+                    .filter_map(|i| sites.get(i["worker"].as_str()?).cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        on.sort();
+        on
+    }
+
+    /// The containers of site `site`'s workers (`workers.sh up N --site S` names them).
+    pub fn site_containers(&self, site: &str, per_site: u16) -> Vec<String> {
+        (1..=per_site)
+            .map(|i| self.worker(&format!("worker_{site}_{i}")))
+            .collect()
+    }
+
+    /// The drill: every worker of `site` (`containers`) stopped at once, while one client
+    /// asks app `app` through Caddy every 20 ms (bounded: 3 minutes at most). Returns
+    /// once every rental of `rentals` is active on another site and the app runs
+    /// `replicas` instances none of which is on `site`, after 3 s more of load.
+    pub async fn lose_site(
+        &self,
+        http: &reqwest::Client,
+        site: &str,
+        containers: &[String],
+        rentals: &[String],
+        app: &str,
+        replicas: usize,
+    ) -> SiteLoss {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+        let base = self.base();
+        let sites = self.sites(http).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let load = {
+            let (http, url) = (http.clone(), format!("{base}/apps/{app}/"));
+            let (stop, counts) = (stop.clone(), counts.clone());
+            tokio::spawn(async move {
+                let end = Instant::now() + Duration::from_secs(180);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                    let answered = matches!(
+                        http.get(&url).timeout(Duration::from_secs(5)).send().await,
+                        Ok(r) if r.status().is_success()
+                    );
+                    let counter = if answered { &counts.0 } else { &counts.1 };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stops: Vec<Vec<&str>> = containers
+            .iter()
+            .map(|c| vec!["stop", "-t", "1", c.as_str()])
+            .collect();
+        let lost_at = Instant::now();
+        super::docker_at_once(&stops.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let deadline = lost_at + Duration::from_secs(120);
+        let (mut rentals_moved, mut instances_moved) = (None, None);
+        while rentals_moved.is_none() || instances_moved.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "site {site} lost: rentals moved {rentals_moved:?}, instances moved {instances_moved:?} within 120 s"
+            );
+            if rentals_moved.is_none() {
+                let mut all = true;
+                for id in rentals {
+                    let r = get_json(http, &format!("{base}/api/rentals/{id}")).await;
+                    all &= r["status"] == "active" && r["site"] != site && !r["site"].is_null();
+                }
+                if all {
+                    rentals_moved = Some(lost_at.elapsed());
+                }
+            }
+            if instances_moved.is_none() {
+                let on = self.app_sites(http, app, &sites).await;
+                if on.len() == replicas && on.iter().all(|s| s != site) {
+                    instances_moved = Some(lost_at.elapsed());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, Ordering::Relaxed);
+        load.await.expect("the load task");
+        SiteLoss {
+            rentals_moved: rentals_moved.expect("measured"),
+            instances_moved: instances_moved.expect("measured"),
+            answered: counts.0.load(Ordering::Relaxed),
+            failed: counts.1.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Starts the workers in `containers` again and waits until `free` workers are
+    /// alive and free (the returning site fenced: leftover accounts removed).
+    pub async fn restore_site(&self, http: &reqwest::Client, containers: &[String], free: usize) {
+        let starts: Vec<Vec<&str>> = containers
+            .iter()
+            .map(|c| vec!["start", c.as_str()])
+            .collect();
+        super::docker_at_once(&starts.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        self.free_workers(http, free, Duration::from_secs(120))
+            .await;
+    }
+}
+
+/// A GET's JSON answer (`Null` when there is none).
+async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    match http.get(url).send().await {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
     }
 }
 

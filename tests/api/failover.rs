@@ -306,11 +306,7 @@ async fn a_drained_worker_hands_its_tenant_over_and_gets_no_new_rentals() {
     assert_eq!(resp.status(), 200);
     let worker: Value = resp.json().await.unwrap();
     assert_eq!(worker["drained"], true);
-    let moved = app
-        .wait_rental(&id, Duration::from_secs(20), |r| {
-            r["status"] == "active" && r["worker"] != first.as_str()
-        })
-        .await;
+    let moved = app.wait_moved_off(&id, &first).await;
     let port = moved["port"].as_u64().unwrap() as u16;
     let who = app
         .tenant_whoami("127.0.0.1", port, "uma", Auth::Key(key))

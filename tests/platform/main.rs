@@ -4,6 +4,7 @@
 //! so they never touch one a developer has running, nor each other.
 
 mod ha;
+mod sites;
 mod walk;
 
 use std::time::{Duration, Instant};

@@ -23,6 +23,7 @@ mod leader;
 mod probe;
 mod rents;
 mod report;
+mod sites;
 
 #[derive(Parser)]
 #[command(
@@ -108,6 +109,13 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// A whole site lost (two-site compose platform): every worker of the site holding 2
+    /// rentals and an app's instance stopped at once, under load through Caddy, until
+    /// the rentals and the app run on the other site; requests lost; N runs.
+    Sites {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Rent latency, native executor against Ansible on the same workers in the same run:
     /// `POST /api/rent` until an SSH login with the rented key works, then release.
     Rent {
@@ -188,6 +196,7 @@ fn main() -> anyhow::Result<()> {
                 rents,
                 seconds,
             } => ha::run(runs, rents, seconds).await,
+            Bench::Sites { runs } => sites::run(runs).await,
             Bench::AppsCaddy { rate, seconds } => apps_caddy::run(rate, seconds).await,
             Bench::RentCaddy { runs } => caddy::run(runs).await,
             Bench::Flood { runs, flood } => flood::run(runs, flood).await,

@@ -51,8 +51,8 @@ pub struct Context {
     /// Signs workers' host keys (`ssh.host_ca_key`), if configured.
     pub host_ca: Option<Arc<crate::hostca::HostCa>>,
     /// When the guard on moves last held them (every site failing at once), shared by
-    /// the migration and apps loops: see [`crate::probe::guard`].
-    pub holds: Arc<crate::probe::Holds>,
+    /// the migration and apps loops.
+    pub holds: Arc<crate::probe_policy::Holds>,
     /// Whether this process leads the control loops (one of several replicas does).
     pub leader: Arc<crate::leader::Leadership>,
 }

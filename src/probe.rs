@@ -13,9 +13,10 @@ use futures::StreamExt as _;
 
 use crate::context::Context;
 use crate::model::WorkerStatus;
+use crate::probe_policy::SiteHealth;
 use crate::probe_policy::{self, Health, Thresholds, observe};
 use crate::ssh::{self, SshError};
-use crate::store::{ProbeRecord, SiteHealth, Worker};
+use crate::store::{ProbeRecord, Worker};
 
 /// What probing keeps between probes, shared by every task that probes a worker.
 #[derive(Debug)]
@@ -268,26 +269,6 @@ async fn trust_on_first_use(
 fn duration_ms(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
-/// When the guard last held every move (shared by the migration and apps loops).
-#[derive(Debug, Default)]
-pub struct Holds {
-    last: std::sync::Mutex<Option<std::time::Instant>>,
-}
-
-impl Holds {
-    fn held_now(&self) {
-        *self.last.lock().expect("not poisoned") = Some(std::time::Instant::now());
-    }
-
-    /// Whether a hold ended less than `window` ago.
-    fn settling(&self, window: Duration) -> bool {
-        self.last
-            .lock()
-            .expect("not poisoned")
-            .is_some_and(|at| at.elapsed() < window)
-    }
-}
-
 /// What the guard on moves concluded for one pass.
 #[derive(Debug, Default)]
 pub struct Guard {

@@ -119,6 +119,40 @@ pub fn attempts(status: WorkerStatus, t: Thresholds) -> u32 {
     }
 }
 
+/// One site's workers in service (not retired), for the guard that tells a lost site
+/// from Orion cut off from every site.
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct SiteHealth {
+    pub site: String,
+    pub total: i64,
+    pub dead: i64,
+    /// Not (yet) dead, but their last probe failed (or, once probed again by the guard,
+    /// not answering now).
+    pub failing: i64,
+}
+
+/// When the guard last held every move, shared by the migration and apps loops: for a
+/// while after a hold, workers declared dead are probed again before anything is moved
+/// off them (see `guard` in the probe module).
+#[derive(Debug, Default)]
+pub struct Holds {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Holds {
+    pub fn held_now(&self) {
+        *self.last.lock().expect("not poisoned") = Some(std::time::Instant::now());
+    }
+
+    /// Whether a hold ended less than `window` ago.
+    pub fn settling(&self, window: Duration) -> bool {
+        self.last
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|at| at.elapsed() < window)
+    }
+}
+
 /// What the guard on moves concludes from the health of each site.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Verdict {
@@ -134,10 +168,9 @@ pub struct Verdict {
 /// The guard on moves (of rentals and of apps' instances), after Kubernetes' zone
 /// rule: a lost zone is evicted while other zones are healthy; when all are unhealthy
 /// at once, nothing is.
-pub fn judge(sites: &[crate::store::SiteHealth], max_fraction: f64) -> Verdict {
+pub fn judge(sites: &[SiteHealth], max_fraction: f64) -> Verdict {
     let total: i64 = sites.iter().map(|s| s.total).sum();
-    let beyond =
-        |s: &crate::store::SiteHealth| (s.dead + s.failing) as f64 > max_fraction * s.total as f64;
+    let beyond = |s: &SiteHealth| (s.dead + s.failing) as f64 > max_fraction * s.total as f64;
     let hold = total >= 3 && !sites.is_empty() && sites.iter().all(beyond);
     let lost = if hold || sites.len() < 2 {
         Vec::new()
@@ -152,7 +185,7 @@ pub fn judge(sites: &[crate::store::SiteHealth], max_fraction: f64) -> Verdict {
 }
 
 /// Each site's unhealthy workers, for an event: `a: 3 of 3, b: 3 of 3`.
-pub fn describe(sites: &[crate::store::SiteHealth]) -> String {
+pub fn describe(sites: &[SiteHealth]) -> String {
     sites
         .iter()
         .map(|s| format!("{}: {} of {}", s.site, s.dead + s.failing, s.total))
@@ -317,7 +350,7 @@ mod tests {
 #[cfg(test)]
 mod hold_tests {
     use super::*;
-    use crate::store::SiteHealth;
+    use SiteHealth;
 
     fn site(name: &str, total: i64, dead: i64) -> SiteHealth {
         SiteHealth {

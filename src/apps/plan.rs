@@ -86,10 +86,20 @@ pub fn schedule(app: &AppWish, live: &[Live], workers: &[Candidate]) -> Schedule
         .filter(|w| w.fit)
         .map(|w| (w.id, w))
         .collect();
-    let (current, old): (Vec<&Live>, Vec<&Live>) = active
+    let (mut current, mut old): (Vec<&Live>, Vec<&Live>) = active
         .iter()
         .partition(|i| i.generation == app.generation && fit.contains_key(&i.worker_id));
     let wanted = app.replicas as usize;
+    // Spread again over sites (after a site's loss and return): one instance of a
+    // crowded site is replaced, as an older generation would be, by one on a site with
+    // fewer.
+    if old.is_empty()
+        && current.len() >= wanted
+        && let Some(id) = misplaced(app, &current, workers)
+    {
+        current.retain(|i| i.id != id);
+        old.extend(active.iter().filter(|i| i.id == id));
+    }
 
     // An old instance that is not running serves nobody: it goes at once.
     let (old_running, old_idle): (Vec<&Live>, Vec<&Live>) =
@@ -102,9 +112,27 @@ pub fn schedule(app: &AppWish, live: &[Live], workers: &[Candidate]) -> Schedule
             out.place = place(n, app, &current, workers);
             out.unplaced = (n - out.place.len()) as u32;
         } else {
-            // Too many: the ones that do not run first, then the newest.
+            // Too many: the ones that do not run first, then those of the most crowded
+            // site, then the newest.
+            let crowding = per_site(&current, workers);
+            let site_of = |i: &Live| {
+                workers
+                    .iter()
+                    .find(|w| w.id == i.worker_id)
+                    .map(|w| w.site.as_str())
+            };
             let mut extra = current.clone();
-            extra.sort_by_key(|i| (i.state == InstanceState::Running, std::cmp::Reverse(i.id)));
+            extra.sort_by_key(|i| {
+                let crowd = site_of(i)
+                    .and_then(|s| crowding.get(s))
+                    .copied()
+                    .unwrap_or(0);
+                (
+                    i.state == InstanceState::Running,
+                    std::cmp::Reverse(crowd),
+                    std::cmp::Reverse(i.id),
+                )
+            });
             out.stop
                 .extend(extra.iter().take(current.len() - wanted).map(|i| i.id));
         }
@@ -134,6 +162,49 @@ pub fn schedule(app: &AppWish, live: &[Live], workers: &[Candidate]) -> Schedule
         out.stop.extend(old_running.iter().map(|i| i.id));
     }
     out
+}
+
+/// How many of `instances` each site holds.
+fn per_site<'a>(instances: &[&Live], workers: &'a [Candidate]) -> HashMap<&'a str, usize> {
+    let mut count = HashMap::new();
+    for i in instances {
+        if let Some(w) = workers.iter().find(|w| w.id == i.worker_id) {
+            *count.entry(w.site.as_str()).or_default() += 1;
+        }
+    }
+    count
+}
+
+/// The instance to move so that the app spreads over sites again: the newest of the
+/// site holding the most **ready** instances, when that is at least two more than a
+/// site that has room for one (a fit worker without an instance of the app, its port
+/// free). Counting only ready instances keeps the decision until the new instance is
+/// ready, so the move ends the way it began.
+fn misplaced(app: &AppWish, current: &[&Live], workers: &[Candidate]) -> Option<u64> {
+    let ready: Vec<&Live> = current.iter().copied().filter(|i| i.ready).collect();
+    let count = per_site(&ready, workers);
+    let taken: HashSet<u64> = current.iter().map(|i| i.worker_id).collect();
+    let fewest = workers
+        .iter()
+        .filter(|w| w.fit && !taken.contains(&w.id))
+        .filter(|w| app.port.is_none_or(|p| !w.ports.contains(&p)))
+        .map(|w| count.get(w.site.as_str()).copied().unwrap_or(0))
+        .min()?;
+    let (crowded, most) = count
+        .iter()
+        .max_by_key(|(site, n)| (**n, std::cmp::Reverse(**site)))?;
+    if *most < fewest + 2 {
+        return None;
+    }
+    ready
+        .iter()
+        .filter(|i| {
+            workers
+                .iter()
+                .any(|w| w.id == i.worker_id && w.site == *crowded)
+        })
+        .max_by_key(|i| i.id)
+        .map(|i| i.id)
 }
 
 /// Picks `n` workers for new instances of `app`: fit workers that hold none of its
@@ -341,6 +412,46 @@ mod tests {
             vec![1, 3],
             "one per site before a second in site a"
         );
+    }
+
+    #[test]
+    fn after_a_site_returns_the_app_spreads_again_one_instance_at_a_time() {
+        let workers = [
+            worker(1, "a", 0),
+            worker(2, "a", 0),
+            worker(3, "b", 1),
+            worker(4, "b", 1),
+        ];
+        // Both instances on site b (site a was lost, and is back).
+        let both_on_b = [live(1, 3, 1, Running), live(2, 4, 1, Running)];
+        let s = schedule(&app(2), &both_on_b, &workers);
+        assert_eq!(
+            (s.place.as_slice(), s.stop.as_slice()),
+            ([1].as_slice(), [].as_slice())
+        );
+        // The new one on a is not ready yet: nothing more happens.
+        let mut moving = both_on_b.to_vec();
+        moving.push(live(3, 1, 1, Pending));
+        let s = schedule(&app(2), &moving, &workers);
+        assert_eq!(s, Schedule::default());
+        // Ready: the newest of site b goes.
+        moving[2] = live(3, 1, 1, Running);
+        let s = schedule(&app(2), &moving, &workers);
+        assert_eq!(
+            (s.place.as_slice(), s.stop.as_slice()),
+            ([].as_slice(), [2].as_slice())
+        );
+        // Spread: nothing to do.
+        let spread = [live(1, 3, 1, Running), live(3, 1, 1, Running)];
+        assert_eq!(schedule(&app(2), &spread, &workers), Schedule::default());
+    }
+
+    #[test]
+    fn a_site_without_room_takes_no_instance_back() {
+        let mut workers = [worker(1, "a", 0), worker(3, "b", 1), worker(4, "b", 1)];
+        workers[0].fit = false;
+        let both_on_b = [live(1, 3, 1, Running), live(2, 4, 1, Running)];
+        assert_eq!(schedule(&app(2), &both_on_b, &workers), Schedule::default());
     }
 
     #[test]

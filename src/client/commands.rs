@@ -149,6 +149,9 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Cl
         Command::InventoryApply { file, dry_run } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", file.display())))?;
+            // Checked here first, so that a mistake names this file.
+            crate::inventory::Inventory::parse(&text, &file)
+                .map_err(|e| ClientError::Usage(e.to_string()))?;
             // The difference first, always; then the change itself.
             let preview = client.apply_inventory(&text, true).await?;
             let shown = if dry_run || preview.changes.is_empty() {

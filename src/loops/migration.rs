@@ -152,7 +152,7 @@ async fn say_lost_sites(
     ctx: &Context,
     state: &State,
     lost: &[String],
-    sites: &[crate::store::SiteHealth],
+    sites: &[crate::probe_policy::SiteHealth],
 ) {
     let (new, back): (Vec<String>, Vec<String>) = {
         let mut known = state.lost.lock().expect("not poisoned");

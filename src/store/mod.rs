@@ -29,9 +29,7 @@ pub use placements::PlacementRecord;
 pub use rentals::{Claim, NewRental, RentalDetail, RentalRecord};
 pub use snapshots::{SnapshotInfo, SnapshotJob};
 pub use tokens::TokenRecord;
-pub use workers::{
-    Cleanup, Constraints, LabelSet, Occupant, ProbeRecord, SiteHealth, Worker, WorkerCounts,
-};
+pub use workers::{Cleanup, Constraints, LabelSet, Occupant, ProbeRecord, Worker, WorkerCounts};
 
 /// Failures of the store, split by what a caller can do about them.
 #[derive(Debug, thiserror::Error)]

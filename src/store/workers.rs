@@ -8,6 +8,7 @@ use super::placements::release_placement;
 use super::{Store, StoreError, events, retry_on_conflict};
 use crate::inventory::{Change, EditError, Inventory, Known, Labels, WorkerSpec, diff};
 use crate::model::WorkerStatus;
+use crate::probe_policy::SiteHealth;
 
 /// The rule "a worker we may use" (give a new rental, keep a rental on), as a condition
 /// on a `workers` row: alive, not quarantined, not retired, not drained.
@@ -227,18 +228,6 @@ pub struct WorkerCounts {
     pub allocated: i64,
     pub free: i64,
     pub quarantined: i64,
-}
-
-/// One site's workers in service (not retired), for the guard that tells a lost site
-/// from Orion cut off from every site.
-#[derive(Debug, Clone, Default, PartialEq, Eq, FromRow)]
-pub struct SiteHealth {
-    pub site: String,
-    pub total: i64,
-    pub dead: i64,
-    /// Not (yet) dead, but their last probe failed (or, once probed again by the guard,
-    /// not answering now).
-    pub failing: i64,
 }
 
 /// A tenant account left on a worker by a rental that no longer lives there.

@@ -274,3 +274,63 @@ async fn the_cli_creates_shows_scales_and_deletes_an_app() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// `orion inventory export` then `apply`: the difference is shown first, `--dry-run`
+/// changes nothing, a file with a mistake is refused (exit 1, the line named), and the
+/// apply retires the worker left out; `orion rent --site` asks for a site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_exports_and_applies_the_inventory_with_the_difference_first() {
+    let app = spawn_app(2).await;
+    let admin = Some(ADMIN_TOKEN);
+    let out = orion(&app, admin, &["inventory", "export"]);
+    assert!(out.status.success(), "{out:?}");
+    let exported = stdout(&out);
+    let inventory =
+        orion::inventory::Inventory::parse(&exported, std::path::Path::new("exported")).unwrap();
+    assert_eq!(inventory.workers.len(), 2);
+
+    let file = app.dir.path().join("one.toml");
+    std::fs::write(&file, inventory.without("worker_2").unwrap().to_toml()).unwrap();
+    let file = file.to_str().unwrap();
+    let out = orion(&app, admin, &["inventory", "apply", "--dry-run", file]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        "- worker_2: retired\n1 change(s) (dry run: nothing applied)\n"
+    );
+    assert!(!app.worker_row("worker_2").await.retired);
+
+    let bad = app.dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[workers]]\nname = \"w\"\nhost = \"h\"\nport = 0\n").unwrap();
+    let out = orion(&app, admin, &["inventory", "apply", bad.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a local file's mistake: {out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad.toml:4: workers[0].port"),
+        "{out:?}"
+    );
+
+    let out = orion(&app, admin, &["inventory", "apply", file]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "- worker_2: retired\n1 change(s) applied\n");
+    assert!(app.worker_row("worker_2").await.retired);
+    let out = orion(&app, admin, &["inventory", "apply", file]);
+    assert_eq!(
+        stdout(&out),
+        "no change: the inventory is already this file's\n"
+    );
+
+    let out = orion(&app, admin, &["rent", "--site", "nowhere"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown site `nowhere`"),
+        "{out:?}"
+    );
+    let out = orion(&app, admin, &["rent", "--site", "test", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let rented: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rented["worker"], "worker_1");
+}

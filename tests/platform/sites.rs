@@ -5,7 +5,8 @@
 //! 1. an app of 2 replicas spread over both sites and a rental on site a; **every worker
 //!    of site a stopped** at once, under load through Caddy: the rental and the app's
 //!    instance move to site b, and the failed requests are counted; the site's return
-//!    fences its workers (the tenant's leftover account removed before reuse);
+//!    fences its workers (the tenant's leftover account removed before reuse), and the
+//!    app spreads over both sites again;
 //! 2. Orion **cut from every site** at once (`platform.sh cut all`, a network
 //!    disconnect): nothing moves, an event says why; healed, everything stays put;
 //! 3. a worker added to the running platform (`workers.sh up 4 --site b`, the inventory
@@ -158,6 +159,15 @@ async fn a_lost_site_moves_to_the_other_a_cut_holds_and_workers_join_live() {
         },
     )
     .await;
+    wait_for(
+        "the app spread over both sites again",
+        Duration::from_secs(120),
+        || {
+            let (platform, http, sites) = (&platform, http.clone(), sites.clone());
+            async move { platform.app_sites(&http, "drill", &sites).await == ["a", "b"] }
+        },
+    )
+    .await;
     wait_for("site a said back", Duration::from_secs(30), || {
         let (platform, http) = (&platform, http.clone());
         async move { !platform.events(&http, "site.back").await.is_empty() }
@@ -217,18 +227,26 @@ async fn a_lost_site_moves_to_the_other_a_cut_holds_and_workers_join_live() {
         "a worker added live was alive {:?} after workers.sh up",
         grown.elapsed()
     );
-    // Site b's other workers host the app's instances: a rent prefers the one that hosts
-    // none, the new one.
-    let joined: Value = http
-        .post(format!("{base}/api/rent"))
-        .json(&json!({"site": "b", "username": "ben"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(joined["worker"], new_worker.as_str(), "{joined}");
+    // Site b's free workers: the new one and one other that hosts no instance either
+    // (a rent prefers those): two rents on site b, one of them lands on the new worker.
+    let mut on_b = Vec::new();
+    for user in ["ben", "bea"] {
+        let rented: Value = http
+            .post(format!("{base}/api/rent"))
+            .json(&json!({"site": "b", "username": user}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        on_b.push(rented);
+    }
+    let joined = on_b
+        .iter()
+        .find(|r| r["worker"] == new_worker.as_str())
+        .unwrap_or_else(|| panic!("the new worker was never rented out: {on_b:?}"))
+        .clone();
     let orion = platform.containers("orion");
     assert_eq!(orion.len(), 1);
     assert!(

@@ -4,7 +4,8 @@
 //! while one client asks the app through Caddy every 20 ms. Measured each run: the time
 //! until every rental is active on the other site, until the app runs both replicas
 //! there, and the requests that failed. The site is then started again (fenced: its
-//! leftover accounts removed) and the next run loses the other site.
+//! leftover accounts removed), the app spreads over both sites again, and the next run
+//! loses the other site.
 
 use std::time::Duration;
 
@@ -84,6 +85,8 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
         platform
             .restore_site(&http, &containers, usize::from(PER_SITE))
             .await;
+        // The app spreads over both sites again before the next loss.
+        wait(&platform, &http, &sites).await?;
         site = if site == "a" { "b" } else { "a" };
     }
     println!();

@@ -289,6 +289,10 @@ pub struct SiteLoss {
     /// Requests to the app through Caddy that answered 2xx, and those that did not.
     pub answered: u64,
     pub failed: u64,
+    /// The failures by what they were (`502`, `503`, `timeout`…), and when the first and
+    /// the last came, from the stop.
+    pub failures: std::collections::BTreeMap<String, u64>,
+    pub failing: Option<(Duration, Duration)>,
 }
 
 impl Platform {
@@ -353,20 +357,36 @@ impl Platform {
         let sites = self.sites(http).await;
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let started = Instant::now() + Duration::from_secs(1);
         let load = {
             let (http, url) = (http.clone(), format!("{base}/apps/{app}/"));
             let (stop, counts) = (stop.clone(), counts.clone());
             tokio::spawn(async move {
                 let end = Instant::now() + Duration::from_secs(180);
+                let mut failures = std::collections::BTreeMap::<String, u64>::new();
+                let mut failing: Option<(Duration, Duration)> = None;
                 while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                    let answered = matches!(
-                        http.get(&url).timeout(Duration::from_secs(5)).send().await,
-                        Ok(r) if r.status().is_success()
-                    );
-                    let counter = if answered { &counts.0 } else { &counts.1 };
+                    let failure = match http.get(&url).timeout(Duration::from_secs(5)).send().await
+                    {
+                        Ok(r) if r.status().is_success() => None,
+                        Ok(r) => Some(r.status().as_u16().to_string()),
+                        Err(e) if e.is_timeout() => Some("timeout".to_owned()),
+                        Err(_) => Some("connection".to_owned()),
+                    };
+                    let counter = if failure.is_none() {
+                        &counts.0
+                    } else {
+                        &counts.1
+                    };
                     counter.fetch_add(1, Ordering::Relaxed);
+                    if let Some(kind) = failure {
+                        *failures.entry(kind).or_default() += 1;
+                        let at = Instant::now().saturating_duration_since(started);
+                        failing = Some(failing.map_or((at, at), |(first, _)| (first, at)));
+                    }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                (failures, failing)
             })
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -403,12 +423,14 @@ impl Platform {
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
         stop.store(true, Ordering::Relaxed);
-        load.await.expect("the load task");
+        let (failures, failing) = load.await.expect("the load task");
         SiteLoss {
             rentals_moved: rentals_moved.expect("measured"),
             instances_moved: instances_moved.expect("measured"),
             answered: counts.0.load(Ordering::Relaxed),
             failed: counts.1.load(Ordering::Relaxed),
+            failures,
+            failing,
         }
     }
 

@@ -71,11 +71,14 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
             .await;
         println!(
             "run {run:>2}: site {site} lost → {RENTALS} rentals active on the other site {:>5} ms, \
-             both instances there {:>5} ms; requests through Caddy {:>4} answered, {:>3} failed",
+             both instances there {:>5} ms; requests through Caddy {:>4} answered, {:>3} failed \
+             {:?} between {:?} after the stop",
             loss.rentals_moved.as_millis(),
             loss.instances_moved.as_millis(),
             loss.answered,
-            loss.failed
+            loss.failed,
+            loss.failures,
+            loss.failing
         );
         moved.push(loss.rentals_moved);
         instances.push(loss.instances_moved);

@@ -355,6 +355,14 @@ impl Platform {
 
         let base = self.base();
         let sites = self.sites(http).await;
+        // The app answers through Caddy before the load starts (its route may still be
+        // catching up with its instances).
+        let url = format!("{base}/apps/{app}/");
+        let ready = Instant::now() + Duration::from_secs(60);
+        while !matches!(http.get(&url).send().await, Ok(r) if r.status().is_success()) {
+            assert!(Instant::now() < ready, "app {app} does not answer through Caddy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
         let started = Instant::now() + Duration::from_secs(1);

@@ -360,7 +360,10 @@ impl Platform {
         let url = format!("{base}/apps/{app}/");
         let ready = Instant::now() + Duration::from_secs(60);
         while !matches!(http.get(&url).send().await, Ok(r) if r.status().is_success()) {
-            assert!(Instant::now() < ready, "app {app} does not answer through Caddy");
+            assert!(
+                Instant::now() < ready,
+                "app {app} does not answer through Caddy"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -456,7 +459,7 @@ impl Platform {
 }
 
 /// A GET's JSON answer (`Null` when there is none).
-async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
     match http.get(url).send().await {
         Ok(r) => r.json().await.unwrap_or(Value::Null),
         Err(_) => Value::Null,

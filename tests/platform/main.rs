@@ -7,7 +7,27 @@ mod ha;
 mod sites;
 mod walk;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use orion::ssh::Auth;
+use orion::testkit::{tenant_ssh_client, whoami};
+
+/// Logs in as `user` with `key` on `localhost:port` and runs `whoami`.
+pub async fn tenant_login(
+    port: u16,
+    user: &str,
+    key: Arc<russh::keys::PrivateKey>,
+) -> Result<String, String> {
+    whoami(
+        &tenant_ssh_client(),
+        "localhost",
+        port,
+        user,
+        Auth::Key(key),
+    )
+    .await
+}
 
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where

@@ -17,36 +17,16 @@
 //! benchmark's (`scripts/bench.sh sites`, docs/benchmarks.md).
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use orion::ssh::Auth;
-use orion::testkit::platform::Platform;
-use orion::testkit::{docker, tenant_key, tenant_ssh_client, whoami};
+use orion::testkit::platform::{Platform, get_json};
+use orion::testkit::{docker, tenant_key};
 use serde_json::{Value, json};
 
-use crate::wait_for;
+use crate::{tenant_login, wait_for};
 
 const PROJECT: &str = "orion-sites-e2e";
 const PER_SITE: u16 = 3;
-
-async fn get(http: &reqwest::Client, url: &str) -> Value {
-    match http.get(url).send().await {
-        Ok(r) => r.json().await.unwrap_or(Value::Null),
-        Err(_) => Value::Null,
-    }
-}
-
-async fn login(port: u16, user: &str, key: Arc<russh::keys::PrivateKey>) -> Result<String, String> {
-    whoami(
-        &tenant_ssh_client(),
-        "localhost",
-        port,
-        user,
-        Auth::Key(key),
-    )
-    .await
-}
 
 #[tokio::test]
 async fn a_lost_site_moves_to_the_other_a_cut_holds_and_workers_join_live() {
@@ -89,7 +69,7 @@ async fn a_lost_site_moves_to_the_other_a_cut_holds_and_workers_join_live() {
     let app_url = format!("{base}/apps/drill/");
     wait_for("the app through Caddy", Duration::from_secs(60), || {
         let (http, url) = (http.clone(), app_url.clone());
-        async move { get(&http, &url).await["app"] == "drill" }
+        async move { get_json(&http, &url).await["app"] == "drill" }
     })
     .await;
 
@@ -109,7 +89,7 @@ async fn a_lost_site_moves_to_the_other_a_cut_holds_and_workers_join_live() {
     let first = rented["worker"].as_str().unwrap().to_owned();
     let endpoint = rented["endpoint"]["port"].as_u64().unwrap() as u16;
     assert_eq!(
-        login(endpoint, "ada", key.clone()).await.as_deref(),
+        tenant_login(endpoint, "ada", key.clone()).await.as_deref(),
         Ok("ada")
     );
 
@@ -130,7 +110,7 @@ async fn a_lost_site_moves_to_the_other_a_cut_holds_and_workers_join_live() {
         ok + failed
     );
     assert_eq!(
-        login(endpoint, "ada", key.clone()).await.as_deref(),
+        tenant_login(endpoint, "ada", key.clone()).await.as_deref(),
         Ok("ada"),
         "the same endpoint and key reach the tenant on site b"
     );
@@ -175,7 +155,7 @@ async fn a_lost_site_moves_to_the_other_a_cut_holds_and_workers_join_live() {
     .await;
 
     // 2. Orion cut from every site at once: nothing moves.
-    let now_on = get(&http, &format!("{base}/api/rentals/{id}")).await["worker"].clone();
+    let now_on = get_json(&http, &format!("{base}/api/rentals/{id}")).await["worker"].clone();
     assert!(platform.script(&["cut", "all"]));
     wait_for("the hold said", Duration::from_secs(90), || {
         let (platform, http) = (&platform, http.clone());
@@ -188,7 +168,7 @@ async fn a_lost_site_moves_to_the_other_a_cut_holds_and_workers_join_live() {
         }
     })
     .await;
-    let during = get(&http, &format!("{base}/api/rentals/{id}")).await;
+    let during = get_json(&http, &format!("{base}/api/rentals/{id}")).await;
     assert_eq!(
         (&during["status"], &during["worker"]),
         (&json!("active"), &now_on)
@@ -197,14 +177,14 @@ async fn a_lost_site_moves_to_the_other_a_cut_holds_and_workers_join_live() {
     platform
         .free_workers(&http, PER_SITE as usize, Duration::from_secs(90))
         .await;
-    let after = get(&http, &format!("{base}/api/rentals/{id}")).await;
+    let after = get_json(&http, &format!("{base}/api/rentals/{id}")).await;
     assert_eq!(
         (&after["status"], &after["worker"]),
         (&json!("active"), &now_on),
         "nothing moved"
     );
     assert_eq!(
-        login(endpoint, "ada", key.clone()).await.as_deref(),
+        tenant_login(endpoint, "ada", key.clone()).await.as_deref(),
         Ok("ada")
     );
 
@@ -215,7 +195,7 @@ async fn a_lost_site_moves_to_the_other_a_cut_holds_and_workers_join_live() {
     wait_for("the new worker alive", Duration::from_secs(60), || {
         let (platform, http, name) = (&platform, http.clone(), new_worker.clone());
         async move {
-            let fleet = get(&http, &format!("{}/api/workers", platform.base())).await;
+            let fleet = get_json(&http, &format!("{}/api/workers", platform.base())).await;
             fleet["workers"].as_array().is_some_and(|ws| {
                 ws.iter()
                     .any(|w| w["name"] == name.as_str() && w["status"] == "alive")
@@ -274,7 +254,7 @@ async fn a_lost_site_moves_to_the_other_a_cut_holds_and_workers_join_live() {
                 new_worker.clone(),
             );
             async move {
-                let r = get(&http, &url).await;
+                let r = get_json(&http, &url).await;
                 r["status"] == "active" && r["worker"] != from.as_str()
             }
         },

@@ -7,32 +7,15 @@
 //! it never touches a platform a developer has running.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use orion::ssh::Auth;
 use orion::testkit::platform::Platform;
-use orion::testkit::{docker, tenant_key, tenant_ssh_client, whoami};
+use orion::testkit::{docker, tenant_key};
 use serde_json::{Value, json};
 
-use crate::wait_for;
+use crate::{tenant_login, wait_for};
 
 const PROJECT: &str = "orion-e2e";
-
-async fn tenant_login(
-    port: u16,
-    user: &str,
-    key: Arc<russh::keys::PrivateKey>,
-) -> Result<String, String> {
-    whoami(
-        &tenant_ssh_client(),
-        "localhost",
-        port,
-        user,
-        Auth::Key(key),
-    )
-    .await
-}
 
 #[tokio::test]
 async fn the_readme_walk_through_caddy_over_https() {

@@ -290,7 +290,8 @@ pub struct Guard {
 /// A cut also heals worker by worker: the workers declared dead during it come back
 /// alive only after `health.alive_after` probe rounds, and meanwhile the sites that
 /// answer first would make the others look lost. For `(alive_after + 1)` probe intervals
-/// after a hold, the dead workers are probed too, and those that answer are `revived`.
+/// after a hold, the dead workers are probed too, those that answer are `revived`, and a
+/// site still silent is not taken for lost: moves stay held (`healing`).
 pub async fn guard(ctx: &Context, must_move: bool) -> anyhow::Result<Guard> {
     let max_fraction = ctx.config.migration.max_dead_fraction;
     let mut sites = ctx
@@ -310,6 +311,11 @@ pub async fn guard(ctx: &Context, must_move: bool) -> anyhow::Result<Guard> {
     }
     if verdict.hold {
         ctx.holds.held_now();
+    } else if settling && !verdict.lost.is_empty() {
+        // The first site back would make the others look lost: hold until the window
+        // has passed (not counted as a hold: it does not extend the window).
+        verdict.hold = true;
+        verdict.healing = true;
     }
     Ok(Guard {
         verdict,

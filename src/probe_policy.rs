@@ -163,6 +163,9 @@ pub struct Verdict {
     /// Sites whose every worker is dead or failing while another site answers: a site
     /// lost, whose rentals and instances move to the sites that answer.
     pub lost: Vec<String>,
+    /// Held although some site answers: every site was cut moments ago, and the sites
+    /// come back one by one; one still silent is not taken for lost yet.
+    pub healing: bool,
 }
 
 /// The guard on moves (of rentals and of apps' instances), after Kubernetes' zone
@@ -181,7 +184,11 @@ pub fn judge(sites: &[SiteHealth], max_fraction: f64) -> Verdict {
             .map(|s| s.site.clone())
             .collect()
     };
-    Verdict { hold, lost }
+    Verdict {
+        hold,
+        lost,
+        healing: false,
+    }
 }
 
 /// Each site's unhealthy workers, for an event: `a: 3 of 3, b: 3 of 3`.
@@ -402,7 +409,8 @@ mod hold_tests {
             v,
             Verdict {
                 hold: false,
-                lost: vec!["a".into()]
+                lost: vec!["a".into()],
+                healing: false,
             }
         );
     }

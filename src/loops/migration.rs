@@ -108,9 +108,15 @@ pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<Pass
                 "migration.held",
                 None,
                 None,
-                &format!(
-                    "every site has most of its workers unreachable at once ({detail} dead or not answering): Orion is probably cut off from the fleet; no rental is moved until this clears"
-                ),
+                &if guard.verdict.healing {
+                    format!(
+                        "every site was cut off moments ago and the sites come back one by one ({detail} dead or not answering): no rental is moved until every worker has been probed again"
+                    )
+                } else {
+                    format!(
+                        "every site has most of its workers unreachable at once ({detail} dead or not answering): Orion is probably cut off from the fleet; no rental is moved until this clears"
+                    )
+                },
             )
             .await
             .ok();

@@ -316,6 +316,8 @@ pub async fn guard(ctx: &Context, must_move: bool) -> anyhow::Result<Guard> {
         // has passed (not counted as a hold: it does not extend the window).
         verdict.hold = true;
         verdict.healing = true;
+        // Not lost: not back yet.
+        verdict.lost.clear();
     }
     Ok(Guard {
         verdict,

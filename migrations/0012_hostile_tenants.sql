@@ -9,3 +9,8 @@ ALTER TABLE rentals MODIFY tenant VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8
 ALTER TABLE tokens  MODIFY tenant VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL;
 ALTER TABLE apps    MODIFY tenant VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL;
 ALTER TABLE tenants MODIFY name   VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL;
+
+-- Since when a worker is quarantined (NULL: in service), shown beside the reason, so an
+-- operator sees how long it has been out; set and cleared with the reason.
+ALTER TABLE workers ADD COLUMN quarantined_at DATETIME(6) NULL AFTER quarantine_reason;
+UPDATE workers SET quarantined_at = updated_at WHERE quarantine_reason IS NOT NULL;

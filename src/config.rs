@@ -501,6 +501,30 @@ pub struct GatewayConfig {
     /// progress) before it is closed.
     #[serde(with = "humantime_serde")]
     pub wait: Duration,
+    /// How long a new connection may stay silent: an SSH client sends its banner at
+    /// once, so one that has sent nothing by then is closed, having cost neither a
+    /// lookup nor a connection to a worker.
+    #[serde(with = "humantime_serde")]
+    pub first_bytes_timeout: Duration,
+    /// Connections open at once from one address (an IPv6 /64 counts as one), silent,
+    /// waiting or forwarded: beyond, a new one is closed at once. Behind a TCP proxy
+    /// (the `--ha` platform's HAProxy) every client has the proxy's address: there the
+    /// proxy caps each address, and this must hold all of them.
+    pub max_per_source: usize,
+    /// Connections waiting at once for their rental to become active (a move, a rent
+    /// just made), all ports together; beyond, a connection that would wait is closed
+    /// at once.
+    pub max_waiting: usize,
+    /// Connections waiting at once on one port; beyond, closed at once.
+    pub max_waiting_per_port: usize,
+    /// How long the gateway trusts its copy of the ports' rentals: it reads the whole
+    /// table at most this often for connections whose rental is active, and again (at
+    /// most ten times a second) when a rental is not active or its worker not
+    /// answering. Every replica keeps its own copy: after a move, a replica may lead a
+    /// new connection to the old worker for at most this long, and only if the whole
+    /// move (which passes through `migrating`) took less.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -511,6 +535,11 @@ impl Default for GatewayConfig {
             host: "localhost".into(),
             names: Vec::new(),
             wait: Duration::from_secs(20),
+            first_bytes_timeout: Duration::from_secs(5),
+            max_per_source: 32,
+            max_waiting: 256,
+            max_waiting_per_port: 16,
+            cache_ttl: Duration::from_secs(1),
         }
     }
 }
@@ -769,6 +798,24 @@ impl Config {
         if let Err(e) = self.gateway.port_range() {
             return Err(ConfigError::Invalid(e));
         }
+        if self.gateway.first_bytes_timeout.is_zero() {
+            return bad("gateway.first_bytes_timeout", "must be longer than zero");
+        }
+        if self.gateway.max_per_source == 0
+            || self.gateway.max_waiting == 0
+            || self.gateway.max_waiting_per_port == 0
+        {
+            return bad(
+                "gateway.max_per_source",
+                "gateway.max_waiting and gateway.max_waiting_per_port must be above zero",
+            );
+        }
+        if self.gateway.cache_ttl > Duration::from_secs(10) {
+            return bad(
+                "gateway.cache_ttl",
+                "must be at most 10s (a move must reach every replica's gateway soon)",
+            );
+        }
         if self.gateway.all_names().iter().any(|n| !is_host_name(n)) {
             return bad("gateway.host", "and gateway.names must be host names");
         }
@@ -974,6 +1021,20 @@ mod tests {
             defaults.database.max_connections
         );
         assert_eq!(example.listen, defaults.listen);
+        assert_eq!(
+            example.gateway.first_bytes_timeout,
+            defaults.gateway.first_bytes_timeout
+        );
+        assert_eq!(
+            example.gateway.max_per_source,
+            defaults.gateway.max_per_source
+        );
+        assert_eq!(example.gateway.max_waiting, defaults.gateway.max_waiting);
+        assert_eq!(
+            example.gateway.max_waiting_per_port,
+            defaults.gateway.max_waiting_per_port
+        );
+        assert_eq!(example.gateway.cache_ttl, defaults.gateway.cache_ttl);
         assert_eq!(example.shutdown_deadline, defaults.shutdown_deadline);
         assert_eq!(example.http.trusted_proxies, defaults.http.trusted_proxies);
         assert_eq!(example.http.anonymous_burst, defaults.http.anonymous_burst);

@@ -6,25 +6,40 @@
 //!
 //! A connection that arrives while its rental is moving waits (up to `gateway.wait`) for
 //! the move to finish rather than being refused, so a client that reconnects at once
-//! after its worker died lands on the new worker. The port's rental is read from the
-//! database at each connection: every control-plane replica forwards every port.
+//! after its worker died lands on the new worker. Every control-plane replica forwards
+//! every port, from its own copy of the ports' rentals ([`Routes`]).
+//!
+//! Anyone can reach the ports, so a connection is bounded before it costs anything: at
+//! most `gateway.max_per_source` open at once from one address; one that sends nothing
+//! within `gateway.first_bytes_timeout` is closed before any lookup or connection to a
+//! worker (an SSH client sends its banner first); the port's rental is read from memory,
+//! not from the database; and at most `gateway.max_waiting` connections (and
+//! `max_waiting_per_port` on one port) wait through a move, the others being closed at
+//! once.
 
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv6Addr};
 use std::ops::RangeInclusive;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::GatewayConfig;
 use crate::model::RentalStatus;
-use crate::store::Store;
+use crate::store::{EndpointTarget, Store, StoreError};
 
-/// How often a waiting connection looks again at its rental.
+/// How often a waiting connection looks again at its rental; also the shortest time
+/// between two reads of the ports' rentals, however many connections ask.
 const WAIT_STEP: Duration = Duration::from_millis(100);
 
 /// Connections the gateway holds at once, forwarded or waiting, all ports together:
-/// beyond, a new connection is closed at once. Each waiting one reads the database
-/// every [`WAIT_STEP`], so this also bounds what idle connections cost the database.
+/// beyond, a new connection is closed at once (a bound on file descriptors).
 pub const MAX_CONNECTIONS: usize = 4096;
 
 /// TCP keepalive on both sides of a forwarded connection: a worker that vanished (power
@@ -40,26 +55,49 @@ pub struct Gateway {
     listeners: Vec<(u16, TcpListener)>,
 }
 
-/// Where one connection goes, and how long it may wait for that.
-#[derive(Debug, Clone)]
+/// Where connections go, and the bounds on what they cost. Cheap to clone.
+#[derive(Clone)]
 pub struct Forwarding {
-    pub store: Store,
     /// Bound on reaching the worker's SSH server.
-    pub connect_timeout: Duration,
-    /// How long a connection waits for its rental to be active on a reachable worker.
-    pub wait: Duration,
+    connect_timeout: Duration,
+    /// `[gateway]`: the wait through a move and the bounds on connections.
+    config: Arc<GatewayConfig>,
+    /// The ports' rentals, from memory.
+    routes: Arc<Routes>,
     /// Room for more connections ([`MAX_CONNECTIONS`]).
-    pub slots: std::sync::Arc<tokio::sync::Semaphore>,
+    slots: Arc<Semaphore>,
+    /// Connections open per client address ([`source_key`]).
+    sources: Arc<Tally<IpAddr>>,
+    /// Connections waiting through a move, all ports together.
+    waiting: Arc<Semaphore>,
+    /// Connections waiting through a move, per port.
+    waiting_on: Arc<Tally<u16>>,
 }
 
 impl Forwarding {
-    pub fn new(store: Store, connect_timeout: Duration, wait: Duration) -> Self {
+    pub fn new(store: Store, connect_timeout: Duration, config: &GatewayConfig) -> Self {
         Self {
-            store,
             connect_timeout,
-            wait,
-            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            routes: Arc::new(Routes {
+                store,
+                ttl: config.cache_ttl,
+                table: tokio::sync::Mutex::default(),
+            }),
+            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            sources: Arc::default(),
+            waiting: Arc::new(Semaphore::new(config.max_waiting)),
+            waiting_on: Arc::default(),
+            config: Arc::new(config.clone()),
         }
+    }
+
+    /// A turn to wait through a move on `port`, if both bounds have room.
+    fn wait_turn(&self, port: u16) -> Option<(OwnedSemaphorePermit, Held<u16>)> {
+        let all = self.waiting.clone().try_acquire_owned().ok()?;
+        let here = self
+            .waiting_on
+            .take(port, self.config.max_waiting_per_port)?;
+        Some((all, here))
     }
 }
 
@@ -94,16 +132,21 @@ impl Gateway {
                     match accepted {
                         Ok((client, peer)) => {
                             let Ok(slot) = forwarding.slots.clone().try_acquire_owned() else {
-                                metrics::counter!(crate::metrics::names::GATEWAY_CONNECTIONS,
-                                    "outcome" => "busy")
-                                .increment(1);
+                                closed("busy");
                                 tracing::warn!(port, %peer, "gateway full: connection closed");
+                                continue;
+                            };
+                            let max = forwarding.config.max_per_source;
+                            let Some(source) = forwarding.sources.take(source_key(peer.ip()), max)
+                            else {
+                                closed("source_limit");
+                                tracing::debug!(port, %peer, "too many connections from this address: closed");
                                 continue;
                             };
                             let forwarding = forwarding.clone();
                             tokio::spawn(async move {
                                 forward(&forwarding, port, client, peer).await;
-                                drop(slot);
+                                drop((slot, source));
                             });
                         }
                         Err(e) => {
@@ -119,6 +162,24 @@ impl Gateway {
     }
 }
 
+/// Counts a connection closed without being forwarded, by why.
+fn closed(outcome: &'static str) {
+    metrics::counter!(crate::metrics::names::GATEWAY_CONNECTIONS, "outcome" => outcome)
+        .increment(1);
+}
+
+/// What a per-address cap counts under: an IPv4 address, or the /64 of an IPv6 one (a
+/// single machine or network is commonly given a whole /64).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let [a, b, c, d, ..] = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 /// Forwards one client connection on `port` to its rental's worker, for as long as both
 /// ends keep it open.
 async fn forward(
@@ -128,11 +189,28 @@ async fn forward(
     peer: std::net::SocketAddr,
 ) {
     tune(&client);
-    let Some((rental_id, mut worker)) = reach(forwarding, port).await else {
-        metrics::counter!(crate::metrics::names::GATEWAY_CONNECTIONS, "outcome" => "refused")
-            .increment(1);
-        tracing::info!(port, %peer, "gateway connection closed: no active rental reachable on this port");
-        return;
+    // An SSH client sends its banner at once: a silent one is closed before it costs a
+    // lookup or a connection to a worker (whose sshd would hold it until its
+    // LoginGraceTime). Peeked, not read: the bytes stay for the worker.
+    let mut first = [0u8; 1];
+    let silence = forwarding.config.first_bytes_timeout;
+    match tokio::time::timeout(silence, client.peek(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        // Gone before saying anything.
+        Ok(_) => return,
+        Err(_) => {
+            closed("silent");
+            tracing::debug!(port, %peer, "gateway connection closed: nothing sent within {silence:?}");
+            return;
+        }
+    }
+    let (rental_id, mut worker) = match reach(forwarding, port).await {
+        Ok(reached) => reached,
+        Err(outcome) => {
+            closed(outcome);
+            tracing::debug!(port, %peer, outcome, "gateway connection closed: no active rental reachable on this port");
+            return;
+        }
     };
     metrics::counter!(crate::metrics::names::GATEWAY_CONNECTIONS, "outcome" => "forwarded")
         .increment(1);
@@ -154,35 +232,184 @@ fn tune(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
-/// Connects to the worker serving the rental of `port`, waiting through a move. `None`
-/// if the port has no live rental, or none became reachable in time.
-async fn reach(forwarding: &Forwarding, port: u16) -> Option<(String, TcpStream)> {
-    let deadline = tokio::time::Instant::now() + forwarding.wait;
+/// Connects to the worker serving the rental of `port`, waiting through a move. Fails
+/// with the outcome to count: `refused` if the port has no live rental or none became
+/// reachable in time, `wait_limit` if it would have to wait and the waits are full.
+///
+/// The first look takes the copy in memory as it is; a connection whose rental is not
+/// there, not active or not answering looks again at copies read after it came (a rent
+/// just made, a move), one every [`WAIT_STEP`], holding a turn to wait meanwhile.
+async fn reach(forwarding: &Forwarding, port: u16) -> Result<(String, TcpStream), &'static str> {
+    let arrived = Instant::now();
+    let deadline = arrived + forwarding.config.wait;
+    let mut since = None;
+    let mut turn = None;
     loop {
-        match forwarding.store.endpoint_target(port).await {
-            Ok(None) => return None,
+        match forwarding.routes.route(port, since).await {
             Ok(Some(target)) => {
                 if target.status == RentalStatus::Active
                     && let Some((host, ssh_port)) = &target.worker
                 {
                     let connect = TcpStream::connect((host.as_str(), *ssh_port));
                     match tokio::time::timeout(forwarding.connect_timeout, connect).await {
-                        Ok(Ok(stream)) => return Some((target.rental_id, stream)),
+                        Ok(Ok(stream)) => return Ok((target.rental_id, stream)),
                         Ok(Err(e)) => {
                             tracing::debug!(port, error = %e, "worker not reachable; waiting")
                         }
                         Err(_) => tracing::debug!(port, "worker not answering; waiting"),
                     }
                 } else if !target.status.may_become_active() {
-                    return None;
+                    return Err("refused");
                 }
             }
+            // Not in a copy read after this connection came: no live rental.
+            Ok(None) if since.is_some() => return Err("refused"),
+            Ok(None) => {}
             // A database blip: keep the client waiting rather than drop it.
-            Err(e) => tracing::warn!(port, error = %e, "gateway cannot read its rental; retrying"),
+            Err(e) => tracing::warn!(port, error = %e, "gateway cannot read its rentals; retrying"),
         }
-        if tokio::time::Instant::now() + WAIT_STEP > deadline {
+        if turn.is_none() {
+            turn = Some(forwarding.wait_turn(port).ok_or("wait_limit")?);
+        }
+        if since.is_none() {
+            since = Some(arrived);
+            continue;
+        }
+        if Instant::now() + WAIT_STEP > deadline {
+            return Err("refused");
+        }
+        since = Some(Instant::now());
+        tokio::time::sleep(WAIT_STEP).await;
+    }
+}
+
+/// The gateway's copy of the ports' rentals ([`Store::endpoint_targets`]), read whole
+/// and kept in memory so that connections do not each read the database: at most one
+/// read every `gateway.cache_ttl` while rentals are found active, and one every
+/// [`WAIT_STEP`] at most however many connections ask for a fresher copy. One read at
+/// a time; who needs a fresher copy meanwhile waits for it.
+///
+/// A copy rather than a notification from the migration loop: the loop runs in one
+/// replica and the gateway in all, and every move passes through `migrating`, which a
+/// copy read during the move sees (connections then wait for the move).
+struct Routes {
+    store: Store,
+    ttl: Duration,
+    table: tokio::sync::Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    /// When the copy was read (when its read began): `None` before the first read.
+    read_at: Option<Instant>,
+    /// When a read last began, whether it succeeded or not.
+    tried_at: Option<Instant>,
+    ports: HashMap<u16, EndpointTarget>,
+}
+
+impl Routes {
+    /// The live rental of `port`, from a copy read after `since` (`None`: a copy younger
+    /// than the TTL).
+    async fn route(
+        &self,
+        port: u16,
+        since: Option<Instant>,
+    ) -> Result<Option<EndpointTarget>, StoreError> {
+        let mut table = self.table.lock().await;
+        let fresh = table.read_at.is_some_and(|at| match since {
+            Some(since) => at >= since,
+            None => at.elapsed() < self.ttl,
+        });
+        if !fresh {
+            if let Some(tried) = table.tried_at {
+                tokio::time::sleep_until(tried + WAIT_STEP).await;
+            }
+            let began = Instant::now();
+            table.tried_at = Some(began);
+            metrics::counter!(crate::metrics::names::GATEWAY_LOOKUPS).increment(1);
+            table.ports = self.store.endpoint_targets().await?.into_iter().collect();
+            table.read_at = Some(began);
+        }
+        Ok(table.ports.get(&port).cloned())
+    }
+}
+
+/// How many of something each key holds at once; each one is held through a [`Held`]
+/// that gives it back when dropped.
+struct Tally<K> {
+    counts: Mutex<HashMap<K, usize>>,
+}
+
+impl<K> Default for Tally<K> {
+    fn default() -> Self {
+        Self {
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Copy> Tally<K> {
+    /// One more for `key`, unless it holds `max` already.
+    fn take(self: &Arc<Self>, key: K, max: usize) -> Option<Held<K>> {
+        let mut counts = self.counts.lock().expect("tally poisoned");
+        let held = counts.entry(key).or_default();
+        if *held >= max {
             return None;
         }
-        tokio::time::sleep(WAIT_STEP).await;
+        *held += 1;
+        Some(Held {
+            tally: self.clone(),
+            key,
+        })
+    }
+}
+
+/// One of a key's count in a [`Tally`], until dropped.
+struct Held<K: Hash + Eq + Copy> {
+    tally: Arc<Tally<K>>,
+    key: K,
+}
+
+impl<K: Hash + Eq + Copy> Drop for Held<K> {
+    fn drop(&mut self) {
+        let mut counts = self.tally.counts.lock().expect("tally poisoned");
+        if let Some(held) = counts.get_mut(&self.key) {
+            *held -= 1;
+            if *held == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tally_refuses_beyond_its_max_and_forgets_a_key_given_back() {
+        let tally = Arc::new(Tally::default());
+        let first = tally.take(7u16, 2).expect("room");
+        let second = tally.take(7u16, 2).expect("room");
+        assert!(tally.take(7u16, 2).is_none());
+        assert!(
+            tally.take(8u16, 2).is_some(),
+            "another key has its own count"
+        );
+        drop(first);
+        let third = tally.take(7u16, 2).expect("room again");
+        drop((second, third));
+        assert!(tally.counts.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_source_counts_by_its_64_and_a_mapped_ipv4_as_itself() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source_key(a), source_key(b));
+        assert_ne!(source_key(a), source_key(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(source_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
     }
 }

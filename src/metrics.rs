@@ -37,8 +37,14 @@ pub mod names {
     /// Counter: containers the apps loop started, by `outcome` (created, restarted,
     /// failed), and removed (`outcome` removed).
     pub const INSTANCE_ACTIONS: &str = "orion_instance_actions_total";
-    /// Counter: connections to the SSH gateway, by `outcome` (forwarded, refused).
+    /// Counter: connections to the SSH gateway, by `outcome` (forwarded, refused: no
+    /// live rental reachable, silent: nothing sent before `gateway.first_bytes_timeout`,
+    /// busy: the gateway full, source_limit: `gateway.max_per_source`, wait_limit:
+    /// `gateway.max_waiting` or `max_waiting_per_port`).
     pub const GATEWAY_CONNECTIONS: &str = "orion_gateway_connections_total";
+    /// Counter: reads of the ports' rentals from the database by the SSH gateway (one
+    /// read covers every port; connections are served from memory in between).
+    pub const GATEWAY_LOOKUPS: &str = "orion_gateway_lookups_total";
     /// Counter: bytes the SSH gateway forwarded, both ways.
     pub const GATEWAY_BYTES: &str = "orion_gateway_bytes_total";
     /// Counter: bytes of home snapshots stored (compressed).

@@ -272,7 +272,7 @@ impl Application {
             let forwarding = crate::gateway::Forwarding::new(
                 ctx.store.clone(),
                 ctx.config.ssh.connect_timeout,
-                ctx.config.gateway.wait,
+                &ctx.config.gateway,
             );
             running.spawn(tasks.track_future(gateway.serve(forwarding, shutdown.clone())));
         }

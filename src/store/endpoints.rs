@@ -26,6 +26,14 @@ pub struct EndpointTarget {
     ssh_port: Option<u16>,
 }
 
+/// One row of [`Store::endpoint_targets`].
+#[derive(FromRow)]
+struct PortTarget {
+    port: u16,
+    #[sqlx(flatten)]
+    target: EndpointTarget,
+}
+
 impl Store {
     /// Makes sure every port of `ports` has its row (ports outside are kept, never given).
     pub async fn sync_endpoints(&self, ports: RangeInclusive<u16>) -> Result<(), StoreError> {
@@ -41,20 +49,26 @@ impl Store {
         Ok(())
     }
 
-    /// The rental a connection to `port` leads to, and its worker's SSH address.
-    pub async fn endpoint_target(&self, port: u16) -> Result<Option<EndpointTarget>, StoreError> {
-        let target: Option<EndpointTarget> = sqlx::query_as(
-            "SELECT r.id AS rental_id, r.status, w.ssh_host, w.ssh_port \
+    /// Every port leading to a live rental (not released, not failed), with the rental
+    /// and its worker's SSH address: the gateway's whole table in one read, which it
+    /// keeps in memory (see [`crate::gateway`]).
+    pub async fn endpoint_targets(&self) -> Result<Vec<(u16, EndpointTarget)>, StoreError> {
+        let rows: Vec<PortTarget> = sqlx::query_as(
+            "SELECT e.port, r.id AS rental_id, r.status, w.ssh_host, w.ssh_port \
              FROM endpoints e JOIN rentals r ON r.id = e.rental_id \
-             LEFT JOIN workers w ON w.id = r.worker_id WHERE e.port = ?",
+             LEFT JOIN workers w ON w.id = r.worker_id \
+             WHERE r.status NOT IN ('released', 'failed')",
         )
-        .bind(port)
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(target.map(|mut t| {
-            t.worker = t.ssh_host.take().zip(t.ssh_port);
-            t
-        }))
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let mut t = row.target;
+                t.worker = t.ssh_host.take().zip(t.ssh_port);
+                (row.port, t)
+            })
+            .collect())
     }
 }
 

@@ -13,6 +13,7 @@ mod failover;
 mod fuzz;
 mod guard;
 mod helpers;
+mod hostile_gateway;
 mod idempotency;
 mod isolation;
 mod leader;

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::helpers::{TestApp, Worker, spawn_app, spawn_app_with, tenant_key};
 
 /// Runs `command` on the worker published at `port` as the tenant `user`.
-async fn as_tenant(
+pub(crate) async fn as_tenant(
     app: &TestApp,
     port: u16,
     user: &str,

@@ -14,6 +14,7 @@ mod fuzz;
 mod guard;
 mod helpers;
 mod hostile_gateway;
+mod hostile_ipc;
 mod idempotency;
 mod isolation;
 mod leader;

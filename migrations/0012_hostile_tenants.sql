@@ -1,14 +1,22 @@
--- A tenant is its name, byte for byte, everywhere (#24): `DrillCase` and `drillcase`
--- are two tenants. Every tenant column compares with a binary collation, as Rust's `==`
--- does and as idempotency keys already did (0008); a case-insensitive comparison here let
--- one tenant read, change and delete another's apps. A test checks every column named
--- `tenant` (or the `tenants` table's `name`) is binary, so a new one cannot drift.
--- New names that differ from an existing tenant's only in case are refused when a token
--- is made (409), so no two tenants look alike either.
-ALTER TABLE rentals MODIFY tenant VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL;
-ALTER TABLE tokens  MODIFY tenant VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL;
-ALTER TABLE apps    MODIFY tenant VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL;
-ALTER TABLE tenants MODIFY name   VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL;
+-- A tenant is its name, and no two tenants' names differ only in case (#24). Tenant
+-- columns compare without case (the tables' collation), Rust compares bytes: the two
+-- agree on every pair of names that can exist only if no two names differ only in case.
+-- Before this, tokens for `DrillCase` and `drillcase` could both be made, and the second
+-- could read, change and delete the first's apps. Tokens for such a name are now refused
+-- when made (409); names already ambiguous stop this migration, naming them, until the
+-- operator revokes and deletes one of the two (`DELETE FROM tokens WHERE tenant = BINARY
+-- '…'`, after moving what it holds).
+BEGIN NOT ATOMIC
+    DECLARE clash TEXT;
+    SELECT GROUP_CONCAT(DISTINCT CAST(a.tenant AS CHAR) SEPARATOR ', ') INTO clash
+      FROM tokens a JOIN tokens b
+        ON a.tenant = b.tenant AND CAST(a.tenant AS BINARY) <> CAST(b.tenant AS BINARY);
+    IF clash IS NOT NULL THEN
+        SET clash = CONCAT('tenant names that differ only in case: ', clash,
+                           '; keep one of each (see migrations/0012_hostile_tenants.sql)');
+        SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = clash;
+    END IF;
+END;
 
 -- Since when a worker is quarantined (NULL: in service), shown beside the reason, so an
 -- operator sees how long it has been out; set and cleared with the reason.

@@ -4,6 +4,7 @@
 #   orion/worker:latest    (docker/worker)
 #   orion/mariadb:latest   (docker/mariadb)
 #   orion/demo-app:latest  (docker/demo-app: a tiny HTTP server to try apps with)
+#   orion/caddy:latest     (docker/caddy: the platform's edge, and the routing tests')
 # Re-running is cheap: unchanged steps come from Docker's layer cache.
 #
 # Env: ORION_BUILD_NETWORK  network for RUN steps (default host: apt inside
@@ -39,4 +40,5 @@ build() {
 build orion/worker:latest docker/worker
 build orion/mariadb:latest docker/mariadb
 build orion/demo-app:latest docker/demo-app
+build orion/caddy:latest docker/caddy
 log "all images ready in $((SECONDS - t_all))s"

@@ -176,9 +176,6 @@ build_quietly() {
 build_images() {
   scripts/images.sh
   export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}
-  log "building orion/caddy"
-  build_quietly docker build --network host --build-arg BASE_IMAGE=orion/debian:bookworm \
-    -t orion/caddy:latest docker/caddy
   local binary=${ORION_BINARY:-}
   if [[ -z "$binary" ]]; then
     log "building the orion binary (cargo build --release)"

@@ -466,9 +466,24 @@ pub struct CaddyConfig {
     /// `unix:/path/to/admin.sock` (the platform's, in a volume only Caddy and Orion
     /// mount) or `http://host:port`. Unset: apps are not routed through Caddy.
     pub admin: Option<String>,
-    /// The site's host name (`ORION_SITE`): apps are served at
-    /// `https://<site>/apps/<name>/` and `https://<name>.apps.<site>/`.
+    /// The site's host name (`ORION_SITE`): Orion's API and dashboard are served there.
     pub site: String,
+    /// The domain apps are served under, each at `https://<name>.<apps_domain>/` (unset:
+    /// `apps.<site>`). Never the site itself, nor a name under which the site lies: an app
+    /// must not share an origin, or a parent domain's cookies, with the API and the
+    /// dashboard (#24).
+    pub apps_domain: Option<String>,
+}
+
+impl CaddyConfig {
+    /// The domain apps are served under.
+    pub fn apps_domain(&self) -> String {
+        // Empty counts as unset: what compose passes when ORION_APPS_DOMAIN is not set.
+        match self.apps_domain.as_deref() {
+            Some(domain) if !domain.is_empty() => domain.to_owned(),
+            _ => format!("apps.{}", self.site),
+        }
+    }
 }
 
 impl Default for CaddyConfig {
@@ -476,6 +491,7 @@ impl Default for CaddyConfig {
         Self {
             admin: None,
             site: "localhost".into(),
+            apps_domain: None,
         }
     }
 }
@@ -629,11 +645,19 @@ pub struct SnapshotsConfig {
     /// What a failover loses is at most about this much of the tenant's work.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// Largest snapshot of one home (compressed), e.g. `256m`: a bigger home keeps its
-    /// last snapshot, with a `snapshot.too_big` event.
+    /// Largest home snapshotted, e.g. `256m`: the apparent size of its files, measured on
+    /// the worker before anything is sent (a home over it costs no transfer, whatever it
+    /// holds), and the compressed snapshot is held to it as it streams. A bigger home
+    /// keeps its last snapshot, with a `snapshot.too_big` event.
     pub max_bytes: String,
-    /// Homes snapshotted at once.
+    /// Homes snapshotted at once by one pass.
     pub concurrency: usize,
+    /// Longest one snapshot or restore may take, end to end. A tenant can stop or slow its
+    /// own snapshot (it is read as the tenant); at this deadline the job is ended, on
+    /// Orion's side and on the worker's, with a `snapshot.deadline` event (a restore's
+    /// move is tried again). A job still running is not waited for by the next pass.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
 }
 
 impl Default for SnapshotsConfig {
@@ -643,6 +667,7 @@ impl Default for SnapshotsConfig {
             interval: Duration::from_secs(60),
             max_bytes: "256m".into(),
             concurrency: 4,
+            deadline: Duration::from_secs(600),
         }
     }
 }
@@ -795,6 +820,20 @@ impl Config {
         if !is_host_name(&self.caddy.site) {
             return bad("caddy.site", "must be a host name");
         }
+        let apps = self.caddy.apps_domain().to_ascii_lowercase();
+        let site = self.caddy.site.to_ascii_lowercase();
+        if !is_host_name(&apps) {
+            return bad("caddy.apps_domain", "must be a host name");
+        }
+        // An app's host under the site's own name is fine (`web.apps.<site>`); the site
+        // under the apps domain, or the site itself, is not: the API would be an app's
+        // sibling origin, sharing what browsers scope to a parent domain.
+        if apps == site || site.ends_with(&format!(".{apps}")) {
+            return bad(
+                "caddy.apps_domain",
+                "must not be the site nor a domain the site lies under (apps get origins of their own)",
+            );
+        }
         if let Err(e) = self.gateway.port_range() {
             return Err(ConfigError::Invalid(e));
         }
@@ -827,6 +866,9 @@ impl Config {
                 "snapshots.interval",
                 "and snapshots.concurrency must be above zero",
             );
+        }
+        if self.snapshots.deadline < Duration::from_secs(1) {
+            return bad("snapshots.deadline", "must be at least 1s");
         }
         if self.leader.renew_every.is_zero() || self.leader.lease < self.leader.renew_every * 2 {
             return bad(
@@ -1035,6 +1077,7 @@ mod tests {
             defaults.gateway.max_waiting_per_port
         );
         assert_eq!(example.gateway.cache_ttl, defaults.gateway.cache_ttl);
+        assert_eq!(example.snapshots.deadline, defaults.snapshots.deadline);
         assert_eq!(example.shutdown_deadline, defaults.shutdown_deadline);
         assert_eq!(example.http.trusted_proxies, defaults.http.trusted_proxies);
         assert_eq!(example.http.anonymous_burst, defaults.http.anonymous_burst);

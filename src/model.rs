@@ -161,8 +161,50 @@ impl InvalidInput {
     }
 }
 
-/// Accounts that exist on every Debian system or that a tenant must never take over.
+/// Names of accounts *and groups* that exist on Debian systems (the worker image's and a
+/// plain host's, with the packages Orion's workers may carry), or that a tenant must never
+/// take over. A rental's account gets a group of its own name, so a group's name is as
+/// taken as a user's: a rent naming one would be refused by the worker, which is the
+/// request's fault, so it is refused here first (422) before anything runs. A test
+/// checks every user and group of the worker image is on this list.
 const RESERVED_USERNAMES: &[&str] = &[
+    "orion-tenants",
+    "dialout",
+    "fax",
+    "voice",
+    "cdrom",
+    "floppy",
+    "tape",
+    "audio",
+    "dip",
+    "src",
+    "video",
+    "sasl",
+    "plugdev",
+    "input",
+    "kvm",
+    "render",
+    "netdev",
+    "crontab",
+    "docker",
+    "podman",
+    "lxd",
+    "polkitd",
+    "tss",
+    "uuidd",
+    "ssl-cert",
+    "sgx",
+    "systemd-journal",
+    "systemd-coredump",
+    "systemd-network",
+    "avahi",
+    "dnsmasq",
+    "ntp",
+    "chrony",
+    "statd",
+    "rdma",
+    "lpadmin",
+    "scanner",
     "root",
     "daemon",
     "bin",
@@ -181,7 +223,6 @@ const RESERVED_USERNAMES: &[&str] = &[
     "irc",
     "gnats",
     "nobody",
-    "systemd-network",
     "systemd-resolve",
     "systemd-timesync",
     "messagebus",

@@ -135,6 +135,13 @@ pub struct HomeVars {
     pub fingerprint: String,
     /// A planned move's last snapshot: the tenant's sessions end first (`snapshot_home`).
     pub r#final: bool,
+    /// The largest home snapshotted, in bytes of its files' apparent size, measured
+    /// before anything is streamed (`snapshot_home`: `snapshots.max_bytes`).
+    pub max_bytes: u64,
+    /// Seconds the worker lets the commands run as the tenant live: the tenant can stop
+    /// its own, not root's `timeout`, so what Orion gave up on at `snapshots.deadline`
+    /// does not linger on the worker.
+    pub deadline: u64,
 }
 
 /// What a playbook sees: the rental's values and the uid floor from the configuration.
@@ -212,7 +219,17 @@ impl PlaybookError {
             PlaybookError::Failed { .. } => true,
         }
     }
+
+    /// Whether the worker refused because of the name the request asked for (an account
+    /// or group of that name that is not Orion's): the request's fault, not the worker's.
+    pub fn is_name_taken(&self) -> bool {
+        matches!(self, PlaybookError::Refused { reason, .. } if reason.starts_with(NAME_TAKEN))
+    }
 }
+
+/// What the playbooks put after `orion: refused: ` when the name asked for is taken on the
+/// worker by something that is not Orion's.
+const NAME_TAKEN: &str = "name taken:";
 
 /// The playbook templates, compiled once at start.
 pub struct Playbooks {
@@ -742,6 +759,8 @@ mod tests {
             uid: 200_321,
             fingerprint: "abc'; rm -rf / #".into(),
             r#final: false,
+            max_bytes: 1 << 20,
+            deadline: 65,
         };
         let snapshot = playbooks
             .render_home(Playbook::SnapshotHome, &vars, 200_000)
@@ -749,6 +768,11 @@ mod tests {
         assert!(snapshot.starts_with("sh -c '"), "{snapshot}");
         assert!(snapshot.contains("user='\\''erin'\\''"), "{snapshot}");
         assert!(snapshot.contains("final='\\''no'\\''"), "{snapshot}");
+        assert!(
+            snapshot.contains("max_bytes='\\''1048576'\\''"),
+            "{snapshot}"
+        );
+        assert!(snapshot.contains("deadline='\\''65'\\''"), "{snapshot}");
         vars.r#final = true;
         let last = playbooks
             .render_home(Playbook::SnapshotHome, &vars, 200_000)

@@ -68,6 +68,12 @@ pub enum RentError {
     UsernameTaken(StoreError),
     #[error("could not create the account on {worker}: {reason}")]
     Provisioning { worker: String, reason: String },
+    /// The worker holds an account or group of the asked-for name that is not Orion's:
+    /// the request's fault (another name works), never the worker's.
+    #[error(
+        "the username `{username}` is taken on worker {worker} by an account or group that is not a rental's; choose another"
+    )]
+    NameTakenOnWorker { worker: String, username: String },
     #[error(transparent)]
     Store(StoreError),
 }
@@ -172,6 +178,12 @@ async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Re
             .fail_rent(&record.id, worker, removed, &reason)
             .await?;
         tried.push(worker.id);
+        if e.is_name_taken() {
+            return Err(RentError::NameTakenOnWorker {
+                worker: worker.name.clone(),
+                username: record.username.clone(),
+            });
+        }
         let failure = RentError::Provisioning {
             worker: claim.worker.name.clone(),
             reason,
@@ -321,6 +333,21 @@ async fn on_playbook_result(ctx: &Context, worker: &Worker, result: &Result<(), 
     let reason = match result {
         Err(PlaybookError::Ssh { cause: e, .. }) if e.is_host_key_mismatch() => {
             format!("host key changed: {e}")
+        }
+        // The name asked for is taken on the worker: the request's fault. Said, and the
+        // worker stays in service (one rent per worker must not take the fleet out).
+        Err(e) if e.is_name_taken() => {
+            tracing::warn!(worker = %worker.name, error = %e, "the name asked for is taken on the worker");
+            let _ = ctx
+                .store
+                .append_event(
+                    "account.name_taken",
+                    Some(&worker.name),
+                    None,
+                    &e.to_string(),
+                )
+                .await;
+            return;
         }
         Err(e @ PlaybookError::Refused { .. }) => {
             tracing::error!(worker = %worker.name, error = %e, "playbook refused");

@@ -33,6 +33,8 @@ pub struct Loops {
     pub migration: Arc<crate::loops::migration::State>,
     /// Private to the apps loop.
     pub apps: Arc<crate::loops::apps::State>,
+    /// Private to the snapshots loop.
+    pub snapshots: Arc<crate::loops::snapshots::State>,
 }
 
 impl Loops {
@@ -42,6 +44,7 @@ impl Loops {
             probes: Arc::new(crate::probe::Probes::new(max_connections)),
             migration: Arc::default(),
             apps: Arc::default(),
+            snapshots: Arc::default(),
         }
     }
 }
@@ -113,7 +116,12 @@ impl Application {
             .as_deref()
             .map(|a| crate::apps::caddy::Admin::parse(a).map_err(anyhow::Error::msg))
             .transpose()?
-            .map(|admin| Arc::new(crate::apps::caddy::Router::new(admin, &config.caddy.site)));
+            .map(|admin| {
+                Arc::new(crate::apps::caddy::Router::new(
+                    admin,
+                    &config.caddy.apps_domain(),
+                ))
+            });
         let host_ca = config
             .ssh
             .host_ca_key
@@ -266,7 +274,11 @@ impl Application {
         running.spawn(tasks.track_future(cleanup::run(ctx.clone(), stop())));
         running.spawn(tasks.track_future(apps::run(ctx.clone(), loops.apps.clone(), stop())));
         if ctx.config.snapshots.enabled {
-            running.spawn(tasks.track_future(snapshots::run(ctx.clone(), stop())));
+            running.spawn(tasks.track_future(snapshots::run(
+                ctx.clone(),
+                loops.snapshots.clone(),
+                stop(),
+            )));
         }
         if let Some(gateway) = gateway {
             let forwarding = crate::gateway::Forwarding::new(

@@ -1,4 +1,5 @@
-"""Orion demo app: GET any path -> {"app", "instance", "path"} as JSON.
+"""Orion demo app: GET any path -> {"app", "instance", "path", "headers"} as JSON, the
+request's headers as the instance received them (what an app could read, and log).
 
 Env: PORT (default 8080), ORION_APP, ORION_INSTANCE (set by Orion),
      DEMO_EXIT_AFTER=<seconds>: exit with code 3 after that long (crash-loop tests;
@@ -31,6 +32,7 @@ class Handler(BaseHTTPRequestHandler):
             "app": os.environ.get("ORION_APP"),
             "instance": os.environ.get("ORION_INSTANCE"),
             "path": self.path,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
         }).encode() + b"\n"
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

@@ -161,9 +161,9 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Unavailable(_) | StoreError::Fenced { .. } => ApiError::Unavailable(e),
             StoreError::InstanceQuota { .. } => ApiError::QuotaExceeded(e.to_string()),
-            StoreError::UsernameTaken(_) | StoreError::NameTaken(_) => {
-                ApiError::Conflict(e.to_string())
-            }
+            StoreError::UsernameTaken(_)
+            | StoreError::NameTaken(_)
+            | StoreError::TenantLookalike(_) => ApiError::Conflict(e.to_string()),
             StoreError::Inventory(EditError::Invalid(invalid)) => ApiError::Invalid(invalid),
             StoreError::Inventory(e @ EditError::Exists(_)) => ApiError::Conflict(e.to_string()),
             StoreError::Inventory(e @ EditError::Missing(_)) => ApiError::NotFound(e.to_string()),
@@ -183,6 +183,7 @@ impl From<RentError> for ApiError {
                 "this tenant already holds {limit} live rentals, its limit; release one first"
             )),
             RentError::UsernameTaken(e) => ApiError::Conflict(e.to_string()),
+            e @ RentError::NameTakenOnWorker { .. } => ApiError::Conflict(e.to_string()),
             RentError::Provisioning { worker, .. } => ApiError::Provisioning(format!(
                 "the account could not be created on worker {worker}; nothing was kept, try again"
             )),

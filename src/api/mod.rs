@@ -14,6 +14,7 @@
 //! | `GET /api/workers` | admin: every worker with status, last probe, the rental holding it |
 //! | `POST /api/workers/{name}/drain` | admin: no new rentals there; its tenants move away |
 //! | `POST /api/workers/{name}/undrain` | admin: back in service |
+//! | `POST /api/workers/{name}/restore` | admin: a quarantined worker back in service |
 //! | `POST /api/tokens` | admin: make a tenant token (shown once) |
 //! | `GET /api/tokens` | admin: list tokens (never the tokens themselves) |
 //! | `DELETE /api/tokens/{id}` | admin: revoke a token |
@@ -133,6 +134,7 @@ fn endpoints() -> Vec<Endpoint> {
         endpoint(Method::PUT, "/api/inventory", inventory::apply),
         endpoint(Method::POST, "/api/workers/{name}/drain", drain_worker),
         endpoint(Method::POST, "/api/workers/{name}/undrain", undrain_worker),
+        endpoint(Method::POST, "/api/workers/{name}/restore", restore_worker),
         endpoint(Method::GET, "/api/events", list_events),
         endpoint(Method::GET, "/api/events/stream", stream_events),
         endpoint(Method::GET, "/api/tokens", list_tokens),
@@ -191,7 +193,7 @@ pub fn app(ctx: Context) -> Router {
     paths(
         rent, list_rentals, get_rental, release_rental, renew_rental,
         apps::create, apps::list, apps::get, apps::change, apps::delete, apps::logs,
-        list_workers, drain_worker, undrain_worker,
+        list_workers, drain_worker, undrain_worker, restore_worker,
         inventory::add, inventory::change, inventory::retire, inventory::export, inventory::apply,
         list_events, stream_events,
         list_tokens, create_token, revoke_token,
@@ -626,6 +628,52 @@ async fn undrain_worker(
     set_drained(ctx, caller, name, false).await
 }
 
+/// `POST /api/workers/{name}/restore`: what the operator says when a quarantined worker
+/// may serve again.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RestoreBody {
+    /// Forget the host key trusted on first use: the next probe trusts the key the worker
+    /// presents then (the worker was rebuilt, its key changed on purpose).
+    #[serde(default)]
+    forget_host_key: bool,
+}
+
+#[utoipa::path(post, path = "/api/workers/{name}/restore", tag = "workers",
+    params(("name" = String, Path, description = "The worker's name")),
+    request_body(content = Option<RestoreBody>, description = "Optional; `{}` by default"),
+    responses(
+        (status = 200, description = "Back in service (or it was not quarantined: nothing changed)", body = WorkerView),
+        (status = 404, description = "No such worker", body = ErrorBody),
+    ))]
+async fn restore_worker(
+    State(ctx): State<Context>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    require_admin(&caller)?;
+    let body = body.map_err(|e| ApiError::from_body_rejection(&e))?;
+    let body: RestoreBody = parse_json(&body)?;
+    if ctx
+        .store
+        .restore_worker(&name, body.forget_host_key)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::NotFound("no such worker".into()));
+    }
+    // Probed at once: its status is told by a probe, not assumed.
+    ctx.wake.health.notify_one();
+    ctx.wake.apps.notify_one();
+    let worker = ctx
+        .store
+        .worker_by_name(&name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such worker".into()))?;
+    Ok(Json(WorkerView::from(worker)).into_response())
+}
+
 async fn set_drained(
     ctx: Context,
     caller: Caller,
@@ -652,6 +700,7 @@ async fn set_drained(
     request_body = TokenBody,
     responses(
         (status = 201, description = "The token (shown once) and its record", body = CreatedToken),
+        (status = 409, description = "The name differs from an existing tenant's only in case", body = ErrorBody),
         (status = 422, description = "A field is not acceptable", body = ErrorBody),
     ))]
 async fn create_token(

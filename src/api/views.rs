@@ -337,6 +337,7 @@ mod tests {
             consecutive_failures: 0,
             consecutive_successes: 4,
             quarantine_reason: None,
+            quarantined_at: None,
             retired: false,
             drained: true,
             rental_id: Some("r-1".into()),

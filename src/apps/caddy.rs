@@ -2,13 +2,18 @@
 //! instances through Caddy's admin API.
 //!
 //! Each app with a port gets one route in Caddy's HTTPS server, tagged `@id
-//! orion-app-<name>`, placed before Orion's own (catch-all) route. It answers
-//! `https://<site>/apps/<name>/…` (the prefix stripped before the instance sees it) and
-//! `https://<name>.apps.<site>/…`, and proxies to the app's running instances with
-//! Caddy's active health checks and a retry on another instance when one cannot be
-//! reached. With no instance running it answers 503 with Orion's JSON error shape.
-//! App names are DNS labels, so no route can ever match `/api`, `/health`, `/metrics` or
-//! `/dashboard`.
+//! orion-app-<name>`, placed before the Caddyfile's own routes. It answers only
+//! `https://<name>.<apps domain>/…` (`apps.<site>` unless the operator sets
+//! `caddy.apps_domain`), and proxies to the app's running instances with Caddy's active
+//! health checks and a retry on another instance when one cannot be reached. With no
+//! instance running it answers 503 with Orion's JSON error shape.
+//!
+//! An app never shares an origin with Orion's API or dashboard (#24): a browser logged
+//! into the dashboard sends its Basic credentials, the admin token, to every path of the
+//! API's origin, and a page on that origin could call `/api/*` with them or register a
+//! service worker over it. So there is no path route to an app on the site's host, and
+//! the credentials a browser or a client attaches (`Authorization`,
+//! `Proxy-Authorization`, `Cookie`) are removed before a request reaches an instance.
 //!
 //! [`Router::sync`] changes only what differs from what it last applied and checks that
 //! Caddy still holds it: a lost update is corrected at the next pass, and a restarted
@@ -40,11 +45,12 @@ pub struct AppRoute {
     pub health_path: String,
 }
 
-/// The route of one app, as Caddy's JSON config holds it.
-pub fn route_json(site: &str, app: &AppRoute) -> Value {
-    let prefix = format!("/apps/{}", app.name);
-    let by_path = json!({"host": [site], "path": [format!("{prefix}/*")]});
-    let by_host = json!({"host": [format!("{}.apps.{site}", app.name)]});
+/// Request headers that carry a client's credentials: never forwarded to an instance, so
+/// that no credential meant for Orion (or for another app) reaches a tenant's code.
+pub const STRIPPED_HEADERS: [&str; 3] = ["Authorization", "Proxy-Authorization", "Cookie"];
+
+/// The route of one app, as Caddy's JSON config holds it: the app's own host only.
+pub fn route_json(apps_domain: &str, app: &AppRoute) -> Value {
     let serve = if app.upstreams.is_empty() {
         json!({
             "handler": "static_response",
@@ -59,6 +65,7 @@ pub fn route_json(site: &str, app: &AppRoute) -> Value {
         json!({
             "handler": "reverse_proxy",
             "upstreams": app.upstreams.iter().map(|u| json!({"dial": u})).collect::<Vec<_>>(),
+            "headers": {"request": {"delete": STRIPPED_HEADERS}},
             "load_balancing": {
                 "selection_policy": {"policy": "round_robin"},
                 // A request whose instance cannot be reached goes to another one.
@@ -73,19 +80,15 @@ pub fn route_json(site: &str, app: &AppRoute) -> Value {
     };
     json!({
         "@id": format!("{ROUTE_ID_PREFIX}{}", app.name),
-        "match": [by_path, by_host],
-        "handle": [{
-            "handler": "subroute",
-            "routes": [
-                {
-                    "match": [{"path": [format!("{prefix}/*")]}],
-                    "handle": [{"handler": "rewrite", "strip_path_prefix": prefix}],
-                },
-                {"handle": [serve]},
-            ],
-        }],
+        "match": [{"host": [app_host(apps_domain, &app.name)]}],
+        "handle": [serve],
         "terminal": true,
     })
+}
+
+/// The host an app is served on: a name of its own under the apps domain.
+pub fn app_host(apps_domain: &str, app: &str) -> String {
+    format!("{app}.{apps_domain}")
 }
 
 /// Where Caddy's admin API is.
@@ -125,7 +128,8 @@ impl Admin {
 #[derive(Debug)]
 pub struct Router {
     admin: Admin,
-    site: String,
+    /// Apps are served at `<name>.<apps_domain>`.
+    apps_domain: String,
     /// The route last applied per app name, to change only what differs.
     applied: Mutex<HashMap<String, Value>>,
 }
@@ -142,17 +146,17 @@ pub struct Synced {
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Router {
-    pub fn new(admin: Admin, site: &str) -> Self {
+    pub fn new(admin: Admin, apps_domain: &str) -> Self {
         Self {
             admin,
-            site: site.to_owned(),
+            apps_domain: apps_domain.to_owned(),
             applied: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The HTTPS address of an app's path route.
+    /// The HTTPS address of an app: its own origin.
     pub fn url(&self, app: &str) -> String {
-        format!("https://{}/apps/{app}/", self.site)
+        format!("https://{}/", app_host(&self.apps_domain, app))
     }
 
     /// Forgets what was last applied: the next [`Router::sync`] writes every route again
@@ -179,7 +183,7 @@ impl Router {
         let mut applied = self.applied.lock().expect("applied poisoned").clone();
         for app in apps {
             let id = format!("{ROUTE_ID_PREFIX}{}", app.name);
-            let want = route_json(&self.site, app);
+            let want = route_json(&self.apps_domain, app);
             if present.contains_key(&id) {
                 if applied.get(&app.name) == Some(&want) {
                     continue;
@@ -318,25 +322,28 @@ mod tests {
     }
 
     #[test]
-    fn a_route_serves_the_path_and_the_host_of_its_app_only() {
-        let r = route_json("example.org", &app(&["10.0.0.2:8080", "10.0.0.3:8080"]));
+    fn a_route_serves_the_host_of_its_app_only_and_forwards_no_credentials() {
+        let r = route_json(
+            "apps.example.org",
+            &app(&["10.0.0.2:8080", "10.0.0.3:8080"]),
+        );
         assert_eq!(r["@id"], "orion-app-web");
-        assert_eq!(r["match"][0]["path"][0], "/apps/web/*");
-        assert_eq!(r["match"][0]["host"][0], "example.org");
-        assert_eq!(r["match"][1]["host"][0], "web.apps.example.org");
-        let sub = &r["handle"][0]["routes"];
-        assert_eq!(sub[0]["handle"][0]["strip_path_prefix"], "/apps/web");
-        let proxy = &sub[1]["handle"][0];
+        assert_eq!(r["match"], json!([{"host": ["web.apps.example.org"]}]));
+        let proxy = &r["handle"][0];
         assert_eq!(proxy["handler"], "reverse_proxy");
         assert_eq!(proxy["upstreams"][1]["dial"], "10.0.0.3:8080");
+        assert_eq!(
+            proxy["headers"]["request"]["delete"],
+            json!(["Authorization", "Proxy-Authorization", "Cookie"])
+        );
         assert_eq!(proxy["health_checks"]["active"]["uri"], "/");
         assert!(proxy["load_balancing"]["try_duration"].is_string());
     }
 
     #[test]
     fn an_app_with_nothing_running_answers_503_in_orions_error_shape() {
-        let r = route_json("example.org", &app(&[]));
-        let serve = &r["handle"][0]["routes"][1]["handle"][0];
+        let r = route_json("apps.example.org", &app(&[]));
+        let serve = &r["handle"][0];
         assert_eq!(serve["status_code"], 503);
         let body: Value = serde_json::from_str(serve["body"].as_str().unwrap()).unwrap();
         assert_eq!(body["error"]["code"], "no_instance");

@@ -43,6 +43,10 @@ pub enum StoreError {
     /// A live app (of any tenant: the name is its address) already has this name.
     #[error("the app name `{0}` is taken")]
     NameTaken(String),
+    /// A new tenant's name differs from an existing tenant's only in case: tenants are
+    /// told apart byte for byte, so two that look alike would be two tenants.
+    #[error("tenant `{0}` exists; a tenant name may not differ from another only in case")]
+    TenantLookalike(String),
     /// The tenant already holds as many live rentals as it may.
     #[error("the tenant already holds its limit of {limit} live rentals")]
     QuotaExceeded { limit: u32 },

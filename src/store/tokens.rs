@@ -27,6 +27,21 @@ impl Store {
     ) -> Result<TokenRecord, StoreError> {
         let id = uuid::Uuid::new_v4().to_string();
         let mut tx = self.begin().await?;
+        // Tenant columns compare without case, Rust with: the two agree only while no two
+        // tenants' names differ only in case, so such a name is refused. The lock on the
+        // matching index range serialises two lookalikes made at once.
+        let lookalike: Option<(String,)> = sqlx::query_as(
+            "SELECT tenant FROM tokens \
+             WHERE tenant = ? AND CAST(tenant AS BINARY) <> CAST(? AS BINARY) \
+             LIMIT 1 FOR UPDATE",
+        )
+        .bind(tenant)
+        .bind(tenant)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((existing,)) = lookalike {
+            return Err(StoreError::TenantLookalike(existing));
+        }
         sqlx::query(
             "INSERT INTO tokens (id, tenant, max_rentals, token_hash, created_at) \
              VALUES (?, ?, ?, ?, UTC_TIMESTAMP(6))",

@@ -60,6 +60,8 @@ pub struct Worker {
     pub consecutive_successes: u32,
     /// Why the worker must not be used (host key changed), if it must not.
     pub quarantine_reason: Option<String>,
+    /// Since when it is quarantined: `POST /api/workers/{name}/restore` ends it.
+    pub quarantined_at: Option<DateTime<Utc>>,
     pub retired: bool,
     /// In maintenance: no new rentals, and its tenants are moved away.
     pub drained: bool,
@@ -188,7 +190,7 @@ impl Worker {
 pub(super) const WORKER_COLUMNS: &str = "id, name, site, labels, ssh_host, ssh_port, public_host, \
     public_port, app_host, instances_join, pinned_host_key, known_host_key, host_cert_key, \
     host_cert_expires, status, consecutive_failures, \
-    consecutive_successes, quarantine_reason, retired, drained, rental_id, last_checked, \
+    consecutive_successes, quarantine_reason, quarantined_at, retired, drained, rental_id, last_checked, \
     last_seen_alive, probe_latency_ms, last_probe_error";
 
 /// The rental holding a worker, as the fleet view shows it.
@@ -566,8 +568,8 @@ impl Store {
     pub async fn quarantine(&self, worker: &Worker, reason: &str) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         let changed = sqlx::query(
-            "UPDATE workers SET quarantine_reason = ?, updated_at = UTC_TIMESTAMP(6) \
-             WHERE id = ? AND quarantine_reason IS NULL",
+            "UPDATE workers SET quarantine_reason = ?, quarantined_at = UTC_TIMESTAMP(6), \
+             updated_at = UTC_TIMESTAMP(6) WHERE id = ? AND quarantine_reason IS NULL",
         )
         .bind(reason)
         .bind(worker.id)
@@ -587,6 +589,56 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Returns a quarantined worker to service, with an event naming what it was
+    /// quarantined for. With `forget_host_key`, the host key trusted on first use is
+    /// forgotten too, and the next probe trusts the key the worker presents then (the
+    /// operator's word that the new key is the worker's); a key pinned in the inventory is
+    /// changed there instead. `None` if there is no such worker, `Some(false)` if it was
+    /// not quarantined (nothing changed).
+    pub async fn restore_worker(
+        &self,
+        name: &str,
+        forget_host_key: bool,
+    ) -> Result<Option<bool>, StoreError> {
+        let mut tx = self.begin().await?;
+        let found: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT quarantine_reason FROM workers WHERE name = ? FOR UPDATE")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((reason,)) = found else {
+            return Ok(None);
+        };
+        let Some(reason) = reason else {
+            return Ok(Some(false));
+        };
+        sqlx::query(
+            "UPDATE workers SET quarantine_reason = NULL, quarantined_at = NULL, \
+             known_host_key = IF(?, NULL, known_host_key), \
+             consecutive_failures = 0, consecutive_successes = 0, \
+             updated_at = UTC_TIMESTAMP(6) WHERE name = ?",
+        )
+        .bind(forget_host_key)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+        let host_key = if forget_host_key {
+            "; its host key will be trusted anew at the next probe"
+        } else {
+            ""
+        };
+        events::append_in(
+            &mut tx,
+            "worker.restored",
+            Some(name),
+            None,
+            &format!("back in service by the operator (it was quarantined: {reason}){host_key}"),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(true))
     }
 
     /// Puts a worker in or out of maintenance. False if there is no such worker.
@@ -790,6 +842,7 @@ async fn write_inventory(
                          pinned_host_key = ?, retired = FALSE, \
                          known_host_key = IF(?, NULL, known_host_key), \
                          quarantine_reason = IF(?, NULL, quarantine_reason), \
+                         quarantined_at = IF(quarantine_reason IS NULL, NULL, quarantined_at), \
                          updated_at = UTC_TIMESTAMP(6) WHERE id = ?",
                         ),
                         spec,

@@ -286,12 +286,34 @@ fn bearer_client(token: &str) -> reqwest::ClientBuilder {
 }
 
 /// An HTTP client that sends `token` as a bearer token and trusts the CA certificate
-/// `ca_pem` (Caddy's internal CA, for the platform behind HTTPS).
+/// `ca_pem` (Caddy's internal CA, for the platform behind HTTPS). Every `*.localhost`
+/// name (an app's own host, `<app>.apps.localhost`) resolves to loopback.
 pub fn client_with_token_and_ca(token: &str, ca_pem: &[u8]) -> reqwest::Client {
     bearer_client(token)
         .add_root_certificate(reqwest::Certificate::from_pem(ca_pem).expect("a PEM certificate"))
+        .dns_resolver(std::sync::Arc::new(LoopbackNames))
         .build()
         .expect("an HTTP client")
+}
+
+/// Resolves `localhost` and every name under it to 127.0.0.1, as browsers do (RFC 6761):
+/// apps are served on hosts of their own (`<app>.apps.localhost`), which the system's
+/// resolver may not know. Other names go to the system's resolver.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopbackNames;
+
+impl reqwest::dns::Resolve for LoopbackNames {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().trim_end_matches('.').to_ascii_lowercase();
+        Box::pin(async move {
+            if host == "localhost" || host.ends_with(".localhost") {
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+                return Ok(Box::new(std::iter::once(addr)) as reqwest::dns::Addrs);
+            }
+            let addrs: Vec<_> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 /// Tweaks to the test configuration.

@@ -175,6 +175,11 @@ impl Platform {
         format!("https://localhost:{}", self.https_port)
     }
 
+    /// An app's own origin, through Caddy (the clients of [`Platform::client`] resolve it).
+    pub fn app_url(&self, app: &str) -> String {
+        format!("https://{app}.apps.localhost:{}/", self.https_port)
+    }
+
     /// Waits until `n` workers are alive and free.
     pub async fn free_workers(&self, http: &reqwest::Client, n: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -357,7 +362,7 @@ impl Platform {
         let sites = self.sites(http).await;
         // The app answers through Caddy before the load starts (its route may still be
         // catching up with its instances).
-        let url = format!("{base}/apps/{app}/");
+        let url = self.app_url(app);
         let ready = Instant::now() + Duration::from_secs(60);
         while !matches!(http.get(&url).send().await, Ok(r) if r.status().is_success()) {
             assert!(
@@ -370,7 +375,7 @@ impl Platform {
         let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
         let started = Instant::now() + Duration::from_secs(1);
         let load = {
-            let (http, url) = (http.clone(), format!("{base}/apps/{app}/"));
+            let (http, url) = (http.clone(), self.app_url(app));
             let (stop, counts) = (stop.clone(), counts.clone());
             tokio::spawn(async move {
                 let end = Instant::now() + Duration::from_secs(180);

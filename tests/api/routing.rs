@@ -11,7 +11,11 @@ use crate::helpers::{TestApp, spawn_app_with};
 const CADDYFILE: &str = r#"{
 	admin unix//run/caddy-admin/admin.sock
 }
-localhost, *.apps.localhost {
+*.apps.localhost {
+	tls internal
+	respond `{"error":{"code":"not_found","message":"no app has this name"}}` 404
+}
+localhost {
 	tls internal
 	respond `{"error":{"code":"not_found","message":"no such route"}}` 404
 }
@@ -164,11 +168,11 @@ async fn an_app_is_served_through_caddy_at_a_stable_address_that_follows_its_ins
         .unwrap();
     assert_eq!(resp.status(), 201);
     let view = wait_app(&app, |v| v["ready"] == 2).await;
-    assert_eq!(view["url"], "https://localhost/apps/web/");
+    assert_eq!(view["url"], "https://web.apps.localhost/");
     let http = caddy.client();
 
-    // Both addresses; the prefix is stripped; requests are spread over both instances.
-    let path_url = caddy.url("localhost", "/apps/web/hello");
+    // The app's own origin; requests are spread over both instances.
+    let path_url = caddy.url("web.apps.localhost", "/hello");
     until(&http, &path_url, |s, b| s == 200 && b["path"] == "/hello").await;
     // Caddy is told within a pass of Orion seeing them run.
     let mut seen = std::collections::BTreeSet::new();
@@ -187,6 +191,9 @@ async fn an_app_is_served_through_caddy_at_a_stable_address_that_follows_its_ins
     }
     let host_url = caddy.url("web.apps.localhost", "/");
     until(&http, &host_url, |s, b| s == 200 && b["app"] == "web").await;
+    // No path to the app on the site's host, where the API and the dashboard are.
+    let on_site = caddy.url("localhost", "/apps/web/hello");
+    until(&http, &on_site, |s, b| s == 404 && b.get("app").is_none()).await;
 
     // An instance killed by hand under load: no request fails.
     let container = view["instances"][0]["container"]
@@ -277,4 +284,67 @@ async fn an_app_name_is_an_address_no_other_tenant_can_claim() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 422);
+}
+
+/// A browser logged into the dashboard sends the admin's Basic credentials with every
+/// request to the API's origin; an app's instance must never receive those, nor any
+/// other credential a client attaches (#24: an app that printed its request headers read
+/// the admin token back through its logs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_never_receives_the_credentials_a_client_attaches() {
+    let caddy = Caddy::start();
+    let socket = caddy.socket();
+    let app = spawn_app_with(
+        1,
+        Box::new(move |c| {
+            c.caddy.admin = Some(socket);
+            c.apps.interval = Duration::from_secs(2);
+        }),
+    )
+    .await;
+    let resp = app
+        .http
+        .post(app.url("/api/apps"))
+        .json(
+            &json!({"name": "web", "image": "orion/demo-app:latest", "replicas": 1, "port": 8080}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    wait_app(&app, |v| v["ready"] == 1).await;
+    let http = caddy.client();
+    let url = caddy.url("web.apps.localhost", "/whoami");
+    until(&http, &url, |s, _| s == 200).await;
+    let basic = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("admin:{}", orion::testkit::ADMIN_TOKEN),
+    );
+    let body: Value = http
+        .get(&url)
+        .header("Authorization", format!("Basic {basic}"))
+        .header(
+            "Proxy-Authorization",
+            format!("Bearer {}", orion::testkit::ADMIN_TOKEN),
+        )
+        .header("Cookie", "session=the-admins")
+        .header("X-Kept", "yes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let headers = &body["headers"];
+    assert_eq!(headers["x-kept"], "yes", "{body}");
+    for name in ["authorization", "proxy-authorization", "cookie"] {
+        assert!(
+            headers.get(name).is_none(),
+            "the instance got {name}: {body}"
+        );
+    }
+    assert!(
+        !body.to_string().contains(orion::testkit::ADMIN_TOKEN),
+        "the admin token reached the instance: {body}"
+    );
 }

@@ -66,7 +66,7 @@ async fn a_lost_site_moves_to_the_other_a_cut_holds_and_workers_join_live() {
         async move { platform.app_sites(&http, "drill", &sites).await == ["a", "b"] }
     })
     .await;
-    let app_url = format!("{base}/apps/drill/");
+    let app_url = platform.app_url("drill");
     wait_for("the app through Caddy", Duration::from_secs(60), || {
         let (http, url) = (http.clone(), app_url.clone());
         async move { get_json(&http, &url).await["app"] == "drill" }

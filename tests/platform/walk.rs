@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use orion::testkit::platform::Platform;
 use orion::testkit::{docker, tenant_key};
 use serde_json::{Value, json};
@@ -263,11 +264,12 @@ async fn the_readme_walk_through_caddy_over_https() {
     assert_eq!(tenant_login(new_port, "olga", key).await.unwrap(), "olga");
 }
 
-/// An app of 2 replicas answers through Caddy at `/apps/<name>/` and at
-/// `<name>.apps.localhost`, spread over both instances; deleted, its addresses answer
-/// Orion's 404.
+/// An app of 2 replicas answers through Caddy on its own origin,
+/// `<name>.apps.localhost`, spread over both instances; deleted, its address answers
+/// a JSON 404. It never shares the API's origin (#24): there is no path to it on the
+/// site's host, and no credential a browser or client attaches (the admin's Basic login
+/// to the dashboard, a cookie) reaches an instance.
 async fn apps_through_caddy(platform: &Platform, http: &reqwest::Client, base: &str) {
-    let https_port = platform.https_port;
     let resp = http
         .post(format!("{base}/api/apps"))
         .json(
@@ -278,17 +280,8 @@ async fn apps_through_caddy(platform: &Platform, http: &reqwest::Client, base: &
         .unwrap();
     assert_eq!(resp.status(), 201);
     let view: Value = resp.json().await.unwrap();
-    assert_eq!(view["url"], "https://localhost/apps/walk/");
-    let by_host = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(&platform.caddy_root()).unwrap())
-        .resolve(
-            "walk.apps.localhost",
-            std::net::SocketAddr::from(([127, 0, 0, 1], https_port)),
-        )
-        .build()
-        .unwrap();
-    let path_url = format!("{base}/apps/walk/hello");
-    let host_url = format!("https://walk.apps.localhost:{https_port}/");
+    assert_eq!(view["url"], "https://walk.apps.localhost/");
+    let host_url = format!("{}hello", platform.app_url("walk"));
     let mut seen = std::collections::BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(90);
     while seen.len() < 2 {
@@ -296,7 +289,7 @@ async fn apps_through_caddy(platform: &Platform, http: &reqwest::Client, base: &
             Instant::now() < deadline,
             "both instances never answered through Caddy: {seen:?}"
         );
-        if let Ok(resp) = http.get(&path_url).send().await
+        if let Ok(resp) = http.get(&host_url).send().await
             && let Ok(body) = resp.json::<Value>().await
             && body["path"] == "/hello"
         {
@@ -304,8 +297,15 @@ async fn apps_through_caddy(platform: &Platform, http: &reqwest::Client, base: &
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let body: Value = by_host
+    // The admin logged into the dashboard with Basic credentials, a cookie, a proxy
+    // login: the instance sees none of them (the client also sends its Bearer token).
+    let basic = base64::engine::general_purpose::STANDARD
+        .encode(format!("admin:{}", platform.admin_token()));
+    let body: Value = http
         .get(&host_url)
+        .header("Authorization", format!("Basic {basic}"))
+        .header("Proxy-Authorization", format!("Basic {basic}"))
+        .header("Cookie", "session=admin")
         .send()
         .await
         .unwrap()
@@ -313,6 +313,29 @@ async fn apps_through_caddy(platform: &Platform, http: &reqwest::Client, base: &
         .await
         .unwrap();
     assert_eq!(body["app"], "walk", "{body}");
+    for header in ["authorization", "proxy-authorization", "cookie"] {
+        assert!(
+            body["headers"].get(header).is_none(),
+            "the instance received {header}: {body}"
+        );
+    }
+    let seen = body["headers"].to_string();
+    assert!(
+        !seen.contains(&platform.admin_token()) && !seen.contains(&basic),
+        "the admin token reached the instance: {body}"
+    );
+    // On the API's host there is no path to the app: Orion answers, not the instance.
+    let resp = http
+        .get(format!("{base}/apps/walk/hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body.get("app").is_none(),
+        "the app answered on the API's host: {body}"
+    );
     let resp = http
         .delete(format!("{base}/api/apps/walk"))
         .send()
@@ -320,7 +343,7 @@ async fn apps_through_caddy(platform: &Platform, http: &reqwest::Client, base: &
         .unwrap();
     assert_eq!(resp.status(), 204);
     wait_for("the app's route to go", Duration::from_secs(30), || {
-        let (http, url) = (http.clone(), path_url.clone());
+        let (http, url) = (http.clone(), host_url.clone());
         async move {
             let Ok(resp) = http.get(url).send().await else {
                 return false;

@@ -47,7 +47,7 @@ pub async fn run(rate: u32, seconds: u64) -> anyhow::Result<()> {
             resp.text().await.unwrap_or_default()
         );
     }
-    let url = format!("{base}/apps/load/");
+    let url = platform.app_url("load");
     let view = wait_for_instances(&http, &base, &url, 2).await?;
 
     // The load: one request every 1/rate s, each on its own task, answers tallied by

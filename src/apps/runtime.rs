@@ -64,9 +64,50 @@ pub fn logs_command(node: &str, container: &str, tail: u32) -> String {
     )
 }
 
-/// Parses `orion-runtime ps`: one JSON array.
-pub fn parse_ps(stdout: &str) -> Result<Vec<Observed>, serde_json::Error> {
-    serde_json::from_str(stdout.trim())
+/// What `orion-runtime ps` listed: the containers read, and those that could not be.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Listed {
+    pub containers: Vec<Observed>,
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A container `orion-runtime ps` listed but that could not be read (the wrapper says
+/// why, or its entry is not one Orion understands).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreadable {
+    /// Its name, when the entry still says it: the instance it holds is left as it is
+    /// (neither started again nor said gone) until it can be read.
+    pub name: Option<String>,
+    pub reason: String,
+}
+
+/// Parses `orion-runtime ps`: one JSON array, read entry by entry, so that one container
+/// the wrapper could not read (or reported in a way Orion cannot read) never hides the
+/// others. A document that is not a JSON array fails whole: it may have been cut short,
+/// and what it left out is unknown.
+pub fn parse_ps(stdout: &str) -> Result<Listed, serde_json::Error> {
+    let entries: Vec<serde_json::Value> = serde_json::from_str(stdout.trim())?;
+    let mut listed = Listed::default();
+    for entry in entries {
+        let name = entry
+            .get("name")
+            .and_then(|n| n.as_str())
+            .map(str::to_owned);
+        let reason = match entry.get("error") {
+            Some(error) => error
+                .as_str()
+                .map_or_else(|| error.to_string(), str::to_owned),
+            None => match serde_json::from_value::<Observed>(entry) {
+                Ok(observed) => {
+                    listed.containers.push(observed);
+                    continue;
+                }
+                Err(e) => format!("unreadable entry: {e}"),
+            },
+        };
+        listed.unreadable.push(Unreadable { name, reason });
+    }
+    Ok(listed)
 }
 
 /// One event line of `orion-runtime events`.
@@ -145,13 +186,42 @@ mod tests {
     #[test]
     fn ps_output_parses_with_nulls_and_labels() {
         let out = r#"[{"name":"n.web.3","id":"abc","image":"orion/demo-app","labels":{"orion.instance":"3","orion.node":"n"},"state":"exited","exit_code":137,"started_at":"2026-11-23T10:00:00.123456789Z","finished_at":"2026-11-23T10:01:00Z"},{"name":"n.x.4","id":"d","image":"i","labels":{},"state":"created","exit_code":null,"started_at":null,"finished_at":null}]"#;
-        let list = parse_ps(out).unwrap();
+        let list = parse_ps(out).unwrap().containers;
         assert_eq!(list.len(), 2);
         assert_eq!(list[0].instance(), Some(3));
         assert_eq!(list[0].exit_code, Some(137));
         assert!(!list[0].is_running());
         assert_eq!(list[1].instance(), None);
         assert!(list[1].started_at.is_none());
+    }
+
+    #[test]
+    fn one_container_that_cannot_be_read_never_hides_the_others() {
+        let out = r#"[
+            {"name":"n.a.1","labels":{"orion.instance":"1"},"state":"running","exit_code":null,"started_at":null,"finished_at":null},
+            {"name":"n.b.2","error":"orion-runtime: inspect failed"},
+            {"name":"n.c.3","labels":{"orion.instance":"3"},"state":7,"exit_code":null},
+            {"labels":"not a map"},
+            42,
+            {"name":"n.d.4","labels":{},"state":"exited","exit_code":1,"started_at":null,"finished_at":null}
+        ]"#;
+        let listed = parse_ps(out).unwrap();
+        let names: Vec<&str> = listed.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["n.a.1", "n.d.4"]);
+        let unreadable: Vec<Option<&str>> = listed
+            .unreadable
+            .iter()
+            .map(|u| u.name.as_deref())
+            .collect();
+        assert_eq!(unreadable, [Some("n.b.2"), Some("n.c.3"), None, None]);
+        assert_eq!(listed.unreadable[0].reason, "orion-runtime: inspect failed");
+    }
+
+    #[test]
+    fn a_listing_cut_short_is_refused_whole() {
+        let out = r#"[{"name":"n.a.1","labels":{},"state":"running"},{"name":"n.b"#;
+        assert!(parse_ps(out).is_err());
+        assert!(parse_ps(r#"{"name":"n.a.1"}"#).is_err());
     }
 
     #[test]

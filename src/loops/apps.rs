@@ -20,7 +20,11 @@
 //! changed status, or a worker's engine reported a container starting or dying. That
 //! last signal comes from [`follow_runtimes`]: on every watched worker, `orion-runtime
 //! events` runs on the open watch connection, so an instance killed by hand is seen at
-//! once rather than at the next pass.
+//! once rather than at the next pass. Wake-ups that come in a burst are one pass, at
+//! least [`WAKE_REST`] after the previous one ended.
+//!
+//! A container the worker cannot read (the wrapper says so for that one entry) holds
+//! back its own instance only; the rest of that worker is reconciled.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -32,7 +36,7 @@ use chrono::Utc;
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use super::{Next, Pass, run_loop};
+use super::{Next, Pass, Wake, run_loop_resting};
 use crate::apps::caddy::{AppRoute, Synced};
 use crate::apps::plan::{self, AppWish, Candidate, Live, Record, Wanted};
 use crate::apps::runtime::{self, RemoveSpec, RunSpec};
@@ -75,6 +79,9 @@ pub struct PassSummary {
     pub unplaced: u32,
     /// Workers that could not be observed or changed (tried again next pass).
     pub failed_workers: usize,
+    /// Containers a worker listed but could not read: left as they are, the rest of
+    /// their worker reconciled.
+    pub unreadable: usize,
     /// True when nothing was declared lost because too many workers fail at once.
     pub held: bool,
     /// The earliest end of a crash back-off, or of a new instance's wait to be ready
@@ -274,6 +281,7 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
             Ok(o) => {
                 summary.started += o.started;
                 summary.removed += o.removed;
+                summary.unreadable += o.unreadable;
                 summary.next_restart = match (summary.next_restart, o.next_restart) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -382,6 +390,7 @@ async fn report_unplaced(
 struct NodeOutcome {
     started: usize,
     removed: usize,
+    unreadable: usize,
     next_restart: Option<Duration>,
 }
 
@@ -406,10 +415,23 @@ async fn node_pass_inner(
     let target = worker.target();
     let node = node_of(worker);
     let listed = runtime::run(&ctx.ssh, &target, &runtime::ps_command(&node)).await?;
-    let observed = runtime::parse_ps(&listed).context("orion-runtime ps answered no JSON list")?;
+    let listed = runtime::parse_ps(&listed).context("orion-runtime ps answered no JSON list")?;
+    // A container that cannot be read holds back its own instance only (neither started
+    // again nor said gone): the rest of the worker is reconciled.
+    for u in &listed.unreadable {
+        tracing::warn!(worker = %worker.name, container = ?u.name, reason = %u.reason, "apps: a container cannot be read; left as it is");
+    }
+    outcome.unreadable = listed.unreadable.len();
+    let unread: HashSet<&str> = listed
+        .unreadable
+        .iter()
+        .filter_map(|u| u.name.as_deref())
+        .collect();
+    let observed = listed.containers;
     let now = Utc::now();
     let wanted: Vec<Wanted> = instances
         .iter()
+        .filter(|i| !unread.contains(i.container.as_str()))
         .map(|i| Wanted {
             id: i.id,
             container: i.container.clone(),
@@ -651,14 +673,28 @@ async fn log_tail(ctx: &Context, worker: &Worker, node: &str, container: &str) -
     (!tail.is_empty()).then(|| tail.to_owned())
 }
 
+/// Least time from the end of one pass to a pass that a wake-up asks for (an app
+/// changed, a worker's engine reported a start or a death). Every worker's events wake
+/// this one loop, whose pass lists every worker: without a rest, one app whose container
+/// dies and is restarted over and over, or a burst of deaths across the fleet, would run
+/// passes back to back, one SSH command per worker each. One second bounds that to one
+/// pass per second plus a pass's own length (about 100 ms for a steady pass, see
+/// docs/benchmarks.md), while a container removed by hand still runs again within about
+/// a second (the target is 2 s); a wake-up long after the last pass is not held back.
+pub const WAKE_REST: Duration = Duration::from_secs(1);
+
 /// Runs the apps loop until `shutdown`.
 pub async fn run(ctx: Context, state: Arc<State>, shutdown: impl Future<Output = ()>) {
-    run_loop(
+    let wake = Wake {
+        notify: &ctx.wake.apps,
+        rest: WAKE_REST,
+    };
+    run_loop_resting(
         LOOP,
         &ctx.loops,
         &ctx.leader,
         ctx.config.apps.interval,
-        Some(&ctx.wake.apps),
+        wake,
         shutdown,
         || apps_pass(&ctx, &state),
     )
@@ -709,8 +745,11 @@ async fn follow_worker(ctx: Context, worker: Worker, shutdown: CancellationToken
             return;
         };
         // `hello`: the stream is up; what happened before it is read by a pass now (a
-        // list, then a watch, as Kubernetes' informers do).
-        if matches!(event.action.as_str(), "hello" | "die" | "destroy" | "oom" | "start") {
+        // list, then a watch, as Kubernetes' informers do). Not `oom`: a process killed
+        // for memory changes nothing a pass sees unless the container dies of it, and
+        // then `die` follows; an app whose processes are killed in a loop would
+        // otherwise wake the loop at each kill.
+        if matches!(event.action.as_str(), "hello" | "die" | "destroy" | "start") {
             tracing::debug!(worker = %worker.name, action = %event.action, container = ?event.name, "runtime event");
             wake.notify_one();
         }

@@ -129,6 +129,18 @@ pub fn delay(interval: Duration, outcome: Result<Next, u32>) -> Duration {
     }
 }
 
+/// What wakes a loop before its time, and how soon after a pass a wake-up may start the
+/// next one.
+#[derive(Debug, Clone, Copy)]
+pub struct Wake<'a> {
+    pub notify: &'a Notify,
+    /// Least time from the end of a pass to the start of a pass a wake-up asks for.
+    /// Wake-ups that come meanwhile are one pass, run when the rest ends: a burst of
+    /// them (a container killed by the kernel in a loop) costs at most one pass per
+    /// rest, however long it lasts, never passes back to back.
+    pub rest: Duration,
+}
+
 /// Drives a control loop while this process leads ([`crate::leader`]): runs `pass` now
 /// and then again when it asks ([`Pass::next`],
 /// at most `interval` apart by default), sooner with back-off after a failure, or at once
@@ -141,6 +153,44 @@ pub async fn run_loop<F, Fut, S>(
     leader: &crate::leader::Leadership,
     interval: Duration,
     wake: Option<&Notify>,
+    shutdown: impl Future<Output = ()>,
+    pass: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<S>>,
+    S: Pass,
+{
+    let wake = wake.map(|notify| Wake {
+        notify,
+        rest: Duration::ZERO,
+    });
+    drive(name, loops, leader, interval, wake, shutdown, pass).await;
+}
+
+/// [`run_loop`] for a loop whose wake-ups may come in bursts: a woken pass starts no
+/// sooner than `wake.rest` after the previous pass ended.
+pub async fn run_loop_resting<F, Fut, S>(
+    name: &'static str,
+    loops: &LoopRegistry,
+    leader: &crate::leader::Leadership,
+    interval: Duration,
+    wake: Wake<'_>,
+    shutdown: impl Future<Output = ()>,
+    pass: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<S>>,
+    S: Pass,
+{
+    drive(name, loops, leader, interval, Some(wake), shutdown, pass).await;
+}
+
+async fn drive<F, Fut, S>(
+    name: &'static str,
+    loops: &LoopRegistry,
+    leader: &crate::leader::Leadership,
+    interval: Duration,
+    wake: Option<Wake<'_>>,
     shutdown: impl Future<Output = ()>,
     mut pass: F,
 ) where
@@ -195,16 +245,31 @@ pub async fn run_loop<F, Fut, S>(
                 Err(errors)
             }
         };
+        let ended = tokio::time::Instant::now();
         let woken = async {
             match wake {
-                Some(notify) => notify.notified().await,
+                Some(wake) => wake.notify.notified().await,
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(delay(interval, outcome)) => {}
-            _ = woken => tracing::debug!(loop_name = name, "woken early"),
+        let early = tokio::select! {
+            _ = tokio::time::sleep(delay(interval, outcome)) => false,
+            _ = woken => {
+                tracing::debug!(loop_name = name, "woken early");
+                true
+            }
             _ = &mut shutdown => break,
+        };
+        if let Some(wake) = wake
+            && early
+            && ended.elapsed() < wake.rest
+        {
+            tokio::select! {
+                _ = tokio::time::sleep_until(ended + wake.rest) => {}
+                _ = &mut shutdown => break,
+            }
+            // What woke it meanwhile is seen by the pass about to run: not one more.
+            let _ = futures::FutureExt::now_or_never(wake.notify.notified());
         }
     }
     tracing::info!(loop_name = name, "loop stopped");
@@ -258,7 +323,7 @@ mod tests {
 
     /// Runs a loop whose passes fail `failures` times then ask for `next`, and returns
     /// the times (from the start) at which its first `passes` passes began.
-    async fn pass_times(failures: usize, next: Next, wake: Option<&Notify>) -> Vec<Duration> {
+    async fn pass_times(failures: usize, next: Next, wake: Option<Wake<'_>>) -> Vec<Duration> {
         let start = Instant::now();
         let times = Arc::new(Mutex::new(Vec::new()));
         let registry = LoopRegistry::default();
@@ -266,7 +331,7 @@ mod tests {
         let recorded = times.clone();
         let stop = shutdown.clone();
         let leader = crate::leader::Leadership::leading_alone("test");
-        run_loop(
+        drive(
             "test",
             &registry,
             &leader,
@@ -330,7 +395,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(2500)).await;
             waker.notify_one();
         });
-        let times = pass_times(0, Next::Interval, Some(&wake)).await;
+        let times = pass_times(0, Next::Interval, Some(resting(&wake, 0))).await;
         ringer.await.unwrap();
         assert_eq!(
             &times[..3],
@@ -338,6 +403,54 @@ mod tests {
                 Duration::ZERO,
                 Duration::from_millis(2500),
                 Duration::from_millis(12500)
+            ]
+        );
+    }
+
+    fn resting(notify: &Notify, rest_secs: u64) -> Wake<'_> {
+        Wake {
+            notify,
+            rest: Duration::from_secs(rest_secs),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_wake_ups_runs_at_most_one_pass_per_rest() {
+        let wake = Arc::new(Notify::new());
+        let waker = wake.clone();
+        // Every 10 ms for 5 s, as a worker reports a container the kernel kills in a loop.
+        let burst = tokio::spawn(async move {
+            for _ in 0..499 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                waker.notify_one();
+            }
+        });
+        let times = pass_times(0, Next::Interval, Some(resting(&wake, 1))).await;
+        burst.await.unwrap();
+        // One pass per second while the burst lasts (not 499), the last one seeing its
+        // end; then none until the interval.
+        assert_eq!(times, secs(&[0, 1, 2, 3, 4, 5, 15, 25]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_up_long_after_the_last_pass_is_not_held_back_by_the_rest() {
+        let wake = Arc::new(Notify::new());
+        let waker = wake.clone();
+        let ringer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            waker.notify_one();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            waker.notify_one();
+        });
+        let times = pass_times(0, Next::Interval, Some(resting(&wake, 1))).await;
+        ringer.await.unwrap();
+        assert_eq!(
+            &times[..4],
+            &[
+                Duration::ZERO,
+                Duration::from_millis(2500),
+                Duration::from_millis(3500),
+                Duration::from_millis(13500)
             ]
         );
     }

@@ -59,6 +59,27 @@ pub fn depth(proven: Option<Proven>, shared: bool, every: DepthEvery, now: Insta
     }
 }
 
+/// Why a probe's new connection failed, as far as the rules care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The worker's sshd closed it at once saying `Exceeded MaxStartups`: the worker is
+    /// up, and holds as many connections that have not logged in as sshd takes — which
+    /// anyone who can reach its port can cause.
+    SshdFull,
+    /// Refused, silent, closed, a protocol error, a changed host key…
+    Other,
+}
+
+/// How a probe whose new connection failed still proves the worker alive, if it can: a
+/// worker whose sshd is full is asked with a keepalive on its kept (watch) connection,
+/// if it has one, so that a flood of connections that never log in does not get it
+/// declared dead and its rentals moved. Any other failure of a new connection stands:
+/// a worker whose sshd no longer accepts logins while old connections live on must be
+/// found (see [`may_share`]).
+pub fn after_failed_handshake(failure: HandshakeFailure, kept: bool) -> Option<ProbeDepth> {
+    (failure == HandshakeFailure::SshdFull && kept).then_some(ProbeDepth::Keepalive)
+}
+
 /// Hysteresis thresholds, from [`crate::config::HealthConfig`].
 #[derive(Debug, Clone, Copy)]
 pub struct Thresholds {
@@ -288,6 +309,17 @@ mod tests {
             exec: Some(now),
         });
         assert_eq!(depth(proven, true, every, now), ProbeDepth::Exec);
+    }
+
+    #[test]
+    fn only_a_full_sshd_is_asked_again_on_the_kept_connection() {
+        use HandshakeFailure::*;
+        assert_eq!(
+            after_failed_handshake(SshdFull, true),
+            Some(ProbeDepth::Keepalive)
+        );
+        assert_eq!(after_failed_handshake(SshdFull, false), None);
+        assert_eq!(after_failed_handshake(Other, true), None);
     }
 
     #[test]

@@ -80,6 +80,11 @@ pub enum SshError {
     /// command never started.
     #[error("{addr}: cannot open a channel: {cause}")]
     ChannelOpen { addr: String, cause: String },
+    /// The worker's sshd closed a new connection at once, saying `Exceeded MaxStartups`:
+    /// it is up, but holds as many unauthenticated connections as it takes (a flood, or
+    /// a burst of logins).
+    #[error("{addr}: sshd refused a new connection: exceeded MaxStartups")]
+    SshdFull { addr: String },
     #[error("{addr}: the probe's command `true` failed ({})", exit_text(*.exit_status))]
     ProbeCommand {
         addr: String,
@@ -504,6 +509,7 @@ impl SshClient {
     ) -> Result<(Handle<Verifier>, PublicKey), SshError> {
         let addr = target.addr();
         let presented = Arc::new(Mutex::new(None));
+        let first = Arc::new(Mutex::new(Vec::new()));
         let verifier = Verifier {
             expected: target.host_key.clone(),
             presented: presented.clone(),
@@ -516,6 +522,11 @@ impl SshClient {
                     cause,
                 })?;
             stream.set_nodelay(true).ok();
+            let stream = Tapped {
+                inner: stream,
+                first: first.clone(),
+                kept: 0,
+            };
             let mut handle = client::connect_stream(config.clone(), stream, verifier)
                 .await
                 .map_err(|cause| {
@@ -561,7 +572,13 @@ impl SshClient {
                 addr: addr.clone(),
                 stage: "connect",
                 after: self.connect_timeout,
-            })??;
+            })?
+            .map_err(|e| match e {
+                SshError::Protocol { .. } if said_full(&first) => {
+                    SshError::SshdFull { addr: addr.clone() }
+                }
+                e => e,
+            })?;
         let host_key = presented
             .lock()
             .expect("host key slot poisoned")
@@ -612,12 +629,15 @@ impl SshClient {
                 Ok(session) => session,
                 Err(slot) => {
                     let auth = Auth::Key(self.key.clone());
-                    self.connect_in_slot(target, &self.user, auth, slot).await?
+                    match self.connect_in_slot(target, &self.user, auth, slot).await {
+                        Ok(session) => session,
+                        Err(e) => return self.after_failed_handshake(target, e).await,
+                    }
                 }
             };
             if depth == ProbeDepth::Keepalive {
                 session.keepalive().await?;
-                return Ok::<_, SshError>(session.host_key.clone());
+                return Ok::<_, SshError>((session.host_key.clone(), depth));
             }
             let out = session.exec("true", None).await?;
             session.close().await;
@@ -627,9 +647,9 @@ impl SshClient {
                     exit_status: out.exit_status,
                 });
             }
-            Ok(session.host_key.clone())
+            Ok((session.host_key.clone(), depth))
         };
-        let host_key =
+        let (host_key, depth) =
             tokio::time::timeout(timeout, work)
                 .await
                 .map_err(|_| SshError::Timeout {
@@ -654,12 +674,127 @@ impl SshClient {
     }
 }
 
+impl SshClient {
+    /// A probe's new connection failed with `failed`: the probe's outcome, as
+    /// [`probe_policy::after_failed_handshake`] rules. A worker whose sshd is full
+    /// answers with a keepalive on its kept connection, if it has one.
+    async fn after_failed_handshake(
+        &self,
+        target: &Target,
+        failed: SshError,
+    ) -> Result<(PublicKey, ProbeDepth), SshError> {
+        let failure = match failed {
+            SshError::SshdFull { .. } => probe_policy::HandshakeFailure::SshdFull,
+            _ => probe_policy::HandshakeFailure::Other,
+        };
+        let kept = self.shared_session(target);
+        let (Some(depth), Some(kept)) = (
+            probe_policy::after_failed_handshake(failure, kept.is_some()),
+            kept,
+        ) else {
+            return Err(failed);
+        };
+        // The kept connection's own failure says less than the one that brought us here.
+        kept.keepalive().await.map_err(|_| failed)?;
+        tracing::warn!(worker = %target.name,
+            "sshd refuses new connections (exceeded MaxStartups) but the kept connection answers: alive");
+        Ok((kept.host_key.clone(), depth))
+    }
+}
+
 /// What a successful probe saw.
 #[derive(Debug, Clone)]
 pub struct Probe {
     pub host_key: PublicKey,
     pub depth: ProbeDepth,
     pub latency: Duration,
+}
+
+/// What sshd writes, instead of its banner, to a connection it drops because it holds
+/// `MaxStartups` (or, from that address, `PerSourceMaxStartups`) unauthenticated
+/// connections already, before closing it.
+const MAX_STARTUPS_NOTICE: &[u8] = b"Exceeded MaxStartups";
+
+/// Whether the first bytes a server sent are sshd's notice that it is full. Only the
+/// notice counts, not a connection closed with nothing said: a proxy in front of a dead
+/// sshd (Docker's published ports) does that too.
+fn said_full(first: &Mutex<Vec<u8>>) -> bool {
+    first
+        .lock()
+        .expect("tap poisoned")
+        .starts_with(MAX_STARTUPS_NOTICE)
+}
+
+/// Bytes a [`Tapped`] stream keeps.
+const TAPPED: usize = 32;
+
+/// A connection that keeps the first bytes the server sent ([`TAPPED`] at most), so that
+/// a failed handshake can tell a full sshd ([`said_full`]) from a worker gone wrong.
+struct Tapped {
+    inner: tokio::net::TcpStream,
+    first: Arc<Mutex<Vec<u8>>>,
+    /// How many are kept: once [`TAPPED`], reads go straight through.
+    kept: usize,
+}
+
+impl tokio::io::AsyncRead for Tapped {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.kept < TAPPED {
+            let new = &buf.filled()[before..];
+            let take = new.len().min(TAPPED - this.kept);
+            if take > 0 {
+                this.first
+                    .lock()
+                    .expect("tap poisoned")
+                    .extend_from_slice(&new[..take]);
+                this.kept += take;
+            }
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Tapped {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 fn mismatch_or(

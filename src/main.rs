@@ -99,6 +99,16 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Return a quarantined worker to service: `orion workers` shows why and since when
+    /// it was quarantined (admin token).
+    Restore {
+        worker: String,
+        /// Trust the host key it presents at the next probe (it was rebuilt on purpose).
+        #[arg(long)]
+        forget_host_key: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// List apps and how many of their instances are ready.
     Apps {
         #[command(flatten)]
@@ -262,6 +272,17 @@ fn main() -> ExitCode {
             client::Command::Drain {
                 worker,
                 drained: false,
+            },
+        ),
+        Command::Restore {
+            worker,
+            forget_host_key,
+            api,
+        } => (
+            api,
+            client::Command::Restore {
+                worker,
+                forget_host_key,
             },
         ),
         Command::Events { follow, last, api } => (api, client::Command::Events { follow, last }),

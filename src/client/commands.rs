@@ -43,6 +43,11 @@ pub enum Command {
         worker: String,
         drained: bool,
     },
+    /// Return a quarantined worker to service (optionally trusting its new host key).
+    Restore {
+        worker: String,
+        forget_host_key: bool,
+    },
     Events {
         follow: bool,
         last: u32,
@@ -116,7 +121,7 @@ const RENTAL_COLUMNS: [Column<RentalView>; 9] = [
     ("last_snapshot", |r| cell(&r.last_snapshot_at)),
 ];
 
-const WORKER_COLUMNS: [Column<FleetWorkerView>; 8] = [
+const WORKER_COLUMNS: [Column<FleetWorkerView>; 9] = [
     ("name", |w| cell(&w.worker.worker.name)),
     ("site", |w| cell(&w.worker.worker.site)),
     ("status", |w| cell(&w.worker.worker.status)),
@@ -125,6 +130,7 @@ const WORKER_COLUMNS: [Column<FleetWorkerView>; 8] = [
     ("latency_ms", |w| cell(&w.worker.worker.probe_latency_ms)),
     ("last_checked", |w| cell(&w.worker.worker.last_checked)),
     ("quarantine", |w| cell(&w.worker.worker.quarantine_reason)),
+    ("quarantined_at", |w| cell(&w.worker.worker.quarantined_at)),
 ];
 
 /// `NAME=value` arguments of `flag` as a map.
@@ -234,6 +240,17 @@ pub async fn run(client: &Client, command: Command, json: bool) -> Result<(), Cl
                 print_json(&r);
             } else {
                 print_table(&WORKER_COLUMNS, &r.workers);
+            }
+        }
+        Command::Restore {
+            worker,
+            forget_host_key,
+        } => {
+            let w = client.restore(&worker, forget_host_key).await?;
+            if json {
+                print_json(&w);
+            } else {
+                println!("{worker}: back in service (status {})", w.worker.status);
             }
         }
         Command::Drain { worker, drained } => {

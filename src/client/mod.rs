@@ -208,6 +208,21 @@ impl Client {
         .await
     }
 
+    pub async fn restore(
+        &self,
+        worker: &str,
+        forget_host_key: bool,
+    ) -> Result<WorkerView, ClientError> {
+        self.fetch(
+            self.request(
+                reqwest::Method::POST,
+                &format!("/api/workers/{worker}/restore"),
+            )
+            .json(&serde_json::json!({ "forget_host_key": forget_host_key })),
+        )
+        .await
+    }
+
     pub async fn apps(&self) -> Result<AppList, ClientError> {
         self.fetch(self.request(reqwest::Method::GET, "/api/apps"))
             .await

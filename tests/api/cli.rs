@@ -65,6 +65,27 @@ async fn the_cli_rents_lists_drains_and_releases_with_reliable_exit_codes() {
     );
     let out = orion(&app, admin, &["drain", "worker_2"]);
     assert!(stdout(&out).contains("worker_2: drained"), "{out:?}");
+    // A quarantined worker shows why and since when, and one command restores it.
+    let row = app.worker_row("worker_2").await;
+    app.ctx
+        .store
+        .quarantine(&row, "a test's reason")
+        .await
+        .unwrap();
+    let out = orion(&app, admin, &["workers"]);
+    assert!(
+        stdout(&out).contains("a test's reason") && stdout(&out).contains("QUARANTINED_AT"),
+        "{}",
+        stdout(&out)
+    );
+    let out = orion(&app, admin, &["restore", "worker_2"]);
+    assert!(
+        stdout(&out).contains("worker_2: back in service"),
+        "{out:?}"
+    );
+    assert_eq!(app.worker_row("worker_2").await.quarantine_reason, None);
+    let out = orion(&app, admin, &["restore", "worker_9"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     let out = orion(&app, admin, &["events", "--last", "5"]);
     assert!(out.status.success());
     assert_eq!(stdout(&out).lines().count(), 5, "{}", stdout(&out));

@@ -40,6 +40,8 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         uid: config.provisioning.uid_min,
         fingerprint: String::new(),
         r#final: true,
+        max_bytes: 1 << 20,
+        deadline: 1,
     };
     for playbook in Playbook::STREAMS {
         playbooks.render_home(playbook, &sample_home, config.provisioning.uid_min)?;

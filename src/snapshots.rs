@@ -21,6 +21,14 @@ const CHUNK: usize = 1 << 20;
 /// The snapshot script's exit status when the home did not change since the last one.
 const UNCHANGED: u32 = 10;
 
+/// The snapshot script's exit status when the home, measured before anything is sent,
+/// is over `snapshots.max_bytes` (it says `orion: size <bytes>`).
+const OVER_CAP: u32 = 11;
+
+/// Seconds the worker gives the commands run as the tenant past `snapshots.deadline`:
+/// Orion gives up first and says why; the worker's own bound only ends what is left.
+const WORKER_GRACE_SECS: u64 = 5;
+
 /// What taking a snapshot did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Taken {
@@ -28,8 +36,10 @@ pub enum Taken {
     Unchanged,
     /// A new snapshot of this many bytes (compressed) is the rental's now.
     Stored(u64),
-    /// The home is over `snapshots.max_bytes`: the last snapshot is kept.
-    TooBig,
+    /// The home is over `snapshots.max_bytes`: the last snapshot is kept. `streamed`:
+    /// bytes received before it was refused (0 when measured before streaming, as it
+    /// is unless the home grew past the cap while it was read).
+    TooBig { streamed: u64 },
     /// The rental moved or ended while it was taken: it was dropped.
     Superseded,
 }
@@ -47,44 +57,88 @@ struct Writing {
     bytes: u64,
 }
 
+/// The seconds the worker bounds a home playbook's tenant commands by.
+fn worker_deadline(ctx: &Context) -> u64 {
+    ctx.config.snapshots.deadline.as_secs_f64().ceil() as u64 + WORKER_GRACE_SECS
+}
+
 /// Takes a snapshot of the rental's home on its worker, unless nothing changed since the
 /// last one. `moving`: the last snapshot of a planned move, after the tenant's sessions
 /// on the worker are ended (always sent; kept if the rental is `migrating`).
+///
+/// Ended at `snapshots.deadline` however it is going (the tenant can stop the tar that
+/// reads its home): the rental keeps its last snapshot, a `snapshot.deadline` event says
+/// so, and the error is returned.
 pub async fn take(ctx: &Context, job: &SnapshotJob, moving: bool) -> anyhow::Result<Taken> {
-    let vars = HomeVars {
-        username: job.username.clone(),
-        uid: job.uid,
-        fingerprint: job.fingerprint.clone().unwrap_or_default(),
-        r#final: moving,
-    };
-    let command = ctx.executor.playbooks().render_home(
-        Playbook::SnapshotHome,
-        &vars,
-        ctx.executor.uid_min(),
-    )?;
-    let max = ctx
-        .config
-        .snapshots
-        .max_bytes()
-        .map_err(anyhow::Error::msg)?;
-    // A connection of its own, not a channel of the worker's watch connection: russh
-    // stops reading a whole connection while one channel's reader is busy, and this
-    // reader waits on the database.
-    let session = ctx.ssh.connect(&job.worker.target()).await?;
-    let store = &ctx.store;
+    let deadline = ctx.config.snapshots.deadline;
     let mut writing = Writing {
         id: None,
         seq: 0,
         buf: Vec::with_capacity(CHUNK),
         bytes: 0,
     };
+    let taken = tokio::time::timeout(deadline, take_within(ctx, job, moving, &mut writing)).await;
+    let Ok(taken) = taken else {
+        // Dropped mid-way: its connection is closed, and the worker ends what is left.
+        if let Some(id) = writing.id {
+            ctx.store.discard_snapshot(id).await.ok();
+        }
+        let message = format!(
+            "the snapshot of {}'s home on {} was still running after snapshots.deadline \
+             ({deadline:?}, {} bytes received): ended, its last snapshot is kept",
+            job.username, job.worker.name, writing.bytes
+        );
+        ctx.store
+            .append_event(
+                "snapshot.deadline",
+                Some(&job.worker.name),
+                Some(&job.rental_id),
+                &message,
+            )
+            .await
+            .ok();
+        anyhow::bail!(message);
+    };
+    taken
+}
+
+/// [`take`], writing into `writing` (which the caller discards if the deadline cuts it).
+async fn take_within(
+    ctx: &Context,
+    job: &SnapshotJob,
+    moving: bool,
+    writing: &mut Writing,
+) -> anyhow::Result<Taken> {
+    let max = ctx
+        .config
+        .snapshots
+        .max_bytes()
+        .map_err(anyhow::Error::msg)?;
+    let vars = HomeVars {
+        username: job.username.clone(),
+        uid: job.uid,
+        fingerprint: job.fingerprint.clone().unwrap_or_default(),
+        r#final: moving,
+        max_bytes: max,
+        deadline: worker_deadline(ctx),
+    };
+    let command = ctx.executor.playbooks().render_home(
+        Playbook::SnapshotHome,
+        &vars,
+        ctx.executor.uid_min(),
+    )?;
+    // A connection of its own, not a channel of the worker's watch connection: russh
+    // stops reading a whole connection while one channel's reader is busy, and this
+    // reader waits on the database.
+    let session = ctx.ssh.connect(&job.worker.target()).await?;
+    let store = &ctx.store;
     let (rental_id, worker_id) = (&job.rental_id, job.worker.id);
     let mut reading = session.exec_reading(&command).await?;
-    let streamed = stream_into(store, &mut reading, &mut writing, rental_id, worker_id, max).await;
+    let streamed = stream_into(store, &mut reading, writing, rental_id, worker_id, max).await;
     if let Err(e) = streamed {
         reading.close().await;
         session.close().await;
-        if let Some(id) = writing.id {
+        if let Some(id) = writing.id.take() {
             store.discard_snapshot(id).await.ok();
         }
         if e.downcast_ref::<TooBig>().is_none() {
@@ -92,23 +146,38 @@ pub async fn take(ctx: &Context, job: &SnapshotJob, moving: bool) -> anyhow::Res
         }
         let seen = fingerprint(&reading.stderr_so_far()).unwrap_or_default();
         let message = format!(
-            "the home of {} on {} is over snapshots.max_bytes ({max} bytes compressed): \
-             its last snapshot is kept, newer files would be lost in a failover",
+            "the home of {} on {} grew over snapshots.max_bytes ({max} bytes) while it was \
+             read: its last snapshot is kept, newer files would be lost in a failover",
             job.username, job.worker.name
         );
-        if store
-            .snapshot_oversize(rental_id, &seen, &job.worker.name, &message)
-            .await?
-        {
-            tracing::warn!(rental_id = %rental_id, "{message}");
-        }
-        return Ok(Taken::TooBig);
+        over_cap(store, rental_id, &seen, &job.worker.name, &message).await?;
+        return Ok(Taken::TooBig {
+            streamed: writing.bytes,
+        });
     }
     let out = reading.finish();
     session.close().await;
     let fingerprint = fingerprint(&out.stderr);
     match out.exit_status {
         Some(UNCHANGED) if !moving => return Ok(Taken::Unchanged),
+        Some(OVER_CAP) if writing.bytes == 0 => {
+            let size = out
+                .stderr
+                .lines()
+                .find_map(|l| l.strip_prefix("orion: size "))
+                .unwrap_or("?")
+                .trim()
+                .to_owned();
+            let message = format!(
+                "the home of {} on {} is {size} bytes, over snapshots.max_bytes ({max} \
+                 bytes): measured before streaming, nothing was sent; its last snapshot is \
+                 kept, newer files would be lost in a failover",
+                job.username, job.worker.name
+            );
+            let seen = fingerprint.unwrap_or_default();
+            over_cap(store, rental_id, &seen, &job.worker.name, &message).await?;
+            return Ok(Taken::TooBig { streamed: 0 });
+        }
         Some(0) => {}
         _ => {
             if let Some(id) = writing.id {
@@ -129,7 +198,7 @@ pub async fn take(ctx: &Context, job: &SnapshotJob, moving: bool) -> anyhow::Res
     };
     let last = std::mem::take(&mut writing.buf);
     if !last.is_empty() || writing.id.is_none() {
-        store_chunk(store, &mut writing, rental_id, worker_id, &last).await?;
+        store_chunk(store, writing, rental_id, worker_id, &last).await?;
     }
     let id = writing.id.expect("a chunk was stored");
     let kept = store
@@ -148,6 +217,24 @@ pub async fn take(ctx: &Context, job: &SnapshotJob, moving: bool) -> anyhow::Res
     } else {
         Taken::Superseded
     })
+}
+
+/// Records that the home (of fingerprint `seen`) is over the cap, with one event when it
+/// goes over, so that it is not looked at again until it changes.
+async fn over_cap(
+    store: &crate::store::Store,
+    rental_id: &str,
+    seen: &str,
+    worker: &str,
+    message: &str,
+) -> anyhow::Result<()> {
+    if store
+        .snapshot_oversize(rental_id, seen, worker, message)
+        .await?
+    {
+        tracing::warn!(rental_id = %rental_id, "{message}");
+    }
+    Ok(())
 }
 
 /// Stores the snapshot command's stdout in chunks as it comes.
@@ -231,6 +318,8 @@ pub async fn restore(
         uid: claim.uid,
         fingerprint: String::new(),
         r#final: false,
+        max_bytes: 0,
+        deadline: worker_deadline(ctx),
     };
     let command = ctx.executor.playbooks().render_home(
         Playbook::RestoreHome,
@@ -255,10 +344,23 @@ pub async fn restore(
             Ok(chunk.map(|data| (data, seq + 1)))
         }
     });
-    let session = ctx.ssh.session(&claim.worker.target()).await?;
-    let out = session.exec_writing(&command, source).await;
-    session.close().await;
-    let out = out.context("Failed to stream the snapshot to the new worker")?;
+    // Bounded as a snapshot is: the tenant may stop what unpacks its home (it runs as the
+    // tenant), and the move is tried again rather than held.
+    let deadline = ctx.config.snapshots.deadline;
+    let out = tokio::time::timeout(deadline, async {
+        let session = ctx.ssh.session(&claim.worker.target()).await?;
+        let out = session.exec_writing(&command, source).await;
+        session.close().await;
+        out
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "the restore on {} was still running after snapshots.deadline ({deadline:?})",
+            claim.worker.name
+        )
+    })?
+    .context("Failed to stream the snapshot to the new worker")?;
     let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
     if sent != snapshot.bytes {
         // Chunks missing (the snapshot was dropped meanwhile): the move is tried again

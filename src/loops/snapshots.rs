@@ -2,18 +2,56 @@
 //! snapshotted if it changed since the last snapshot ([`crate::snapshots::take`]), a few
 //! at a time. A snapshot that fails is retried at the next pass; the rental keeps its
 //! last whole one.
+//!
+//! One rental's snapshot never holds another's: each is a task of its own, ended at
+//! `snapshots.deadline`; a pass waits for its snapshots only until the next pass is due,
+//! and the next pass skips a rental whose snapshot still runs but takes every other.
 
+use std::collections::HashSet;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use futures::StreamExt;
 
-use super::Pass;
+use super::{Next, Pass};
 use crate::context::Context;
 use crate::snapshots::{self, Taken};
 
 /// Name of this loop in logs and on the status endpoint.
 pub const LOOP: &str = "snapshots";
+
+/// What the loop keeps between passes: the rentals whose snapshot is still running (past
+/// the pass that started it), so that it is started again only once it ended.
+#[derive(Debug, Default)]
+pub struct State {
+    running: Mutex<HashSet<String>>,
+}
+
+impl State {
+    /// Marks the rental's snapshot running; false if it already was.
+    fn start(self: &Arc<Self>, rental_id: &str) -> Option<Running> {
+        let mut running = self.running.lock().expect("snapshot state poisoned");
+        running.insert(rental_id.to_owned()).then(|| Running {
+            state: self.clone(),
+            rental_id: rental_id.to_owned(),
+        })
+    }
+}
+
+/// A rental's snapshot in progress: no longer running once dropped, however it ended.
+struct Running {
+    state: Arc<State>,
+    rental_id: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.state.running.lock() {
+            running.remove(&self.rental_id);
+        }
+    }
+}
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,15 +64,48 @@ pub struct SnapshotSummary {
     pub unchanged: usize,
     /// Homes over `snapshots.max_bytes`.
     pub too_big: usize,
+    /// Bytes received of homes then refused as over the cap: 0 when each was measured
+    /// before anything was sent.
+    pub too_big_streamed: u64,
     /// Snapshots that failed (retried next pass).
     pub failed: usize,
+    /// Snapshots still running when the pass stopped waiting (they go on, each until its
+    /// deadline), or started by an earlier pass and not started again.
+    pub running: usize,
+    /// When the next pass runs: one interval after this one started, however long it
+    /// waited for its snapshots.
+    pub next: Next,
 }
 
-/// A pass runs again after `snapshots.interval`.
-impl Pass for SnapshotSummary {}
+impl Pass for SnapshotSummary {
+    fn next(&self) -> Next {
+        self.next
+    }
+}
+
+impl SnapshotSummary {
+    fn add(&mut self, taken: &Taken) {
+        match taken {
+            Taken::Stored(bytes) => {
+                self.stored += 1;
+                self.bytes += bytes;
+            }
+            Taken::Unchanged | Taken::Superseded => self.unchanged += 1,
+            Taken::TooBig { streamed } => {
+                self.too_big += 1;
+                self.too_big_streamed += streamed;
+            }
+        }
+    }
+}
 
 /// One pass over every active rental; also drops the snapshots of rentals that ended.
-pub async fn snapshot_pass(ctx: &Context) -> anyhow::Result<SnapshotSummary> {
+/// Waits for the snapshots it starts until `snapshots.interval` after its start (tests
+/// with a long interval see them all done); those still running then go on by
+/// themselves, each ended at `snapshots.deadline`.
+pub async fn snapshot_pass(ctx: &Context, state: &Arc<State>) -> anyhow::Result<SnapshotSummary> {
+    let started = tokio::time::Instant::now();
+    let due = started + ctx.config.snapshots.interval;
     ctx.store
         .purge_snapshots()
         .await
@@ -44,36 +115,73 @@ pub async fn snapshot_pass(ctx: &Context) -> anyhow::Result<SnapshotSummary> {
         .snapshot_jobs()
         .await
         .context("Failed to list the homes to snapshot")?;
-    let taken: Vec<(String, anyhow::Result<Taken>)> = futures::stream::iter(jobs)
-        .map(|job| async move {
-            let result = snapshots::take(ctx, &job, false).await;
-            (job.rental_id, result)
-        })
-        .buffer_unordered(ctx.config.snapshots.concurrency)
-        .collect()
-        .await;
     let mut summary = SnapshotSummary::default();
-    for (rental_id, result) in taken {
-        match result {
-            Ok(Taken::Stored(bytes)) => {
-                summary.stored += 1;
-                summary.bytes += bytes;
+    let mut started_jobs = 0usize;
+    // Each job is started (and marked running) only when a slot frees, so a job the
+    // pass never reached is left to the next pass, not marked running forever.
+    let mut taken = futures::stream::iter(jobs)
+        .map(|job| {
+            let running = state.start(&job.rental_id);
+            let task = running.map(|running| {
+                started_jobs += 1;
+                let ctx = ctx.clone();
+                ctx.clone().tasks.spawn(async move {
+                    let result = snapshots::take(&ctx, &job, false).await;
+                    drop(running);
+                    match &result {
+                        Ok(taken) => {
+                            if let Taken::Stored(bytes) = taken {
+                                metrics::counter!(crate::metrics::names::SNAPSHOT_BYTES)
+                                    .increment(*bytes);
+                            }
+                        }
+                        Err(e) => tracing::warn!(rental_id = %job.rental_id,
+                            error = format!("{e:#}"),
+                            "snapshot failed; the last one is kept, retried next pass"),
+                    }
+                    result
+                })
+            });
+            async move {
+                match task {
+                    Some(task) => Some(task.await),
+                    None => None,
+                }
             }
-            Ok(Taken::Unchanged | Taken::Superseded) => summary.unchanged += 1,
-            Ok(Taken::TooBig) => summary.too_big += 1,
-            Err(e) => {
-                summary.failed += 1;
-                tracing::warn!(rental_id = %rental_id, error = format!("{e:#}"),
-                    "snapshot failed; the last one is kept, retried next pass");
-            }
+        })
+        .buffer_unordered(ctx.config.snapshots.concurrency);
+    let mut done = 0usize;
+    loop {
+        tokio::select! {
+            next = taken.next() => match next {
+                Some(None) => summary.running += 1,
+                Some(Some(Ok(Ok(taken)))) => {
+                    done += 1;
+                    summary.add(&taken);
+                }
+                Some(Some(Ok(Err(_)))) => {
+                    // Said by the job itself, which may end after the pass.
+                    done += 1;
+                    summary.failed += 1;
+                }
+                Some(Some(Err(e))) => {
+                    done += 1;
+                    summary.failed += 1;
+                    tracing::error!(error = %e, "a snapshot job panicked");
+                }
+                None => break,
+            },
+            () = tokio::time::sleep_until(due) => break,
         }
     }
-    metrics::counter!(crate::metrics::names::SNAPSHOT_BYTES).increment(summary.bytes);
+    drop(taken);
+    summary.running += started_jobs - done;
+    summary.next = Next::After(due.saturating_duration_since(tokio::time::Instant::now()));
     Ok(summary)
 }
 
 /// Runs snapshot passes every `snapshots.interval` until `shutdown` resolves.
-pub async fn run(ctx: Context, shutdown: impl Future<Output = ()>) {
+pub async fn run(ctx: Context, state: Arc<State>, shutdown: impl Future<Output = ()>) {
     let interval = ctx.config.snapshots.interval;
     super::run_loop(
         LOOP,
@@ -83,10 +191,10 @@ pub async fn run(ctx: Context, shutdown: impl Future<Output = ()>) {
         None,
         shutdown,
         || {
-            let ctx = ctx.clone();
+            let (ctx, state) = (ctx.clone(), state.clone());
             async move {
-                let summary = snapshot_pass(&ctx).await?;
-                if summary.stored + summary.failed + summary.too_big > 0 {
+                let summary = snapshot_pass(&ctx, &state).await?;
+                if summary.stored + summary.failed + summary.too_big + summary.running > 0 {
                     tracing::info!(?summary, "snapshot pass");
                 }
                 Ok(summary)

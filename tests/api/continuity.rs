@@ -43,7 +43,7 @@ async fn ssh_ok(client: &OpenSshTenant, endpoint: &Value, user: &str, command: &
 }
 
 async fn snapshot_now(app: &TestApp) -> orion::loops::snapshots::SnapshotSummary {
-    orion::loops::snapshots::snapshot_pass(&app.ctx)
+    orion::loops::snapshots::snapshot_pass(&app.ctx, &app.loops.snapshots)
         .await
         .expect("a snapshot pass")
 }

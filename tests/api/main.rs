@@ -17,6 +17,7 @@ mod helpers;
 mod hostile_gateway;
 mod hostile_apps;
 mod hostile_ipc;
+mod hostile_snapshots;
 mod idempotency;
 mod isolation;
 mod leader;

@@ -123,7 +123,8 @@ pub async fn run(
         ] {
             let (cpu0, _) = report::cpu_times();
             let started = Instant::now();
-            let summary = orion::loops::snapshots::snapshot_pass(&app.ctx).await?;
+            let summary =
+                orion::loops::snapshots::snapshot_pass(&app.ctx, &app.loops.snapshots).await?;
             if (summary.stored == 1) == changed {
                 walls.push(started.elapsed());
                 cpus.push(report::cpu_times().0.saturating_sub(cpu0));

@@ -251,3 +251,61 @@ async fn a_pre_auth_flood_at_a_worker_s_sshd_does_not_get_it_declared_dead() {
     assert_eq!(after["status"], "active", "{after}");
     assert_eq!(after["worker"], name.as_str(), "the rental moved: {after}");
 }
+
+/// A tenant's flood from inside the workers' network: from another worker, connections
+/// to this worker's sshd that never say anything, held `for_secs`. Writes `/tmp/flood`
+/// on the flooding worker once they are open.
+fn flood_from(flooder: &crate::helpers::Worker, target: &str, n: usize, for_secs: u32) {
+    let script = format!(
+        "import socket, time\n\
+         held = []\n\
+         for _ in range({n}):\n\
+         \x20   try:\n\
+         \x20       held.append(socket.create_connection(('{target}', 22), timeout=2))\n\
+         \x20   except OSError:\n\
+         \x20       pass\n\
+         open('/tmp/flood', 'w').write(str(len(held)))\n\
+         time.sleep({for_secs})\n"
+    );
+    crate::helpers::docker(&["exec", "-d", &flooder.container, "python3", "-c", &script]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_from_another_address_on_the_workers_network_leaves_orion_s_logins_through() {
+    const FLOOD: usize = 300;
+    let app = spawn_app_with(
+        2,
+        Box::new(|c| c.health.handshake_every = Duration::from_millis(1)),
+    )
+    .await;
+    let (target, flooder) = (app.worker("worker_1"), app.worker("worker_2"));
+    flood_from(flooder, &target.address(), FLOOD, 20);
+    let opened = Instant::now() + Duration::from_secs(15);
+    loop {
+        let done = flooder.exec("cat /tmp/flood 2>/dev/null || true");
+        if !done.trim().is_empty() {
+            println!("{} connections opened by the flood", done.trim());
+            break;
+        }
+        assert!(
+            Instant::now() < opened,
+            "the flood never opened its connections"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // New connections from Orion's address still log in: one address cannot fill sshd.
+    let row = app.worker_row("worker_1").await;
+    for _ in 0..3 {
+        let probe = app
+            .ctx
+            .ssh
+            .probe(&row.target(), Duration::from_secs(3))
+            .await;
+        assert!(
+            probe
+                .as_ref()
+                .is_ok_and(|p| p.depth == orion::ssh::ProbeDepth::Handshake),
+            "Orion could not open a new connection during another address's flood: {probe:?}"
+        );
+    }
+}

@@ -22,3 +22,8 @@ END;
 -- operator sees how long it has been out; set and cleared with the reason.
 ALTER TABLE workers ADD COLUMN quarantined_at DATETIME(6) NULL AFTER quarantine_reason;
 UPDATE workers SET quarantined_at = updated_at WHERE quarantine_reason IS NOT NULL;
+
+-- Why Caddy refused this app's route, when it did (NULL: applied). Each app's route is
+-- applied on its own: one Caddy refuses is reported on that app, and every other app is
+-- still served.
+ALTER TABLE apps ADD COLUMN route_error TEXT NULL;

@@ -73,10 +73,13 @@ pub struct AppView {
     /// Instances running the current image.
     pub ready: u32,
     pub port: Option<u16>,
-    /// Where the app answers through Caddy (`https://<site>/apps/<name>/`; also
-    /// `https://<name>.apps.<site>/`): `null` without a port, or when apps are not
+    /// Where the app answers through Caddy, on an origin of its own
+    /// (`https://<name>.apps.<site>/`): `null` without a port, or when apps are not
     /// routed through Caddy.
     pub url: Option<String>,
+    /// Why Caddy refused the app's route, if it did: the app is not served (or served as
+    /// before its last change) until that is fixed; every other app is served.
+    pub route_error: Option<String>,
     pub health_path: String,
     pub command: Option<Vec<String>>,
     /// The names of its environment variables (their values are never shown).
@@ -140,6 +143,7 @@ pub fn view(
         url: router
             .filter(|_| app.port.is_some())
             .map(|r| r.url(&app.name)),
+        route_error: app.route_error.clone(),
         health_path: app.health_path.clone(),
         command: app.command(),
         env: app.env().into_keys().collect(),

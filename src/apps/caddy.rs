@@ -140,6 +140,23 @@ pub struct Synced {
     pub added: usize,
     pub changed: usize,
     pub removed: usize,
+    /// Apps whose route Caddy holds as wanted now.
+    pub applied: Vec<String>,
+    /// Apps whose route Caddy refused, with its reason: not served (or served as before
+    /// the change), tried again at the next sync. Every other app's route is applied.
+    pub refused: std::collections::BTreeMap<String, String>,
+}
+
+/// Caddy answered a request with an error status: it refused what was sent (its config
+/// is left as it was), as opposed to not being reached at all.
+#[derive(Debug, thiserror::Error)]
+#[error("Caddy's admin API answered {method} {path} with {status}: {message}")]
+pub struct Refusal {
+    method: String,
+    path: String,
+    status: hyper::StatusCode,
+    /// What Caddy said.
+    pub message: String,
 }
 
 /// Bound on one admin request.
@@ -181,23 +198,44 @@ impl Router {
             .collect();
         let mut done = Synced::default();
         let mut applied = self.applied.lock().expect("applied poisoned").clone();
+        // Each app's route on its own: one that Caddy refuses is reported on that app,
+        // and the others are still applied (#24: one bad route stopped every app's).
         for app in apps {
             let id = format!("{ROUTE_ID_PREFIX}{}", app.name);
             let want = route_json(&self.apps_domain, app);
-            if present.contains_key(&id) {
-                if applied.get(&app.name) == Some(&want) {
-                    continue;
-                }
-                self.request("PATCH", &format!("/id/{id}"), Some(&want))
-                    .await?;
-                done.changed += 1;
-            } else {
-                // Before Orion's own route, which matches everything on the site.
-                self.request("PUT", &format!("{routes_path}/0"), Some(&want))
-                    .await?;
-                done.added += 1;
+            let exists = present.contains_key(&id);
+            if exists && applied.get(&app.name) == Some(&want) {
+                done.applied.push(app.name.clone());
+                continue;
             }
-            applied.insert(app.name.clone(), want);
+            let sent = if exists {
+                self.request("PATCH", &format!("/id/{id}"), Some(&want))
+                    .await
+            } else {
+                // Before the Caddyfile's own routes.
+                self.request("PUT", &format!("{routes_path}/0"), Some(&want))
+                    .await
+            };
+            match sent {
+                Ok(_) => {
+                    if exists {
+                        done.changed += 1;
+                    } else {
+                        done.added += 1;
+                    }
+                    done.applied.push(app.name.clone());
+                    applied.insert(app.name.clone(), want);
+                }
+                Err(e) => match e.downcast::<Refusal>() {
+                    Ok(refusal) => {
+                        done.refused.insert(app.name.clone(), refusal.message);
+                    }
+                    Err(unreached) => {
+                        *self.applied.lock().expect("applied poisoned") = applied;
+                        return Err(unreached);
+                    }
+                },
+            }
         }
         for id in present.keys() {
             let name = &id[ROUTE_ID_PREFIX.len()..];
@@ -273,10 +311,19 @@ impl Router {
             let status = response.status();
             let bytes = response.into_body().collect().await?.to_bytes();
             if !status.is_success() {
-                bail!(
-                    "Caddy's admin API answered {method} {path} with {status}: {}",
-                    String::from_utf8_lossy(&bytes).trim()
-                );
+                let message = String::from_utf8_lossy(&bytes).trim().to_owned();
+                // Caddy's own JSON error (`{"error": "…"}`), else what it said.
+                let message = serde_json::from_str::<Value>(&message)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_owned))
+                    .unwrap_or(message);
+                return Err(Refusal {
+                    method: method.to_owned(),
+                    path: path.to_owned(),
+                    status,
+                    message,
+                }
+                .into());
             }
             if bytes.iter().all(u8::is_ascii_whitespace) {
                 return Ok(Value::Null);

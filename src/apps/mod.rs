@@ -277,17 +277,46 @@ pub fn check_port(port: u32) -> Result<u16, InvalidInput> {
 
 /// The path Caddy's health check requests on each instance: an absolute path, printable
 /// ASCII, no spaces, at most 255 characters.
+/// An app's `health_path`: what Caddy requests on each instance. Caddy parses it as a
+/// URL when the route is loaded and refuses the whole configuration when it cannot (#24:
+/// `/%` stopped every app's route), so only what every URL parser takes is accepted: an
+/// absolute path and query of RFC 3986 characters, each `%` starting an escape of two hex
+/// digits, no fragment.
 pub fn check_health_path(path: &str) -> Result<(), InvalidInput> {
-    let ok =
-        path.starts_with('/') && path.len() <= 255 && path.chars().all(|c| c.is_ascii_graphic());
-    if ok {
-        Ok(())
-    } else {
+    let bad = |why: &str| {
         Err(InvalidInput::new(
             "health_path",
-            "must be an absolute path of printable ASCII without spaces, at most 255 characters",
+            format!("must be an absolute path (and query) of at most 255 URL characters: {why}"),
         ))
+    };
+    if !path.starts_with('/') {
+        return bad("it does not start with `/`");
     }
+    if path.len() > 255 {
+        return bad("it is longer");
+    }
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        match c {
+            b'%' => {
+                let escape = bytes.get(i + 1..i + 3);
+                if !escape.is_some_and(|e| e.iter().all(u8::is_ascii_hexdigit)) {
+                    return bad("`%` must start an escape such as `%2F`");
+                }
+                i += 3;
+                continue;
+            }
+            b'#' => return bad("a fragment (`#`) is never sent"),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' => {}
+            b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*'
+            | b'+' | b',' | b';' | b'=' | b':' | b'@' | b'/' | b'?' => {}
+            _ => return bad(&format!("{:?} is not a URL character", char::from(c))),
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 pub fn check_replicas(replicas: u32) -> Result<u32, InvalidInput> {
@@ -379,7 +408,11 @@ mod tests {
     fn health_paths_are_absolute_and_printable() {
         assert!(check_health_path("/").is_ok());
         assert!(check_health_path("/healthz?full=1").is_ok());
-        for bad in ["", "healthz", "/a b", "/a\nb", "/é"] {
+        assert!(check_health_path("/a%2Fb?x=%20&y=~").is_ok());
+        for bad in [
+            "", "healthz", "/a b", "/a\nb", "/é", "/%", "/%2", "/%zz", "/a#b", "/a\"b", "/<x>",
+            "/a\\b", "/{x}",
+        ] {
             assert!(check_health_path(bad).is_err(), "{bad:?}");
         }
     }

@@ -317,7 +317,16 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
     // 5. Caddy serves each app's running instances, and nothing else.
     if let Some(router) = &ctx.router {
         match router.sync(&routes(&apps, &settled)).await {
-            Ok(synced) => summary.routes = synced,
+            Ok(synced) => {
+                for (app, why) in &synced.refused {
+                    tracing::warn!(app = %app, reason = %why, "apps: Caddy refused the app's route");
+                }
+                ctx.store
+                    .record_routes(&synced.applied, &synced.refused)
+                    .await
+                    .context("Failed to record which routes Caddy refused")?;
+                summary.routes = synced;
+            }
             Err(e) => {
                 summary.routing_failed = true;
                 tracing::warn!(error = format!("{e:#}"), "apps: cannot sync Caddy's routes");

@@ -29,6 +29,8 @@ pub struct AppRecord {
     pub health_path: String,
     pub generation: u32,
     pub deleting: bool,
+    /// Why Caddy refused the app's route (`None`: applied, or not routed).
+    pub route_error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -46,7 +48,7 @@ impl AppRecord {
 }
 
 const APP_COLUMNS: &str = "id, tenant, name, image, replicas, command, env, port, health_path, \
-    generation, deleting, created_at, updated_at";
+    generation, deleting, route_error, created_at, updated_at";
 
 /// An instance row, with what the loop and the views need of its worker.
 #[derive(Debug, Clone, FromRow)]
@@ -157,6 +159,46 @@ pub enum InstanceUpdate {
 }
 
 impl Store {
+    /// Records what Caddy made of each app's route: `refused` maps an app's name to
+    /// Caddy's refusal; every other app's route was applied. An event is written when an
+    /// app's route is newly refused (or refused for another reason), and when it is
+    /// applied again; an unchanged state writes nothing.
+    pub async fn record_routes(
+        &self,
+        applied: &[String],
+        refused: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let current: Vec<(String, Option<String>)> =
+            sqlx::query_as("SELECT name, route_error FROM apps WHERE NOT deleting FOR UPDATE")
+                .fetch_all(&mut *tx)
+                .await?;
+        for (name, was) in current {
+            let now = refused.get(&name);
+            if was.as_ref() == now || (now.is_none() && !applied.contains(&name)) {
+                continue;
+            }
+            sqlx::query("UPDATE apps SET route_error = ? WHERE name = ? AND NOT deleting")
+                .bind(now)
+                .bind(&name)
+                .execute(&mut *tx)
+                .await?;
+            let (kind, message) = match now {
+                Some(why) => (
+                    "app.route_refused",
+                    format!("Caddy refused the route of app {name}; it is not served: {why}"),
+                ),
+                None => (
+                    "app.route_applied",
+                    format!("the route of app {name} is applied"),
+                ),
+            };
+            events::append_in(&mut tx, kind, None, None, &message).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Records a new app. Its name must not be held by another live app of the tenant.
     pub async fn create_app(&self, app: &NewApp) -> Result<AppRecord, StoreError> {
         let command = app

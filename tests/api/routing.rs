@@ -85,17 +85,23 @@ impl Caddy {
         }
     }
 
-    /// A client that reaches `localhost` and `*.apps.localhost` on this Caddy.
+    /// A client that reaches `localhost` and `web.apps.localhost` on this Caddy.
     fn client(&self) -> reqwest::Client {
+        self.client_for(&["web"])
+    }
+
+    /// A client that reaches `localhost` and each `<app>.apps.localhost` on this Caddy.
+    fn client_for(&self, apps: &[&str]) -> reqwest::Client {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
-        reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             // Caddy's internal CA: the TLS itself is the platform test's to check.
             .danger_accept_invalid_certs(true)
             .resolve("localhost", addr)
-            .resolve("web.apps.localhost", addr)
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap()
+            .timeout(Duration::from_secs(5));
+        for app in apps {
+            builder = builder.resolve(&format!("{app}.apps.localhost"), addr);
+        }
+        builder.build().unwrap()
     }
 
     fn url(&self, host: &str, path: &str) -> String {
@@ -346,5 +352,70 @@ async fn an_app_never_receives_the_credentials_a_client_attaches() {
     assert!(
         !body.to_string().contains(orion::testkit::ADMIN_TOKEN),
         "the admin token reached the instance: {body}"
+    );
+}
+
+/// A route Caddy refuses (a `health_path` it cannot parse, from a row made before
+/// `health_path` was checked as Caddy parses it) is reported on its app, and every
+/// other app is still served, one created afterwards included (#24: one app's `/%`
+/// stopped the whole sync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_caddy_refuses_is_reported_on_its_app_and_every_other_app_is_served() {
+    let caddy = Caddy::start();
+    let socket = caddy.socket();
+    let app = spawn_app_with(
+        2,
+        Box::new(move |c| {
+            c.caddy.admin = Some(socket);
+            c.apps.interval = Duration::from_secs(2);
+        }),
+    )
+    .await;
+    let create = |name: &'static str, health: &'static str| {
+        let (http, url) = (app.http.clone(), app.url("/api/apps"));
+        async move {
+            http.post(url)
+                .json(
+                    &json!({"name": name, "image": "orion/demo-app:latest", "replicas": 1,
+                              "port": 8080, "health_path": health}),
+                )
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // What Caddy cannot parse is refused at the door now.
+    let resp = create("bad", "/%").await;
+    assert_eq!(resp.status(), 422);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["field"], "health_path", "{body}");
+
+    assert_eq!(create("bad", "/").await.status(), 201);
+    sqlx::query("UPDATE apps SET health_path = '/%' WHERE name = 'bad'")
+        .execute(app.ctx.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(create("after", "/").await.status(), 201);
+    let http = caddy.client_for(&["after"]);
+    let url = caddy.url("after.apps.localhost", "/");
+    until(&http, &url, |s, b| s == 200 && b["app"] == "after").await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let view = loop {
+        let (_, v) = app.get_json("/api/apps/bad").await;
+        if v["route_error"].is_string() {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no route error shown: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("the refused route: {}", view["route_error"]);
+    let (_, after) = app.get_json("/api/apps/after").await;
+    assert_eq!(after["route_error"], Value::Null, "{after}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'app.route_refused' AND message LIKE '%app bad%'")
+            .await,
+        1,
+        "one event, not one per pass"
     );
 }

@@ -309,3 +309,92 @@ async fn a_flood_from_another_address_on_the_workers_network_leaves_orion_s_logi
         );
     }
 }
+
+/// What a client that said hello got from the gateway.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    /// The worker's banner: forwarded.
+    Banner,
+    /// Closed this long after it said hello.
+    Closed(Duration),
+}
+
+/// Says hello on `port` as an SSH client would, and waits (at most `limit`) for an answer.
+async fn hello_and_wait(port: u16, limit: Duration) -> Option<Answer> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    stream.write_all(b"SSH-2.0-waiter\r\n").await.ok()?;
+    let said = Instant::now();
+    let mut banner = [0u8; 8];
+    match tokio::time::timeout(limit, stream.read_exact(&mut banner)).await {
+        Ok(Ok(_)) if &banner == b"SSH-2.0-" => Some(Answer::Banner),
+        Ok(_) => Some(Answer::Closed(said.elapsed())),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waits_through_a_move_are_bounded_per_port_and_overall_the_rest_refused_at_once() {
+    const EACH: usize = 10;
+    let app = spawn_app_with(
+        2,
+        Box::new(|c| {
+            c.gateway.max_waiting_per_port = 8;
+            c.gateway.max_waiting = 12;
+            c.gateway.wait = Duration::from_secs(60);
+        }),
+    )
+    .await;
+    let (a, b) = (
+        app.rent_ok(json!({ "username": "anna" })).await,
+        app.rent_ok(json!({ "username": "bert" })).await,
+    );
+    let ids = [a["id"].as_str().unwrap(), b["id"].as_str().unwrap()];
+    let set = |status: &'static str| {
+        let pool = app.ctx.store.pool().clone();
+        let ids = ids.map(str::to_owned);
+        async move {
+            sqlx::query("UPDATE rentals SET status = ? WHERE id IN (?, ?)")
+                .bind(status)
+                .bind(&ids[0])
+                .bind(&ids[1])
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    // Both rentals are moving: every connection to their ports would wait.
+    set("migrating").await;
+    let mut clients = tokio::task::JoinSet::new();
+    for rental in [&a, &b] {
+        let port = rental["endpoint"]["port"].as_u64().unwrap() as u16;
+        for _ in 0..EACH {
+            clients.spawn(hello_and_wait(port, Duration::from_secs(30)));
+        }
+    }
+    // 8 wait on the first port, 4 on the second (12 in all): 8 are refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let refused = counter(&app, "orion_gateway_connections_total", "wait_limit").await;
+        if refused.is_some_and(|n| n >= 8.0) {
+            assert_eq!(refused, Some(8.0), "more refused than the bounds say");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connections beyond the bounds on waits were not refused: {refused:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The moves end: the waiting ones are forwarded.
+    set("active").await;
+    let answers = clients.join_all().await;
+    let forwarded = answers
+        .iter()
+        .filter(|a| **a == Some(Answer::Banner))
+        .count();
+    let at_once = answers
+        .iter()
+        .filter(|a| matches!(a, Some(Answer::Closed(t)) if *t < Duration::from_secs(1)))
+        .count();
+    assert_eq!((forwarded, at_once), (12, 8), "{answers:?}");
+}

@@ -29,7 +29,8 @@ pub struct State {
 }
 
 impl State {
-    /// Marks the rental's snapshot running; false if it already was.
+    /// Marks the rental's snapshot running until the guard is dropped; `None` if it
+    /// already was.
     fn start(self: &Arc<Self>, rental_id: &str) -> Option<Running> {
         let mut running = self.running.lock().expect("snapshot state poisoned");
         running.insert(rental_id.to_owned()).then(|| Running {
@@ -124,9 +125,9 @@ pub async fn snapshot_pass(ctx: &Context, state: &Arc<State>) -> anyhow::Result<
             let running = state.start(&job.rental_id);
             let task = running.map(|running| {
                 started_jobs += 1;
-                let ctx = ctx.clone();
-                ctx.clone().tasks.spawn(async move {
-                    let result = snapshots::take(&ctx, &job, false).await;
+                let job_ctx = ctx.clone();
+                ctx.tasks.spawn(async move {
+                    let result = snapshots::take(&job_ctx, &job, false).await;
                     drop(running);
                     match &result {
                         Ok(taken) => {

@@ -375,6 +375,40 @@ pub struct AppsConfig {
     /// Most instances a tenant's apps may ask for, all apps together (the admin's are
     /// not bounded).
     pub max_instances_per_tenant: u32,
+    /// Bounds on reading instances' logs (`GET /api/apps/{name}/logs`).
+    pub log_reads: LogReadsConfig,
+}
+
+/// Reading an instance's log runs a command on its worker. A tenant's reads are bounded so
+/// that they cannot crowd the worker's sshd or Orion's sessions (#24: 80 reads at once
+/// kept an app's removed instance from coming back); past a bound they get 429 with
+/// `Retry-After`. They also run on SSH connections of their own, apart from Orion's
+/// probes, reconciles and provisioning, which never wait behind them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogReadsConfig {
+    /// Reads one tenant may have running at once.
+    pub per_tenant: u32,
+    /// Reads of all tenants running at once (the admin's included).
+    pub total: u32,
+    /// Reads one tenant may start in a burst…
+    pub burst: u32,
+    /// …refilled at this many per second.
+    pub per_second: f64,
+    /// Bytes of log one tenant may read per minute (a read's answer is at most 64 KiB).
+    pub bytes_per_minute: u64,
+}
+
+impl Default for LogReadsConfig {
+    fn default() -> Self {
+        Self {
+            per_tenant: 2,
+            total: 8,
+            burst: 10,
+            per_second: 1.0,
+            bytes_per_minute: 4 << 20,
+        }
+    }
 }
 
 impl Default for AppsConfig {
@@ -388,6 +422,7 @@ impl Default for AppsConfig {
             instance_cpus: 1.0,
             instance_log_max: "10m".into(),
             max_instances_per_tenant: 20,
+            log_reads: LogReadsConfig::default(),
         }
     }
 }
@@ -919,6 +954,20 @@ impl Config {
             .is_some_and(|t| t > self.tenants.max_ttl)
         {
             return bad("tenants.default_ttl", "must not exceed tenants.max_ttl");
+        }
+        let reads = &self.apps.log_reads;
+        if reads.per_tenant == 0 || reads.total == 0 || reads.burst == 0 {
+            return bad(
+                "apps.log_reads",
+                "per_tenant, total and burst must be at least 1",
+            );
+        }
+        if !(reads.per_second > 0.0 && reads.per_second.is_finite()) || reads.bytes_per_minute == 0
+        {
+            return bad(
+                "apps.log_reads",
+                "per_second and bytes_per_minute must be above zero",
+            );
         }
         if self.ssh.max_sessions == 0 {
             return bad("ssh.max_sessions", "must be at least 1");

@@ -21,6 +21,12 @@ pub struct Context {
     pub store: Store,
     /// Orion's SSH client (probes, watches, and the native playbook executor).
     pub ssh: SshClient,
+    /// The SSH client for what tenants ask to read on workers (instances' logs): its own
+    /// connections and session slots ([`SshClient::apart`]), so that tenants' reads never
+    /// delay Orion's probes, reconciles and provisioning.
+    pub reads_ssh: SshClient,
+    /// The bounds on tenants' reads (`[apps.log_reads]`).
+    pub reads: Arc<crate::ratelimit::TenantReads>,
     /// Runs playbooks on workers.
     pub executor: Executor,
     /// The configuration Orion was started with.

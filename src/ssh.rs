@@ -275,6 +275,21 @@ impl SshClient {
         }
     }
 
+    /// A client with the same key and settings but connections, session slots and
+    /// memory of its own, bounded to `max_sessions`: for what tenants ask to read (an
+    /// instance's log), so that however many they ask, none of Orion's own commands
+    /// waits behind them, for a slot here or for a channel on a worker's connection
+    /// (sshd's `MaxSessions` counts per connection).
+    pub fn apart(&self, max_sessions: usize) -> Self {
+        Self {
+            sessions: Arc::new(Semaphore::new(max_sessions)),
+            shared: Arc::default(),
+            spare: Arc::default(),
+            proven: Arc::default(),
+            ..self.clone()
+        }
+    }
+
     /// How often a probe opens a new connection even though a watch connection is open.
     pub fn set_handshake_every(&mut self, every: Duration) {
         self.every.handshake = every;

@@ -153,9 +153,13 @@ impl Application {
             config.http.anonymous_burst,
             config.http.anonymous_per_second,
         );
+        let reads_ssh = ssh.apart(config.apps.log_reads.total as usize);
+        let reads = crate::ratelimit::TenantReads::new(config.apps.log_reads.clone());
         let ctx = Context {
             store,
             ssh,
+            reads_ssh,
+            reads: Arc::new(reads),
             executor,
             config: Arc::new(config),
             loops: Arc::new(LoopRegistry::default()),

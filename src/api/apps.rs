@@ -423,6 +423,7 @@ pub struct LogsQuery {
     responses(
         (status = 200, description = "The last lines of the instance's log", content_type = "text/plain"),
         (status = 404, description = "No such app or instance", body = ErrorBody),
+        (status = 429, description = "Too many reads by this tenant, or by all at once: try again after `Retry-After`", body = ErrorBody),
         (status = 502, description = "The worker could not be read", body = ErrorBody),
     ))]
 pub async fn logs(
@@ -446,6 +447,11 @@ pub async fn logs(
         })),
     )
     .await?;
+    // Bounded per tenant and in all, before anything runs on the worker.
+    let turn = ctx
+        .reads
+        .start(caller.tenant(), std::time::Instant::now())
+        .map_err(|refused| ApiError::TooManyReads(refused.retry_after))?;
     let instances = ctx.store.live_instances(Some(app.id)).await?;
     let instance = match query.instance {
         Some(id) => instances.iter().find(|i| i.id == id),
@@ -458,7 +464,7 @@ pub async fn logs(
         .await?
         .ok_or_else(|| ApiError::NotFound("no such worker".into()))?;
     let text = apps::runtime::instance_logs(
-        &ctx.ssh,
+        &ctx.reads_ssh,
         &worker,
         &instance.node,
         &instance.container,
@@ -468,6 +474,8 @@ pub async fn logs(
     .map_err(|e| {
         ApiError::Provisioning(format!("cannot read the log on {}: {e:#}", worker.name))
     })?;
+    turn.charge(text.len(), std::time::Instant::now());
+    drop(turn);
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

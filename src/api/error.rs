@@ -35,6 +35,13 @@ pub enum ApiError {
         retry_after_secs(*.0)
     )]
     RateLimited(std::time::Duration),
+    /// A tenant's reads from workers (instances' logs) are over their bounds
+    /// (`[apps.log_reads]`); the wait until the next may start.
+    #[error(
+        "too many log reads by this tenant (or by all at once); try again in {} s",
+        retry_after_secs(*.0)
+    )]
+    TooManyReads(std::time::Duration),
     #[error("{0}")]
     Unauthorized(String),
     /// 401 for a page a browser opens: asks for Basic credentials, so the browser
@@ -78,7 +85,9 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
-            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::RateLimited(_) | ApiError::TooManyReads(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+            }
             ApiError::Unauthorized(_) | ApiError::LoginRequired(_) => {
                 (StatusCode::UNAUTHORIZED, "unauthorized")
             }
@@ -129,7 +138,7 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, Json(ErrorBody { error })).into_response();
-        if let ApiError::RateLimited(wait) = &self {
+        if let ApiError::RateLimited(wait) | ApiError::TooManyReads(wait) = &self {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from(retry_after_secs(*wait)),

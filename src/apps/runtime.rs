@@ -168,6 +168,9 @@ pub async fn run(
     Ok(out.stdout)
 }
 
+/// Most bytes of log one read returns (`orion-runtime logs` keeps the last 64 KiB).
+pub const LOGS_CAP: usize = 64 * 1024;
+
 /// The last `lines` lines of an instance's log, read on its worker.
 pub async fn instance_logs(
     ssh: &crate::ssh::SshClient,

@@ -13,7 +13,7 @@ use crate::helpers::{TestApp, spawn_app, spawn_app_with, tenant_key};
 const IMAGE: &str = "orion/demo-app:latest";
 
 /// Polls `GET /api/apps/{name}` until `pred` holds, or fails after `timeout`.
-async fn wait_app(
+pub(crate) async fn wait_app(
     app: &TestApp,
     name: &str,
     timeout: Duration,
@@ -33,7 +33,7 @@ async fn wait_app(
     }
 }
 
-fn running(view: &Value) -> Vec<&Value> {
+pub(crate) fn running(view: &Value) -> Vec<&Value> {
     view["instances"]
         .as_array()
         .unwrap()
@@ -44,7 +44,7 @@ fn running(view: &Value) -> Vec<&Value> {
 
 /// Every container on the engine labelled with one of the test's workers' nodes, as
 /// `(name, state)`.
-fn containers(app: &TestApp) -> Vec<(String, String)> {
+pub(crate) fn containers(app: &TestApp) -> Vec<(String, String)> {
     let mut all = Vec::new();
     for w in &app.workers {
         let out = docker(&[
@@ -65,7 +65,7 @@ fn containers(app: &TestApp) -> Vec<(String, String)> {
 }
 
 /// Asks an instance over HTTP what it is: `{"app", "instance", "path"}`.
-async fn ask(host: &str, port: u64) -> Result<Value, String> {
+pub(crate) async fn ask(host: &str, port: u64) -> Result<Value, String> {
     let resp = reqwest::Client::new()
         .get(format!("http://{host}:{port}/hello"))
         .timeout(Duration::from_secs(2))
@@ -77,7 +77,7 @@ async fn ask(host: &str, port: u64) -> Result<Value, String> {
 
 /// Asks until the instance answers (a container runs a moment before its server
 /// listens), or fails after 10 s.
-async fn ask_until_up(host: &str, port: u64) -> Value {
+pub(crate) async fn ask_until_up(host: &str, port: u64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match ask(host, port).await {
@@ -91,7 +91,7 @@ async fn ask_until_up(host: &str, port: u64) -> Value {
     }
 }
 
-async fn create(app: &TestApp, body: Value) -> (reqwest::StatusCode, Value) {
+pub(crate) async fn create(app: &TestApp, body: Value) -> (reqwest::StatusCode, Value) {
     let resp = app
         .http
         .post(app.url("/api/apps"))

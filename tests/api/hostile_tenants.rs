@@ -217,3 +217,109 @@ async fn a_quarantined_worker_shows_why_and_since_when_and_is_restored_by_the_op
     assert!(app.worker_row("worker_1").await.quarantine_reason.is_none());
     app.rent_ok(json!({})).await;
 }
+
+/// 80 log reads at once by one tenant used to hold every SSH session to the worker
+/// (sshd's `MaxSessions` counts per connection, and Orion's own commands shared it):
+/// meanwhile the app's instance, removed by hand, did not come back within 25 s. Now a
+/// tenant's reads run on connections of their own, bounded per tenant and in all, and
+/// what is over the bounds gets 429 with `Retry-After` at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_s_log_reads_never_delay_orion_s_control_of_the_worker() {
+    let app = spawn_app_with(1, Box::new(|_| {})).await;
+    let (_, token) = app.tenant_token_with(json!({"tenant": "reader"})).await;
+    let tenant = client_with_token(&token);
+    let resp = tenant
+        .post(app.url("/api/apps"))
+        .json(&json!({"name": "chatty", "image": "orion/demo-app:latest", "replicas": 1, "port": 8080}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let view = crate::apps::wait_app(
+        &app,
+        "chatty?tenant=reader",
+        std::time::Duration::from_secs(60),
+        |v| v["ready"] == 1,
+    )
+    .await;
+    let instance = crate::apps::running(&view)[0].clone();
+    let container = instance["container"].as_str().unwrap().to_owned();
+    let host = instance["host"].as_str().unwrap().to_owned();
+    crate::apps::ask_until_up(&host, 8080).await;
+
+    let url = app.url("/api/apps/chatty/logs?lines=1000");
+    let reads: Vec<_> = (0..80)
+        .map(|_| {
+            let (tenant, url) = (tenant.clone(), url.clone());
+            tokio::spawn(async move {
+                let resp = tenant
+                    .get(&url)
+                    .timeout(std::time::Duration::from_secs(30))
+                    .send()
+                    .await
+                    .expect("a log read was never answered");
+                let retry_after = resp.headers().get("retry-after").cloned();
+                (resp.status().as_u16(), retry_after)
+            })
+        })
+        .collect();
+    // Orion's own commands on the worker meanwhile: each gets its session at once.
+    let target = app.worker_row("worker_1").await.target();
+    let own: Vec<_> = (0..20)
+        .map(|_| {
+            let (ssh, target) = (app.ctx.ssh.clone(), target.clone());
+            tokio::spawn(async move {
+                let session = ssh.session(&target).await.map_err(|e| e.to_string())?;
+                let out = session
+                    .exec("true", None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                session.close().await;
+                out.success()
+                    .then_some(())
+                    .ok_or("`true` failed".to_owned())
+            })
+        })
+        .collect();
+    for command in own {
+        if let Err(e) = command.await.unwrap() {
+            panic!("one of Orion's own commands failed beside the tenant's reads: {e}");
+        }
+    }
+    let removed = std::time::Instant::now();
+    crate::helpers::docker(&["rm", "-f", &container]);
+    let deadline = removed + std::time::Duration::from_secs(20);
+    loop {
+        if let Ok(answer) = crate::apps::ask(&host, 8080).await
+            && answer["instance"].as_str() == Some(instance["id"].to_string().as_str())
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removed instance never came back while the tenant read logs"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    println!(
+        "back {} ms after rm -f, under 80 log reads",
+        removed.elapsed().as_millis()
+    );
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for read in reads {
+        let (status, retry_after) = read.await.unwrap();
+        *statuses.entry(status).or_default() += 1;
+        if status == 429 {
+            assert!(retry_after.is_some(), "429 without Retry-After");
+        }
+    }
+    println!("80 log reads at once: {statuses:?}");
+    assert!(
+        statuses.get(&429).copied().unwrap_or(0) >= 70,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.keys().all(|s| [200, 429, 502].contains(s)),
+        "{statuses:?}"
+    );
+}

@@ -23,7 +23,10 @@
 #      ORION_WORKER_MEMORY (default 512m): most memory of one worker, swap included
 #        (--memory and --memory-swap), so a memory hog is OOM-killed inside it.
 #        Limits, not reservations: idle workers cost what they use.
-#      Every worker also runs with --security-opt no-new-privileges. The limits apply
+#      Every worker also runs with --security-opt no-new-privileges, and with the
+#      kernel's floor of privileged ports (net.ipv4.ip_unprivileged_port_start=1024:
+#      containers lower it to 0, and a tenant could take port 22 while sshd re-execs
+#      to load its host certificate). The limits apply
 #      to workers created by `up`; remove and re-create a worker to change them.
 #
 # Apps: each worker gets the host's Docker socket at /var/lib/orion/runtime/docker.sock
@@ -169,7 +172,8 @@ ensure_worker() {
     docker run -d --name "$name" --hostname "$name" --restart no \
       --label "orion.platform=$project" -p "$port:22" --network "$1" \
       --pids-limit "$pids" --memory "$memory" --memory-swap "$memory" \
-      --security-opt no-new-privileges ${runtime[@]+"${runtime[@]}"} \
+      --security-opt no-new-privileges --sysctl net.ipv4.ip_unprivileged_port_start=1024 \
+      ${runtime[@]+"${runtime[@]}"} \
       -e ORION_AUTHORIZED_KEY="$key" "$image" >/dev/null
     shift
     for net in "$@"; do

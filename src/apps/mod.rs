@@ -275,8 +275,6 @@ pub fn check_port(port: u32) -> Result<u16, InvalidInput> {
     }
 }
 
-/// The path Caddy's health check requests on each instance: an absolute path, printable
-/// ASCII, no spaces, at most 255 characters.
 /// An app's `health_path`: what Caddy requests on each instance. Caddy parses it as a
 /// URL when the route is loaded and refuses the whole configuration when it cannot (#24:
 /// `/%` stopped every app's route), so only what every URL parser takes is accepted: an

@@ -126,8 +126,9 @@ pub const WORKER_PIDS_LIMIT: u32 = 1024;
 pub const WORKER_MEMORY_BYTES: u64 = 512 * 1024 * 1024;
 
 /// The `docker run` options that bound a worker container, as `scripts/workers.sh` sets
-/// them in the lab: [`WORKER_PIDS_LIMIT`], [`WORKER_MEMORY_BYTES`] and
-/// `no-new-privileges` (no setuid program raises a tenant's privileges).
+/// them in the lab: [`WORKER_PIDS_LIMIT`], [`WORKER_MEMORY_BYTES`], `no-new-privileges`
+/// (no setuid program raises a tenant's privileges) and the kernel's floor of privileged
+/// ports.
 pub fn worker_limit_args() -> Vec<String> {
     let memory = format!("{}m", WORKER_MEMORY_BYTES / (1024 * 1024));
     vec![
@@ -139,6 +140,10 @@ pub fn worker_limit_args() -> Vec<String> {
         memory,
         "--security-opt".into(),
         "no-new-privileges".into(),
+        // Containers let any user bind ports below 1024; a worker keeps the kernel's
+        // usual floor, so no tenant can take sshd's port 22 while sshd re-execs.
+        "--sysctl".into(),
+        "net.ipv4.ip_unprivileged_port_start=1024".into(),
     ]
 }
 

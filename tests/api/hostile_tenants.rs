@@ -323,3 +323,29 @@ async fn a_tenant_s_log_reads_never_delay_orion_s_control_of_the_worker() {
         "{statuses:?}"
     );
 }
+
+/// Containers let any user bind a port below 1024 by default: a tenant could take port 22
+/// in the moment sshd re-execs to load a new host certificate, and answer the next
+/// logins itself. Workers keep the kernel's usual floor.
+#[tokio::test]
+async fn a_tenant_cannot_bind_a_privileged_port_on_its_worker() {
+    let app = spawn_app_with(1, Box::new(|_| {})).await;
+    let (key, public) = crate::helpers::tenant_key();
+    let rental = app
+        .rent_ok(json!({ "ssh_public_key": public, "username": "squatter" }))
+        .await;
+    let port = rental["port"].as_u64().unwrap() as u16;
+    let tried = crate::isolation::as_tenant(
+        &app,
+        port,
+        "squatter",
+        &key,
+        "python3 -c 'import socket\nfor p in (23, 80, 1023):\n    s = socket.socket()\n    try:\n        s.bind((\"0.0.0.0\", p)); print(p, \"bound\")\n    except PermissionError:\n        print(p, \"refused\")' ; \
+         python3 -c 'import socket; s = socket.socket(); s.bind((\"0.0.0.0\", 1024)); print(1024, \"bound\")'",
+    )
+    .await;
+    assert_eq!(
+        tried, "23 refused\n80 refused\n1023 refused\n1024 bound",
+        "what the tenant could bind"
+    );
+}

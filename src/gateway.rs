@@ -245,7 +245,12 @@ async fn reach(forwarding: &Forwarding, port: u16) -> Result<(String, TcpStream)
     let mut since = None;
     let mut turn = None;
     loop {
-        match forwarding.routes.route(port, since).await {
+        // Bounded as a whole: reads queue behind one another while the database fails.
+        let route = tokio::time::timeout_at(deadline, forwarding.routes.route(port, since));
+        let Ok(route) = route.await else {
+            return Err("refused");
+        };
+        match route {
             Ok(Some(target)) => {
                 if target.status == RentalStatus::Active
                     && let Some((host, ssh_port)) = &target.worker
@@ -304,12 +309,15 @@ struct Table {
     read_at: Option<Instant>,
     /// When a read last began, whether it succeeded or not.
     tried_at: Option<Instant>,
+    /// When a read last failed, if the last one did.
+    failed_at: Option<Instant>,
     ports: HashMap<u16, EndpointTarget>,
 }
 
 impl Routes {
     /// The live rental of `port`, from a copy read after `since` (`None`: a copy younger
-    /// than the TTL).
+    /// than the TTL, or, while the database fails, the last one read: tenants keep
+    /// logging in through a database outage).
     async fn route(
         &self,
         port: u16,
@@ -320,15 +328,29 @@ impl Routes {
             Some(since) => at >= since,
             None => at.elapsed() < self.ttl,
         });
-        if !fresh {
+        let stale_will_do = since.is_none() && table.read_at.is_some();
+        let failing = table.failed_at.is_some_and(|at| at.elapsed() < self.ttl);
+        if !fresh && !(stale_will_do && failing) {
             if let Some(tried) = table.tried_at {
                 tokio::time::sleep_until(tried + WAIT_STEP).await;
             }
             let began = Instant::now();
             table.tried_at = Some(began);
             metrics::counter!(crate::metrics::names::GATEWAY_LOOKUPS).increment(1);
-            table.ports = self.store.endpoint_targets().await?.into_iter().collect();
-            table.read_at = Some(began);
+            match self.store.endpoint_targets().await {
+                Ok(rows) => {
+                    table.ports = rows.into_iter().collect();
+                    table.read_at = Some(began);
+                    table.failed_at = None;
+                }
+                Err(e) => {
+                    table.failed_at = Some(Instant::now());
+                    if !stale_will_do {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "gateway cannot read its rentals; serving the last copy");
+                }
+            }
         }
         Ok(table.ports.get(&port).cloned())
     }

@@ -83,6 +83,10 @@ async fn a_database_outage_answers_503_keeps_tenants_and_resumes_without_restart
         .rent_ok(json!({ "ssh_public_key": public, "username": "pia" }))
         .await;
     let port = rental["port"].as_u64().unwrap() as u16;
+    // And through its endpoint on the gateway, which keeps a copy of the ports' rentals.
+    let endpoint = rental["endpoint"]["port"].as_u64().unwrap() as u16;
+    let via_gateway = || app.tenant_whoami("127.0.0.1", endpoint, "pia", Auth::Key(key.clone()));
+    assert_eq!(via_gateway().await.as_deref(), Ok("pia"));
 
     docker(&["stop", &db.container]);
     let asked = Instant::now();
@@ -111,6 +115,11 @@ async fn a_database_outage_answers_503_keeps_tenants_and_resumes_without_restart
         .tenant_whoami("127.0.0.1", port, "pia", Auth::Key(key.clone()))
         .await;
     assert_eq!(who.as_deref(), Ok("pia"));
+    assert_eq!(
+        via_gateway().await.as_deref(),
+        Ok("pia"),
+        "the gateway leads to the rental's worker from its last copy"
+    );
 
     docker(&["start", &db.container]);
     db.wait_ready().await;

@@ -73,6 +73,14 @@ pub struct HttpConfig {
     /// anything to its left was written by the client and may be forged). Loopback by
     /// default; behind Caddy on a container network, that network.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Host names of trusted proxies (e.g. `caddy` on a container network), resolved
+    /// again every 10 s: trusted like `trusted_proxies`, without trusting a whole
+    /// network that others (workers on a site's network) may share.
+    pub trusted_proxy_hosts: Vec<String>,
+    /// Refuse (403) every request whose TCP peer is not a trusted proxy: the API is
+    /// reached through the proxy only, and nothing else can write `X-Forwarded-For`.
+    /// Keep loopback in `trusted_proxies` for `orion healthcheck`.
+    pub proxied_only: bool,
     /// Requests that prove nothing (no token, an unknown or revoked token, the open
     /// routes) one client address may make at once…
     pub anonymous_burst: u32,
@@ -88,6 +96,8 @@ impl Default for HttpConfig {
                 "127.0.0.0/8".parse().expect("a CIDR"),
                 "::1/128".parse().expect("a CIDR"),
             ],
+            trusted_proxy_hosts: Vec::new(),
+            proxied_only: false,
             anonymous_burst: 30,
             anonymous_per_second: 1.0,
         }
@@ -969,6 +979,14 @@ impl Config {
                 "per_second and bytes_per_minute must be above zero",
             );
         }
+        if self
+            .http
+            .trusted_proxy_hosts
+            .iter()
+            .any(|h| !is_host_name(h))
+        {
+            return bad("http.trusted_proxy_hosts", "must be host names");
+        }
         if self.ssh.max_sessions == 0 {
             return bad("ssh.max_sessions", "must be at least 1");
         }
@@ -1129,6 +1147,17 @@ mod tests {
         assert_eq!(example.snapshots.deadline, defaults.snapshots.deadline);
         assert_eq!(example.shutdown_deadline, defaults.shutdown_deadline);
         assert_eq!(example.http.trusted_proxies, defaults.http.trusted_proxies);
+        assert_eq!(
+            example.http.trusted_proxy_hosts,
+            defaults.http.trusted_proxy_hosts
+        );
+        assert_eq!(example.http.proxied_only, defaults.http.proxied_only);
+        let (reads, default_reads) = (&example.apps.log_reads, &defaults.apps.log_reads);
+        assert_eq!(reads.per_tenant, default_reads.per_tenant);
+        assert_eq!(reads.total, default_reads.total);
+        assert_eq!(reads.burst, default_reads.burst);
+        assert_eq!(reads.per_second, default_reads.per_second);
+        assert_eq!(reads.bytes_per_minute, default_reads.bytes_per_minute);
         assert_eq!(example.http.anonymous_burst, defaults.http.anonymous_burst);
         assert_eq!(
             example.http.anonymous_per_second,

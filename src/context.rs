@@ -52,6 +52,8 @@ pub struct Context {
     /// Per client address, the budget of requests without a valid token
     /// (`[http]` in the configuration).
     pub limiter: Arc<crate::ratelimit::AddressLimiter>,
+    /// The proxies whose `X-Forwarded-For` is believed (`[http]`).
+    pub proxies: Arc<crate::api::guard::TrustedProxies>,
     /// Keeps Caddy's app routes in sync (`[caddy] admin`), if apps are routed.
     pub router: Option<Arc<crate::apps::caddy::Router>>,
     /// Signs workers' host keys (`ssh.host_ca_key`), if configured.

@@ -41,7 +41,7 @@
 pub mod apps;
 mod dashboard;
 mod error;
-mod guard;
+pub(crate) mod guard;
 mod idempotency;
 pub mod inventory;
 

@@ -53,6 +53,25 @@ async fn a_lost_site_moves_to_the_other_a_cut_holds_and_workers_join_live() {
         "{sites:?}"
     );
 
+    // Orion is on every site's network (it reaches the workers there), but a worker
+    // reaching Orion's API port directly, with a forged X-Forwarded-For, is refused:
+    // only Caddy may reach the API (#24).
+    let worker = platform.site_containers("a", PER_SITE)[0].clone();
+    let orion = platform.container("orion");
+    let script = format!(
+        "import urllib.request, urllib.error\n\
+         r = urllib.request.Request('http://{orion}:8080/api/workers', \
+             headers={{'X-Forwarded-For': '203.0.113.9', 'Authorization': 'Bearer x'}})\n\
+         try:\n    print(urllib.request.urlopen(r, timeout=5).status)\n\
+         except urllib.error.HTTPError as e:\n    print(e.code)\n"
+    );
+    let answer = docker(&["exec", &worker, "python3", "-c", &script]);
+    assert_eq!(
+        answer.trim(),
+        "403",
+        "a worker reached Orion's API directly"
+    );
+
     // An app of 2 replicas: one instance on each site.
     let resp = http
         .post(format!("{base}/api/apps"))

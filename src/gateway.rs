@@ -330,7 +330,9 @@ impl Routes {
         });
         let stale_will_do = since.is_none() && table.read_at.is_some();
         let failing = table.failed_at.is_some_and(|at| at.elapsed() < self.ttl);
-        if !fresh && !(stale_will_do && failing) {
+        // The database failed moments ago: the copy in hand rather than a wait on it.
+        let stale_now = stale_will_do && failing;
+        if !fresh && !stale_now {
             if let Some(tried) = table.tried_at {
                 tokio::time::sleep_until(tried + WAIT_STEP).await;
             }

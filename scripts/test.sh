@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Orion's whole test suite, from a fresh clone: installs the tools that are missing
-# (ansible-core, ssh-audit, chromium), builds the images that are missing (debootstrap base, sshd
+# (ansible-core, ssh-audit, chromium, openapi-spec-validator), builds the images that are missing (debootstrap base, sshd
 # worker, MariaDB), starts MariaDB, runs the unit and integration tests against it and
 # real worker containers, then cleans up.
 #
@@ -62,6 +62,13 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
       "root and apt); install chromium and chromium-driver, or the dashboard test will fail" \
       "saying so" >&2
   fi
+fi
+
+# The OpenAPI document's test runs a standard validator (PyPI's openapi-spec-validator).
+if ! python3 -c 'import openapi_spec_validator' >/dev/null 2>&1; then
+  echo "test.sh: installing openapi-spec-validator (pip)" >&2
+  python3 -m pip install -q openapi-spec-validator >/dev/null 2>&1 \
+    || echo "test.sh: could not install openapi-spec-validator; the OpenAPI validator test will fail saying so" >&2
 fi
 
 # Exports ORION_TEST_DATABASE_URL and ORION_TEST_WORKER_IMAGE.

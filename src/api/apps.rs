@@ -214,7 +214,7 @@ async fn answer(ctx: &Context, app: &AppRecord, status: StatusCode) -> Result<Re
     Ok((status, Json(view(app, &instances, ctx.router.as_deref()))).into_response())
 }
 
-#[utoipa::path(post, path = "/api/apps", tag = "apps",
+#[utoipa::path(post, path = "/api/apps", operation_id = "create_app", tag = "apps",
     params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe: the same key and body again answer the app the first request made (201, `Idempotent-Replayed: true`)")),
     request_body = AppBody,
     responses(
@@ -319,7 +319,7 @@ fn instance_limit(ctx: &Context, caller: &Caller) -> Option<u32> {
     }
 }
 
-#[utoipa::path(get, path = "/api/apps", tag = "apps",
+#[utoipa::path(get, path = "/api/apps", operation_id = "list_apps", tag = "apps",
     responses((status = 200, description = "The caller's apps (the admin: every app)", body = AppList)))]
 pub async fn list(State(ctx): State<Context>, caller: Caller) -> Result<Response, ApiError> {
     let apps = ctx.store.live_apps(caller.scope()).await?;
@@ -331,7 +331,7 @@ pub async fn list(State(ctx): State<Context>, caller: Caller) -> Result<Response
     Ok(Json(AppList { apps }).into_response())
 }
 
-#[utoipa::path(get, path = "/api/apps/{name}", tag = "apps",
+#[utoipa::path(get, path = "/api/apps/{name}", operation_id = "get_app", tag = "apps",
     params(("name" = String, Path, description = "The app's name"), AppQuery),
     responses(
         (status = 200, description = "The app and its instances", body = AppView),
@@ -347,7 +347,7 @@ pub async fn get(
     answer(&ctx, &app, StatusCode::OK).await
 }
 
-#[utoipa::path(patch, path = "/api/apps/{name}", tag = "apps",
+#[utoipa::path(patch, path = "/api/apps/{name}", operation_id = "change_app", tag = "apps",
     params(("name" = String, Path, description = "The app's name"), AppQuery),
     request_body = AppPatch,
     responses(
@@ -385,7 +385,7 @@ pub async fn change(
     answer(&ctx, &app, StatusCode::OK).await
 }
 
-#[utoipa::path(delete, path = "/api/apps/{name}", tag = "apps",
+#[utoipa::path(delete, path = "/api/apps/{name}", operation_id = "delete_app", tag = "apps",
     params(("name" = String, Path, description = "The app's name"), AppQuery),
     responses(
         (status = 204, description = "Deleted: its instances are being removed from their workers"),
@@ -418,7 +418,7 @@ pub struct LogsQuery {
     lines: Option<u32>,
 }
 
-#[utoipa::path(get, path = "/api/apps/{name}/logs", tag = "apps",
+#[utoipa::path(get, path = "/api/apps/{name}/logs", operation_id = "app_logs", tag = "apps",
     params(("name" = String, Path, description = "The app's name"), LogsQuery),
     responses(
         (status = 200, description = "The last lines of the instance's log", content_type = "text/plain"),
@@ -450,7 +450,7 @@ pub async fn logs(
     // Bounded per tenant and in all, before anything runs on the worker.
     let turn = ctx
         .reads
-        .start(caller.tenant(), std::time::Instant::now())
+        .start(caller.tenant(), ctx.clock.now())
         .map_err(|refused| ApiError::TooManyReads(refused.retry_after))?;
     let instances = ctx.store.live_instances(Some(app.id)).await?;
     let instance = match query.instance {
@@ -474,7 +474,7 @@ pub async fn logs(
     .map_err(|e| {
         ApiError::Provisioning(format!("cannot read the log on {}: {e:#}", worker.name))
     })?;
-    turn.charge(text.len(), std::time::Instant::now());
+    turn.charge(text.len(), ctx.clock.now());
     drop(turn);
     Ok((
         [(

@@ -42,7 +42,7 @@ pub struct InventoryChanges {
     pub changes: Vec<String>,
 }
 
-#[utoipa::path(get, path = "/api/inventory", tag = "workers",
+#[utoipa::path(get, path = "/api/inventory", operation_id = "export_inventory", tag = "workers",
     responses(
         (status = 200, description = "The inventory Orion holds, as a TOML file", content_type = "application/toml", body = String),
     ))]
@@ -56,7 +56,7 @@ pub async fn export(State(ctx): State<Context>, caller: Caller) -> Result<Respon
         .into_response())
 }
 
-#[utoipa::path(put, path = "/api/inventory", tag = "workers",
+#[utoipa::path(put, path = "/api/inventory", operation_id = "apply_inventory", tag = "workers",
     request_body = InventoryBody,
     responses(
         (status = 200, description = "The difference, applied unless `dry_run`", body = InventoryChanges),
@@ -83,7 +83,7 @@ pub async fn apply(
     .into_response())
 }
 
-#[utoipa::path(post, path = "/api/workers/{name}", tag = "workers",
+#[utoipa::path(post, path = "/api/workers/{name}", operation_id = "add_worker", tag = "workers",
     params(("name" = String, Path, description = "The new worker's name")),
     request_body = WorkerFields,
     responses(
@@ -100,7 +100,7 @@ pub async fn add(
     edit_one(ctx, caller, name, body, Edit::Add).await
 }
 
-#[utoipa::path(patch, path = "/api/workers/{name}", tag = "workers",
+#[utoipa::path(patch, path = "/api/workers/{name}", operation_id = "change_worker", tag = "workers",
     params(("name" = String, Path, description = "The worker's name")),
     request_body = WorkerFields,
     responses(
@@ -135,7 +135,7 @@ async fn edit_one(
     Ok((status, Json(worker_view(&ctx, &name).await?)).into_response())
 }
 
-#[utoipa::path(delete, path = "/api/workers/{name}", tag = "workers",
+#[utoipa::path(delete, path = "/api/workers/{name}", operation_id = "retire_worker", tag = "workers",
     params(("name" = String, Path, description = "The worker's name")),
     responses(
         (status = 200, description = "Retired: never rented out again; a rental on it moves to another worker first (`allocated` until its account there is removed)", body = WorkerView),

@@ -995,6 +995,30 @@ mod tests {
     }
 
     #[test]
+    fn every_operation_has_an_id_of_its_own() {
+        let doc = ApiDoc::openapi();
+        let mut seen = std::collections::BTreeMap::new();
+        for (path, item) in &doc.paths.paths {
+            for (method, operation) in [
+                ("GET", &item.get),
+                ("POST", &item.post),
+                ("DELETE", &item.delete),
+                ("PUT", &item.put),
+                ("PATCH", &item.patch),
+            ] {
+                let Some(operation) = operation else { continue };
+                let id = operation
+                    .operation_id
+                    .clone()
+                    .unwrap_or_else(|| panic!("{method} {path} has no operationId"));
+                if let Some(other) = seen.insert(id.clone(), format!("{method} {path}")) {
+                    panic!("operationId `{id}` names both {other} and {method} {path}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_openapi_document_describes_no_route_that_does_not_exist() {
         let routes = routes();
         let doc = ApiDoc::openapi();

@@ -225,3 +225,32 @@ async fn every_answer_has_the_fields_of_its_documented_schema() {
         "an error's detail",
     );
 }
+
+/// The document passes a standard validator (`openapi-spec-validator`, which
+/// `scripts/test.sh` installs): client generators read it as it is.
+#[tokio::test]
+async fn the_document_passes_a_standard_openapi_validator() {
+    let app = spawn_app(1).await;
+    let doc = document(&app).await;
+    let file = app.dir.path().join("openapi.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    let out = std::process::Command::new("python3")
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&file)
+        .output()
+        .expect("python3 is needed to run openapi-spec-validator");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !said.contains("No module named openapi_spec_validator"),
+        "openapi-spec-validator is not installed: pip install openapi-spec-validator \
+         (scripts/test.sh does)"
+    );
+    assert!(
+        out.status.success(),
+        "the validator refused the document: {said}"
+    );
+}

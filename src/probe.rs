@@ -83,9 +83,8 @@ pub async fn probe_in_round(
 ) -> anyhow::Result<InRound> {
     let lock = probes.locks.get(&worker.name);
     let _guard = lock.lock().await;
-    let routine = worker.status == WorkerStatus::Alive
+    let routine = worker.answers()
         && worker.consecutive_failures == 0
-        && worker.quarantine_reason.is_none()
         && worker.expected_host_key().is_some();
     if !routine {
         return probe_locked(ctx, probes, worker, None)
@@ -345,12 +344,9 @@ async fn answering_now(
         .context("Failed to list workers")?;
     let targets: Vec<_> = workers
         .iter()
-        // A quarantined worker is out of service for another reason than this fault.
-        .filter(|w| {
-            (dead_too || w.status != WorkerStatus::Dead)
-                && w.quarantine_reason.is_none()
-                && !w.retired
-        })
+        // A withdrawn worker (quarantined, retired) is out of service for another reason
+        // than this fault.
+        .filter(|w| (dead_too || w.status != WorkerStatus::Dead) && !w.is_withdrawn())
         .map(|w| {
             (
                 w.id,

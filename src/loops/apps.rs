@@ -42,7 +42,6 @@ use crate::apps::plan::{self, AppWish, Candidate, Live, Record, Wanted};
 use crate::apps::runtime::{self, RemoveSpec, RunSpec};
 use crate::apps::{InstanceState, container_name};
 use crate::context::Context;
-use crate::model::WorkerStatus;
 use crate::playbook::{AppVars, Playbook};
 use crate::store::{AppRecord, InstanceRecord, InstanceUpdate, Worker};
 
@@ -114,11 +113,6 @@ fn fit(ctx: &Context, worker: &Worker) -> bool {
     worker.is_usable() && (ctx.config.apps.shared_workers || worker.rental_id.is_none())
 }
 
-/// Whether the worker's instances are lost with it.
-fn lost(worker: &Worker) -> bool {
-    worker.status == WorkerStatus::Dead || worker.quarantine_reason.is_some() || worker.retired
-}
-
 /// One pass: see the module's documentation.
 pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSummary> {
     let mut summary = PassSummary::default();
@@ -143,7 +137,7 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
     // 1. Instances lost with their worker.
     let mut doomed: Vec<&InstanceRecord> = live
         .iter()
-        .filter(|i| by_id.get(&i.worker_id).is_none_or(|w| lost(w)))
+        .filter(|i| by_id.get(&i.worker_id).is_none_or(|w| w.is_lost()))
         .collect();
     // The migration loop's guard: a whole site lost moves; every site at once holds.
     let guard = crate::probe::guard(ctx, !doomed.is_empty()).await?;
@@ -259,10 +253,7 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
     }
 
     // 3. Make each alive worker hold exactly its instances.
-    let reachable: Vec<&Worker> = workers
-        .iter()
-        .filter(|w| w.status == WorkerStatus::Alive && w.quarantine_reason.is_none() && !w.retired)
-        .collect();
+    let reachable: Vec<&Worker> = workers.iter().filter(|w| w.is_tended()).collect();
     let mut passes = Vec::with_capacity(reachable.len());
     for w in reachable {
         let wanted: Vec<InstanceRecord> = live
@@ -723,8 +714,7 @@ pub async fn follow_runtimes(ctx: Context, shutdown: CancellationToken) {
         followers.retain(|_, task| !task.is_finished());
         if let Ok(workers) = ctx.store.probe_targets().await {
             for w in workers {
-                let followable = w.status == WorkerStatus::Alive && w.quarantine_reason.is_none();
-                if !followable || followers.contains_key(&w.name) {
+                if !w.answers() || followers.contains_key(&w.name) {
                     continue;
                 }
                 let task = tokio::spawn(follow_worker(ctx.clone(), w.clone(), shutdown.clone()));

@@ -293,12 +293,9 @@ async fn planned_move(
         return Ok(None);
     }
     // The old worker still answers and is trusted: else there is nothing to take.
-    let answers = |w: &crate::store::Worker| {
-        w.status == crate::model::WorkerStatus::Alive && w.quarantine_reason.is_none()
-    };
     let from = match (rental.status, rental.worker_id) {
         (RentalStatus::Active, Some(id)) => match ctx.store.worker_by_id(id).await? {
-            Some(old) if answers(&old) => ctx
+            Some(old) if old.answers() => ctx
                 .store
                 .live_uid(&rental.id, old.id)
                 .await?
@@ -309,7 +306,7 @@ async fn planned_move(
             .store
             .moving_from(&rental.id)
             .await?
-            .filter(|(old, _)| answers(old)),
+            .filter(|(old, _)| old.answers()),
         _ => None,
     };
     let Some((old, uid)) = from else {

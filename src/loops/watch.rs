@@ -105,7 +105,7 @@ async fn watch_until_retired(
                 continue;
             }
         };
-        if worker.status != WorkerStatus::Alive || worker.quarantine_reason.is_some() {
+        if !worker.answers() {
             pause(&shutdown, IDLE_RECHECK).await;
             continue;
         }

@@ -9,9 +9,7 @@ use super::endpoints::claim_endpoint;
 use super::placements::{
     PlacementRecord, end_placement, insert_placement, live_uid, placements_of, stale_live_placement,
 };
-use super::workers::{
-    Constraints, USABLE, WORKER_COLUMNS, Worker, claim_free_worker, fetch_worker,
-};
+use super::workers::{Constraints, WORKER_COLUMNS, Worker, claim_free_worker, fetch_worker};
 use super::{Store, StoreError, events, retry_on_conflict};
 use crate::model::RentalStatus;
 
@@ -255,13 +253,15 @@ impl Store {
     /// waiting for a worker; or caught mid-move by a crash.
     pub async fn rentals_to_migrate(&self) -> Result<Vec<RentalRecord>, StoreError> {
         // A worker that can never again be usable (`unknown` is only a new worker's status,
-        // never one a rental was placed on) is dead, quarantined, retired or drained.
+        // never one a rental was placed on) is dead, quarantined, retired or drained:
+        // [`Worker::must_leave`].
         Ok(sqlx::query_as(&format!(
             "SELECT {RENTAL_COLUMNS} FROM rentals \
              WHERE status IN ('waiting', 'migrating') \
              OR (status = 'active' AND (worker_id IS NULL \
-                 OR worker_id NOT IN (SELECT id FROM workers WHERE {USABLE}))) \
-             ORDER BY created_at"
+                 OR worker_id NOT IN (SELECT id FROM workers WHERE {usable}))) \
+             ORDER BY created_at",
+            usable = Worker::USABLE_SQL,
         ))
         .fetch_all(&self.pool)
         .await?)
@@ -303,7 +303,7 @@ impl Store {
         let must_move = match rental.status {
             // A move not resumed above starts again (its placement predates uids).
             RentalStatus::Waiting | RentalStatus::Migrating => true,
-            RentalStatus::Active => !current.as_ref().is_some_and(Worker::is_usable),
+            RentalStatus::Active => current.as_ref().is_none_or(Worker::must_leave),
             _ => false,
         };
         if !must_move {
@@ -323,9 +323,7 @@ impl Store {
         let claimed = claim_free_worker(&mut tx, rental_id, &[], &constraints).await?;
         if claimed.is_none()
             && rental.status == RentalStatus::Active
-            && current.as_ref().is_some_and(|w| {
-                w.status == crate::model::WorkerStatus::Alive && w.quarantine_reason.is_none()
-            })
+            && current.as_ref().is_some_and(Worker::answers)
         {
             // A planned move (drained, retired) with nowhere to go: the tenant stays
             // where it is, still served, until a worker frees up.
@@ -348,7 +346,12 @@ impl Store {
                 .await?;
                 uid = Some(insert_placement(&mut tx, rental_id, new.id, uid_min).await?);
                 let mut msg = match &current {
-                    Some(old) => format!("moving from {} ({}) to {}", old.name, why(old), new.name),
+                    Some(old) => format!(
+                        "moving from {} ({}) to {}",
+                        old.name,
+                        old.why_leaving(),
+                        new.name
+                    ),
                     None => format!("moving to {}", new.name),
                 };
                 if let Some(home) = home.as_deref().filter(|h| *h != new.site) {
@@ -379,7 +382,7 @@ impl Store {
                         Some(old) => format!(
                             "{} is {}; no free worker to move to, waiting for one",
                             old.name,
-                            why(old)
+                            old.why_leaving()
                         ),
                         None => "no free worker to move to, waiting for one".to_owned(),
                     };
@@ -830,7 +833,6 @@ async fn fetch_rental_for_update(
     .await
 }
 
-/// Why a worker can no longer serve a rental, for event messages.
 /// The site of the worker a rental was last placed on, if any.
 async fn last_site(
     tx: &mut Transaction<'_, MySql>,
@@ -843,16 +845,4 @@ async fn last_site(
     .bind(rental_id)
     .fetch_optional(&mut **tx)
     .await
-}
-
-fn why(worker: &Worker) -> &'static str {
-    if worker.drained {
-        "drained"
-    } else if worker.quarantine_reason.is_some() {
-        "quarantined"
-    } else if worker.retired {
-        "retired"
-    } else {
-        "dead"
-    }
 }

@@ -10,7 +10,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::FromRow;
 
-use super::workers::{USABLE, WORKER_COLUMNS, Worker};
+use super::workers::{WORKER_COLUMNS, Worker};
 use super::{Store, StoreError, events, retry_on_conflict};
 
 /// A rental's last complete snapshot.
@@ -66,7 +66,8 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         let workers: Vec<Worker> = sqlx::query_as(&format!(
-            "SELECT {WORKER_COLUMNS} FROM workers WHERE {USABLE}"
+            "SELECT {WORKER_COLUMNS} FROM workers WHERE {usable}",
+            usable = Worker::USABLE_SQL,
         ))
         .fetch_all(&self.pool)
         .await?;

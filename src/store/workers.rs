@@ -10,12 +10,6 @@ use crate::inventory::{Change, EditError, Inventory, Known, Labels, WorkerSpec, 
 use crate::model::WorkerStatus;
 use crate::probe_policy::SiteHealth;
 
-/// The rule "a worker we may use" (give a new rental, keep a rental on), as a condition
-/// on a `workers` row: alive, not quarantined, not retired, not drained.
-/// [`Worker::is_usable`] is the same rule on a worker already read.
-pub(super) const USABLE: &str =
-    "(status = 'alive' AND quarantine_reason IS NULL AND NOT retired AND NOT drained)";
-
 /// A worker row.
 // The API shows the fields not marked `skip`. Read back from its JSON (by the client), the
 // others are left empty (`Default`): `allocated()` and `target()` mean nothing there (the
@@ -177,13 +171,84 @@ impl Worker {
             && self.host_cert_key.as_deref() == self.expected_host_key()
             && self.host_cert_expires.is_some_and(|e| e > until)
     }
+}
 
-    /// Whether the worker may be given a new rental or keep one: the rule of [`USABLE`].
+/// The rules of a worker: each a predicate on a worker already read with, beside it, the
+/// same condition on a `workers` row (`…_SQL`, for a query's `WHERE`), so that a rule
+/// changes in one place. `tests/api/worker_rules.rs` checks that each pair agrees on
+/// every combination of status, quarantine, retired and drained.
+impl Worker {
+    /// [`Worker::answers`] on a `workers` row.
+    pub const ANSWERS_SQL: &str = "(status = 'alive' AND quarantine_reason IS NULL)";
+
+    /// Whether the worker answers and is trusted: alive (its probes pass) and not
+    /// quarantined (a changed host key may be a stranger's). The least Orion asks of a
+    /// worker before acting on it (removing an account, taking a home's last snapshot,
+    /// following its events), retired and drained ones included.
+    pub fn answers(&self) -> bool {
+        self.status == WorkerStatus::Alive && self.quarantine_reason.is_none()
+    }
+
+    /// [`Worker::is_tended`] on a `workers` row.
+    pub const TENDED_SQL: &str = "(status = 'alive' AND quarantine_reason IS NULL AND NOT retired)";
+
+    /// Whether Orion keeps the worker in shape (renews its host certificate, makes it
+    /// hold exactly its app instances): it answers and is still in the inventory. A
+    /// drained worker is tended: it serves until its work has moved.
+    pub fn is_tended(&self) -> bool {
+        self.answers() && !self.retired
+    }
+
+    /// [`Worker::is_usable`] on a `workers` row.
+    pub const USABLE_SQL: &str =
+        "(status = 'alive' AND quarantine_reason IS NULL AND NOT retired AND NOT drained)";
+
+    /// Whether the worker may take new work (a rental, an app instance) or keep a
+    /// rental: it is tended and not drained.
     pub fn is_usable(&self) -> bool {
-        self.status == WorkerStatus::Alive
-            && self.quarantine_reason.is_none()
-            && !self.retired
-            && !self.drained
+        self.is_tended() && !self.drained
+    }
+
+    /// Whether a rental on the worker must move elsewhere: the worker is not usable
+    /// (dead, quarantined, retired or drained). On a `workers` row it is `NOT`
+    /// [`Worker::USABLE_SQL`]; a rental's query says `worker_id NOT IN (SELECT id FROM
+    /// workers WHERE …)`, so that a rental whose worker row is gone moves too.
+    pub fn must_leave(&self) -> bool {
+        !self.is_usable()
+    }
+
+    /// Why a rental leaves the worker ([`Worker::must_leave`]), for event messages.
+    pub fn why_leaving(&self) -> &'static str {
+        if self.drained {
+            "drained"
+        } else if self.quarantine_reason.is_some() {
+            "quarantined"
+        } else if self.retired {
+            "retired"
+        } else {
+            "dead"
+        }
+    }
+
+    /// [`Worker::is_withdrawn`] on a `workers` row.
+    pub const WITHDRAWN_SQL: &str = "(quarantine_reason IS NOT NULL OR retired)";
+
+    /// Whether the worker is out of service by a decision rather than a fault:
+    /// quarantined (its host key may be in a stranger's hands) or retired. Its host
+    /// certificate is revoked, and its silence says nothing of its site's health. A
+    /// drained worker is not withdrawn: it serves until its work has moved.
+    pub fn is_withdrawn(&self) -> bool {
+        self.quarantine_reason.is_some() || self.retired
+    }
+
+    /// [`Worker::is_lost`] on a `workers` row.
+    pub const LOST_SQL: &str = "(status = 'dead' OR quarantine_reason IS NOT NULL OR retired)";
+
+    /// Whether what runs on the worker is lost with it: it is dead or withdrawn. Unlike
+    /// [`Worker::must_leave`], a drained worker's app instances are not lost (they are
+    /// replaced elsewhere before they stop), nor a new (`unknown`) worker's.
+    pub fn is_lost(&self) -> bool {
+        self.status == WorkerStatus::Dead || self.is_withdrawn()
     }
 }
 
@@ -492,9 +557,9 @@ impl Store {
         until: DateTime<Utc>,
     ) -> Result<Vec<Worker>, StoreError> {
         let workers: Vec<Worker> = sqlx::query_as(&format!(
-            "SELECT {WORKER_COLUMNS} FROM workers WHERE status = 'alive' \
-             AND quarantine_reason IS NULL AND NOT retired \
-             AND COALESCE(pinned_host_key, known_host_key) IS NOT NULL"
+            "SELECT {WORKER_COLUMNS} FROM workers WHERE {tended} \
+             AND COALESCE(pinned_host_key, known_host_key) IS NOT NULL",
+            tended = Worker::TENDED_SQL,
         ))
         .fetch_all(&self.pool)
         .await?;
@@ -507,10 +572,11 @@ impl Store {
     /// The keys Orion's CA certified on workers that must no longer be trusted
     /// (quarantined: the key may be in a stranger's hands; retired).
     pub async fn revoked_host_keys(&self) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(
+        Ok(sqlx::query_scalar(&format!(
             "SELECT host_cert_key FROM workers WHERE host_cert_key IS NOT NULL \
-             AND (quarantine_reason IS NOT NULL OR retired) ORDER BY id",
-        )
+             AND {withdrawn} ORDER BY id",
+            withdrawn = Worker::WITHDRAWN_SQL,
+        ))
         .fetch_all(&self.pool)
         .await?)
     }
@@ -684,9 +750,10 @@ impl Store {
                  AS failing, \
              CAST(COALESCE(SUM(status = 'unknown'), 0) AS SIGNED) AS unknown, \
              CAST(COALESCE(SUM(rental_id IS NOT NULL), 0) AS SIGNED) AS allocated, \
-             CAST(COALESCE(SUM(rental_id IS NULL AND {USABLE}), 0) AS SIGNED) AS free, \
+             CAST(COALESCE(SUM(rental_id IS NULL AND {usable}), 0) AS SIGNED) AS free, \
              CAST(COALESCE(SUM(quarantine_reason IS NOT NULL), 0) AS SIGNED) AS quarantined \
              FROM workers WHERE retired = FALSE",
+            usable = Worker::USABLE_SQL,
         ))
         .fetch_one(&self.pool)
         .await?)
@@ -722,9 +789,11 @@ impl Store {
              r.username, {columns} \
              FROM placements p JOIN workers w ON w.id = p.worker_id \
              JOIN rentals r ON r.id = p.rental_id \
-             WHERE p.state = 'stale' AND w.status = 'alive' AND w.quarantine_reason IS NULL \
+             WHERE p.state = 'stale' \
+             AND p.worker_id IN (SELECT id FROM workers WHERE {answers}) \
              AND NOT (r.status = 'migrating' AND p.worker_id <> COALESCE(r.worker_id, 0)) \
-             ORDER BY p.id"
+             ORDER BY p.id",
+            answers = Worker::ANSWERS_SQL,
         ))
         .fetch_all(&self.pool)
         .await?)
@@ -952,10 +1021,11 @@ async fn claim_where(
     // ordering the locking query itself by that count would make InnoDB lock every
     // free row it sorts, and concurrent rents would all skip them.
     let sql = format!(
-        "SELECT id FROM workers WHERE rental_id IS NULL AND {USABLE} {filter}\
+        "SELECT id FROM workers WHERE rental_id IS NULL AND {usable} {filter}\
          ORDER BY (SELECT COUNT(*) FROM instances i \
                    WHERE i.worker_id = workers.id AND i.ended_at IS NULL), id \
-         LIMIT {PREFERRED_TRIES}"
+         LIMIT {PREFERRED_TRIES}",
+        usable = Worker::USABLE_SQL,
     );
     let mut query = sqlx::query_scalar(&sql);
     for value in [site, labels].into_iter().flatten() {
@@ -966,7 +1036,8 @@ async fn claim_where(
     for id in preferred {
         candidate = sqlx::query_as(&format!(
             "SELECT {WORKER_COLUMNS} FROM workers \
-             WHERE id = ? AND rental_id IS NULL AND {USABLE} FOR UPDATE SKIP LOCKED"
+             WHERE id = ? AND rental_id IS NULL AND {usable} FOR UPDATE SKIP LOCKED",
+            usable = Worker::USABLE_SQL,
         ))
         .bind(id)
         .fetch_optional(&mut **tx)
@@ -978,8 +1049,9 @@ async fn claim_where(
     if candidate.is_none() {
         let sql = format!(
             "SELECT {WORKER_COLUMNS} FROM workers \
-             WHERE rental_id IS NULL AND {USABLE} {filter}\
-             ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+             WHERE rental_id IS NULL AND {usable} {filter}\
+             ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+            usable = Worker::USABLE_SQL,
         );
         let mut query = sqlx::query_as(&sql);
         for value in [site, labels].into_iter().flatten() {

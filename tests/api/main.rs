@@ -30,3 +30,4 @@ mod routing;
 mod sites;
 mod startup;
 mod worker_hardening;
+mod worker_rules;

@@ -3,7 +3,8 @@
 //!
 //! - this file: the HTTP client, which reads the API's answers as the API's own types
 //!   ([`crate::api::views`]), and its errors;
-//! - [`commands`]: one function per client command, printing its result;
+//! - [`commands`]: the client commands as the command line declares them (`clap`), and
+//!   what each does and prints;
 //! - [`tables`]: how tables, cells and event lines look.
 //!
 //! Exit codes scripts can rely on: 0 success; 1 the request was refused (4xx); 2 bad
@@ -25,17 +26,21 @@ use crate::store::Event;
 mod commands;
 mod tables;
 
-pub use commands::{Command, healthcheck, run};
+pub use commands::{AppAction, Command, InventoryAction, Invocation, healthcheck, run};
 pub use tables::{cell, event_line, table};
 
-/// Where the API is and who is calling.
-#[derive(Debug, Clone)]
+/// Where the API is and who is calling: the `--url`, `--token` and `--cacert` of every
+/// client command (the field docs are their help).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Endpoint {
-    /// Base URL, e.g. `https://localhost` or `http://127.0.0.1:8080`.
+    /// API base URL (through Caddy: https://localhost).
+    #[arg(long, env = "ORION_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
     /// Bearer token (admin or tenant).
+    #[arg(long, env = "ORION_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// A PEM root certificate to trust (Caddy's internal CA).
+    /// PEM root certificate to trust (Caddy's internal CA).
+    #[arg(long, env = "ORION_CACERT")]
     pub cacert: Option<PathBuf>,
 }
 

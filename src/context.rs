@@ -52,6 +52,10 @@ pub struct Context {
     /// Per client address, the budget of requests without a valid token
     /// (`[http]` in the configuration).
     pub limiter: Arc<crate::ratelimit::AddressLimiter>,
+    /// The time `limiter`, `reads` and `proxies` are asked at: `Instant::now()`, or a
+    /// time a test holds still, so that what they allow does not depend on the machine's
+    /// speed.
+    pub clock: crate::clock::Clock,
     /// The proxies whose `X-Forwarded-For` is believed (`[http]`).
     pub proxies: Arc<crate::api::guard::TrustedProxies>,
     /// Keeps Caddy's app routes in sync (`[caddy] admin`), if apps are routed.

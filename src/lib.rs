@@ -58,6 +58,7 @@
 //!   client address), and the live dashboard (`/dashboard`, its page, script and style
 //!   in `web/`).
 //! - [`ratelimit`]: the per-address budget of requests without a valid token.
+//! - [`clock`]: the time the API's limits read, which tests may stop and move.
 //! - `testkit` (cargo feature `testkit`, on for tests and `orion-bench`): the harness of
 //!   the integration tests and benchmarks (Docker workers, per-test databases); not in
 //!   the shipped binary.
@@ -73,6 +74,7 @@ pub mod apps;
 pub mod auth;
 pub mod check;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod context;
 pub mod fleet;

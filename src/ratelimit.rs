@@ -12,8 +12,9 @@
 //! turn back.)
 //!
 //! The bucket is a GCRA (a virtual scheduling form of the token bucket): one instant per
-//! address, the time at which its bucket will be full again. Time is passed in, so the
-//! arithmetic is tested without sleeping.
+//! address, the time at which its bucket will be full again. Time is passed in (the API
+//! reads it from [`crate::clock::Clock`]), so the arithmetic is tested without sleeping
+//! and the API's tests can hold it still.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};

@@ -170,6 +170,7 @@ impl Application {
             stopping: CancellationToken::new(),
             notifier,
             limiter: Arc::new(limiter),
+            clock: crate::clock::Clock::default(),
             proxies: Arc::new(proxies),
             holds: Arc::default(),
             router,

@@ -38,6 +38,7 @@ use ipnet::IpNet;
 
 use super::ApiError;
 use crate::auth::{self, Caller};
+use crate::clock::Clock;
 use crate::context::Context;
 
 /// Checks the body's type, works out the client address, authenticates and rate limits;
@@ -50,7 +51,7 @@ pub(super) async fn guard(State(ctx): State<Context>, mut req: Request, next: Ne
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip());
-    let trusted = ctx.proxies.current(peer).await;
+    let trusted = ctx.proxies.current(peer, &ctx.clock).await;
     if ctx.config.http.proxied_only
         && let Some(peer) = peer
         && !trusted.iter().any(|net| net.contains(&peer.to_canonical()))
@@ -109,8 +110,8 @@ impl TrustedProxies {
         }
     }
 
-    /// Every trusted network and address now, as `peer` would find them.
-    pub async fn current(&self, peer: Option<IpAddr>) -> Vec<IpNet> {
+    /// Every trusted network and address now (on `clock`), as `peer` would find them.
+    pub async fn current(&self, peer: Option<IpAddr>, clock: &Clock) -> Vec<IpNet> {
         let trusts = |nets: &[IpNet], ip: &IpAddr| nets.iter().any(|n| n.contains(ip));
         if self.hosts.is_empty() {
             return self.nets.clone();
@@ -119,11 +120,12 @@ impl TrustedProxies {
         let peer = peer.map(|p| p.to_canonical());
         let stranger =
             peer.is_some_and(|p| !trusts(&self.nets, &p) && !trusts(&resolved.addrs, &p));
+        let elapsed = |at: Instant| clock.now().saturating_duration_since(at);
         let due = match resolved.at {
             None => true,
-            Some((at, false)) => at.elapsed() >= RESOLVE_AGAIN_AFTER,
+            Some((at, false)) => elapsed(at) >= RESOLVE_AGAIN_AFTER,
             Some((at, true)) => {
-                at.elapsed() >= RESOLVE_EVERY || (stranger && at.elapsed() >= RESOLVE_AGAIN_AFTER)
+                elapsed(at) >= RESOLVE_EVERY || (stranger && elapsed(at) >= RESOLVE_AGAIN_AFTER)
             }
         };
         if due {
@@ -145,7 +147,7 @@ impl TrustedProxies {
             found.sort();
             found.dedup();
             *resolved = Resolved {
-                at: Some((Instant::now(), all)),
+                at: Some((clock.now(), all)),
                 addrs: found,
             };
         }
@@ -198,7 +200,7 @@ async fn authenticate(
         return Ok(Caller::Admin);
     }
     ctx.limiter
-        .take(client, Instant::now())
+        .take(client, ctx.clock.now())
         .map_err(ApiError::RateLimited)?;
     if presented.is_none() {
         return Err(ApiError::Unauthorized(
@@ -320,7 +322,7 @@ mod tests {
         };
         let proxies = TrustedProxies::new(&http);
         let stranger: IpAddr = "127.0.0.2".parse().unwrap();
-        let trusted = proxies.current(Some(stranger)).await;
+        let trusted = proxies.current(Some(stranger), &Clock::default()).await;
         let has = |ip: &str| {
             trusted
                 .iter()
@@ -354,7 +356,9 @@ mod tests {
             trusted_proxy_hosts: vec!["no-such-proxy.invalid".into()],
             ..Default::default()
         };
-        let trusted = TrustedProxies::new(&http).current(None).await;
+        let trusted = TrustedProxies::new(&http)
+            .current(None, &Clock::default())
+            .await;
         assert!(trusted.is_empty(), "{trusted:?}");
     }
 

@@ -57,7 +57,7 @@ pub struct Context {
     /// speed.
     pub clock: crate::clock::Clock,
     /// The proxies whose `X-Forwarded-For` is believed (`[http]`).
-    pub proxies: Arc<crate::api::guard::TrustedProxies>,
+    pub proxies: Arc<crate::proxies::TrustedProxies>,
     /// Keeps Caddy's app routes in sync (`[caddy] admin`), if apps are routed.
     pub router: Option<Arc<crate::apps::caddy::Router>>,
     /// Signs workers' host keys (`ssh.host_ca_key`), if configured.

@@ -90,6 +90,7 @@ pub mod playbook;
 pub mod probe;
 pub mod probe_policy;
 pub mod progress;
+pub mod proxies;
 pub mod ratelimit;
 pub mod rentals;
 pub mod snapshots;

@@ -153,7 +153,7 @@ impl Application {
             config.http.anonymous_burst,
             config.http.anonymous_per_second,
         );
-        let proxies = crate::api::guard::TrustedProxies::new(&config.http);
+        let proxies = crate::proxies::TrustedProxies::new(&config.http);
         let reads_ssh = ssh.apart(config.apps.log_reads.total as usize);
         let reads = crate::ratelimit::TenantReads::new(config.apps.log_reads.clone());
         let ctx = Context {

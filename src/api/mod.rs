@@ -39,6 +39,7 @@
 //! rate limited per client address (429).
 
 pub mod apps;
+mod body;
 mod dashboard;
 mod error;
 pub(crate) mod guard;
@@ -178,6 +179,7 @@ pub fn app(ctx: Context) -> Router {
             status::Readiness::default(),
         )))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(body::read_to_end))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             request_timeout,

@@ -250,24 +250,25 @@ impl Router {
         Ok(done)
     }
 
-    /// The name of the server that listens on :443 (the Caddyfile's site).
+    /// The name of the server that listens on Caddy's HTTPS port (the Caddyfile's site):
+    /// 443 unless the Caddyfile sets `https_port` (a test's Caddy on the host's network).
     async fn https_server(&self) -> anyhow::Result<String> {
-        let servers = self
-            .request("GET", "/config/apps/http/servers", None)
-            .await?;
-        let servers = servers
+        let http = self.request("GET", "/config/apps/http", None).await?;
+        let port = http["https_port"].as_u64().unwrap_or(443);
+        let servers = http["servers"]
             .as_object()
             .context("Caddy has no HTTP servers configured")?;
+        let suffix = format!(":{port}");
         for (name, server) in servers {
             let listens = server["listen"].as_array().into_iter().flatten();
             if listens
                 .filter_map(Value::as_str)
-                .any(|l| l.ends_with(":443"))
+                .any(|l| l.ends_with(&suffix))
             {
                 return Ok(name.clone());
             }
         }
-        bail!("no Caddy server listens on :443")
+        bail!("no Caddy server listens on :{port}")
     }
 
     /// One admin API request; its JSON answer (`null` when empty).

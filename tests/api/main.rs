@@ -14,6 +14,7 @@ mod fuzz;
 mod guard;
 mod hostile_tenants;
 mod helpers;
+mod hostile_bodies;
 mod hostile_gateway;
 mod hostile_apps;
 mod hostile_ipc;

@@ -2,6 +2,9 @@
 //! `ORION_*` environment variables (nested keys joined by `__`, for example
 //! `ORION_DATABASE__URL` or `ORION_HEALTH__INTERVAL=5s`).
 
+#[cfg(test)]
+mod reference;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

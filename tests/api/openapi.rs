@@ -254,3 +254,66 @@ async fn the_document_passes_a_standard_openapi_validator() {
         "the validator refused the document: {said}"
     );
 }
+
+/// The routes of the route table in `docs/reference/api.md` (the rows of its `## Routes`
+/// section), as `METHOD /path`: each row's first cell is one route in backticks.
+fn reference_routes(text: &str) -> BTreeSet<String> {
+    let section = text
+        .split("\n## ")
+        .find(|s| s.starts_with("Routes\n"))
+        .expect("docs/reference/api.md has a `## Routes` section");
+    let mut routes = BTreeSet::new();
+    for row in section.lines().filter(|l| l.starts_with('|')) {
+        let cell = row.split('|').nth(1).unwrap_or_default().trim();
+        if cell == "route" || cell.starts_with("---") {
+            continue;
+        }
+        let route = cell
+            .strip_prefix('`')
+            .and_then(|c| c.strip_suffix('`'))
+            .unwrap_or_else(|| panic!("a route cell is one `METHOD /path`, not {cell:?}"));
+        assert!(
+            routes.insert(route.to_owned()),
+            "{route} is listed twice in docs/reference/api.md"
+        );
+    }
+    routes
+}
+
+/// The reference a reader sees and the document clients are generated from hold the same
+/// routes: neither can gain or lose one without the other.
+#[tokio::test]
+async fn the_api_reference_lists_exactly_the_routes_of_the_document() {
+    let app = spawn_app(0).await;
+    let doc = document(&app).await;
+    let methods = [
+        "get", "put", "post", "delete", "patch", "head", "options", "trace",
+    ];
+    let documented: BTreeSet<String> = doc["paths"]
+        .as_object()
+        .expect("the document has paths")
+        .iter()
+        .flat_map(|(path, item)| {
+            methods
+                .iter()
+                .filter(|m| item[**m].is_object())
+                .map(move |m| format!("{} {path}", m.to_uppercase()))
+        })
+        .collect();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/reference/api.md"
+    ))
+    .expect("docs/reference/api.md");
+    let listed = reference_routes(&text);
+    let unlisted: Vec<_> = documented.difference(&listed).collect();
+    assert!(
+        unlisted.is_empty(),
+        "routes of /api/openapi.json missing from docs/reference/api.md: {unlisted:?}"
+    );
+    let undocumented: Vec<_> = listed.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "routes of docs/reference/api.md that /api/openapi.json lacks: {undocumented:?}"
+    );
+}

@@ -6,12 +6,15 @@
 //! or trusted on first use), never the key a worker presents: a worker whose key changes
 //! is quarantined as before, and its old certificate names a key it no longer has.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
 use russh::keys::ssh_key::certificate::{Builder, CertType};
 use russh::keys::{PrivateKey, PublicKey};
+use tokio::sync::RwLock;
 
 use crate::config::Config;
 use crate::playbook::{CertVars, Executor};
@@ -28,7 +31,15 @@ const COMMENT: &str = "orion-host-ca";
 /// The host CA's key, loaded once at start.
 pub struct HostCa {
     key: PrivateKey,
+    /// Per worker, written while Orion reloads the worker's sshd for a new certificate and
+    /// read by each probe of it ([`HostCa::not_reloading`]): for a moment, the reload
+    /// drops new connections, and a probe then would take Orion's own doing for the
+    /// worker's death (its rentals moved, its homes no longer snapshotted).
+    reloads: std::sync::Mutex<HashMap<String, Arc<RwLock<()>>>>,
 }
+
+/// Held while a worker is probed: Orion does not reload its sshd until it is dropped.
+pub type NotReloading = tokio::sync::OwnedRwLockReadGuard<()>;
 
 impl std::fmt::Debug for HostCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -60,14 +71,31 @@ impl HostCa {
             })?;
             tracing::info!(path = %path.display(), "made a new SSH host certificate authority");
         }
-        Ok(Self {
-            key: crate::ssh::load_private_key(path)?,
-        })
+        Ok(Self::from_key(crate::ssh::load_private_key(path)?))
     }
 
     /// The CA for a key already in memory (tests).
     pub fn from_key(key: PrivateKey) -> Self {
-        Self { key }
+        Self {
+            key,
+            reloads: Default::default(),
+        }
+    }
+
+    /// Waits until Orion is not reloading `worker`'s sshd, and keeps it from starting
+    /// to until the guard is dropped. A reload waiting holds off new probes (the lock
+    /// prefers writers), so a stream of probes never delays a certificate for long.
+    pub async fn not_reloading(&self, worker: &str) -> NotReloading {
+        self.reload_lock(worker).read_owned().await
+    }
+
+    fn reload_lock(&self, worker: &str) -> Arc<RwLock<()>> {
+        self.reloads
+            .lock()
+            .expect("reload locks poisoned")
+            .entry(worker.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// The CA's public key as one OpenSSH line.
@@ -134,7 +162,8 @@ impl HostCa {
     /// Makes sure `worker` presents a certificate of this CA for the host key Orion
     /// trusts, valid for at least a quarter of `ssh.host_cert_validity` more: signs and
     /// installs a new one if not (`host_cert` playbook, which returns once sshd listens
-    /// again). Returns whether one was installed.
+    /// again), never while the worker is probed, and no probe of it starts meanwhile.
+    /// Returns whether one was installed.
     pub async fn ensure_certificate(
         &self,
         executor: &Executor,
@@ -158,7 +187,9 @@ impl HostCa {
             certificate: cert.line,
             host_key: key_line.to_owned(),
         };
+        let reloading = self.reload_lock(&worker.name).write_owned().await;
         executor.run_cert(&vars, &worker.target()).await?;
+        drop(reloading);
         store
             .record_host_cert(worker, key_line, cert.expires)
             .await?;

@@ -107,6 +107,12 @@ pub async fn probe_in_round(
 
 /// One SSH probe, counted in the metrics.
 async fn probe_once(ctx: &Context, target: &ssh::Target) -> Result<ssh::Probe, SshError> {
+    // Never while Orion reloads the worker's sshd for its certificate: a new connection
+    // may meet the moment it drops them, which says nothing of the worker.
+    let _not_reloading = match &ctx.host_ca {
+        Some(ca) => Some(ca.not_reloading(&target.name).await),
+        None => None,
+    };
     let outcome = ctx.ssh.probe(target, ctx.config.health.probe_timeout).await;
     match &outcome {
         Ok(probe) => metrics::histogram!(crate::metrics::names::PROBE_DURATION)

@@ -141,7 +141,8 @@ async fn a_drain_moves_the_file_written_just_before_it() {
     let endpoint = body["endpoint"].clone();
     // An old snapshot, then a file the loop never saw.
     ssh_ok(&tenant, &endpoint, "dora", "echo old > old.txt").await;
-    assert_eq!(snapshot_now(&app).await.stored, 1);
+    let first_pass = snapshot_now(&app).await;
+    assert_eq!(first_pass.stored, 1, "{first_pass:?}");
     // A session still running on the old worker when the drain comes.
     ssh_ok(
         &tenant,

@@ -220,3 +220,64 @@ async fn probes_run_a_command_at_least_every_exec_every() {
         "no command has passed since"
     );
 }
+
+/// Orion itself reloads a worker's sshd when it installs the worker's host certificate
+/// (at a rent, or when the cleanup loop renews it): for a moment the worker's sshd
+/// closes new connections. A probe meeting that moment must not take the worker for
+/// dead (its rentals would be moved, and none of its homes snapshotted meanwhile).
+/// Here every probe opens a new connection (no watch to ride) and confirms a failure
+/// at once, while the certificate is installed again and again.
+#[tokio::test]
+async fn a_worker_whose_sshd_orion_reloads_for_its_certificate_is_never_declared_dead() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    const INSTALLS: usize = 10;
+    let app = crate::helpers::spawn_app_with(
+        1,
+        Box::new(|c| {
+            c.health.watch = false;
+            c.health.retry_delay = Duration::from_millis(1);
+        }),
+    )
+    .await;
+    let ca = app
+        .ctx
+        .host_ca
+        .clone()
+        .expect("the tests' Orion has a host CA");
+    let done = AtomicBool::new(false);
+    let probing = async {
+        let mut seen = Vec::new();
+        while !done.load(Ordering::Relaxed) {
+            let worker = app.worker_row("worker_1").await;
+            let status = orion::probe::probe_worker(&app.ctx, &app.loops.probes, worker)
+                .await
+                .unwrap();
+            if status != WorkerStatus::Alive {
+                seen.push(status);
+            }
+        }
+        seen
+    };
+    let installing = async {
+        for _ in 0..INSTALLS {
+            sqlx::query("UPDATE workers SET host_cert_expires = NULL WHERE name = 'worker_1'")
+                .execute(app.ctx.store.pool())
+                .await
+                .unwrap();
+            let worker = app.worker_row("worker_1").await;
+            let installed = ca
+                .ensure_certificate(&app.ctx.executor, &app.ctx.store, &app.ctx.config, &worker)
+                .await
+                .unwrap();
+            assert!(installed, "a certificate installed, sshd reloaded");
+        }
+        done.store(true, Ordering::Relaxed);
+    };
+    let (seen, ()) = tokio::join!(probing, installing);
+    assert!(
+        seen.is_empty(),
+        "probes during the reloads found it {seen:?}"
+    );
+    assert_eq!(status_of(&app, "worker_1").await, WorkerStatus::Alive);
+}

@@ -1,11 +1,22 @@
 //! Orion's configuration: one documented struct, read from a TOML file and then from
 //! `ORION_*` environment variables (nested keys joined by `__`, for example
 //! `ORION_DATABASE__URL` or `ORION_HEALTH__INTERVAL=5s`).
+//!
+//! Typed at the door: a value written as text that means more (a size `256m`, a port
+//! range `2200-2299`, Caddy's admin address) is read into its type (`config/values.rs`)
+//! when the configuration is read, so that a bad one stops Orion at start naming its key,
+//! and the code that uses it never parses it again.
+//!
+//! Each default is written once, beside its field (`#[serde_inline_default(…)]`); a
+//! section left out of the file (`#[serde(default)]`) is every one of its fields at its
+//! default, its `Default` derived from those (`default_from_fields!`).
 
 #[cfg(test)]
 mod reference;
+mod values;
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,6 +24,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 use serde_inline_default::serde_inline_default;
+
+pub use values::{ByteSize, CaddyAdmin, Cpus};
 
 /// Everything `orion serve` needs to run.
 #[serde_inline_default]
@@ -67,44 +80,38 @@ pub struct Config {
     pub log: LogConfig,
 }
 
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Peers whose `X-Forwarded-For` is believed: the client address of a request is its
     /// TCP peer, unless the peer is one of these; then it is the right-most address of
     /// `X-Forwarded-For` that is not one of these (a proxy appends the address it saw;
     /// anything to its left was written by the client and may be forged). Loopback by
     /// default; behind Caddy on a container network, that network.
+    #[serde_inline_default(vec![
+        "127.0.0.0/8".parse().expect("a CIDR"),
+        "::1/128".parse().expect("a CIDR"),
+    ])]
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Host names of trusted proxies (e.g. `caddy` on a container network), resolved
     /// again every 10 s: trusted like `trusted_proxies`, without trusting a whole
     /// network that others (workers on a site's network) may share.
+    #[serde_inline_default(Vec::new())]
     pub trusted_proxy_hosts: Vec<String>,
     /// Refuse (403) every request whose TCP peer is not a trusted proxy: the API is
     /// reached through the proxy only, and nothing else can write `X-Forwarded-For`.
     /// Keep loopback in `trusted_proxies` for `orion healthcheck`.
+    #[serde_inline_default(false)]
     pub proxied_only: bool,
     /// Requests that prove nothing (no token, an unknown or revoked token, the open
     /// routes) one client address may make at once…
+    #[serde_inline_default(30)]
     pub anonymous_burst: u32,
     /// …and then per second. Beyond it: 429 with `Retry-After`, before any token is looked
     /// up. Requests with a good token are not counted.
+    #[serde_inline_default(1.0)]
     pub anonymous_per_second: f64,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            trusted_proxies: vec![
-                "127.0.0.0/8".parse().expect("a CIDR"),
-                "::1/128".parse().expect("a CIDR"),
-            ],
-            trusted_proxy_hosts: Vec::new(),
-            proxied_only: false,
-            anonymous_burst: 30,
-            anonymous_per_second: 1.0,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,7 +183,7 @@ pub struct SshConfig {
     /// that one `@cert-authority` line (`GET /api/ssh/known_hosts`) lets tenants' SSH
     /// clients trust every worker, before and after a move. Unset: no host certificates.
     /// Every control-plane replica must use the same key.
-    #[serde(default)]
+    #[serde_inline_default(None)]
     pub host_ca_key: Option<PathBuf>,
     /// How long a worker's host certificate is valid; a new one is installed when less
     /// than a quarter of this is left.
@@ -185,83 +192,80 @@ pub struct SshConfig {
     pub host_cert_validity: Duration,
 }
 
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     /// Time between two probe rounds over the whole inventory.
+    #[serde_inline_default(Duration::from_secs(30))]
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// Bound on one probe (connect, authenticate, run `true`). A worker that does not
     /// answer within it counts one failure.
+    #[serde_inline_default(Duration::from_secs(5))]
     #[serde(with = "humantime_serde")]
     pub probe_timeout: Duration,
     /// Consecutive failed probes before a worker is declared dead. Above one, a single
     /// slow answer or an sshd restart never moves a tenant.
+    #[serde_inline_default(3)]
     pub dead_after: u32,
     /// Consecutive successful probes before a dead worker is declared alive again.
+    #[serde_inline_default(2)]
     pub alive_after: u32,
     /// Pause between the confirmation probes of one round, after a failure.
+    #[serde_inline_default(Duration::from_millis(300))]
     #[serde(with = "humantime_serde")]
     pub retry_delay: Duration,
     /// Keep one idle SSH session open per worker, so that a worker closing it (stopped,
     /// crashed, sshd gone) is re-probed at once instead of at the next round.
+    #[serde_inline_default(true)]
     pub watch: bool,
     /// How often a watch session checks that a silent worker still answers.
+    #[serde_inline_default(Duration::from_secs(5))]
     #[serde(with = "humantime_serde")]
     pub keepalive_interval: Duration,
     /// Unanswered keepalives before a watch session counts as dropped.
+    #[serde_inline_default(3)]
     pub keepalive_max: usize,
     /// Probes run over a worker's watch connection, but open a new one at least this
     /// often, so that a worker whose sshd no longer accepts logins while old sessions
     /// live on (sshd stopped on a systemd host) is still found.
+    #[serde_inline_default(Duration::from_secs(300))]
     #[serde(with = "humantime_serde")]
     pub handshake_every: Duration,
     /// Probes over a worker's watch connection run `true` in a new channel at least this
     /// often (the worker can start a session and a process); in between they are a
     /// keepalive round trip (its kernel, network and sshd answer), which costs the worker
     /// no process. Zero: every probe runs `true`.
+    #[serde_inline_default(Duration::from_secs(300))]
     #[serde(with = "humantime_serde")]
     pub exec_every: Duration,
 }
 
-impl Default for HealthConfig {
-    fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(30),
-            probe_timeout: Duration::from_secs(5),
-            dead_after: 3,
-            alive_after: 2,
-            retry_delay: Duration::from_millis(300),
-            watch: true,
-            keepalive_interval: Duration::from_secs(5),
-            keepalive_max: 3,
-            handshake_every: Duration::from_secs(300),
-            exec_every: Duration::from_secs(300),
-        }
-    }
-}
-
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct ProvisioningConfig {
     /// `native` runs the shell playbooks (`*.sh.j2`) over Orion's own SSH session: the
     /// fast default. `ansible` runs `create_user.yml` / `delete_user.yml` with
     /// `ansible-playbook`, for teams that live in Ansible.
+    #[serde_inline_default(ExecutorKind::Native)]
     pub executor: ExecutorKind,
     /// The `ansible-playbook` program, by name on `PATH` or by path.
+    #[serde_inline_default(PathBuf::from("ansible-playbook"))]
     pub ansible_playbook: PathBuf,
     /// The floor of the uids Orion gives tenant accounts. Each placement's account gets
     /// `uid_min + its placement id`, so a uid is never handed to a second tenant on any
     /// worker, and nothing below the floor (system accounts, the machine's own users) is
     /// ever touched. Pick a range no other account on the workers uses; on a running
     /// fleet only ever raise it.
+    #[serde_inline_default(200_000)]
     pub uid_min: u32,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ExecutorKind {
-    #[default]
     Native,
     Ansible,
 }
@@ -274,121 +278,103 @@ impl Config {
     }
 }
 
-impl Default for ProvisioningConfig {
-    fn default() -> Self {
-        Self {
-            executor: ExecutorKind::default(),
-            ansible_playbook: PathBuf::from("ansible-playbook"),
-            uid_min: 200_000,
-        }
-    }
-}
-
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct MigrationConfig {
     /// Time between two passes that move rentals off dead workers. A worker declared
     /// dead also wakes the loop at once; this is the bound when nothing does.
+    #[serde_inline_default(Duration::from_secs(10))]
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// When more than this fraction of the (3 or more) workers is dead at once, Orion
     /// is more likely cut off than the workers dead: it moves nothing and waits.
+    #[serde_inline_default(0.5)]
     pub max_dead_fraction: f64,
     /// Attempts to deliver a rental's `notify_url` notification, 1 s, 2 s, 4 s… apart.
+    #[serde_inline_default(4)]
     pub notify_attempts: u32,
     /// Bound on one notification attempt.
+    #[serde_inline_default(Duration::from_secs(5))]
     #[serde(with = "humantime_serde")]
     pub notify_timeout: Duration,
     /// Networks a `notify_url` may reach although they are loopback, link-local or
     /// private (by default none: a tenant must not make Orion probe its own network).
     /// CIDRs, e.g. `["10.20.0.0/16"]` for a receiver on the operator's network.
+    #[serde_inline_default(Vec::new())]
     pub notify_allow: Vec<ipnet::IpNet>,
 }
 
-impl Default for MigrationConfig {
-    fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(10),
-            max_dead_fraction: 0.5,
-            notify_attempts: 4,
-            notify_timeout: Duration::from_secs(5),
-            notify_allow: Vec::new(),
-        }
-    }
-}
-
 /// Limits that keep one tenant from taking the fleet.
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct TenantsConfig {
     /// Most live rentals one tenant may hold at once; a token can carry its own limit
     /// (`POST /api/tokens` with `max_rentals`). The admin token has none.
+    #[serde_inline_default(10)]
     pub max_rentals: u32,
     /// Longest `ttl` a rent or a renewal may ask for.
+    #[serde_inline_default(Duration::from_secs(30 * 24 * 3600))]
     #[serde(with = "humantime_serde")]
     pub max_ttl: Duration,
     /// The `ttl` of a tenant's rent that asks for none (unset: such rentals live until
     /// released). The admin's rentals never get one by default.
+    #[serde_inline_default(None)]
     #[serde(with = "humantime_serde")]
     pub default_ttl: Option<Duration>,
 }
 
-impl Default for TenantsConfig {
-    fn default() -> Self {
-        Self {
-            max_rentals: 10,
-            max_ttl: Duration::from_secs(30 * 24 * 3600),
-            default_ttl: None,
-        }
-    }
-}
-
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct CleanupConfig {
     /// Time between two passes that remove leftover tenant accounts from workers.
+    #[serde_inline_default(Duration::from_secs(10))]
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
 }
 
-impl Default for CleanupConfig {
-    fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(10),
-        }
-    }
-}
-
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct AppsConfig {
     /// Time between two passes that make the workers hold exactly the apps' instances.
     /// A change of an app, of a worker's status, or a container starting or dying on a
     /// worker also wakes the loop at once; this is the bound when nothing does.
+    #[serde_inline_default(Duration::from_secs(10))]
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// Whether apps may run on a worker rented to a tenant. Off: a rented worker hosts no
     /// instance (they move off it), and rents prefer workers without instances.
+    #[serde_inline_default(false)]
     pub shared_workers: bool,
     /// Instances of an app run as uid and gid `uid_base` + the app's id: unprivileged
     /// whatever the image says, and never the uid of another app, so that one app's
     /// processes cannot signal or read another's (`/proc/<pid>/environ`) where they
     /// share a worker. Far above tenants' account uids (`provisioning.uid_min` + a
     /// placement's id).
+    #[serde_inline_default(1_000_000_000)]
     pub uid_base: u32,
     /// Most memory of one instance, swap included (bytes, or e.g. `256m`).
-    pub instance_memory: String,
+    #[serde_inline_default(ByteSize::mib(256))]
+    pub instance_memory: ByteSize,
     /// Most processes and threads in one instance.
+    #[serde_inline_default(256)]
     pub instance_pids: u32,
     /// Most CPU one instance may use, in CPUs (e.g. `0.5`).
-    pub instance_cpus: f64,
+    #[serde_inline_default(Cpus::whole(1))]
+    pub instance_cpus: Cpus,
     /// Largest log file of one instance (two are kept), e.g. `10m`: a chatty instance
     /// cannot fill its worker's disk.
-    pub instance_log_max: String,
+    #[serde_inline_default(ByteSize::mib(10))]
+    pub instance_log_max: ByteSize,
     /// Most instances a tenant's apps may ask for, all apps together (the admin's are
     /// not bounded).
+    #[serde_inline_default(20)]
     pub max_instances_per_tenant: u32,
     /// Bounds on reading instances' logs (`GET /api/apps/{name}/logs`).
+    #[serde(default)]
     pub log_reads: LogReadsConfig,
 }
 
@@ -397,84 +383,25 @@ pub struct AppsConfig {
 /// kept an app's removed instance from coming back); past a bound they get 429 with
 /// `Retry-After`. They also run on SSH connections of their own, apart from Orion's
 /// probes, reconciles and provisioning, which never wait behind them.
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct LogReadsConfig {
     /// Reads one tenant may have running at once.
+    #[serde_inline_default(2)]
     pub per_tenant: u32,
     /// Reads of all tenants running at once (the admin's included).
+    #[serde_inline_default(8)]
     pub total: u32,
     /// Reads one tenant may start in a burst…
+    #[serde_inline_default(10)]
     pub burst: u32,
     /// …refilled at this many per second.
+    #[serde_inline_default(1.0)]
     pub per_second: f64,
     /// Bytes of log one tenant may read per minute (a read's answer is at most 64 KiB).
+    #[serde_inline_default(4 << 20)]
     pub bytes_per_minute: u64,
-}
-
-impl Default for LogReadsConfig {
-    fn default() -> Self {
-        Self {
-            per_tenant: 2,
-            total: 8,
-            burst: 10,
-            per_second: 1.0,
-            bytes_per_minute: 4 << 20,
-        }
-    }
-}
-
-impl Default for AppsConfig {
-    fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(10),
-            shared_workers: false,
-            uid_base: 1_000_000_000,
-            instance_memory: "256m".into(),
-            instance_pids: 256,
-            instance_cpus: 1.0,
-            instance_log_max: "10m".into(),
-            max_instances_per_tenant: 20,
-            log_reads: LogReadsConfig::default(),
-        }
-    }
-}
-
-impl AppsConfig {
-    /// `instance_memory` in bytes.
-    pub fn memory_bytes(&self) -> Result<u64, String> {
-        let bytes = parse_size("apps.instance_memory", &self.instance_memory)?;
-        if bytes < 6 << 20 {
-            return Err(format!(
-                "apps.instance_memory `{}` is below Docker's 6 MiB minimum",
-                self.instance_memory
-            ));
-        }
-        Ok(bytes)
-    }
-
-    /// `instance_log_max` in bytes.
-    pub fn log_max_bytes(&self) -> Result<u64, String> {
-        let bytes = parse_size("apps.instance_log_max", &self.instance_log_max)?;
-        if bytes < 1 << 20 {
-            return Err(format!(
-                "apps.instance_log_max `{}` is below 1 MiB",
-                self.instance_log_max
-            ));
-        }
-        Ok(bytes)
-    }
-
-    /// `instance_cpus` in thousandths of a CPU.
-    pub fn cpus_milli(&self) -> Result<u32, String> {
-        let c = self.instance_cpus;
-        if !(0.01..=1024.0).contains(&c) {
-            return Err(format!(
-                "apps.instance_cpus {c} must be between 0.01 and 1024"
-            ));
-        }
-        Ok((c * 1000.0).round() as u32)
-    }
 }
 
 /// A DNS host name or an IPv4 address: what a Caddy site, a host certificate's
@@ -487,39 +414,23 @@ fn is_host_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
 }
 
-/// A size such as `256m`, `10k`, `1g` or a number of bytes.
-fn parse_size(field: &str, text: &str) -> Result<u64, String> {
-    let s = text.trim().to_ascii_lowercase();
-    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s.as_str(), ""),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{field} `{s}` is not a size such as 256m"))?;
-    let factor = match unit {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("{field} `{s}`: unknown unit `{unit}`")),
-    };
-    Ok(n.saturating_mul(factor))
-}
-
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct CaddyConfig {
     /// Caddy's admin API, through which apps' routes are kept in sync:
     /// `unix:/path/to/admin.sock` (the platform's, in a volume only Caddy and Orion
     /// mount) or `http://host:port`. Unset: apps are not routed through Caddy.
-    pub admin: Option<String>,
+    #[serde_inline_default(None)]
+    pub admin: Option<CaddyAdmin>,
     /// The site's host name (`ORION_SITE`): Orion's API and dashboard are served there.
+    #[serde_inline_default("localhost".into())]
     pub site: String,
     /// The domain apps are served under, each at `https://<name>.<apps_domain>/` (unset:
     /// `apps.<site>`). Never the site itself, nor a name under which the site lies: an app
     /// must not share an origin, or a parent domain's cookies, with the API and the
     /// dashboard (#24).
+    #[serde_inline_default(None)]
     pub apps_domain: Option<String>,
 }
 
@@ -534,52 +445,53 @@ impl CaddyConfig {
     }
 }
 
-impl Default for CaddyConfig {
-    fn default() -> Self {
-        Self {
-            admin: None,
-            site: "localhost".into(),
-            apps_domain: None,
-        }
-    }
-}
-
 /// The SSH gateway: one port per rental, stable for its whole life, whose connections
 /// are forwarded (bytes only: SSH runs end to end between the client and the worker) to
 /// the worker serving the rental now.
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// The ports rentals are given, `first-last` (e.g. `2200-2299`); the gateway listens
-    /// on all of them. Unset: no gateway, rentals have no endpoint.
-    pub ports: Option<String>,
+    /// on all of them (at most 4096). Unset: no gateway, rentals have no endpoint.
+    #[serde_inline_default(None)]
+    #[serde(deserialize_with = "values::port_range")]
+    pub ports: Option<RangeInclusive<u16>>,
     /// Address the gateway's ports are bound on.
+    #[serde_inline_default(std::net::IpAddr::from([0, 0, 0, 0]))]
     pub listen: std::net::IpAddr,
     /// The host name clients are told to connect to (the endpoint's `host`). It is also a
     /// principal of every worker's host certificate.
+    #[serde_inline_default("localhost".into())]
     pub host: String,
     /// More names the gateway is reached by (principals of the host certificates, and
     /// patterns of the `@cert-authority` line).
+    #[serde_inline_default(Vec::new())]
     pub names: Vec<String>,
     /// How long a new connection waits for its rental to be active again (a move in
     /// progress) before it is closed.
+    #[serde_inline_default(Duration::from_secs(20))]
     #[serde(with = "humantime_serde")]
     pub wait: Duration,
     /// How long a new connection may stay silent: an SSH client sends its banner at
     /// once, so one that has sent nothing by then is closed, having cost neither a
     /// lookup nor a connection to a worker.
+    #[serde_inline_default(Duration::from_secs(5))]
     #[serde(with = "humantime_serde")]
     pub first_bytes_timeout: Duration,
     /// Connections open at once from one address (an IPv6 /64 counts as one), silent,
     /// waiting or forwarded: beyond, a new one is closed at once. Behind a TCP proxy
     /// (the `--ha` platform's HAProxy) every client has the proxy's address: there the
     /// proxy caps each address, and this must hold all of them.
+    #[serde_inline_default(32)]
     pub max_per_source: usize,
     /// Connections waiting at once for their rental to become active (a move, a rent
     /// just made), all ports together; beyond, a connection that would wait is closed
     /// at once.
+    #[serde_inline_default(256)]
     pub max_waiting: usize,
     /// Connections waiting at once on one port; beyond, closed at once.
+    #[serde_inline_default(16)]
     pub max_waiting_per_port: usize,
     /// How long the gateway trusts its copy of the ports' rentals: it reads the whole
     /// table at most this often for connections whose rental is active, and again (at
@@ -587,48 +499,12 @@ pub struct GatewayConfig {
     /// answering. Every replica keeps its own copy: after a move, a replica may lead a
     /// new connection to the old worker for at most this long, and only if the whole
     /// move (which passes through `migrating`) took less.
+    #[serde_inline_default(Duration::from_secs(1))]
     #[serde(with = "humantime_serde")]
     pub cache_ttl: Duration,
 }
 
-impl Default for GatewayConfig {
-    fn default() -> Self {
-        Self {
-            ports: None,
-            listen: std::net::IpAddr::from([0, 0, 0, 0]),
-            host: "localhost".into(),
-            names: Vec::new(),
-            wait: Duration::from_secs(20),
-            first_bytes_timeout: Duration::from_secs(5),
-            max_per_source: 32,
-            max_waiting: 256,
-            max_waiting_per_port: 16,
-            cache_ttl: Duration::from_secs(1),
-        }
-    }
-}
-
 impl GatewayConfig {
-    /// The port range, if the gateway is on.
-    pub fn port_range(&self) -> Result<Option<std::ops::RangeInclusive<u16>>, String> {
-        let Some(text) = &self.ports else {
-            return Ok(None);
-        };
-        let bad = || format!("gateway.ports `{text}` is not a range such as 2200-2299");
-        let (first, last) = text.trim().split_once('-').ok_or_else(bad)?;
-        let first: u16 = first.trim().parse().map_err(|_| bad())?;
-        let last: u16 = last.trim().parse().map_err(|_| bad())?;
-        if first == 0 || last < first {
-            return Err(bad());
-        }
-        if last - first >= 4096 {
-            return Err(format!(
-                "gateway.ports `{text}`: at most 4096 ports (one listener each)"
-            ));
-        }
-        Ok(Some(first..=last))
-    }
-
     /// Every name the gateway is reached by, `host` first.
     pub fn all_names(&self) -> Vec<String> {
         let mut names = vec![self.host.clone()];
@@ -642,29 +518,23 @@ impl GatewayConfig {
 }
 
 /// Leading the control loops when several `orion` processes share one database.
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct LeaderConfig {
     /// This process's name among the replicas, in `/health`, events and the lease. Unset:
     /// the host name, the process id and a random suffix (unique per start).
+    #[serde_inline_default(None)]
     pub instance: Option<String>,
     /// How long a lease lasts unless renewed: a dead leader is replaced within about
     /// this plus `renew_every`.
+    #[serde_inline_default(Duration::from_secs(3))]
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
     /// How often every process tries to take or renew the lease.
+    #[serde_inline_default(Duration::from_secs(1))]
     #[serde(with = "humantime_serde")]
     pub renew_every: Duration,
-}
-
-impl Default for LeaderConfig {
-    fn default() -> Self {
-        Self {
-            instance: None,
-            lease: Duration::from_secs(3),
-            renew_every: Duration::from_secs(1),
-        }
-    }
 }
 
 impl LeaderConfig {
@@ -684,80 +554,89 @@ impl LeaderConfig {
 }
 
 /// Snapshots of rentals' homes, restored on the new worker when a rental moves.
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct SnapshotsConfig {
     /// Whether homes are snapshotted (and restored after a move).
+    #[serde_inline_default(true)]
     pub enabled: bool,
     /// Time between two snapshots of a home; one is taken only if something changed.
     /// What a failover loses is at most about this much of the tenant's work.
+    #[serde_inline_default(Duration::from_secs(60))]
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// Largest home snapshotted, e.g. `256m`: the apparent size of its files, measured on
     /// the worker before anything is sent (a home over it costs no transfer, whatever it
     /// holds), and the compressed snapshot is held to it as it streams. A bigger home
     /// keeps its last snapshot, with a `snapshot.too_big` event.
-    pub max_bytes: String,
+    #[serde_inline_default(ByteSize::mib(256))]
+    pub max_bytes: ByteSize,
     /// Homes snapshotted at once by one pass.
+    #[serde_inline_default(4)]
     pub concurrency: usize,
     /// Longest one snapshot or restore may take, end to end. A tenant can stop or slow its
     /// own snapshot (it is read as the tenant); at this deadline the job is ended, on
     /// Orion's side and on the worker's, with a `snapshot.deadline` event (a restore's
     /// move is tried again). A job still running is not waited for by the next pass.
+    #[serde_inline_default(Duration::from_secs(600))]
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
 }
 
-impl Default for SnapshotsConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: Duration::from_secs(60),
-            max_bytes: "256m".into(),
-            concurrency: 4,
-            deadline: Duration::from_secs(600),
-        }
-    }
-}
-
-impl SnapshotsConfig {
-    /// `max_bytes` in bytes.
-    pub fn max_bytes(&self) -> Result<u64, String> {
-        let bytes = parse_size("snapshots.max_bytes", &self.max_bytes)?;
-        if bytes < 1 << 20 {
-            return Err(format!(
-                "snapshots.max_bytes `{}` is below 1 MiB",
-                self.max_bytes
-            ));
-        }
-        Ok(bytes)
-    }
-}
-
+#[serde_inline_default]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` for people, `json` for log collectors.
+    #[serde_inline_default(LogFormat::Text)]
     pub format: LogFormat,
     /// A `tracing` filter, e.g. `info` or `orion=debug,info`; `RUST_LOG` wins if set.
+    #[serde_inline_default("info".to_owned())]
     pub filter: String,
 }
 
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::default(),
-            filter: "info".to_owned(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
-    #[default]
     Text,
     Json,
+}
+
+/// `Default` for sections whose every field has a default: what a section left out of the
+/// file means, taken from the `#[serde_inline_default]` beside each field (the one place a
+/// default is written) by reading the section from no fields at all.
+macro_rules! default_from_fields {
+    ($($section:ty),* $(,)?) => {$(
+        impl Default for $section {
+            fn default() -> Self {
+                from_no_fields()
+            }
+        }
+    )*};
+}
+
+default_from_fields!(
+    HttpConfig,
+    HealthConfig,
+    ProvisioningConfig,
+    MigrationConfig,
+    TenantsConfig,
+    CleanupConfig,
+    AppsConfig,
+    LogReadsConfig,
+    CaddyConfig,
+    GatewayConfig,
+    LeaderConfig,
+    SnapshotsConfig,
+    LogConfig,
+);
+
+fn from_no_fields<T: serde::de::DeserializeOwned>() -> T {
+    let none = serde::de::value::MapDeserializer::<_, serde::de::value::Error>::new(
+        std::iter::empty::<(&str, &str)>(),
+    );
+    T::deserialize(none).expect("every field of a section has a default")
 }
 
 /// The top-level keys of [`Config`], for picking configuration out of the environment.
@@ -860,11 +739,6 @@ impl Config {
         if self.cleanup.interval.is_zero() {
             return bad("cleanup.interval", "must be longer than zero");
         }
-        if let Some(admin) = &self.caddy.admin
-            && let Err(e) = crate::apps::caddy::Admin::parse(admin)
-        {
-            return Err(ConfigError::Invalid(e));
-        }
         if !is_host_name(&self.caddy.site) {
             return bad("caddy.site", "must be a host name");
         }
@@ -881,9 +755,6 @@ impl Config {
                 "caddy.apps_domain",
                 "must not be the site nor a domain the site lies under (apps get origins of their own)",
             );
-        }
-        if let Err(e) = self.gateway.port_range() {
-            return Err(ConfigError::Invalid(e));
         }
         if self.gateway.first_bytes_timeout.is_zero() {
             return bad("gateway.first_bytes_timeout", "must be longer than zero");
@@ -906,8 +777,11 @@ impl Config {
         if self.gateway.all_names().iter().any(|n| !is_host_name(n)) {
             return bad("gateway.host", "and gateway.names must be host names");
         }
-        if let Err(e) = self.snapshots.max_bytes() {
-            return Err(ConfigError::Invalid(e));
+        if self.snapshots.max_bytes < ByteSize::mib(1) {
+            return Err(ConfigError::Invalid(format!(
+                "snapshots.max_bytes `{}` is below 1 MiB",
+                self.snapshots.max_bytes
+            )));
         }
         if self.snapshots.interval.is_zero() || self.snapshots.concurrency == 0 {
             return bad(
@@ -938,13 +812,17 @@ impl Config {
         if self.apps.interval.is_zero() {
             return bad("apps.interval", "must be longer than zero");
         }
-        if let Err(e) = self
-            .apps
-            .memory_bytes()
-            .and(self.apps.log_max_bytes())
-            .and(self.apps.cpus_milli())
-        {
-            return Err(ConfigError::Invalid(e));
+        if self.apps.instance_memory < ByteSize::mib(6) {
+            return Err(ConfigError::Invalid(format!(
+                "apps.instance_memory `{}` is below Docker's 6 MiB minimum",
+                self.apps.instance_memory
+            )));
+        }
+        if self.apps.instance_log_max < ByteSize::mib(1) {
+            return Err(ConfigError::Invalid(format!(
+                "apps.instance_log_max `{}` is below 1 MiB",
+                self.apps.instance_log_max
+            )));
         }
         if self.apps.instance_pids == 0 {
             return bad("apps.instance_pids", "must be at least 1");
@@ -1244,16 +1122,18 @@ mod tests {
 
     #[test]
     fn the_gateway_ports_are_a_bounded_range_and_its_names_host_names() {
-        let ports = |p: &str| GatewayConfig {
-            ports: Some(p.into()),
-            ..GatewayConfig::default()
+        let ports = |p: &str| {
+            Config::from_toml_str(&format!("{MINIMAL}\n[gateway]\nports = \"{p}\"\n"))
+                .map(|c| c.gateway.ports)
+                .map_err(|e| e.to_string())
         };
-        assert_eq!(ports("2200-2219").port_range().unwrap(), Some(2200..=2219));
-        assert_eq!(ports(" 22 - 22 ").port_range().unwrap(), Some(22..=22));
+        assert_eq!(ports("2200-2219").unwrap(), Some(2200..=2219));
+        assert_eq!(ports(" 22 - 22 ").unwrap(), Some(22..=22));
         for bad in ["2200", "2219-2200", "0-10", "a-b", "1-70000", "1000-9000"] {
-            assert!(ports(bad).port_range().is_err(), "{bad}");
+            let err = ports(bad).unwrap_err();
+            assert!(err.contains("gateway.ports"), "{bad}: {err}");
         }
-        assert_eq!(GatewayConfig::default().port_range().unwrap(), None);
+        assert_eq!(GatewayConfig::default().ports, None);
         let text = format!("{MINIMAL}\n[gateway]\nports = \"2200-2201\"\nnames = [\"a b\"]\n");
         let err = Config::from_toml_str(&text).unwrap_err().to_string();
         assert!(err.contains("gateway.host"), "{err}");
@@ -1262,6 +1142,111 @@ mod tests {
             ..GatewayConfig::default()
         };
         assert_eq!(named.all_names(), ["localhost", "gw.example.org"]);
+    }
+
+    #[test]
+    fn sizes_ranges_and_addresses_are_typed_when_read() {
+        let text = format!(
+            "{MINIMAL}\n[apps]\ninstance_memory = \"512m\"\ninstance_log_max = \"20971520\"\n\
+             instance_cpus = 0.5\n[snapshots]\nmax_bytes = \"1g\"\n[gateway]\n\
+             ports = \"2200-2219\"\n[caddy]\nadmin = \"http://127.0.0.1:2019\"\n"
+        );
+        let config = Config::from_toml_str(&text).unwrap();
+        assert_eq!(config.apps.instance_memory.bytes(), 512 << 20);
+        assert_eq!(config.apps.instance_log_max, ByteSize::mib(20));
+        assert_eq!(config.apps.instance_cpus.milli(), 500);
+        assert_eq!(config.snapshots.max_bytes.bytes(), 1 << 30);
+        assert_eq!(config.gateway.ports, Some(2200..=2219));
+        assert_eq!(
+            config.caddy.admin,
+            Some(CaddyAdmin::Tcp("127.0.0.1:2019".into()))
+        );
+        let defaults = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(defaults.apps.instance_memory, ByteSize::mib(256));
+        assert_eq!(defaults.apps.instance_log_max, ByteSize::mib(10));
+        assert_eq!(defaults.snapshots.max_bytes, ByteSize::mib(256));
+        assert_eq!(defaults.caddy.admin, None);
+    }
+
+    #[test]
+    fn a_bad_size_cpu_share_or_admin_address_is_refused_by_name() {
+        for (section, line, named) in [
+            ("apps", "instance_memory = \"lots\"", "apps.instance_memory"),
+            (
+                "apps",
+                "instance_memory = \"4m\"",
+                "apps.instance_memory `4m` is below",
+            ),
+            ("apps", "instance_log_max = \"1t\"", "apps.instance_log_max"),
+            (
+                "apps",
+                "instance_log_max = \"512k\"",
+                "apps.instance_log_max `512k`",
+            ),
+            ("apps", "instance_cpus = 0.001", "apps.instance_cpus"),
+            (
+                "snapshots",
+                "max_bytes = \"10k\"",
+                "snapshots.max_bytes `10k` is below",
+            ),
+            ("caddy", "admin = \"unix:relative.sock\"", "caddy.admin"),
+            ("caddy", "admin = \"https://x\"", "caddy.admin"),
+        ] {
+            let text = format!("{MINIMAL}\n[{section}]\n{line}\n");
+            let err = Config::from_toml_str(&text).unwrap_err().to_string();
+            assert!(err.contains(named), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's own error type
+    fn typed_values_come_from_the_environment_as_compose_writes_them() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("orion.toml", MINIMAL)?;
+            jail.set_env("ORION_GATEWAY__PORTS", "2200-2219");
+            jail.set_env("ORION_CADDY__ADMIN", "unix:/run/caddy-admin/admin.sock");
+            jail.set_env("ORION_APPS__INSTANCE_MEMORY", "512m");
+            let config = Config::load(Path::new("orion.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(config.gateway.ports, Some(2200..=2219));
+            assert_eq!(
+                config.caddy.admin,
+                Some(CaddyAdmin::Unix("/run/caddy-admin/admin.sock".into()))
+            );
+            assert_eq!(config.apps.instance_memory, ByteSize::mib(512));
+            jail.set_env("ORION_GATEWAY__PORTS", "2219-2200");
+            // figment names the variable's key as it is written there: `GATEWAY.PORTS`.
+            let err = Config::load(Path::new("orion.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.to_lowercase().contains("gateway.ports"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_section_left_out_is_each_of_its_fields_at_its_default() {
+        // Each `Default` is read from the fields' own defaults: none may be missing.
+        let _ = (
+            HttpConfig::default(),
+            HealthConfig::default(),
+            ProvisioningConfig::default(),
+            MigrationConfig::default(),
+            TenantsConfig::default(),
+            CleanupConfig::default(),
+            AppsConfig::default(),
+            CaddyConfig::default(),
+            GatewayConfig::default(),
+            LeaderConfig::default(),
+            SnapshotsConfig::default(),
+            LogConfig::default(),
+        );
+        assert_eq!(HealthConfig::default().dead_after, 3);
+        assert_eq!(AppsConfig::default().log_reads.burst, 10);
+        assert_eq!(ProvisioningConfig::default().executor, ExecutorKind::Native);
+        assert_eq!(HttpConfig::default().trusted_proxies.len(), 2);
+        let config = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(config.ssh.host_ca_key, None);
+        assert_eq!(config.log.format, LogFormat::Text);
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //! - [`metrics`]: Prometheus metrics, served on `/metrics`.
 //! - [`telemetry`]: logging setup.
 //! - [`config`]: the one configuration struct, read from TOML with `ORION_*` overrides.
-//! - [`inventory`]: the static inventory file (`inventory/*.toml`), parsed and validated
-//!   with errors that name the file, line and field.
+//! - [`inventory`]: the workers Orion may rent out: the file (`inventory/*.toml`) parsed
+//!   and validated with errors that name the file, line and field, the admin API's edits,
+//!   the diff, and applying it live (at start, on `SIGHUP`, through the API).
 //! - [`model`]: the words of the domain (worker status, rental status, usernames, keys,
 //!   passwords) and the validation of what clients send.
 //! - [`store`]: MariaDB through sqlx: schema migrations, workers, rentals, placements and
@@ -77,7 +78,6 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod context;
-pub mod fleet;
 pub mod gateway;
 pub mod hostca;
 pub mod inventory;

@@ -147,7 +147,7 @@ async fn rent_inner(ctx: Context, id: String, request: RentRequest) -> Result<Re
         notify_url: request.notify_url.map(|u| u.as_str().to_owned()),
         ttl: request.ttl,
         max_rentals: request.max_rentals,
-        endpoint_ports: ctx.config.gateway.port_range().ok().flatten(),
+        endpoint_ports: ctx.config.gateway.ports.clone(),
         constraints: request.constraints,
     };
     let uid_min = ctx.executor.uid_min();

@@ -109,11 +109,7 @@ async fn take_within(
     moving: bool,
     writing: &mut Writing,
 ) -> anyhow::Result<Taken> {
-    let max = ctx
-        .config
-        .snapshots
-        .max_bytes()
-        .map_err(anyhow::Error::msg)?;
+    let max = ctx.config.snapshots.max_bytes.bytes();
     let vars = HomeVars {
         username: job.username.clone(),
         uid: job.uid,

@@ -86,7 +86,7 @@ impl Application {
             config.database.acquire_timeout,
         )?;
         migrate_when_ready(&store, DATABASE_WAIT).await?;
-        crate::fleet::apply_file(&store, &config.inventory, true).await?;
+        crate::inventory::apply_file(&store, &config.inventory, true).await?;
         let mut executor = Executor::new(
             Arc::new(playbooks),
             ssh.clone(),
@@ -110,18 +110,12 @@ impl Application {
             });
         }
         // Apps' routes through Caddy, when its admin API is configured.
-        let router = config
-            .caddy
-            .admin
-            .as_deref()
-            .map(|a| crate::apps::caddy::Admin::parse(a).map_err(anyhow::Error::msg))
-            .transpose()?
-            .map(|admin| {
-                Arc::new(crate::apps::caddy::Router::new(
-                    admin,
-                    &config.caddy.apps_domain(),
-                ))
-            });
+        let router = config.caddy.admin.clone().map(|admin| {
+            Arc::new(crate::apps::caddy::Router::new(
+                admin,
+                &config.caddy.apps_domain(),
+            ))
+        });
         let host_ca = config
             .ssh
             .host_ca_key
@@ -130,7 +124,7 @@ impl Application {
             .transpose()
             .context("Failed to load the SSH host certificate authority")?
             .map(Arc::new);
-        let gateway = match config.gateway.port_range().map_err(anyhow::Error::msg)? {
+        let gateway = match config.gateway.ports.clone() {
             Some(ports) => {
                 store
                     .sync_endpoints(ports.clone())
@@ -244,7 +238,7 @@ impl Application {
                 tokio::select! {
                     () = hup_stop.cancelled() => break,
                     got = hup.recv() => match got {
-                        Some(()) => crate::fleet::reload(&hup_ctx).await,
+                        Some(()) => crate::inventory::reload(&hup_ctx).await,
                         None => break,
                     },
                 }

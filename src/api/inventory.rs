@@ -2,7 +2,7 @@
 //! inventory (`PUT /api/inventory`, what `orion inventory apply` sends; with `dry_run`
 //! it only shows the difference) or one worker at a time (`POST`, `PATCH`, `DELETE
 //! /api/workers/{name}`); `GET /api/inventory` is the inventory as a file. All go
-//! through [`crate::fleet::edit`]: validated whole, written in one transaction.
+//! through [`crate::inventory::edit`]: validated whole, written in one transaction.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -75,7 +75,7 @@ pub async fn apply(
         .ok_or_else(|| InvalidInput::new("inventory", "required: the inventory file's text"))?;
     let wanted = Inventory::parse(&text, std::path::Path::new("inventory"))
         .map_err(|e| InvalidInput::new("inventory", e.to_string()))?;
-    let changes = crate::fleet::edit(&ctx, |held| held.replaced_by(wanted), body.dry_run).await?;
+    let changes = crate::inventory::edit(&ctx, |held| held.replaced_by(wanted), body.dry_run).await?;
     Ok(Json(InventoryChanges {
         applied: !body.dry_run,
         changes: changes.iter().map(ToString::to_string).collect(),
@@ -127,7 +127,7 @@ async fn edit_one(
     require_admin(&caller)?;
     let raw = body.map_err(|e| ApiError::from_body_rejection(&e))?;
     let fields: WorkerFields = parse_json(&raw)?;
-    crate::fleet::edit(&ctx, |held| held.with_worker(&name, &fields, edit), false).await?;
+    crate::inventory::edit(&ctx, |held| held.with_worker(&name, &fields, edit), false).await?;
     let status = match edit {
         Edit::Add => StatusCode::CREATED,
         Edit::Change => StatusCode::OK,
@@ -147,7 +147,7 @@ pub async fn retire(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     require_admin(&caller)?;
-    crate::fleet::edit(&ctx, |held| held.without(&name), false).await?;
+    crate::inventory::edit(&ctx, |held| held.without(&name), false).await?;
     Ok(Json(worker_view(&ctx, &name).await?).into_response())
 }
 

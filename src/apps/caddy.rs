@@ -23,7 +23,6 @@
 //! only Caddy and Orion mount, never on a network port.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -91,38 +90,8 @@ pub fn app_host(apps_domain: &str, app: &str) -> String {
     format!("{app}.{apps_domain}")
 }
 
-/// Where Caddy's admin API is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Admin {
-    /// A unix socket (the platform's).
-    Unix(PathBuf),
-    /// `host:port` over plain HTTP (a Caddy on loopback).
-    Tcp(String),
-}
-
-impl Admin {
-    /// `unix:/path/to/admin.sock` or `http://host:port`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        if let Some(path) = text.strip_prefix("unix:") {
-            if !path.starts_with('/') {
-                return Err(format!(
-                    "caddy.admin `{text}`: the socket path must be absolute"
-                ));
-            }
-            return Ok(Admin::Unix(PathBuf::from(path)));
-        }
-        if let Some(addr) = text.strip_prefix("http://") {
-            let addr = addr.trim_end_matches('/');
-            if addr.is_empty() || addr.contains('/') {
-                return Err(format!("caddy.admin `{text}`: expected http://host:port"));
-            }
-            return Ok(Admin::Tcp(addr.to_owned()));
-        }
-        Err(format!(
-            "caddy.admin `{text}`: expected unix:/path/to/admin.sock or http://host:port"
-        ))
-    }
-}
+/// Where Caddy's admin API is: read with the configuration (`caddy.admin`).
+pub use crate::config::CaddyAdmin as Admin;
 
 /// Keeps Caddy's app routes equal to the apps' running instances.
 #[derive(Debug)]

@@ -657,10 +657,10 @@ fn run_spec(
             let uid = u64::from(cfg.uid_base) + app.id;
             format!("{uid}:{uid}")
         },
-        memory: cfg.memory_bytes().map_err(anyhow::Error::msg)?,
+        memory: cfg.instance_memory.bytes(),
         pids: cfg.instance_pids,
-        cpus_milli: Some(cfg.cpus_milli().map_err(anyhow::Error::msg)?),
-        log_max_bytes: Some(cfg.log_max_bytes().map_err(anyhow::Error::msg)?),
+        cpus_milli: Some(cfg.instance_cpus.milli()),
+        log_max_bytes: Some(cfg.instance_log_max.bytes()),
     })
 }
 

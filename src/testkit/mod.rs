@@ -727,7 +727,7 @@ impl TestApp {
         let mut config = (*self.ctx.config).clone();
         config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         let ports = free_gateway_ports();
-        config.gateway.ports = Some(format!("{}-{}", ports.start(), ports.end()));
+        config.gateway.ports = Some(ports);
         config.leader.instance = None;
         let app = Application::build(config)
             .await

@@ -286,8 +286,11 @@ async fn concurrent_rents_get_distinct_ports_and_a_freed_port_is_given_last() {
 
 #[tokio::test]
 async fn a_home_over_the_cap_keeps_its_last_snapshot_and_is_not_sent_again_unchanged() {
-    let app =
-        crate::helpers::spawn_app_with(1, Box::new(|c| c.snapshots.max_bytes = "1m".into())).await;
+    let app = crate::helpers::spawn_app_with(
+        1,
+        Box::new(|c| c.snapshots.max_bytes = orion::config::ByteSize::mib(1)),
+    )
+    .await;
     let tenant = client(&app, "bea").await;
     let body = app
         .rent_ok(json!({ "ssh_public_key": tenant.public, "username": "bea" }))

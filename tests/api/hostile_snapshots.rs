@@ -171,7 +171,11 @@ fn sent_by(worker: &Worker) -> u64 {
 
 #[tokio::test]
 async fn a_home_over_the_cap_is_refused_before_any_byte_of_it_is_streamed_pass_after_pass() {
-    let app = spawn_app_with(1, Box::new(|c| c.snapshots.max_bytes = "1m".into())).await;
+    let app = spawn_app_with(
+        1,
+        Box::new(|c| c.snapshots.max_bytes = orion::config::ByteSize::mib(1)),
+    )
+    .await;
     let worker = app.worker("worker_1");
     let (key, public) = tenant_key();
     let body = app

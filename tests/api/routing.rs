@@ -66,11 +66,8 @@ impl Caddy {
         caddy
     }
 
-    fn socket(&self) -> String {
-        format!(
-            "unix:{}",
-            self.dir.path().join("admin/admin.sock").display()
-        )
+    fn socket(&self) -> orion::config::CaddyAdmin {
+        orion::config::CaddyAdmin::Unix(self.dir.path().join("admin/admin.sock"))
     }
 
     fn wait_for_admin(&self) {

@@ -368,7 +368,7 @@ async fn workers_are_added_changed_and_retired_live_and_a_retired_tenant_moves_f
     // The inventory file, unchanged since it was applied at start, is not applied again
     // at a start: what the API changed stands.
     let file = app.dir.path().join("inventory.toml");
-    let skipped = orion::fleet::apply_file(&app.ctx.store, &file, true)
+    let skipped = orion::inventory::apply_file(&app.ctx.store, &file, true)
         .await
         .unwrap();
     assert!(skipped.is_none(), "{skipped:?}");

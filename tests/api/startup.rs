@@ -66,7 +66,7 @@ async fn the_inventory_is_synced_and_removed_workers_are_retired() {
     // Drop worker_2 from the inventory and sync again.
     let only_first = crate::helpers::inventory_for(&app.workers[..1]);
     std::fs::write(&inventory, &only_first).unwrap();
-    let changes = orion::fleet::apply_file(&app.ctx.store, &inventory, false)
+    let changes = orion::inventory::apply_file(&app.ctx.store, &inventory, false)
         .await
         .unwrap()
         .expect("applied");

@@ -13,8 +13,8 @@ use std::path::Path;
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 
+use super::{Change, EditError, Inventory};
 use crate::context::Context;
-use crate::inventory::{Change, EditError, Inventory};
 use crate::store::{Store, StoreError};
 
 /// Applies the inventory file at `path`. At a start (`unless_applied`), a file applied

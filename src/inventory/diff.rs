@@ -119,7 +119,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::inventory::InventoryError;
+    use crate::inventory::{Edit, InventoryError, WorkerFields};
 
     fn parse(text: &str) -> Result<Inventory, InventoryError> {
         Inventory::parse(text, Path::new("inventory/test.toml"))

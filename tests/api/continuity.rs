@@ -336,10 +336,7 @@ async fn a_quarantined_worker_s_certified_key_is_revoked_in_known_hosts() {
         .host_cert_key
         .expect("certified before the rent");
     app.worker("worker_1").rotate_host_keys();
-    orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
-        .await
-        .unwrap();
-    assert!(app.worker_row("worker_1").await.quarantine_reason.is_some());
+    crate::hostile_tenants::probe_until_quarantined(&app, "worker_1").await;
     let lines = app
         .http
         .get(app.url("/api/ssh/known_hosts"))

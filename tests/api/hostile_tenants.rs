@@ -148,15 +148,30 @@ async fn a_name_taken_on_the_worker_answers_409_and_the_worker_stays_in_service(
     app.rent_ok(json!({})).await;
 }
 
+/// Probes until `worker` is quarantined (its host key changed): a probe over the kept
+/// watch connection proves no new handshake, so the change is seen at the first probe
+/// that makes one. Fails after 30 s.
+pub(crate) async fn probe_until_quarantined(app: &crate::helpers::TestApp, worker: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while app.worker_row(worker).await.quarantine_reason.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{worker} was never quarantined"
+        );
+        orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A quarantined worker shows why and since when, and one route returns it to service,
 /// trusting its new host key when the operator says so.
 #[tokio::test]
 async fn a_quarantined_worker_shows_why_and_since_when_and_is_restored_by_the_operator() {
     let app = spawn_app_with(1, Box::new(|_| {})).await;
     app.worker("worker_1").rotate_host_keys();
-    orion::loops::health::probe_round(&app.ctx, &app.loops.probes)
-        .await
-        .unwrap();
+    probe_until_quarantined(&app, "worker_1").await;
     let (_, workers) = app.get_json("/api/workers").await;
     let view = &workers["workers"][0];
     assert!(

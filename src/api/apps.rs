@@ -15,12 +15,24 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::views::ErrorBody;
-use super::{ApiError, parse_json};
+use super::{ApiError, Endpoint, endpoint, parse_json};
 use crate::apps::{self, AppName, ImageRef, InstanceState};
 use crate::auth::Caller;
 use crate::context::Context;
 use crate::model::InvalidInput;
 use crate::store::{AppChange, AppRecord, InstanceRecord, NewApp};
+
+pub(super) fn endpoints() -> Vec<Endpoint> {
+    use axum::http::Method;
+    vec![
+        endpoint(Method::POST, "/api/apps", create),
+        endpoint(Method::GET, "/api/apps", list),
+        endpoint(Method::GET, "/api/apps/{name}", get),
+        endpoint(Method::PATCH, "/api/apps/{name}", change),
+        endpoint(Method::DELETE, "/api/apps/{name}", delete),
+        endpoint(Method::GET, "/api/apps/{name}/logs", logs),
+    ]
+}
 
 /// Body of `POST /api/apps`. Unknown fields are refused.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
@@ -301,7 +313,7 @@ pub async fn create(
             .end(
                 &ctx,
                 name.as_str(),
-                created.as_ref().map(|a| a.name.as_str()),
+                created.as_ref().ok().map(|a| a.name.as_str()),
             )
             .await;
     }

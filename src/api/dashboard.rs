@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde_json::json;
 
-use super::ApiError;
+use super::{ApiError, Endpoint, endpoint};
 use crate::auth::Caller;
 use crate::context::Context;
 
@@ -59,6 +59,15 @@ fn clock(value: Option<String>) -> String {
     }
 }
 
+pub(super) fn endpoints() -> Vec<Endpoint> {
+    use axum::http::Method;
+    vec![
+        endpoint(Method::GET, "/dashboard", page),
+        endpoint(Method::GET, "/dashboard/app.js", script),
+        endpoint(Method::GET, "/dashboard/app.css", style),
+    ]
+}
+
 /// The first 8 characters of a rental id: enough to tell rentals apart on the page.
 fn short(id: String) -> String {
     id.chars().take(8).collect()
@@ -93,8 +102,8 @@ pub(super) async fn page(
         }
         Err(other) => return Err(other),
     }
-    let workers = super::fleet(&ctx).await?;
-    let rentals = super::rentals_not_over(&ctx, &Caller::Admin).await?;
+    let workers = super::workers::fleet(&ctx).await?;
+    let rentals = super::rentals::rentals_not_over(&ctx, &Caller::Admin).await?;
     let instances = ctx.store.live_instances(None).await?;
     let apps: Vec<_> = ctx
         .store

@@ -175,18 +175,18 @@ impl Keyed {
     }
 
     /// Records how the request that began for `began` ended: kept, standing for `made`
-    /// (the rental's final id, the app's name), if it succeeded; forgotten (a retry runs
-    /// again) if it failed. Neither if a retry took the key over meanwhile.
-    pub async fn end(&self, ctx: &Context, began: &str, made: Result<&str, &ApiError>) {
+    /// (the rental's final id, the app's name), if it made one; forgotten (a retry runs
+    /// again) if it failed (`None`). Neither if a retry took the key over meanwhile.
+    pub async fn end(&self, ctx: &Context, began: &str, made: Option<&str>) {
         let store = &ctx.store;
         let (tenant, route, key) = (&self.tenant, self.route, &self.key);
         let recorded = match made {
-            Ok(resource) => {
+            Some(resource) => {
                 store
                     .finish_idempotency_key(tenant, route, key, began, resource)
                     .await
             }
-            Err(_) => {
+            None => {
                 store
                     .forget_idempotency_key(tenant, route, key, began)
                     .await

@@ -14,11 +14,22 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::views::{ErrorBody, WorkerView};
-use super::{ApiError, parse_json, require_admin};
+use super::{ApiError, Endpoint, endpoint, parse_json, require_admin};
 use crate::auth::Caller;
 use crate::context::Context;
 use crate::inventory::{Edit, Inventory, WorkerFields};
 use crate::model::InvalidInput;
+
+pub(super) fn endpoints() -> Vec<Endpoint> {
+    use axum::http::Method;
+    vec![
+        endpoint(Method::POST, "/api/workers/{name}", add),
+        endpoint(Method::PATCH, "/api/workers/{name}", change),
+        endpoint(Method::DELETE, "/api/workers/{name}", retire),
+        endpoint(Method::GET, "/api/inventory", export),
+        endpoint(Method::PUT, "/api/inventory", apply),
+    ]
+}
 
 /// Body of `PUT /api/inventory`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]

@@ -21,10 +21,18 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
 use super::views::{ErrorDetail, HealthView, StatusView};
-use super::{ApiError, require_admin};
+use super::{ApiError, Endpoint, endpoint, require_admin};
 use crate::auth::Caller;
 use crate::context::Context;
 use crate::store::Store;
+
+pub(super) fn endpoints() -> Vec<Endpoint> {
+    use axum::http::Method;
+    vec![
+        endpoint(Method::GET, "/api/status", status),
+        endpoint(Method::GET, "/health", health),
+    ]
+}
 
 /// How long an answer of the database is reused.
 const FRESH: Duration = Duration::from_secs(1);

@@ -5,12 +5,18 @@
 //! believe they hold the same worker.
 
 mod apps;
+mod claims;
+mod cleanups;
 mod endpoints;
 mod events;
+mod host_keys;
 mod idempotency;
+mod inventory;
 mod leases;
 mod placements;
+mod probes;
 mod rentals;
+mod service;
 mod snapshots;
 mod tokens;
 mod workers;
@@ -21,15 +27,18 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{Connection, Executor};
 
 pub use apps::{AppChange, AppRecord, InstanceRecord, InstanceUpdate, NewApp};
+pub use claims::Constraints;
+pub use cleanups::Cleanup;
 pub use endpoints::EndpointTarget;
 pub use events::Event;
 pub use idempotency::{KeyClaim, KeyHold};
 pub use leases::{Fence, LOOPS, Lease};
 pub use placements::PlacementRecord;
+pub use probes::ProbeRecord;
 pub use rentals::{Claim, NewRental, RentalDetail, RentalRecord};
 pub use snapshots::{SnapshotInfo, SnapshotJob};
 pub use tokens::TokenRecord;
-pub use workers::{Cleanup, Constraints, LabelSet, Occupant, ProbeRecord, Worker, WorkerCounts};
+pub use workers::{LabelSet, Occupant, Worker, WorkerCounts};
 
 /// Failures of the store, split by what a caller can do about them.
 #[derive(Debug, thiserror::Error)]

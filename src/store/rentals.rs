@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, MySql, Transaction};
 
+use super::claims::{Constraints, claim_free_worker};
 use super::endpoints::claim_endpoint;
 use super::placements::{
     PlacementRecord, end_placement, insert_placement, live_uid, placements_of, stale_live_placement,
 };
-use super::workers::{Constraints, WORKER_COLUMNS, Worker, claim_free_worker, fetch_worker};
+use super::workers::{WORKER_COLUMNS, Worker, fetch_worker};
 use super::{Store, StoreError, events, retry_on_conflict};
 use crate::model::RentalStatus;
 

@@ -7,6 +7,10 @@
 //!
 //! A proxy that answers before it has read the body and then closes leaves such a
 //! client writing into a reset connection: it never reads the answer.
+//!
+//! Past Orion's bound (16 MiB) closing the client's connection is accepted, but a body
+//! that long must not make Caddy take Orion for failed (and refuse everyone for its
+//! `fail_duration`), as a body Caddy cut off under its copy to Orion did.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -70,9 +74,9 @@ impl Edge {
         }
     }
 
-    /// Waits until Orion's health answers through Caddy (its certificate issued, its
-    /// health check of Orion passed).
-    async fn wait_ready(&self) {
+    /// The status of one `GET /health` through Caddy (`None`: no answer in 10 s). Caddy
+    /// holds a request up to 3 s for an Orion it took for failed, then answers 503.
+    async fn health(&self) -> Option<u16> {
         let http = reqwest::Client::builder()
             // Caddy's internal CA: the TLS itself is the platform test's to check.
             .danger_accept_invalid_certs(true)
@@ -80,20 +84,22 @@ impl Edge {
                 "localhost",
                 std::net::SocketAddr::from(([127, 0, 0, 1], self.port)),
             )
-            .timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
             .build()
             .unwrap();
         let url = format!("https://localhost:{}/health", self.port);
+        let resp = http.get(&url).send().await.ok()?;
+        Some(resp.status().as_u16())
+    }
+
+    /// Waits until Orion's health answers through Caddy (its certificate issued, its
+    /// health check of Orion passed).
+    async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(resp) = http.get(&url).send().await
-                && resp.status() == 200
-            {
-                return;
-            }
+        while self.health().await != Some(200) {
             assert!(
                 Instant::now() < deadline,
-                "Caddy never answered {url}: {}",
+                "Orion's health never answered through Caddy: {}",
                 docker(&["logs", "--tail", "20", &self.container])
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -354,4 +360,49 @@ async fn orion_reads_a_body_over_the_limit_to_its_end_before_it_answers_413() {
         }
     }
     assert_all_413(&wrong);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_past_the_bound_leaves_orion_in_service_behind_caddy() {
+    let app = spawn_app(0).await;
+    let orion_port: u16 = app.address.rsplit(':').next().unwrap().parse().unwrap();
+    let edge = Edge::start(orion_port);
+    edge.wait_ready().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("auth"),
+        format!("Authorization: Bearer {ADMIN_TOKEN}\n"),
+    )
+    .unwrap();
+    let body = dir.path().join("body");
+    std::fs::write(&body, vec![b'a'; 40 * MIB]).unwrap();
+    // Past the bound the client's connection may be closed under it (what it gets is
+    // not checked); Orion must still be taken for alive by Caddy, at once.
+    let mut wrong = Vec::new();
+    for flags in [
+        &[
+            "--http1.1",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-H",
+            "Expect:",
+        ][..],
+        &["--http2", "-H", "Transfer-Encoding: chunked"],
+    ] {
+        curl(dir.path(), edge.port, &body, flags);
+        let health = edge.health().await;
+        if health != Some(200) {
+            wrong.push(format!("after curl {flags:?}: health {health:?}"));
+        }
+        edge.wait_ready().await;
+    }
+    python("https", edge.port, 40 * MIB, "raw-chunked");
+    let health = edge.health().await;
+    if health != Some(200) {
+        wrong.push(format!("after a raw chunked writer: health {health:?}"));
+    }
+    assert!(
+        wrong.is_empty(),
+        "a 40 MiB chunked body got Orion taken for failed: {wrong:?}"
+    );
 }

@@ -58,9 +58,13 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         config.ssh.command_timeout,
         config.ssh.max_sessions,
     );
+    let prober = crate::probe::Prober::new(
+        ssh,
+        crate::probe::policy::DepthEvery::of(&config.health),
+    );
     let progress = crate::progress::bar(inventory.workers.len() as u64, "probing workers");
     let probes = inventory.workers.iter().map(|w| {
-        let ssh = ssh.clone();
+        let prober = prober.clone();
         let progress = progress.clone();
         let target = Target {
             name: w.name.clone(),
@@ -70,7 +74,7 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         };
         let timeout = config.health.probe_timeout;
         async move {
-            let result = ssh.probe(&target, timeout).await;
+            let result = prober.probe(&target, timeout).await;
             progress.inc(1);
             (target, result)
         }

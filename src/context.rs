@@ -21,6 +21,10 @@ pub struct Context {
     pub store: Store,
     /// Orion's SSH client (probes, watches, and the native playbook executor).
     pub ssh: SshClient,
+    /// Orion's probes of workers over [`Self::ssh`], with their memory of what each worker
+    /// last proved (which decides how deep the next probe goes): shared by the probe
+    /// rounds, the watches and the guard on moves.
+    pub prober: crate::probe::Prober,
     /// The SSH client for what tenants ask to read on workers (instances' logs): its own
     /// connections and session slots ([`SshClient::apart`]), so that tenants' reads never
     /// delay Orion's probes, reconciles and provisioning.
@@ -64,7 +68,7 @@ pub struct Context {
     pub host_ca: Option<Arc<crate::hostca::HostCa>>,
     /// When the guard on moves last held them (every site failing at once), shared by
     /// the migration and apps loops.
-    pub holds: Arc<crate::probe_policy::Holds>,
+    pub holds: Arc<crate::probe::guard::Holds>,
     /// Whether this process leads the control loops (one of several replicas does).
     pub leader: Arc<crate::leader::Leadership>,
 }

@@ -47,10 +47,10 @@
 //!   restoring it on a rental's new worker.
 //! - [`leader`]: which of several `orion` processes runs the loops: a lease in the
 //!   database with a fencing epoch that every loop write checks.
-//! - [`probe`]: probing one worker (confirmation, hysteresis, recording), shared by the
-//!   health and watch loops.
-//! - [`probe_policy`]: the pure rules of probing (how deep a probe goes, when a status
-//!   changes), apart from any I/O.
+//! - [`probe`]: probing: one worker's probe (confirmation, hysteresis, recording), shared
+//!   by the health and watch loops; how deep each probe goes and the memory of what each
+//!   worker proved ([`probe::depth`]); the pure rules ([`probe::policy`]); the guard on
+//!   moves when Orion looks cut off, with its holds ([`probe::guard`]).
 //! - [`notify`]: delivering `notify_url` notifications to public addresses only.
 //! - [`auth`]: tokens (Bearer, or a Basic password from browsers): the admin's from the
 //!   configuration, tenants' from the DB.
@@ -88,7 +88,8 @@ pub mod model;
 pub mod notify;
 pub mod playbook;
 pub mod probe;
-pub mod probe_policy;
+/// The pure rules of probing, by the path they had before probing became a folder.
+pub use probe::policy as probe_policy;
 pub mod progress;
 pub mod proxies;
 pub mod ratelimit;

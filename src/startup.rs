@@ -78,8 +78,6 @@ impl Application {
             config.health.keepalive_interval,
             config.health.keepalive_max,
         );
-        ssh.set_handshake_every(config.health.handshake_every);
-        ssh.set_exec_every(config.health.exec_every);
         let store = Store::connect_lazy(
             &config.database.url,
             config.database.max_connections,
@@ -150,9 +148,14 @@ impl Application {
         let proxies = crate::proxies::TrustedProxies::new(&config.http);
         let reads_ssh = ssh.apart(config.apps.log_reads.total as usize);
         let reads = crate::ratelimit::TenantReads::new(config.apps.log_reads.clone());
+        let prober = crate::probe::Prober::new(
+            ssh.clone(),
+            crate::probe::policy::DepthEvery::of(&config.health),
+        );
         let ctx = Context {
             store,
             ssh,
+            prober,
             reads_ssh,
             reads: Arc::new(reads),
             executor,

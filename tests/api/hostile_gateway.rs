@@ -298,13 +298,13 @@ async fn a_flood_from_another_address_on_the_workers_network_leaves_orion_s_logi
     for _ in 0..3 {
         let probe = app
             .ctx
-            .ssh
+            .prober
             .probe(&row.target(), Duration::from_secs(3))
             .await;
         assert!(
             probe
                 .as_ref()
-                .is_ok_and(|p| p.depth == orion::ssh::ProbeDepth::Handshake),
+                .is_ok_and(|p| p.depth == orion::probe::ProbeDepth::Handshake),
             "Orion could not open a new connection during another address's flood: {probe:?}"
         );
     }

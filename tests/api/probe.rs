@@ -153,10 +153,10 @@ async fn probes_open_a_new_connection_at_least_every_handshake_every() {
         assert!(ok, "kill {sig} {pid} (the worker's sshd) failed");
     };
     signal("-STOP");
-    let over_watch = app.ctx.ssh.probe(&target, Duration::from_secs(2)).await;
+    let over_watch = app.ctx.prober.probe(&target, Duration::from_secs(2)).await;
     let fast = opened.elapsed() < every;
     tokio::time::sleep(every.saturating_sub(opened.elapsed()) + Duration::from_millis(200)).await;
-    let fresh = app.ctx.ssh.probe(&target, Duration::from_secs(2)).await;
+    let fresh = app.ctx.prober.probe(&target, Duration::from_secs(2)).await;
     signal("-CONT");
     assert!(fast, "the first probe came too late to test the watch path");
     assert!(over_watch.is_ok(), "probe over the watch: {over_watch:?}");
@@ -172,12 +172,13 @@ async fn probes_open_a_new_connection_at_least_every_handshake_every() {
 /// answers keepalives, and the first probe after `exec_every` finds it out.
 #[tokio::test]
 async fn probes_run_a_command_at_least_every_exec_every() {
-    use orion::ssh::{ProbeDepth, SshError};
+    use orion::probe::ProbeDepth;
+    use orion::ssh::SshError;
     use std::time::{Duration, Instant};
     let every = Duration::from_secs(4);
     let app = one_watched_worker(Box::new(move |c| c.health.exec_every = every)).await;
     let target = app.worker_row("worker_1").await.target();
-    let probe = || app.ctx.ssh.probe(&target, Duration::from_secs(2));
+    let probe = || app.ctx.prober.probe(&target, Duration::from_secs(2));
     // Probes are keepalives until `every` after the startup round's command.
     let deadline = Instant::now() + every + Duration::from_secs(2);
     loop {

@@ -52,7 +52,7 @@ impl Lab {
 
     /// A root login over a new connection, running `true`: what Orion's probe does.
     async fn root_probe(&self) -> Result<Duration, String> {
-        self.orion
+        orion::probe::Prober::new(self.orion.clone(), Default::default())
             .probe(&self.target(), Duration::from_secs(10))
             .await
             .map(|p| p.latency)

@@ -1,7 +1,7 @@
 //! The pure rules of health probing, apart from the I/O that applies them: how deep a
-//! probe goes ([`depth`]) and when a worker's status changes ([`observe`]). Both take
-//! their inputs (times, counts) as arguments, so they are tested with paused tokio time
-//! and no worker.
+//! probe goes ([`depth`]), when a worker's status changes ([`observe`]), and when the
+//! guard on moves holds them ([`judge`]). All take their inputs (times, counts) as
+//! arguments, so they are tested with paused tokio time and no worker.
 
 use std::time::Duration;
 
@@ -31,13 +31,31 @@ pub struct Proven {
 }
 
 /// How often each depth is due, from `health.handshake_every` and `health.exec_every`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DepthEvery {
     /// A probe opens a new connection when the worker's last handshake is older.
     pub handshake: Duration,
     /// A probe over the watch connection runs a command when the worker's last one is
     /// older; otherwise it is a keepalive round trip.
     pub exec: Duration,
+}
+
+impl DepthEvery {
+    /// As the configuration says (`[health]`).
+    pub fn of(health: &crate::config::HealthConfig) -> Self {
+        Self {
+            handshake: health.handshake_every,
+            exec: health.exec_every,
+        }
+    }
+}
+
+impl Default for DepthEvery {
+    /// The configuration's defaults: a new connection and a command at least every five
+    /// minutes.
+    fn default() -> Self {
+        Self::of(&crate::config::HealthConfig::default())
+    }
 }
 
 /// Whether a probe at `now` may ride the worker's watch connection: only while its last
@@ -152,28 +170,6 @@ pub struct SiteHealth {
     pub failing: i64,
 }
 
-/// When the guard last held every move, shared by the migration and apps loops: for a
-/// while after a hold, workers declared dead are probed again before anything is moved
-/// off them (see `guard` in the probe module).
-#[derive(Debug, Default)]
-pub struct Holds {
-    last: std::sync::Mutex<Option<std::time::Instant>>,
-}
-
-impl Holds {
-    pub fn held_now(&self) {
-        *self.last.lock().expect("not poisoned") = Some(std::time::Instant::now());
-    }
-
-    /// Whether a hold ended less than `window` ago.
-    pub fn settling(&self, window: Duration) -> bool {
-        self.last
-            .lock()
-            .expect("not poisoned")
-            .is_some_and(|at| at.elapsed() < window)
-    }
-}
-
 /// What the guard on moves concludes from the health of each site.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Verdict {
@@ -250,7 +246,7 @@ mod tests {
         h
     }
 
-    /// The depth of a probe made now, as the SSH client decides it.
+    /// The depth of a probe made now, as the prober decides it.
     fn depth_now(proven: Option<Proven>) -> ProbeDepth {
         let now = Instant::now();
         depth(proven, may_share(proven, EVERY, now), EVERY, now)

@@ -1,22 +1,33 @@
-//! Probing one worker: a probe over SSH, confirmed by quick retries while it fails, folded
-//! into the worker's health by the hysteresis of [`crate::probe_policy`], and recorded.
-//! Shared by the probe rounds ([`crate::loops::health`]) and the watches
-//! ([`crate::loops::watch`]), which both probe workers; the probes of one worker never
-//! overlap.
+//! Probing: how Orion learns whether each worker answers, and what it does with that.
+//!
+//! - this file: one worker's probe, confirmed by quick retries while it fails, folded
+//!   into the worker's health by the hysteresis of [`policy`], and recorded. Shared by the
+//!   probe rounds ([`crate::loops::health`]) and the watches ([`crate::loops::watch`]),
+//!   which both probe workers; the probes of one worker never overlap.
+//! - [`depth`]: one probe over SSH, as deep as it is due ([`Prober`]), and the memory of
+//!   what each worker last proved. The SSH client only runs what the prober asks.
+//! - [`policy`]: the pure rules (depth, hysteresis, the guard's verdict).
+//! - [`guard`]: the guard on moves when Orion looks cut off, and its holds.
 
-use std::collections::{HashMap, HashSet};
+pub mod depth;
+pub mod guard;
+pub mod policy;
+
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::StreamExt as _;
+
+pub use depth::{Probe, Prober};
+pub use guard::{Guard, guard};
+pub use policy::ProbeDepth;
 
 use crate::context::Context;
 use crate::model::WorkerStatus;
-use crate::probe_policy::SiteHealth;
-use crate::probe_policy::{self, Health, Thresholds, observe};
 use crate::ssh::{self, SshError};
 use crate::store::{ProbeRecord, Worker};
+use policy::{Health, Thresholds, observe};
 
 /// What probing keeps between probes, shared by every task that probes a worker.
 #[derive(Debug)]
@@ -106,14 +117,17 @@ pub async fn probe_in_round(
 }
 
 /// One SSH probe, counted in the metrics.
-async fn probe_once(ctx: &Context, target: &ssh::Target) -> Result<ssh::Probe, SshError> {
+async fn probe_once(ctx: &Context, target: &ssh::Target) -> Result<Probe, SshError> {
     // Never while Orion reloads the worker's sshd for its certificate: a new connection
     // may meet the moment it drops them, which says nothing of the worker.
     let _not_reloading = match &ctx.host_ca {
         Some(ca) => Some(ca.not_reloading(&target.name).await),
         None => None,
     };
-    let outcome = ctx.ssh.probe(target, ctx.config.health.probe_timeout).await;
+    let outcome = ctx
+        .prober
+        .probe(target, ctx.config.health.probe_timeout)
+        .await;
     match &outcome {
         Ok(probe) => metrics::histogram!(crate::metrics::names::PROBE_DURATION)
             .record(probe.latency.as_secs_f64()),
@@ -142,7 +156,7 @@ async fn probe_locked(
     ctx: &Context,
     probes: &Probes,
     worker: Worker,
-    mut first: Option<Result<ssh::Probe, SshError>>,
+    mut first: Option<Result<Probe, SshError>>,
 ) -> anyhow::Result<WorkerStatus> {
     let writes = || probes.db_slot();
     let db = writes().await;
@@ -164,7 +178,7 @@ async fn probe_locked(
         consecutive_successes: worker.consecutive_successes,
     };
     let target = worker.target();
-    let attempts = probe_policy::attempts(worker.status, thresholds);
+    let attempts = policy::attempts(worker.status, thresholds);
     let mut outcome;
     let mut attempt = 0;
     loop {
@@ -273,144 +287,4 @@ async fn trust_on_first_use(
 /// A duration in whole milliseconds, saturating.
 fn duration_ms(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
-}
-/// What the guard on moves concluded for one pass.
-#[derive(Debug, Default)]
-pub struct Guard {
-    pub verdict: probe_policy::Verdict,
-    /// The health of each site it rests on.
-    pub sites: Vec<SiteHealth>,
-    /// Workers declared dead that answer now, found only in the minutes after a hold:
-    /// Orion was cut off from them, they did not die. Nothing is moved off them; the
-    /// probe loop soon declares them alive.
-    pub revived: HashSet<u64>,
-}
-
-/// The guard on moves, for a pass of the migration or apps loop that has something to
-/// move (`must_move`): see [`probe_policy::judge`]. Watch sessions cut by a fault
-/// between Orion and the fleet drop one by one, each at its own keepalive, so the first
-/// deaths are declared while the other workers still look alive in the database: before
-/// anything moves, the workers not declared dead are probed again ([`answering_now`]).
-///
-/// A cut also heals worker by worker: the workers declared dead during it come back
-/// alive only after `health.alive_after` probe rounds, and meanwhile the sites that
-/// answer first would make the others look lost. For `(alive_after + 1)` probe intervals
-/// after a hold, the dead workers are probed too, those that answer are `revived`, and a
-/// site still silent is not taken for lost: moves stay held (`healing`).
-pub async fn guard(ctx: &Context, must_move: bool) -> anyhow::Result<Guard> {
-    let max_fraction = ctx.config.migration.max_dead_fraction;
-    let mut sites = ctx
-        .store
-        .site_health()
-        .await
-        .context("Failed to count workers by site")?;
-    let mut verdict = probe_policy::judge(&sites, max_fraction);
-    let total: i64 = sites.iter().map(|s| s.total).sum();
-    let health = &ctx.config.health;
-    let window = health.interval * (health.alive_after + 1);
-    let settling = ctx.holds.settling(window);
-    let mut revived = HashSet::new();
-    if (!verdict.hold || settling) && must_move && total >= 3 {
-        (sites, revived) = answering_now(ctx, sites, settling).await?;
-        verdict = probe_policy::judge(&sites, max_fraction);
-    }
-    if verdict.hold {
-        ctx.holds.held_now();
-    } else if settling && !verdict.lost.is_empty() {
-        // The first site back would make the others look lost: hold until the window
-        // has passed (not counted as a hold: it does not extend the window).
-        verdict.hold = true;
-        verdict.healing = true;
-        // Not lost: not back yet.
-        verdict.lost.clear();
-    }
-    Ok(Guard {
-        verdict,
-        sites,
-        revived,
-    })
-}
-
-/// Probes every worker not declared dead (and, with `dead_too`, the dead ones), without
-/// recording anything, and returns the sites with `failing` = those that did not answer
-/// (a dead one that answers counts as neither dead nor failing), and the dead workers
-/// that answered. Stops as soon as the verdict is known (a site answers, or every site
-/// is beyond the limit), so one hung worker does not delay a move; with `dead_too` every
-/// answer is waited for.
-async fn answering_now(
-    ctx: &Context,
-    mut sites: Vec<SiteHealth>,
-    dead_too: bool,
-) -> anyhow::Result<(Vec<SiteHealth>, HashSet<u64>)> {
-    let max_fraction = ctx.config.migration.max_dead_fraction;
-    let workers = ctx
-        .store
-        .probe_targets()
-        .await
-        .context("Failed to list workers")?;
-    let targets: Vec<_> = workers
-        .iter()
-        // A withdrawn worker (quarantined, retired) is out of service for another reason
-        // than this fault.
-        .filter(|w| (dead_too || w.status != WorkerStatus::Dead) && !w.is_withdrawn())
-        .map(|w| {
-            (
-                w.id,
-                w.status == WorkerStatus::Dead,
-                w.site.clone(),
-                w.target(),
-            )
-        })
-        .collect();
-    let mut candidates: HashMap<String, i64> = HashMap::new();
-    for (_, dead, site, _) in &targets {
-        if !dead {
-            *candidates.entry(site.clone()).or_default() += 1;
-        }
-    }
-    for s in &mut sites {
-        s.failing = 0;
-    }
-    let timeout = ctx.config.health.probe_timeout;
-    let mut probes: futures::stream::FuturesUnordered<_> = targets
-        .iter()
-        .map(|(id, dead, site, target)| async move {
-            (
-                *id,
-                *dead,
-                site,
-                ctx.ssh.probe(target, timeout).await.is_ok(),
-            )
-        })
-        .collect();
-    let mut answered: HashMap<String, i64> = HashMap::new();
-    let mut revived = HashSet::new();
-    while let Some((id, dead, site, ok)) = probes.next().await {
-        let Some(s) = sites.iter_mut().find(|s| &s.site == site) else {
-            continue;
-        };
-        match (dead, ok) {
-            (true, true) => {
-                revived.insert(id);
-                s.dead -= 1;
-            }
-            (true, false) => {}
-            (false, true) => *answered.entry(site.clone()).or_default() += 1,
-            (false, false) => s.failing += 1,
-        }
-        if dead_too {
-            continue;
-        }
-        let limit = |s: &SiteHealth| max_fraction * s.total as f64;
-        let settled_hold = sites.iter().all(|s| (s.dead + s.failing) as f64 > limit(s));
-        let settled_go = sites.iter().any(|s| {
-            let unsure = candidates.get(&s.site).copied().unwrap_or(0)
-                - answered.get(&s.site).copied().unwrap_or(0);
-            (s.dead + unsure) as f64 <= limit(s)
-        });
-        if settled_hold || settled_go {
-            break;
-        }
-    }
-    Ok((sites, revived))
 }

@@ -18,7 +18,7 @@ use crate::playbook::{Playbook, PlaybookError, Vars};
 use crate::store::{Claim, NewRental, RentalDetail, RentalRecord, StoreError, Worker};
 
 mod rules;
-pub use rules::{quota, renew_ttl, rent_ttl, stands_for_its_key};
+pub use rules::{placement, quota, renew_ttl, rent_ttl, stands_for_its_key};
 
 /// Workers a rent tries when provisioning fails before anything ran on the worker (a
 /// connection that died unnoticed, a worker that went away since its last probe).

@@ -14,7 +14,7 @@ use super::views::{ErrorBody, RenewBody, RentBody, RentalList, RentalView, Rente
 use super::{ApiError, Endpoint, endpoint, idempotency, parse_json};
 use crate::auth::Caller;
 use crate::context::Context;
-use crate::model::{InvalidInput, NotifyUrl, TenantKey, Username};
+use crate::model::{NotifyUrl, TenantKey, Username};
 use crate::rentals::{self, RentRequest};
 use crate::store::Constraints;
 
@@ -130,52 +130,21 @@ pub(super) async fn rent(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-/// What a rent asks about its worker's place, checked against the workers in service:
-/// an unknown site or a label no worker carries is a mistake (422), not a wait.
+/// Where the rent may be placed ([`rentals::placement`]); the workers in service are
+/// read only when the rent asks for a place.
 async fn placement(ctx: &Context, body: &RentBody) -> Result<Constraints, ApiError> {
     let asked = body.site.is_some() || body.prefer_site.is_some() || body.labels.is_some();
     if !asked {
         return Ok(Constraints::default());
     }
     let (sites, labelled) = ctx.store.known_placement().await?;
-    let known_site = |field: &'static str, site: &str| -> Result<String, ApiError> {
-        crate::inventory::check_site(site).map_err(|m| InvalidInput::new(field, m))?;
-        if !sites.contains(site) {
-            let known: Vec<&str> = sites.iter().map(String::as_str).collect();
-            return Err(InvalidInput::new(
-                field,
-                format!("unknown site `{site}`; the sites are: {}", known.join(", ")),
-            )
-            .into());
-        }
-        Ok(site.to_owned())
-    };
-    let site = body
-        .site
-        .as_deref()
-        .map(|s| known_site("site", s))
-        .transpose()?;
-    let prefer_site = body
-        .prefer_site
-        .as_deref()
-        .map(|s| known_site("prefer_site", s))
-        .transpose()?;
-    let labels = body.labels.clone().unwrap_or_default();
-    crate::inventory::check_labels(&labels).map_err(|m| InvalidInput::new("labels", m))?;
-    for (key, value) in &labels {
-        if !labelled.iter().any(|l| l.get(key) == Some(value)) {
-            return Err(InvalidInput::new(
-                "labels",
-                format!("unknown label {key}={value}: no worker in service carries it"),
-            )
-            .into());
-        }
-    }
-    Ok(Constraints {
-        site,
-        labels,
-        prefer_site,
-    })
+    Ok(rentals::placement(
+        body.site.as_deref(),
+        body.prefer_site.as_deref(),
+        body.labels.as_ref(),
+        &sites,
+        &labelled,
+    )?)
 }
 
 #[utoipa::path(get, path = "/api/rentals/{id}", tag = "rentals",

@@ -1,13 +1,16 @@
 //! The rules a rent follows, decided from the request, the caller and the
-//! configuration alone: the ttl a rental gets, the tenant's quota, and which rental an
-//! `Idempotency-Key` stands for. Pure functions, so that each rule is written once and
+//! configuration alone: the ttl a rental gets, the tenant's quota, where it may be
+//! placed, and which rental an `Idempotency-Key` stands for. Pure functions, so that each rule is written once and
 //! tested here without HTTP or a database; the API and the rent call them.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::auth::Caller;
 use crate::config::TenantsConfig;
+use crate::inventory::{Labels, check_labels, check_site};
 use crate::model::{InvalidInput, RentalStatus, TtlInput};
+use crate::store::Constraints;
 
 /// How long a new rental lives unless renewed (`None`: until released). A `ttl` the
 /// request asks for is bounded by `tenants.max_ttl` (longer is refused); without one, a
@@ -66,6 +69,50 @@ pub fn quota(caller: &Caller, tenants: &TenantsConfig) -> Option<u32> {
 /// must not answer either as made.
 pub fn stands_for_its_key(status: RentalStatus) -> bool {
     !matches!(status, RentalStatus::Provisioning | RentalStatus::Failed)
+}
+
+/// Where a rent may be placed: the `site` it must be on, the `prefer_site` it would
+/// rather be on, the `labels` its worker must carry, checked against the sites and the
+/// labels of the workers in service (`sites`, `labelled`). An unknown site or a label no
+/// worker carries is the request's mistake, refused at once, never a wait for a worker
+/// that will not come.
+pub fn placement(
+    site: Option<&str>,
+    prefer_site: Option<&str>,
+    labels: Option<&Labels>,
+    sites: &BTreeSet<String>,
+    labelled: &[Labels],
+) -> Result<Constraints, InvalidInput> {
+    let known_site = |field: &'static str, site: &str| -> Result<String, InvalidInput> {
+        check_site(site).map_err(|m| InvalidInput::new(field, m))?;
+        if !sites.contains(site) {
+            let known: Vec<&str> = sites.iter().map(String::as_str).collect();
+            return Err(InvalidInput::new(
+                field,
+                format!("unknown site `{site}`; the sites are: {}", known.join(", ")),
+            ));
+        }
+        Ok(site.to_owned())
+    };
+    let site = site.map(|s| known_site("site", s)).transpose()?;
+    let prefer_site = prefer_site
+        .map(|s| known_site("prefer_site", s))
+        .transpose()?;
+    let labels = labels.cloned().unwrap_or_default();
+    check_labels(&labels).map_err(|m| InvalidInput::new("labels", m))?;
+    for (key, value) in &labels {
+        if !labelled.iter().any(|l| l.get(key) == Some(value)) {
+            return Err(InvalidInput::new(
+                "labels",
+                format!("unknown label {key}={value}: no worker in service carries it"),
+            ));
+        }
+    }
+    Ok(Constraints {
+        site,
+        labels,
+        prefer_site,
+    })
 }
 
 #[cfg(test)]
@@ -149,5 +196,33 @@ mod tests {
         for status in [Provisioning, Failed] {
             assert!(!stands_for_its_key(status), "{status:?} runs again");
         }
+    }
+
+    #[test]
+    fn a_placement_names_only_sites_and_labels_of_workers_in_service() {
+        let sites: BTreeSet<String> = ["north".into(), "south".into()].into();
+        let gpu: Labels = [("gpu".into(), "yes".into())].into();
+        let labelled = vec![gpu.clone(), Labels::new()];
+        let placed = placement(Some("north"), Some("south"), Some(&gpu), &sites, &labelled)
+            .expect("known site and label");
+        assert_eq!(placed.site.as_deref(), Some("north"));
+        assert_eq!(placed.prefer_site.as_deref(), Some("south"));
+        assert_eq!(placed.labels, gpu);
+        let unknown = placement(Some("west"), None, None, &sites, &labelled).unwrap_err();
+        assert_eq!(unknown.field, "site");
+        assert!(
+            unknown.message.contains("north, south"),
+            "{}",
+            unknown.message
+        );
+        let preferred = placement(None, Some("west"), None, &sites, &labelled).unwrap_err();
+        assert_eq!(preferred.field, "prefer_site");
+        let arm: Labels = [("arch".into(), "arm".into())].into();
+        let label = placement(None, None, Some(&arm), &sites, &labelled).unwrap_err();
+        assert_eq!(label.field, "labels");
+        assert_eq!(
+            placement(None, None, None, &sites, &labelled).unwrap(),
+            Constraints::default()
+        );
     }
 }

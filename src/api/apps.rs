@@ -14,8 +14,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::error::ApiError;
+use super::handler::{Endpoint, endpoint, parse_json};
 use super::views::ErrorBody;
-use super::{ApiError, Endpoint, endpoint, parse_json};
 use crate::apps::{self, AppName, ImageRef, InstanceState};
 use crate::auth::Caller;
 use crate::context::Context;

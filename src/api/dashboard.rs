@@ -22,7 +22,8 @@ use axum::response::{IntoResponse, Response};
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde_json::json;
 
-use super::{ApiError, Endpoint, endpoint};
+use super::error::ApiError;
+use super::handler::{Endpoint, endpoint};
 use crate::auth::Caller;
 use crate::context::Context;
 

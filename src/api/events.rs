@@ -10,8 +10,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
+use super::error::ApiError;
+use super::handler::{Endpoint, endpoint, require_admin};
 use super::views::{ErrorBody, EventPage};
-use super::{ApiError, Endpoint, endpoint, require_admin};
 use crate::auth::Caller;
 use crate::context::Context;
 use crate::model::InvalidInput;

@@ -35,7 +35,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ipnet::IpNet;
 
-use super::ApiError;
+use super::error::ApiError;
 use crate::auth::{self, Caller};
 use crate::context::Context;
 

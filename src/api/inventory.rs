@@ -13,8 +13,9 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::error::ApiError;
+use super::handler::{Endpoint, endpoint, parse_json, require_admin};
 use super::views::{ErrorBody, WorkerView};
-use super::{ApiError, Endpoint, endpoint, parse_json, require_admin};
 use crate::auth::Caller;
 use crate::context::Context;
 use crate::inventory::{Edit, Inventory, WorkerFields};
@@ -86,7 +87,8 @@ pub async fn apply(
         .ok_or_else(|| InvalidInput::new("inventory", "required: the inventory file's text"))?;
     let wanted = Inventory::parse(&text, std::path::Path::new("inventory"))
         .map_err(|e| InvalidInput::new("inventory", e.to_string()))?;
-    let changes = crate::inventory::edit(&ctx, |held| held.replaced_by(wanted), body.dry_run).await?;
+    let changes =
+        crate::inventory::edit(&ctx, |held| held.replaced_by(wanted), body.dry_run).await?;
     Ok(Json(InventoryChanges {
         applied: !body.dry_run,
         changes: changes.iter().map(ToString::to_string).collect(),

@@ -1,6 +1,6 @@
 //! The HTTP API (axum, JSON): one file per resource, each with its handlers and the
 //! list of its routes; this module merges them into one router ([`app`]) and holds what
-//! they share (the error mapping, the guard, the JSON body parser).
+//! they share (the error mapping, the guard, the body limit).
 //!
 //! The routes, their parameters, bodies and answers are described by the OpenAPI
 //! document ([`ApiDoc`], served open at `GET /api/openapi.json`), which tests hold to
@@ -23,6 +23,7 @@ mod dashboard;
 mod error;
 mod events;
 pub(crate) mod guard;
+mod handler;
 mod idempotency;
 pub mod inventory;
 mod openapi;
@@ -38,11 +39,8 @@ pub const IDEMPOTENCY_KEPT: std::time::Duration = idempotency::KEPT;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::handler::Handler;
 use axum::http::Method;
 use axum::http::StatusCode;
-use axum::routing::{MethodFilter, MethodRouter};
-use serde::Deserialize;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -50,47 +48,12 @@ pub use error::ApiError;
 pub use guard::client_address;
 pub use openapi::ApiDoc;
 
-use crate::auth::Caller;
+use handler::Endpoint;
+
 use crate::context::Context;
 
 /// Largest request body accepted; a rent request is a few hundred bytes.
 const BODY_LIMIT: usize = 64 * 1024;
-
-fn require_admin(caller: &Caller) -> Result<(), ApiError> {
-    match caller {
-        Caller::Admin => Ok(()),
-        Caller::Tenant(_) => Err(ApiError::Forbidden("this needs the admin token".into())),
-    }
-}
-
-/// Parses a JSON body; an empty body is an empty object (all fields optional).
-fn parse_json<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
-}
-
-/// One route: its method and path, and what answers it.
-struct Endpoint {
-    method: Method,
-    path: &'static str,
-    handler: MethodRouter<Context>,
-}
-
-fn endpoint<H, T>(method: Method, path: &'static str, handler: H) -> Endpoint
-where
-    H: Handler<T, Context>,
-    T: 'static,
-{
-    let filter = MethodFilter::try_from(method.clone()).expect("a method axum routes");
-    Endpoint {
-        method,
-        path,
-        handler: axum::routing::on(filter, handler),
-    }
-}
 
 /// Every route, the one list the router is built from and the OpenAPI test checks
 /// ([`ApiDoc`] must describe each): each resource's own list.

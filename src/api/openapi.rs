@@ -8,11 +8,9 @@ use axum::http::Method;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
+use super::handler::{Endpoint, endpoint};
 use super::views::{self, ErrorBody};
-use super::{
-    Endpoint, apps, dashboard, endpoint, events, inventory, prometheus, rentals, status, tokens,
-    workers,
-};
+use super::{apps, dashboard, events, inventory, prometheus, rentals, status, tokens, workers};
 
 pub(super) fn endpoints() -> Vec<Endpoint> {
     vec![endpoint(Method::GET, "/api/openapi.json", openapi_json)]

@@ -4,8 +4,9 @@ use axum::extract::State;
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 
+use super::error::ApiError;
+use super::handler::{Endpoint, endpoint, require_admin};
 use super::views::ErrorBody;
-use super::{ApiError, Endpoint, endpoint, require_admin};
 use crate::auth::Caller;
 use crate::context::Context;
 

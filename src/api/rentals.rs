@@ -10,8 +10,10 @@ use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use super::error::ApiError;
+use super::handler::{Endpoint, endpoint, parse_json};
+use super::idempotency;
 use super::views::{ErrorBody, RenewBody, RentBody, RentalList, RentalView, RentedView};
-use super::{ApiError, Endpoint, endpoint, idempotency, parse_json};
 use crate::auth::Caller;
 use crate::context::Context;
 use crate::model::{NotifyUrl, TenantKey, Username};

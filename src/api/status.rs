@@ -20,8 +20,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
+use super::error::ApiError;
+use super::handler::{Endpoint, endpoint, require_admin};
 use super::views::{ErrorDetail, HealthView, StatusView};
-use super::{ApiError, Endpoint, endpoint, require_admin};
 use crate::auth::Caller;
 use crate::context::Context;
 use crate::store::Store;

@@ -10,8 +10,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
+use super::error::ApiError;
+use super::handler::{Endpoint, endpoint, parse_json, require_admin};
 use super::views::{CreatedToken, ErrorBody, TokenBody, TokenList};
-use super::{ApiError, Endpoint, endpoint, parse_json, require_admin};
 use crate::auth::{self, Caller};
 use crate::context::Context;
 use crate::model::InvalidInput;

@@ -10,8 +10,9 @@ use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::error::ApiError;
+use super::handler::{Endpoint, endpoint, parse_json, require_admin};
 use super::views::{ErrorBody, FleetWorkerView, WorkerList, WorkerView};
-use super::{ApiError, Endpoint, endpoint, parse_json, require_admin};
 use crate::auth::Caller;
 use crate::context::Context;
 

@@ -66,8 +66,8 @@ pub struct Context {
     pub router: Option<Arc<crate::apps::caddy::Router>>,
     /// Signs workers' host keys (`ssh.host_ca_key`), if configured.
     pub host_ca: Option<Arc<crate::hostca::HostCa>>,
-    /// When the guard on moves last held them (every site failing at once), shared by
-    /// the migration and apps loops.
+    /// The memory of the guard on moves (when it last held them, whether each loop is
+    /// held, which sites are lost), shared by the migration and apps loops.
     pub holds: Arc<crate::probe::guard::Holds>,
     /// Whether this process leads the control loops (one of several replicas does).
     pub leader: Arc<crate::leader::Leadership>,

@@ -28,7 +28,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -43,6 +43,7 @@ use crate::apps::runtime::{self, RemoveSpec, RunSpec};
 use crate::apps::{InstanceState, container_name};
 use crate::context::Context;
 use crate::playbook::{AppVars, Playbook};
+use crate::probe::guard::Mover;
 use crate::store::{AppRecord, InstanceRecord, InstanceUpdate, Worker};
 
 pub const LOOP: &str = "apps";
@@ -56,9 +57,6 @@ const LOG_TAIL_LINES: u32 = 20;
 /// What the apps loop remembers between passes.
 #[derive(Debug, Default)]
 pub struct State {
-    /// Whether the current hold (too many workers failing) has been reported, so that it
-    /// is said once, not at every pass.
-    held: AtomicBool,
     /// Apps short of workers at the last pass, and by how many: an event when it changes.
     unplaced: std::sync::Mutex<HashMap<u64, u32>>,
     /// The leadership epoch of the last pass: under a new one, another process may have
@@ -147,8 +145,8 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
     if hold {
         summary.held = true;
         // Said once per hold, at the first pass that holds something back.
-        if !doomed.is_empty() && !state.held.swap(true, Ordering::Relaxed) {
-            let detail = crate::probe_policy::describe(sites);
+        if !doomed.is_empty() && !ctx.holds.swap_held(Mover::Instances, true) {
+            let detail = crate::probe::policy::describe(sites);
             tracing::warn!(sites = %detail, "every site fails at once: no instance is moved");
             ctx.store
                 .append_event(
@@ -161,7 +159,7 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
                 )
                 .await?;
         }
-    } else if state.held.swap(false, Ordering::Relaxed) {
+    } else if ctx.holds.swap_held(Mover::Instances, false) {
         tracing::info!("enough workers answer again: apps' instances move again");
     }
     if !hold && !doomed.is_empty() {

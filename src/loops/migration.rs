@@ -13,10 +13,7 @@
 //! moment" is checked, not assumed: before moving anything, a pass probes the workers
 //! not yet declared dead, since a cut is declared worker by worker.
 
-use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use futures::StreamExt;
@@ -25,6 +22,8 @@ use tracing::Instrument;
 use super::Pass;
 use crate::context::Context;
 use crate::model::RentalStatus;
+use crate::probe::guard::Mover;
+use crate::probe::policy::SiteHealth;
 use crate::rentals;
 use crate::snapshots;
 use crate::store::RentalRecord;
@@ -35,16 +34,12 @@ pub const LOOP: &str = "migration";
 /// Moves performed at once in one pass; each is a few SSH round trips.
 const CONCURRENT_MOVES: usize = 16;
 
-/// What the migration loop remembers between passes.
+/// What the migration loop remembers between passes: nothing of its own. Whether it is
+/// held and which sites are lost is the guard's memory ([`crate::probe::guard::Holds`]),
+/// with the rest of what a hold is; the state stays so that this loop is driven like
+/// every other.
 #[derive(Debug, Default)]
-pub struct State {
-    /// Whether the last pass held all moves (every site failing at once), so the
-    /// condition is logged when it starts and when it clears, not every pass.
-    held: AtomicBool,
-    /// The sites found lost (every worker gone while another site answers), so that a
-    /// loss and a return are each said once.
-    lost: Mutex<BTreeSet<String>>,
-}
+pub struct State {}
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -64,7 +59,7 @@ pub struct PassSummary {
 impl Pass for PassSummary {}
 
 /// One pass over every rental that must move.
-pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSummary> {
+pub async fn migration_pass(ctx: &Context, _state: &State) -> anyhow::Result<PassSummary> {
     let rentals = ctx
         .store
         .rentals_to_migrate()
@@ -72,13 +67,13 @@ pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<Pass
         .context("Failed to list rentals to move")?;
     let guard = crate::probe::guard(ctx, !rentals.is_empty()).await?;
     let (hold, sites) = (guard.verdict.hold, &guard.sites);
-    say_lost_sites(ctx, state, &guard.verdict.lost, sites).await;
+    say_lost_sites(ctx, &guard.verdict.lost, sites).await;
     // A worker Orion was cut off from, answering again before the probes say so.
     let rentals: Vec<RentalRecord> = rentals
         .into_iter()
         .filter(|r| !r.worker_id.is_some_and(|w| guard.revived.contains(&w)))
         .collect();
-    let was_held = state.held.swap(hold, Ordering::Relaxed);
+    let was_held = ctx.holds.swap_held(Mover::Rentals, hold);
     if hold && was_held {
         return Ok(PassSummary {
             held: true,
@@ -98,7 +93,7 @@ pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<Pass
             .ok();
     }
     if hold {
-        let detail = crate::probe_policy::describe(sites);
+        let detail = crate::probe::policy::describe(sites);
         tracing::warn!(
             sites = %detail,
             "every site has most workers dead at once: Orion is probably cut off; holding migrations"
@@ -154,29 +149,10 @@ pub async fn migration_pass(ctx: &Context, state: &State) -> anyhow::Result<Pass
 
 /// Says when a site is found lost (every worker gone while another site answers: its
 /// rentals and instances move to the sites that answer) and when it answers again.
-async fn say_lost_sites(
-    ctx: &Context,
-    state: &State,
-    lost: &[String],
-    sites: &[crate::probe_policy::SiteHealth],
-) {
-    let (new, back): (Vec<String>, Vec<String>) = {
-        let mut known = state.lost.lock().expect("not poisoned");
-        let new = lost
-            .iter()
-            .filter(|s| !known.contains(*s))
-            .cloned()
-            .collect();
-        let back = known
-            .iter()
-            .filter(|s| !lost.contains(s) && sites.iter().any(|h| &h.site == *s))
-            .cloned()
-            .collect();
-        *known = lost.iter().cloned().collect();
-        (new, back)
-    };
+async fn say_lost_sites(ctx: &Context, lost: &[String], sites: &[SiteHealth]) {
+    let (new, back) = ctx.holds.lost_sites(lost, sites);
     for site in new {
-        let detail = crate::probe_policy::describe(sites);
+        let detail = crate::probe::policy::describe(sites);
         tracing::warn!(site, sites = %detail, "a whole site is lost while others answer: moving its rentals and instances");
         let msg = format!(
             "site {site} lost: none of its workers answers while other sites do ({detail}); its rentals and instances move to the sites that answer"

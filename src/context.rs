@@ -24,7 +24,7 @@ pub struct Context {
     /// Orion's probes of workers over [`Self::ssh`], with their memory of what each worker
     /// last proved (which decides how deep the next probe goes): shared by the probe
     /// rounds, the watches and the guard on moves.
-    pub prober: crate::probe::Prober,
+    pub prober: crate::probe::depth::Prober,
     /// The SSH client for what tenants ask to read on workers (instances' logs): its own
     /// connections and session slots ([`SshClient::apart`]), so that tenants' reads never
     /// delay Orion's probes, reconciles and provisioning.
@@ -68,7 +68,7 @@ pub struct Context {
     pub host_ca: Option<Arc<crate::hostca::HostCa>>,
     /// The memory of the guard on moves (when it last held them, whether each loop is
     /// held, which sites are lost), shared by the migration and apps loops.
-    pub holds: Arc<crate::probe::guard::Holds>,
+    pub holds: Arc<crate::probe::holds::Holds>,
     /// Whether this process leads the control loops (one of several replicas does).
     pub leader: Arc<crate::leader::Leadership>,
 }

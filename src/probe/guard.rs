@@ -38,7 +38,7 @@ pub struct Guard {
 /// move (`must_move`): see [`policy::judge`]. Watch sessions cut by a fault
 /// between Orion and the fleet drop one by one, each at its own keepalive, so the first
 /// deaths are declared while the other workers still look alive in the database: before
-/// anything moves, the workers not declared dead are probed again ([`answering_now`]).
+/// anything moves, the workers not declared dead are probed again (`answering_now`).
 ///
 /// A cut also heals worker by worker: the workers declared dead during it come back
 /// alive only after `health.alive_after` probe rounds, and meanwhile the sites that

@@ -1,4 +1,4 @@
-//! The memory of the guard on moves ([`super::guard`]): when it last held them, whether
+//! The memory of the guard on moves ([`super::guard`](mod@super::guard)): when it last held them, whether
 //! each loop is held, which sites are lost. Apart from the guard's pass so that the
 //! [`crate::context::Context`] that keeps it does not depend on the code that reads the
 //! context.

@@ -7,7 +7,7 @@
 //! - [`depth`]: one probe over SSH, as deep as it is due ([`Prober`]), and the memory of
 //!   what each worker last proved. The SSH client only runs what the prober asks.
 //! - [`policy`]: the pure rules (depth, hysteresis, the guard's verdict).
-//! - [`guard`]: the guard on moves when Orion looks cut off, and [`holds`] its memory.
+//! - [`guard`](mod@guard): the guard on moves when Orion looks cut off, and [`holds`] its memory.
 
 pub mod depth;
 pub mod guard;

@@ -10,12 +10,12 @@
 //! reported back in [`Session::host_key`] so the caller can record it.
 //!
 //! - this file: the client, its targets, its errors, and new connections in the bound;
-//! - [`connect`]: the handshake (algorithms, host-key check, a full sshd told apart);
-//! - [`pool`]: the connections the client keeps (watches' and spare ones) and sessions
+//! - `connect.rs`: the handshake (algorithms, host-key check, a full sshd told apart);
+//! - `pool.rs`: the connections the client keeps (watches' and spare ones) and sessions
 //!   on them;
-//! - [`session`]: a session's commands, streams and keepalives;
-//! - [`watch`]: the long-lived sessions that notice a worker going away;
-//! - [`keys`]: key files and host-key lines.
+//! - `session.rs`: a session's commands, streams and keepalives;
+//! - `watch.rs`: the long-lived sessions that notice a worker going away;
+//! - `keys.rs`: key files and host-key lines.
 
 mod connect;
 mod keys;

@@ -58,10 +58,8 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         config.ssh.command_timeout,
         config.ssh.max_sessions,
     );
-    let prober = crate::probe::Prober::new(
-        ssh,
-        crate::probe::policy::DepthEvery::of(&config.health),
-    );
+    let prober =
+        crate::probe::Prober::new(ssh, crate::probe::policy::DepthEvery::of(&config.health));
     let progress = crate::progress::bar(inventory.workers.len() as u64, "probing workers");
     let probes = inventory.workers.iter().map(|w| {
         let prober = prober.clone();

@@ -88,8 +88,6 @@ pub mod model;
 pub mod notify;
 pub mod playbook;
 pub mod probe;
-/// The pure rules of probing, by the path they had before probing became a folder.
-pub use probe::policy as probe_policy;
 pub mod progress;
 pub mod proxies;
 pub mod ratelimit;

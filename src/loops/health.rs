@@ -2,7 +2,7 @@
 //! over SSH, concurrently, and record what it concluded.
 //!
 //! A probe is connect + authenticate + `true`, bounded by `health.probe_timeout`. Status
-//! changes go through hysteresis ([`crate::probe_policy::observe`]): an alive worker is declared dead only after
+//! changes go through hysteresis ([`crate::probe::policy::observe`]): an alive worker is declared dead only after
 //! `dead_after` failures in a row (confirmed within the same round, `retry_delay` apart),
 //! and a dead one alive again only after `alive_after` successful rounds, so one slow
 //! answer or an sshd restart never moves a tenant.

@@ -14,7 +14,7 @@ use sqlx::{FromRow, MySql};
 use super::{Store, StoreError};
 use crate::inventory::{Labels, WorkerSpec};
 use crate::model::WorkerStatus;
-use crate::probe_policy::SiteHealth;
+use crate::probe::policy::SiteHealth;
 
 /// A worker row.
 // The API shows the fields not marked `skip`. Read back from its JSON (by the client), the

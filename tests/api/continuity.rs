@@ -326,7 +326,15 @@ async fn a_home_over_the_cap_keeps_its_last_snapshot_and_is_not_sent_again_uncha
 
 #[tokio::test]
 async fn a_quarantined_worker_s_certified_key_is_revoked_in_known_hosts() {
-    let app = spawn_app(1).await;
+    let app = crate::helpers::spawn_app_with(
+        1,
+        Box::new(|c| {
+            // Every probe makes a new connection: a probe over the kept watch connection
+            // would not see the host key change until `handshake_every` (5 min) is due.
+            c.health.handshake_every = std::time::Duration::from_millis(1);
+        }),
+    )
+    .await;
     let tenant = client(&app, "rex").await;
     app.rent_ok(json!({ "ssh_public_key": tenant.public, "username": "rex" }))
         .await;

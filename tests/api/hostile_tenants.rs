@@ -169,7 +169,15 @@ pub(crate) async fn probe_until_quarantined(app: &crate::helpers::TestApp, worke
 /// trusting its new host key when the operator says so.
 #[tokio::test]
 async fn a_quarantined_worker_shows_why_and_since_when_and_is_restored_by_the_operator() {
-    let app = spawn_app_with(1, Box::new(|_| {})).await;
+    let app = spawn_app_with(
+        1,
+        Box::new(|c| {
+            // Every probe makes a new connection: a probe over the kept watch connection
+            // would not see the host key change until `handshake_every` (5 min) is due.
+            c.health.handshake_every = std::time::Duration::from_millis(1);
+        }),
+    )
+    .await;
     app.worker("worker_1").rotate_host_keys();
     probe_until_quarantined(&app, "worker_1").await;
     let (_, workers) = app.get_json("/api/workers").await;

@@ -64,7 +64,15 @@ async fn a_stopped_worker_is_dead_at_the_next_probe_and_alive_once_started() {
 
 #[tokio::test]
 async fn a_worker_whose_host_key_changed_is_refused_quarantined_and_never_rented() {
-    let app = spawn_app(1).await;
+    let app = crate::helpers::spawn_app_with(
+        1,
+        Box::new(|c| {
+            // Every probe makes a new connection: a probe over the kept watch connection
+            // would not see the host key change until `handshake_every` (5 min) is due.
+            c.health.handshake_every = std::time::Duration::from_millis(1);
+        }),
+    )
+    .await;
     let worker = app.worker("worker_1");
     worker.rotate_host_keys();
     orion::loops::health::probe_round(&app.ctx, &app.loops.probes)

@@ -308,8 +308,8 @@ pub fn check_health_path(path: &str) -> Result<(), InvalidInput> {
             }
             b'#' => return bad("a fragment (`#`) is never sent"),
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' => {}
-            b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*'
-            | b'+' | b',' | b';' | b'=' | b':' | b'@' | b'/' | b'?' => {}
+            b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+'
+            | b',' | b';' | b'=' | b':' | b'@' | b'/' | b'?' => {}
             _ => return bad(&format!("{:?} is not a URL character", char::from(c))),
         }
         i += 1;

@@ -114,6 +114,21 @@ impl Drop for Caddy {
     }
 }
 
+/// A Caddy, and an Orion with `workers` workers keeping that Caddy's routes.
+async fn routed(workers: usize) -> (Caddy, TestApp) {
+    let caddy = Caddy::start();
+    let socket = caddy.socket();
+    let app = spawn_app_with(
+        workers,
+        Box::new(move |c| {
+            c.caddy.admin = Some(socket);
+            c.apps.interval = Duration::from_secs(2);
+        }),
+    )
+    .await;
+    (caddy, app)
+}
+
 async fn wait_app(app: &TestApp, pred: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -150,16 +165,7 @@ async fn until(client: &reqwest::Client, url: &str, pred: impl Fn(u16, &Value) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_is_served_through_caddy_at_a_stable_address_that_follows_its_instances() {
-    let caddy = Caddy::start();
-    let socket = caddy.socket();
-    let app = spawn_app_with(
-        2,
-        Box::new(move |c| {
-            c.caddy.admin = Some(socket);
-            c.apps.interval = Duration::from_secs(2);
-        }),
-    )
-    .await;
+    let (caddy, app) = routed(2).await;
     let resp = app
         .http
         .post(app.url("/api/apps"))
@@ -295,16 +301,7 @@ async fn an_app_name_is_an_address_no_other_tenant_can_claim() {
 /// the admin token back through its logs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_never_receives_the_credentials_a_client_attaches() {
-    let caddy = Caddy::start();
-    let socket = caddy.socket();
-    let app = spawn_app_with(
-        1,
-        Box::new(move |c| {
-            c.caddy.admin = Some(socket);
-            c.apps.interval = Duration::from_secs(2);
-        }),
-    )
-    .await;
+    let (caddy, app) = routed(1).await;
     let resp = app
         .http
         .post(app.url("/api/apps"))
@@ -358,16 +355,7 @@ async fn an_app_never_receives_the_credentials_a_client_attaches() {
 /// stopped the whole sync).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_caddy_refuses_is_reported_on_its_app_and_every_other_app_is_served() {
-    let caddy = Caddy::start();
-    let socket = caddy.socket();
-    let app = spawn_app_with(
-        2,
-        Box::new(move |c| {
-            c.caddy.admin = Some(socket);
-            c.apps.interval = Duration::from_secs(2);
-        }),
-    )
-    .await;
+    let (caddy, app) = routed(2).await;
     let create = |name: &'static str, health: &'static str| {
         let (http, url) = (app.http.clone(), app.url("/api/apps"));
         async move {

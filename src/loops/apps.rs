@@ -307,13 +307,29 @@ pub async fn apps_pass(ctx: &Context, state: &State) -> anyhow::Result<PassSumma
     if let Some(router) = &ctx.router {
         match router.sync(&routes(&apps, &settled)).await {
             Ok(synced) => {
-                for (app, why) in &synced.refused {
-                    tracing::warn!(app = %app, reason = %why, "apps: Caddy refused the app's route");
+                // Written (and said) only when an app's route changed from applied to
+                // refused or back: a refusal that lasts costs nothing at each pass.
+                let news: Vec<&AppRecord> = apps
+                    .iter()
+                    .filter(|a| !a.deleting)
+                    .filter(|a| {
+                        let now = synced.refused.get(&a.name);
+                        a.route_error.as_ref() != now
+                            && (now.is_some() || synced.applied.contains(&a.name))
+                    })
+                    .collect();
+                if !news.is_empty() {
+                    for app in &news {
+                        if let Some(why) = synced.refused.get(&app.name) {
+                            tracing::warn!(app = %app.name, reason = %why,
+                                "apps: Caddy refused the app's route");
+                        }
+                    }
+                    ctx.store
+                        .record_routes(&synced.applied, &synced.refused)
+                        .await
+                        .context("Failed to record which routes Caddy refused")?;
                 }
-                ctx.store
-                    .record_routes(&synced.applied, &synced.refused)
-                    .await
-                    .context("Failed to record which routes Caddy refused")?;
                 summary.routes = synced;
             }
             Err(e) => {
